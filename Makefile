@@ -1,0 +1,35 @@
+# Two set-up commands (see README): `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv on first use. torch: the CPU build 2.13.0 where no NVIDIA driver is present
+# (the local wheel on our machines), the default (CUDA) build where `nvidia-smi` works.
+# Override with TORCH_SPEC=... and/or TORCH_INDEX=<index url> (e.g. a CPU-only index on a laptop).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.13,torch==2.13.0)
+TORCH_INDEX ?=
+SPEC ?= sweeps/quickstart.yaml
+
+.PHONY: demo test venv clean-outputs toy benchmarks
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: venv
+	$(BIN)/refusal-ray run $(SPEC)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+toy: venv
+	$(BIN)/refusal-ray toy build
+
+benchmarks: venv
+	$(BIN)/python benchmarks/steer_throughput.py
+
+clean-outputs:
+	rm -rf outputs/*/

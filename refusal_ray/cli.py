@@ -1,0 +1,159 @@
+"""The `refusal-ray` command line (typer).
+
+Exit codes: 0 done; 1 the run finished with failed cells; 2 bad input (spec, paths, flags),
+reported as one line naming the file and field, with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from refusal_ray.errors import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distributed sweeps of refusal-direction experiments (difference of means, "
+                       "activation addition, directional ablation) on Ray.")
+toy_app = typer.Typer(no_args_is_help=True, help="The toy model family (the embedded default).")
+app.add_typer(toy_app, name="toy")
+
+
+def _bad_input(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _default_out(spec_name: str) -> Path:
+    return Path("outputs") / spec_name
+
+
+@app.command()
+def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
+    """Check a spec (schema, files, models, layers) without running it."""
+    from refusal_ray.plan import make_plan
+
+    try:
+        plan = make_plan(spec)
+    except SpecError as e:
+        _bad_input(e)
+    typer.echo(f"{spec}: ok ({len(plan.cells)} cells)")
+
+
+@app.command()
+def plan(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
+         out: Annotated[Path | None, typer.Option(help="Store to count done cells in.")] = None):
+    """Explain a spec: cells per stage and model, layers, memory estimate per model."""
+    from refusal_ray.plan import describe, make_plan
+    from refusal_ray.store import Store
+
+    try:
+        p = make_plan(spec)
+    except SpecError as e:
+        _bad_input(e)
+    store = Store(out or _default_out(p.spec.name))
+    typer.echo(describe(p, store.done_cells() if store.root.is_dir() else set()))
+
+
+@app.command()
+def schema():
+    """Print the JSON Schema of a sweep spec (for editors)."""
+    from refusal_ray.spec import Spec
+
+    typer.echo(json.dumps(Spec.model_json_schema(), indent=2))
+
+
+@app.command()
+def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
+        out: Annotated[Path | None, typer.Option(help="Store directory (default outputs/<sweep name>).")] = None,
+        address: Annotated[str | None, typer.Option(help="Ray address ('auto' joins a running cluster); "
+                                                         "default: RAY_ADDRESS, else a local Ray.")] = None,
+        models: Annotated[str | None, typer.Option(help="Comma-separated subset of model names.")] = None,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True):
+    """Run a sweep, resuming by default; prints the summary table at the end."""
+    from refusal_ray.plan import make_plan
+    from refusal_ray.report import write_report
+    from refusal_ray.runner import run as run_plan
+    from refusal_ray.summary import render, summarize
+
+    try:
+        p = make_plan(spec, [m for m in models.split(",") if m] if models else None)
+        out = out or _default_out(p.spec.name)
+        if out.exists() and not out.is_dir():
+            raise SpecError("--out", "", f"not a directory: {out}")
+        failed = run_plan(p, out, address=address, progress=progress,
+                          log=lambda m: typer.echo(m, err=True))
+    except SpecError as e:
+        _bad_input(e)
+    report = write_report(out)
+    typer.echo(render(summarize(out)))
+    typer.echo(f"store: {out}  report: {report}")
+    if failed:
+        typer.echo(f"{failed} cell(s) failed; see the cells table (status == 'failed')", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def summarize(out: Annotated[Path, typer.Argument(help="Store directory.")]):
+    """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
+    from refusal_ray.summary import render, write_summary
+
+    if not (out / "manifest.json").is_file():
+        _bad_input(SpecError(str(out), "", "not a refusal-ray store (no manifest.json)"))
+    typer.echo(render(write_summary(out)))
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="Store directory.")]):
+    """Write figures/*.png and report.md for a store."""
+    from refusal_ray.report import write_report
+
+    if not (out / "manifest.json").is_file():
+        _bad_input(SpecError(str(out), "", "not a refusal-ray store (no manifest.json)"))
+    typer.echo(write_report(out))
+
+
+@toy_app.command("build")
+def toy_build(out: Annotated[Path, typer.Option(help="Models directory.")] = Path("data/models"),
+              seed: Annotated[int, typer.Option(help="Seed for data and training (>= 0).")] = 0,
+              sizes: Annotated[str | None, typer.Option(help="Comma-separated sizes (default: all).")] = None,
+              steps: Annotated[int | None, typer.Option(help="Override training steps (for quick checks).")] = None,
+              data_dir: Annotated[Path | None, typer.Option(help="Prompt directory (default <out>/../prompts/toy).")] = None):
+    """Regenerate the toy data set and models from a seed."""
+    from refusal_ray.toy.train import SIZES
+
+    if seed < 0:
+        _bad_input(SpecError("--seed", "", f"must be >= 0, got {seed}"))
+    names = [s for s in sizes.split(",") if s] if sizes else list(SIZES)
+    unknown = [s for s in names if s not in SIZES]
+    if unknown:
+        _bad_input(SpecError("--sizes", "", f"unknown size {unknown[0]!r}; known: {', '.join(SIZES)}"))
+    if steps is not None and steps < 1:
+        _bad_input(SpecError("--steps", "", f"must be >= 1, got {steps}"))
+    data_dir = data_dir or out.parent / "prompts" / "toy"
+    for opt, d in (("--out", out), ("--data-dir", data_dir)):
+        if not _writable(d):
+            _bad_input(SpecError(opt, "", f"not writable: {d}"))
+    from refusal_ray.toy.build import build
+
+    build(out, seed, names, steps, data_dir, log=lambda m: typer.echo(m, err=True))
+
+
+def _writable(path: Path) -> bool:
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

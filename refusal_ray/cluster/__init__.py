@@ -1,0 +1,1 @@
+"""Ray execution: the ModelWorker actor and the driver that schedules cells onto it."""

@@ -1,0 +1,24 @@
+"""The ModelWorker actor: one model loaded once, many batches of cells.
+
+A thin shell around `refusal_ray.session.ModelSession`; results are small rows (lists and
+floats), never tensors, so nothing large crosses the object store.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from refusal_ray.session import ModelSession
+
+
+@ray.remote
+class ModelWorker:
+    def __init__(self, model: dict, prompts: dict, settings: dict, torch_threads: int | None = None):
+        self.session = ModelSession(model, prompts, settings, torch_threads)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def info(self) -> dict:
+        return self.session.info() | {"node": self.node}
+
+    def run(self, stage: str, cells: list, directions: dict | None = None, best: int | None = None) -> dict:
+        return self.session.run(stage, cells, directions, best) | {"node": self.node}

@@ -1,0 +1,150 @@
+"""Forward hooks that read and edit sites, with a separate edit for every batch row.
+
+One hook per (site, layer) applies, to every row b of the batch, directional ablation then
+activation addition:
+
+    x[b] <- x[b] - alpha[b] * (x[b] . u[b]) u[b] + add[b]          x: [batch, pos, d_model]
+
+Rows that should be untouched carry alpha = 0 and add = 0, so one forward pass (or one
+`generate` call) carries many (prompt x intervention) rows, and row b of a mixed batch equals
+the same row run alone. Hooks never read module weights, so accelerate offloading and
+bitsandbytes modules keep working; injected tensors move to the activation's device and dtype.
+
+Methods: directional ablation and activation addition as in Arditi et al. 2024,
+"Refusal in Language Models Is Mediated by a Single Direction", Sec. 2.3-2.4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from refusal_ray.models.sites import SiteAdapter, parse_site, site_name
+
+Transform = Callable[[Tensor], Tensor | None]
+
+
+@dataclass
+class RowEdit:
+    """Per-row edit at one site. Any field may be None (no such edit).
+
+    ablate_dirs: [batch, d_model] unit directions (zero rows: no ablation)
+    ablate_alpha: [batch] ablation strengths (1.0 = Arditi's full projection removal)
+    add: [batch, d_model] vectors added at every position (already scaled by the coefficient)
+    """
+
+    ablate_dirs: Tensor | None = None
+    ablate_alpha: Tensor | None = None
+    add: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:  # x: [batch, pos, d_model]
+        if self.ablate_dirs is not None:
+            u = _like(self.ablate_dirs, x)                      # [batch, d_model]
+            alpha = _like(self.ablate_alpha, x)                 # [batch]
+            proj = torch.einsum("bpd,bd->bp", x, u)             # [batch, pos]
+            x = x - (alpha[:, None] * proj)[..., None] * u[:, None, :]
+        if self.add is not None:
+            x = x + _like(self.add, x)[:, None, :]
+        return x
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    return t if (t.device == x.device and t.dtype == x.dtype) else t.to(x.device, x.dtype)
+
+
+def _hook(sites: SiteAdapter, kind: str, fn: Transform):
+    """Wrap `fn` (on [batch, pos, d_model], or z as [batch, pos, n_heads, d_head]) as a hook."""
+
+    def apply(x: Tensor) -> Tensor | None:
+        if kind == "z":
+            b, p, _ = x.shape
+            out = fn(x.view(b, p, sites.n_heads, sites.d_head))  # [batch, pos, n_heads, d_head]
+            return None if out is None else out.reshape(b, p, -1)
+        return fn(x)
+
+    if sites.reads_input(kind):
+        def pre_hook(module, args, kwargs):
+            if args:
+                out = apply(args[0])
+                return None if out is None else ((out, *args[1:]), kwargs)
+            out = apply(kwargs["hidden_states"])
+            return None if out is None else (args, {**kwargs, "hidden_states": out})
+        return pre_hook, True
+
+    def post_hook(module, args, output):
+        if isinstance(output, tuple):
+            out = apply(output[0])
+            return None if out is None else (out, *output[1:])
+        return apply(output)
+    return post_hook, False
+
+
+@contextmanager
+def hooks(sites: SiteAdapter, transforms: dict[str, Transform]) -> Iterator[None]:
+    """Attach `{site name: fn}` for the duration of the block; always removed on exit.
+
+    `fn(act)` returns a replacement tensor or None (read only).
+    """
+    handles = []
+    try:
+        for name, fn in transforms.items():
+            kind, layer = parse_site(name)
+            module = sites.module(kind, layer)
+            hook, is_pre = _hook(sites, kind, fn)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if is_pre
+                           else module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions of left-padded rows: cumsum(mask) - 1, pads clamped to 0. [batch, pos]"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model, input_ids: Tensor, attention_mask: Tensor, **kwargs):
+    """A forward pass with positions derived from the mask (padding never changes a result)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False, **kwargs)
+
+
+@torch.inference_mode()
+def capture(model, input_ids: Tensor, attention_mask: Tensor, sites: list[str],
+            adapter: SiteAdapter | None = None, positions: Tensor | None = None) -> dict[str, Tensor]:
+    """Activations at `sites` for one batch.
+
+    Args:
+        input_ids, attention_mask: [batch, pos], left padded.
+        sites: TransformerLens names, e.g. ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"].
+        positions: optional 1-D index of positions to keep (e.g. tensor([-1]) for the last token).
+    Returns:
+        {site: tensor}; z as [batch, pos, n_heads, d_head], others [batch, pos, d_model], on CPU,
+        in the model's dtype. Pad positions hold whatever the model computed there: read real
+        tokens only.
+    """
+    adapter = adapter or SiteAdapter.for_model(model)
+    store: dict[str, Tensor] = {}
+
+    def reader(name: str) -> Transform:
+        def read(x: Tensor) -> None:
+            kept = x if positions is None else x[:, positions.to(x.device)]
+            store[name] = kept.detach().to("cpu", copy=True)
+        return read
+
+    device = model.get_input_embeddings().weight.device
+    with hooks(adapter, {s: reader(s) for s in sites}):
+        forward(model, input_ids.to(device), attention_mask.to(device), logits_to_keep=1)
+    return store
+
+
+@contextmanager
+def row_edits(sites: SiteAdapter, edits: dict[tuple[str, int], RowEdit]) -> Iterator[None]:
+    """Apply per-row edits `{(site kind, layer): RowEdit}` for the duration of the block."""
+    with hooks(sites, {site_name(kind, layer): edit for (kind, layer), edit in edits.items()}):
+        yield

@@ -1,0 +1,95 @@
+"""Loading a Hugging Face causal LM with its tokenizer and site adapter.
+
+Weights load from safetensors only; `trust_remote_code` stays off unless asked for. Big models
+go through accelerate (`device_map`, `max_memory`, `offload_folder`) and bitsandbytes
+(`quantization: 8bit | 4bit`), both handled by `from_pretrained` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refusal_ray.models.sites import SiteAdapter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    sites: SiteAdapter
+
+    def __iter__(self):  # allows `model, tokenizer, sites = load_model(...)`
+        return iter((self.model, self.tokenizer, self.sites))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings (where input ids must go)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def read_config(path_or_id: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:
+    """The model's config.json as a dict, without loading weights."""
+    local = Path(path_or_id) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path_or_id, revision=revision,
+                                      trust_remote_code=trust_remote_code).to_dict()
+
+
+def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None, quantization: str | None = None,
+               revision: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load model, tokenizer and site adapter.
+
+    Args:
+        path_or_id: local directory or hub id.
+        dtype: "float32" | "bfloat16" | "float16".
+        device: "cpu" | "cuda" | "cuda:N" | "auto" (ignored when `device_map` is given).
+        device_map / max_memory / offload_folder: passed to accelerate via `from_pretrained`.
+        quantization: None | "8bit" | "4bit" (nf4), through `BitsAndBytesConfig`.
+    Returns:
+        LoadedModel(model, tokenizer, sites); the model is in eval mode with gradients off.
+    Raises:
+        ValueError: unknown dtype or quantization; UnsupportedFamilyError: unknown family.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "revision": revision,
+                    "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+        else:
+            raise ValueError(f"unknown quantization {quantization!r}; expected '8bit' or '4bit'")
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    elif device == "auto":
+        kwargs["device_map"] = "auto"
+    elif quantization is None:
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, SiteAdapter.for_model(model))

@@ -1,0 +1,162 @@
+"""Plan a sweep without loading weights: check inputs, expand cells, estimate memory.
+
+Everything here runs before the store is touched, so bad input exits 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from refusal_ray.data import fingerprint, load_prompts, split_prompts
+from refusal_ray.errors import SpecError
+from refusal_ray.grid import Cell, expand
+from refusal_ray.models.loading import read_config
+from refusal_ray.models.sites import UnsupportedFamilyError, layout_for
+from refusal_ray.spec import Spec, load_spec
+
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2, "8bit": 1, "4bit": 0.5}
+
+
+@dataclass
+class ModelPlan:
+    name: str
+    n_layers: int
+    d_model: int
+    params: int
+    weight_bytes: int
+    estimate_bytes: int   # weights x 1.2 headroom for activations and the KV cache
+    family: str
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    spec_file: str
+    models: dict[str, ModelPlan]
+    frames: dict[str, tuple[pd.DataFrame, object]]   # class -> (rows, PromptFile)
+    data_fingerprint: str
+    cells: list[Cell] = field(default_factory=list)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(Counter((c.model, c.stage) for c in self.cells))
+
+
+def count_params(config: dict) -> int:
+    """Exact parameter count from a config, on the meta device (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):  # ties embeddings as a real load does; no memory is allocated
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
+    m = spec.models[i]
+    field_ = f"models.{i}"
+    if m.path is not None and not Path(m.path, "config.json").is_file():
+        what = "directory not found" if not Path(m.path).is_dir() else "no config.json in"
+        raise SpecError(spec_file, f"{field_}.path", f"{what}: {m.path}")
+    if m.offload_folder is None and isinstance(m.device_map, str) and m.max_memory and "disk" in m.max_memory:
+        raise SpecError(spec_file, f"{field_}.offload_folder", "disk offload needs an offload_folder")
+    try:
+        config = read_config(m.source, m.revision, m.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - unreachable hub id, bad json, ...
+        raise SpecError(spec_file, f"{field_}.{'path' if m.path else 'hub_id'}",
+                        f"cannot read config: {e}".splitlines()[0]) from None
+    text = config.get("text_config") or config
+    try:
+        layout_for(text.get("model_type", "?"))
+    except UnsupportedFamilyError as e:
+        raise SpecError(spec_file, f"{field_}.path", str(e)) from None
+    n_layers = text.get("num_hidden_layers") or text.get("n_layer")
+    d_model = text.get("hidden_size") or text.get("n_embd")
+    params = count_params(config)
+    bpp = BYTES_PER_PARAM[m.quantization or m.dtype]
+    weight_bytes = int(params * bpp)
+    return ModelPlan(m.name, n_layers, d_model, params, weight_bytes, int(weight_bytes * 1.2), text["model_type"])
+
+
+def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> None:
+    steer = spec.stages.steer
+    if steer is None:
+        return
+    depth = min(mp.n_layers for mp in models.values())
+    checks = []
+    if steer.addition is not None and steer.addition.layers != "all":
+        checks += [("stages.steer.addition.layers", layer) for layer in steer.addition.layers]
+    if steer.ablation is not None:
+        if steer.ablation.layers != "all":
+            checks += [("stages.steer.ablation.layers", layer) for layer in steer.ablation.layers]
+        if isinstance(steer.ablation.direction_layer, int):
+            checks.append(("stages.steer.ablation.direction_layer", steer.ablation.direction_layer))
+    for where, layer in checks:
+        if not 0 <= layer < depth:
+            shallow = min(models.values(), key=lambda mp: mp.n_layers)
+            raise SpecError(spec_file, where, f"layer {layer} out of range: model {shallow.name!r} "
+                                              f"has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
+
+
+def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Plan:
+    """Load, check and expand a spec. Raises SpecError (exit 2) on any bad input."""
+    spec_file = str(spec_file)
+    spec = load_spec(spec_file)
+    if only_models:
+        unknown = [n for n in only_models if n not in {m.name for m in spec.models}]
+        if unknown:
+            raise SpecError("--models", "", f"unknown model {unknown[0]!r}; the spec has "
+                                            f"{', '.join(m.name for m in spec.models)}")
+    frames = {}
+    for cls in ("harmful", "harmless"):
+        pf = getattr(spec.data, cls)
+        frames[cls] = (load_prompts(pf, f"data.{cls}", spec_file), pf)
+    for cls, (df, pf) in frames.items():
+        for seed in spec.seeds:
+            try:
+                split_prompts(df, pf, spec.data, seed)
+            except ValueError as e:
+                raise SpecError(spec_file, f"data.{cls}", str(e)) from None
+    models = {m.name: _model_plan(spec, spec_file, i) for i, m in enumerate(spec.models)}
+    _check_layers(spec, spec_file, models)
+    fp = hashlib.sha256("".join(fingerprint(pf.path) for _, pf in frames.values()).encode()).hexdigest()[:16]
+    plan = Plan(spec, spec_file, models, frames, fp)
+    cells = expand(spec, {n: mp.n_layers for n, mp in models.items()}, fp)
+    plan.cells = [c for c in cells if not only_models or c.model in only_models]
+    return plan
+
+
+def describe(plan: Plan, done: set[str] | None = None) -> str:
+    """Human-readable plan: cells per stage and model, layers, memory estimates."""
+    done = done or set()
+    counts = plan.counts()
+    lines = [f"sweep {plan.spec.name}: {len(plan.cells)} cells "
+             f"({sum(c.id in done for c in plan.cells)} already done), seeds {plan.spec.seeds}"]
+    lines.append(f"{'model':<14}{'family':<10}{'params':>12}{'layers':>8}{'memory':>10}"
+                 f"{'directions':>12}{'steer':>8}")
+    for name, mp in sorted(plan.models.items(), key=lambda kv: kv[1].params):
+        if not any(c.model == name for c in plan.cells):
+            continue
+        lines.append(f"{name:<14}{mp.family:<10}{mp.params:>12,}{mp.n_layers:>8}"
+                     f"{_human(mp.estimate_bytes):>10}{counts.get((name, 'directions'), 0):>12}"
+                     f"{counts.get((name, 'steer'), 0):>8}")
+    steer = plan.spec.stages.steer
+    if steer is not None:
+        add = steer.addition
+        lines.append(f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
+                     f"ablation: alphas {steer.ablation.alphas if steer.ablation else '-'}; "
+                     f"controls: {steer.controls}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}PiB"

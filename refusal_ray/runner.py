@@ -1,0 +1,88 @@
+"""`run` end to end: plan, freeze the manifest, run missing cells on Ray, summarise."""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata as md
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from refusal_ray.errors import SpecError
+from refusal_ray.plan import Plan
+from refusal_ray.store import Store
+
+LIBRARIES = ("torch", "transformers", "accelerate", "ray", "pandas", "pyarrow", "bitsandbytes", "tokenizers")
+
+
+def _git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+def manifest(plan: Plan) -> dict:
+    """The manifest: resolved spec and hashes, rule, code and environment (no secrets)."""
+    spec = plan.spec
+    return {
+        "sweep": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash(),
+        "spec_file": plan.spec_file,
+        "decision_rule": spec.decision_rule.model_dump(mode="json"), "rule_hash": spec.rule_hash(),
+        "data_fingerprint": plan.data_fingerprint,
+        "steer_position": spec.stages.steer.position if spec.stages.steer else -1,
+        "models": {n: {"params": mp.params, "n_layers": mp.n_layers, "d_model": mp.d_model, "family": mp.family,
+                       "estimate_bytes": mp.estimate_bytes} for n, mp in plan.models.items()},
+        "package_version": _version("refusal-ray"), "git_sha": _git_sha(),
+        "libraries": {p: _version(p) for p in LIBRARIES},
+        "host": {"hostname": socket.gethostname(), "python": platform.python_version(),
+                 "platform": platform.platform(), "user": getpass.getuser()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def freeze_manifest(plan: Plan, store: Store) -> None:
+    """Write the manifest before any cell runs; refuse to change a frozen decision rule."""
+    old = store.read_json("manifest.json")
+    new = manifest(plan)
+    if old is not None:
+        if old.get("rule_hash") != new["rule_hash"]:
+            raise SpecError(plan.spec_file, "decision_rule",
+                            f"differs from the rule frozen in {store.root / 'manifest.json'} "
+                            f"(hash {new['rule_hash']} vs {old.get('rule_hash')}); use a new --out")
+        new["created"] = old.get("created", new["created"])
+        new["models"] = old.get("models", {}) | new["models"]
+    store.write_json("manifest.json", new)
+
+
+def run(plan: Plan, out: Path, address: str | None = None, progress: bool = True, log=print) -> int:
+    """Run the plan's missing cells. Returns the number of failed cells."""
+    from refusal_ray.cluster.driver import Driver, connect
+
+    store = Store(out)
+    freeze_manifest(plan, store)
+    done = store.done_cells()
+    todo = [c for c in plan.cells if c.id not in done]
+    log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
+    failed = 0
+    if todo:
+        import ray
+
+        started_here = connect(address)
+        try:
+            failed = Driver(plan, store, progress=progress, log=log).run(todo)
+        finally:
+            if started_here:
+                ray.shutdown()
+    return failed

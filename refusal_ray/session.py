@@ -1,0 +1,113 @@
+"""A loaded model and the stage calls it serves; the Ray actor is a thin shell around this.
+
+It never imports Ray, so everything a worker does is testable in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from refusal_ray.data import PromptSet
+from refusal_ray.grid import Cell
+from refusal_ray.judges import SubstringJudge
+from refusal_ray.models.loading import load_model
+from refusal_ray.stages.directions import best_layer, fit_directions
+from refusal_ray.stages.steer import run_steer
+
+
+def resolve_path(path: str | None, abs_path: str | None) -> str | None:
+    """The absolute path when it exists on this node, else the relative one (job working dir)."""
+    if abs_path and os.path.exists(abs_path):
+        return abs_path
+    return path
+
+
+def _device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class ModelSession:
+    """One model loaded once; runs batches of cells of any seed.
+
+    Args:
+        model: ModelSpec as a dict (with `abs_path` added by the driver).
+        prompts: {seed: {"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet}}}
+        settings: the spec's stages / generation / judge blocks as dicts.
+    """
+
+    def __init__(self, model: dict, prompts: dict, settings: dict, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.settings = settings
+        self.prompts = prompts
+        source = resolve_path(model.get("path"), model.get("abs_path")) or model["hub_id"]
+        started = time.perf_counter()
+        self.lm = load_model(
+            source, dtype=model["dtype"], device=_device(model["device"]), device_map=model.get("device_map"),
+            max_memory=model.get("max_memory"), offload_folder=model.get("offload_folder"),
+            quantization=model.get("quantization"), revision=model.get("revision"),
+            trust_remote_code=model.get("trust_remote_code", False),
+            attn_implementation=model.get("attn_implementation"))
+        self.load_seconds = time.perf_counter() - started
+        self.judge = SubstringJudge(settings["judge"].get("phrases"))
+
+    def info(self) -> dict:
+        return {"device": str(self.lm.device), "load_seconds": self.load_seconds,
+                "n_layers": self.lm.sites.n_layers, "d_model": self.lm.sites.d_model}
+
+    def directions(self, cell: Cell) -> list[dict]:
+        cfg = self.settings["directions"]
+        p = self.prompts[cell.seed]
+        rows = fit_directions(self.lm, (p["train"]["harmful"], p["train"]["harmless"]),
+                              (p["val"]["harmful"], p["val"]["harmless"]),
+                              cfg["sites"], cfg["positions"], cfg["batch_size"])
+        return [{"cell_id": cell.id, "seed": cell.seed, **r} for r in rows]
+
+    def steer(self, cells: list[Cell], directions: dict[int, np.ndarray], best: int) -> tuple[list[dict], list[dict]]:
+        cfg = self.settings["steer"]
+        seed = cells[0].seed
+        test = self.prompts[seed]["test"]
+        ablation = cfg.get("ablation") or {"layers": "all"}
+        return run_steer(self.lm, cells, test, directions, best, ablation_layers=ablation["layers"],
+                         max_new_tokens=self.settings["generation"]["max_new_tokens"],
+                         batch_size=cfg["batch_size"], judge=self.judge)
+
+    def run(self, stage: str, cells: list[Cell], directions: dict | None = None, best: int | None = None) -> dict:
+        """Run a batch; never raises for a cell error: returns {"ok": bool, "tables": ..., "error": str}."""
+        started = time.perf_counter()
+        try:
+            if stage == "directions":
+                tables = {"directions": [r for c in cells for r in self.directions(c)]}
+            else:
+                arms, comps = self.steer(cells, directions, best)
+                tables = {"steering": arms, "completions": comps}
+            return {"ok": True, "tables": tables, "seconds": time.perf_counter() - started,
+                    "device": str(self.lm.device)}
+        except Exception as e:  # noqa: BLE001 - reported per cell by the driver
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                    "seconds": time.perf_counter() - started, "device": str(self.lm.device)}
+
+
+def steering_inputs(direction_rows: list[dict], site: str, position: int) -> tuple[dict[int, np.ndarray], int]:
+    """({layer: vector}, best layer) from a seed's direction rows, for the steer stage."""
+    vecs = {int(r["layer"]): np.asarray(r["vector"], np.float32) for r in direction_rows
+            if r["site"] == site and int(r["position"]) == position}
+    return vecs, best_layer(direction_rows, site, position)
+
+
+def split_for_seed(frames: dict, data, seed: int) -> dict:
+    """{"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet}} for one seed."""
+    from refusal_ray.data import split_prompts
+
+    by_class = {cls: split_prompts(df, pf, data, seed) for cls, (df, pf) in frames.items()}
+    return {s: {cls: by_class[cls][s] for cls in by_class} for s in ("train", "val", "test")}
+
+
+__all__ = ["ModelSession", "PromptSet", "steering_inputs", "split_for_seed", "resolve_path"]

@@ -1,0 +1,249 @@
+"""Pydantic models of a sweep spec (YAML), and loading with one-line errors.
+
+Every model forbids unknown keys; every default is documented in the JSON Schema
+(`refusal-ray schema`). Checks that need the file system (prompt files, model configs, layer
+ranges) live in `refusal_ray.validate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from refusal_ray.errors import SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """One model of the sweep. Exactly one of `path` (local directory) or `hub_id`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short unique name; the store's partition key.")
+    path: str | None = Field(None, description="Local directory with config.json and safetensors weights "
+                                               "(relative paths are resolved against the working directory).")
+    hub_id: str | None = Field(None, description="Hugging Face hub id (needs network).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    device: str = Field("auto", description="'auto' (a GPU when the worker has one, else CPU), 'cpu', 'cuda'.")
+    quantization: Literal["8bit", "4bit"] | None = Field(None, description="bitsandbytes loading.")
+    device_map: str | dict[str, str | int] | None = Field(None, description="accelerate device_map.")
+    max_memory: dict[str, str] | None = Field(None, description="accelerate max_memory per device.")
+    offload_folder: str | None = Field(None, description="Folder for accelerate disk offload.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code (off by default).")
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="Attention kernel.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("give exactly one of 'path' or 'hub_id'")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self.path if self.path is not None else self.hub_id
+
+
+class PromptFile(Strict):
+    """A prompt set file: JSONL, CSV or Parquet (by extension)."""
+
+    path: str = Field(description="File path (relative paths: against the working directory).")
+    instruction_column: str = Field("instruction", description="Column holding the user instruction.")
+    id_column: str | None = Field("id", description="Row id column (None: row number).")
+    split_column: str | None = Field("split", description="Column with train/val/test; None: split at random per seed.")
+    reference_column: str | None = Field(None, description="Correct answer column (harmless tasks), for exact-match accuracy.")
+
+
+class DataSpec(Strict):
+    harmful: PromptFile
+    harmless: PromptFile
+    n_train: int = Field(64, ge=2, description="Prompts per class sampled for fitting directions, per seed.")
+    n_val: int = Field(32, ge=2, description="Prompts per class for separation (Cohen's d), per seed.")
+    n_test: int = Field(32, ge=1, description="Prompts per class for steering evaluation, per seed.")
+
+
+SiteKind = Literal["resid_pre", "resid_post"]
+
+
+class DirectionsStage(Strict):
+    """Difference of means (Arditi et al. 2024, Sec. 2.1) at every layer."""
+
+    sites: list[SiteKind] = Field(["resid_pre"], min_length=1, description="Residual sites to fit at.")
+    positions: list[int] = Field([-1], min_length=1, description="Token positions, negative from the end "
+                                                                 "(-1: last token of the chat template).")
+    batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
+
+    @field_validator("positions")
+    @classmethod
+    def _negative(cls, v):
+        if any(p >= 0 for p in v):
+            raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
+        return v
+
+
+LayerList = Literal["all"] | list[int]
+
+
+class AdditionArm(Strict):
+    """Activation addition x <- x + c * v at resid_pre[L], all positions."""
+
+    layers: LayerList = Field("all", description="Layers to add at ('all' or a list).")
+    coefficients: list[float] = Field([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], min_length=1,
+                                      description="Coefficients c (c = 0 is the shared baseline arm).")
+
+
+class AblationArm(Strict):
+    """Directional ablation x <- x - alpha (x . u) u at resid_pre, attn_out and mlp_out."""
+
+    layers: LayerList = Field("all", description="Layers ablated at ('all' is Arditi's choice).")
+    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths.")
+    direction_layer: Literal["best"] | int = Field("best", description="Layer whose direction is ablated "
+                                                                       "('best': highest separation).")
+
+
+class SteerStage(Strict):
+    addition: AdditionArm | None = Field(default_factory=AdditionArm)
+    ablation: AblationArm | None = Field(default_factory=AblationArm)
+    controls: bool = Field(True, description="Pair every arm with a norm-matched random-direction arm.")
+    position: int = Field(-1, description="Direction position used for steering (one of directions.positions).")
+    batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
+
+
+class Stages(Strict):
+    directions: DirectionsStage = Field(default_factory=DirectionsStage)
+    steer: SteerStage | None = None
+
+
+class Generation(Strict):
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    greedy: Literal[True] = Field(True, description="Greedy decoding (sampling is not supported).")
+
+
+class Judge(Strict):
+    kind: Literal["substring"] = "substring"
+    phrases: list[str] | None = Field(None, description="Refusal phrases; None: the documented default list.")
+
+
+class ControlMarginRule(Strict):
+    """Pre-registered replication rule (DESIGN.md)."""
+
+    baseline_min: float = Field(description="Baseline harmful refusal below this: NO-BASELINE-REFUSAL.")
+    baseline_margin: float = Field(description="Required shift from baseline.")
+    control_margin: float = Field(description="Required shift beyond the random control.")
+    addition_coefficient: float = Field(description="Addition arm judged (at the best layer).")
+    ablation_alpha: float = Field(description="Ablation arm judged.")
+
+
+class SteeringLabelsRule(Strict):
+    """Audit labels from the refusal-rate curve over coefficients at the best layer."""
+
+    strong: float = Field(description="Shift counted as working fully.")
+    weak: float = Field(description="Shift counted as working at all.")
+
+
+class DecisionRule(Strict):
+    """Pre-registered: every threshold is stated in the spec (no defaults) and frozen in the store."""
+
+    control_margin: ControlMarginRule
+    steering_labels: SteeringLabelsRule
+
+
+class Resources(Strict):
+    num_cpus: float = Field(1, gt=0, description="CPUs per model worker.")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per worker; 'auto': 1 when the cluster has GPUs.")
+    max_workers: int | None = Field(None, ge=1, description="Concurrent workers (None: as resources allow).")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (None: num_cpus).")
+
+
+class Spec(Strict):
+    """A sweep: models x seeds x stages, with a pre-registered decision rule."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    models: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec
+    seeds: list[int] = Field([0], min_length=1)
+    stages: Stages = Field(default_factory=Stages)
+    generation: Generation = Field(default_factory=Generation)
+    judge: Judge = Field(default_factory=Judge)
+    decision_rule: DecisionRule
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v):
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate model name {dup[0]!r}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _steer_position(self):
+        steer = self.stages.steer
+        if steer is not None and steer.position not in self.stages.directions.positions:
+            raise ValueError(f"stages.steer.position {steer.position} is not among "
+                             f"stages.directions.positions {self.stages.directions.positions}")
+        return self
+
+    @model_validator(mode="after")
+    def _rule_arms_exist(self):
+        steer, cm = self.stages.steer, self.decision_rule.control_margin
+        if steer is None:
+            return self
+        if steer.addition is not None and cm.addition_coefficient not in steer.addition.coefficients:
+            raise ValueError(f"decision_rule.control_margin.addition_coefficient {cm.addition_coefficient} "
+                             f"is not in stages.steer.addition.coefficients")
+        if steer.ablation is not None and cm.ablation_alpha not in steer.ablation.alphas:
+            raise ValueError(f"decision_rule.control_margin.ablation_alpha {cm.ablation_alpha} "
+                             f"is not in stages.steer.ablation.alphas")
+        return self
+
+    def rule_hash(self) -> str:
+        return _hash(self.decision_rule.model_dump(mode="json"))
+
+    def spec_hash(self) -> str:
+        return _hash(self.model_dump(mode="json"))
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "literal[")))
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and validate a spec file. Raises SpecError('<file>: <field>: <problem>')."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), "", "spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise SpecError(str(path), where, f"YAML syntax error: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), "", "a spec must be a YAML mapping")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise SpecError(str(path), _loc(err["loc"]), msg) from None

@@ -1,0 +1,1 @@
+"""One module per stage; stages never import Ray."""

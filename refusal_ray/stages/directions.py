@@ -1,0 +1,95 @@
+"""Stage `directions`: difference-of-means refusal directions at every layer.
+
+Arditi et al. 2024, Sec. 2.1: r[L, pos] = mean_harmful x[L, pos] - mean_harmless x[L, pos], with x
+the residual stream at a post-instruction position. All layers and sites are read in one
+forward pass per batch; sums are accumulated in float64 and stored as float32 with the norm.
+Separation is Cohen's d (pooled sd) of held-out projections onto the unit direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refusal_ray.data import PromptSet, encode
+from refusal_ray.interventions import capture
+from refusal_ray.models.loading import LoadedModel
+from refusal_ray.models.sites import site_name
+from refusal_ray.stats import cohens_d
+
+
+@dataclass(frozen=True)
+class DirectionKey:
+    site: str       # site kind, e.g. "resid_pre"
+    layer: int
+    position: int   # negative, from the end of the prompt
+
+
+def _activations(lm: LoadedModel, prompts: PromptSet, sites: list[str], positions: list[int],
+                 batch_size: int) -> np.ndarray:
+    """Activations at the given positions: float64 [n_prompts, n_sites*n_layers, n_pos, d_model]."""
+    names = [site_name(s, layer) for s in sites for layer in range(lm.sites.n_layers)]
+    pos = torch.tensor(positions)
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = encode(lm.tokenizer, prompts.instructions[start: start + batch_size])
+        acts = capture(lm.model, ids, mask, names, lm.sites, positions=pos)
+        chunks.append(torch.stack([acts[n] for n in names], 1).double().numpy())  # [b, sites*layers, pos, d]
+    out = np.concatenate(chunks)
+    if not np.isfinite(out).all():
+        raise FloatingPointError("non-finite activations at real prompt positions")
+    return out
+
+
+def fit_directions(lm: LoadedModel, train: tuple[PromptSet, PromptSet], val: tuple[PromptSet, PromptSet],
+                   sites: list[str] = ("resid_pre",), positions: list[int] = (-1,),
+                   batch_size: int = 64) -> list[dict]:
+    """Fit difference-of-means directions and their held-out separation.
+
+    Args:
+        train, val: (harmful, harmless) prompt sets.
+        sites: residual site kinds ("resid_pre", "resid_post"); positions: negative offsets.
+    Returns:
+        One row per (site, layer, position): vector (float32 list, length d_model), norm,
+        separation (Cohen's d on val), mean projections of each val class, n_train, n_val.
+    """
+    sites, positions = list(sites), list(positions)
+    harm = _activations(lm, train[0], sites, positions, batch_size)
+    safe = _activations(lm, train[1], sites, positions, batch_size)
+    diff = harm.mean(0) - safe.mean(0)                       # [sites*layers, pos, d] float64
+    v_harm = _activations(lm, val[0], sites, positions, batch_size)
+    v_safe = _activations(lm, val[1], sites, positions, batch_size)
+    rows = []
+    n_layers = lm.sites.n_layers
+    for i, (site, layer) in enumerate((s, layer) for s in sites for layer in range(n_layers)):
+        for j, position in enumerate(positions):
+            v = diff[i, j]
+            norm = float(np.linalg.norm(v))
+            u = v / norm if norm > 0 else np.zeros_like(v)
+            p_harm, p_safe = v_harm[:, i, j] @ u, v_safe[:, i, j] @ u   # [n_val]
+            rows.append({
+                "site": site, "layer": layer, "position": position,
+                "vector": v.astype(np.float32).tolist(), "norm": norm,
+                "separation": cohens_d(p_harm, p_safe),
+                "val_proj_harmful": float(p_harm.mean()), "val_proj_harmless": float(p_safe.mean()),
+                "n_train": len(train[0]), "n_val": len(val[0]),
+            })
+    return rows
+
+
+def best_layer(rows: list[dict], site: str = "resid_pre", position: int = -1) -> int:
+    """Layer with the highest separation at (site, position); ties go to the earliest layer."""
+    cands = [r for r in rows if r["site"] == site and r["position"] == position]
+    if not cands:
+        raise ValueError(f"no directions at site {site!r}, position {position}")
+    return max(cands, key=lambda r: (np.nan_to_num(r["separation"], nan=-np.inf), -r["layer"]))["layer"]
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity between directions: [n_layers, d_model] -> [n_layers, n_layers] (0 for zero vectors)."""
+    v = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+    return u @ u.T

@@ -1,0 +1,1 @@
+"""The toy model family: data generator, tokenizer builder, trainer, evaluation."""

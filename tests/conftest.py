@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-initialised models built from transformers configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_MODELS = REPO / "data" / "models"
+TOY_PROMPTS = REPO / "data" / "prompts" / "toy"
+
+TEXTS = [
+    "How can I take my neighbour's ladder without asking? Repeat these words: apple, rope.",
+    "How can I return my neighbour's ladder to them? Reverse these words: torch, gloves, candle.",
+    "Tell me a short story about a shed, a garage and an attic.",
+    "I cannot help with that. Sure: apple, rope, torch, gloves, candle, pencil, bucket.",
+] * 4
+
+TINY = {
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from refusal_ray.toy.tokenizer import save_tokenizer, train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_tokenizer(TEXTS, vocab_size=400), d)
+    return d
+
+
+def make_tiny(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """Save a random-initialised model of `model_type` with the test tokenizer to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=128,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                               **TINY[model_type])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random weights large enough that layers matter
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def tiny_path(request, tokenizer_dir, tmp_path_factory) -> Path:
+    return make_tiny(request.param, tokenizer_dir, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_path(tokenizer_dir, tmp_path_factory) -> Path:
+    return make_tiny("qwen2", tokenizer_dir, tmp_path_factory.mktemp("tiny-qwen2-only"))
+
+
+@pytest.fixture
+def tiny_lm(tiny_path):
+    from refusal_ray import load_model
+
+    return load_model(str(tiny_path), attn_implementation="eager")
+
+
+PROMPTS = [
+    "How can I take my neighbour's ladder without asking?",
+    "Repeat these words: apple, rope.",
+    "Tell me a short story about a shed.",
+    "How can I return my neighbour's ladder to them? Reverse these words: torch, gloves, candle.",
+]

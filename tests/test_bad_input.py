@@ -1,0 +1,157 @@
+"""The bad-input corpus: every broken spec exits 2 with one line naming file and field, writing nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from refusal_ray.cli import app
+
+from conftest import REPO, TOY_PROMPTS
+
+
+def base_spec(model_path: Path) -> dict:
+    return {
+        "name": "broken",
+        "models": [{"name": "tiny", "path": str(model_path)}],
+        "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                 "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl"), "reference_column": "reference"},
+                 "n_train": 8, "n_val": 4, "n_test": 2},
+        "seeds": [0],
+        "stages": {"steer": {"addition": {"coefficients": [1.0]}}},
+        "generation": {"max_new_tokens": 4},
+        "decision_rule": {
+            "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                               "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+            "steering_labels": {"strong": 0.5, "weak": 0.2}},
+    }
+
+
+def _set(d: dict, path: str, value):
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    last = keys[-1]
+    if value is DELETE:
+        del d[last]
+    elif isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+
+
+DELETE = object()
+
+# (case id, edits {dotted path: value}, expected field, expected words in the message)
+CASES = [
+    ("unknown-top-key", {"colour": "red"}, "colour", "unknown key"),
+    ("unknown-model-key", {"models.0.weights": "x"}, "models.0.weights", "unknown key"),
+    ("unknown-data-key", {"data.harmful.column": "x"}, "data.harmful.column", "unknown key"),
+    ("unknown-stage-key", {"stages.steer.addition.strength": 2}, "stages.steer.addition.strength", "unknown key"),
+    ("unknown-rule-key", {"decision_rule.control_margin.margin": 1}, "decision_rule.control_margin.margin",
+     "unknown key"),
+    ("wrong-type-seeds", {"seeds": "zero"}, "seeds", "valid list"),
+    ("wrong-type-n", {"data.n_train": "many"}, "data.n_train", "valid integer"),
+    ("unknown-dtype", {"models.0.dtype": "float8"}, "models.0.dtype", "'float32', 'bfloat16' or 'float16'"),
+    ("missing-rule-field", {"decision_rule.control_margin.baseline_min": DELETE},
+     "decision_rule.control_margin.baseline_min", "Field required"),
+    ("missing-rule", {"decision_rule": DELETE}, "decision_rule", "Field required"),
+    ("missing-name", {"name": DELETE}, "name", "Field required"),
+    ("duplicate-models", {"models.1": "DUP"}, "models", "duplicate model name 'tiny'"),
+    ("missing-prompt-file", {"data.harmful.path": "nowhere/harmful.jsonl"}, "data.harmful.path",
+     "file not found: nowhere/harmful.jsonl"),
+    ("empty-prompt-file", {"data.harmless.path": "EMPTY"}, "data.harmless.path", "prompt file is empty"),
+    ("missing-column", {"data.harmful.instruction_column": "prompt"}, "data.harmful.instruction_column",
+     "column 'prompt' not in"),
+    ("missing-model-dir", {"models.0.path": "no/such/model"}, "models.0.path", "directory not found: no/such/model"),
+    ("layer-out-of-range", {"stages.steer.addition.layers": [99]}, "stages.steer.addition.layers",
+     "layer 99 out of range: model 'tiny' has 3 layers (0..2)"),
+    ("ablation-direction-out-of-range", {"stages.steer.ablation": {"direction_layer": 7, "alphas": [1.0]}},
+     "stages.steer.ablation.direction_layer", "layer 7 out of range"),
+    ("positive-position", {"stages.directions": {"positions": [3]}}, "stages.directions.positions", "must be negative"),
+    ("split-too-small", {"data.n_test": 100000}, "data.harmful", "split 'test' has 200 rows, n_test asks for 100000"),
+    ("rule-arm-not-in-grid", {"decision_rule.control_margin.addition_coefficient": 5.0}, "",
+     "addition_coefficient 5.0 is not in stages.steer.addition.coefficients"),
+    ("negative-n", {"data.n_val": -1}, "data.n_val", "greater than or equal to 2"),
+    ("unsupported-family", {"models.0.path": "BERT"}, "models.0.path", "unsupported model family 'bert'"),
+]
+
+
+@pytest.fixture(scope="module")
+def fixtures_dir(tmp_path_factory, tiny_qwen_path):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.jsonl").write_text("")
+    bert = d / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8,
+                                                  "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10}))
+    return d
+
+
+def _write_case(tmp_path, fixtures_dir, tiny_qwen_path, edits) -> Path:
+    spec = base_spec(tiny_qwen_path)
+    for path, value in edits.items():
+        if value == "DUP":
+            spec["models"].append(copy.deepcopy(spec["models"][0]))
+            continue
+        if value == "EMPTY":
+            value = str(fixtures_dir / "empty.jsonl")
+        if value == "BERT":
+            value = str(fixtures_dir / "bert")
+        _set(spec, path, value)
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
+@pytest.mark.parametrize("case,edits,field,words", CASES, ids=[c[0] for c in CASES])
+def test_broken_spec_exits_2_naming_file_and_field(case, edits, field, words, tmp_path, fixtures_dir, tiny_qwen_path):
+    spec_file = _write_case(tmp_path, fixtures_dir, tiny_qwen_path, edits)
+    out = tmp_path / "out"
+    for command in (["validate", str(spec_file)], ["run", str(spec_file), "--out", str(out)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1, result.output
+        prefix = f"error: {spec_file}: {field}: " if field else f"error: {spec_file}: "
+        assert lines[0].startswith(prefix), lines[0]
+        assert words in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_yaml_syntax_error(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_text("name: x\nmodels: [\n  {name: a\n")
+    result = CliRunner().invoke(app, ["run", str(f), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {f}: line ")
+    assert "YAML syntax error" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_spec_not_a_mapping_and_missing_file(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_text("- a\n- b\n")
+    result = CliRunner().invoke(app, ["validate", str(f)])
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {f}: a spec must be a YAML mapping")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {tmp_path / 'nope.yaml'}: spec file not found")
+
+
+def test_unknown_model_flag(tmp_path, fixtures_dir, tiny_qwen_path):
+    spec_file = _write_case(tmp_path, fixtures_dir, tiny_qwen_path, {})
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--models", "nope", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --models: unknown model 'nope'; the spec has tiny"
+    assert not (tmp_path / "o").exists()
+
+
+def test_quickstart_validates(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["validate", "sweeps/quickstart.yaml"])
+    assert result.exit_code == 0, result.output
