@@ -152,6 +152,10 @@ def _writable(path: Path) -> bool:
 
 
 def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would drown the sweep's own progress
     app()
 
 

@@ -193,6 +193,8 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _steer_position(self):
         steer = self.stages.steer
+        if steer is not None and "resid_pre" not in self.stages.directions.sites:
+            raise ValueError("stages.steer needs 'resid_pre' in stages.directions.sites (steering uses those directions)")
         if steer is not None and steer.position not in self.stages.directions.positions:
             raise ValueError(f"stages.steer.position {steer.position} is not among "
                              f"stages.directions.positions {self.stages.directions.positions}")

@@ -14,6 +14,9 @@ from refusal_ray.session import ModelSession
 @ray.remote
 class ModelWorker:
     def __init__(self, model: dict, prompts: dict, settings: dict, torch_threads: int | None = None):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         self.session = ModelSession(model, prompts, settings, torch_threads)
         self.node = ray.get_runtime_context().get_node_id()
 

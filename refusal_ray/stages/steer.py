@@ -85,10 +85,11 @@ def build_edits(rows: list[Row], directions: dict[int, np.ndarray], best: int,
 @torch.inference_mode()
 def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet],
                   directions: dict[int, np.ndarray], best: int, ablation_layers: list[int],
-                  max_new_tokens: int, batch_size: int, progress=None) -> list[str]:
+                  max_new_tokens: int, batch_size: int, progress=None, **generate_kwargs) -> list[str]:
     """Greedy completions for every row, `batch_size` rows per `generate` call.
 
     Rows are sorted by prompt length so each call pads little; the result is in `rows` order.
+    Extra keyword arguments go to `generate` (e.g. `min_new_tokens` in benchmarks).
     """
     texts = {s: ps.instructions for s, ps in prompts.items()}
     order = sorted(range(len(rows)), key=lambda i: len(texts[rows[i].prompt_set][rows[i].index]))
@@ -102,7 +103,8 @@ def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet
         with row_edits(lm.sites, edits):
             gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                    **generate_kwargs)
         for i, text in zip(idx, tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)):
             out[i] = text
         if progress is not None:

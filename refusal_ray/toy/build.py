@@ -65,12 +65,11 @@ def build(out: Path, seed: int = 0, sizes: list[str] | None = None, steps: int |
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (target / f).write_bytes((tok_dir / f).read_bytes())
         metrics = evaluate(target, harmful, harmless)
-        params = sum(p.numel() for p in model.parameters())
-        metrics |= {"params": params, "train_seconds": round(seconds, 1), "steps": steps or size.steps}
+        metrics |= {"params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1),
+                    "steps": steps or size.steps}
         (target / "README.md").write_text(CARD.format(
             name=name, arch=type(model).__name__, n_layers=size.n_layers, d_model=size.d_model,
-            n_heads=size.n_heads, steps=steps or size.steps, batch=size.batch_size, lr=size.lr, seed=seed,
-            seconds=seconds, **metrics))
+            n_heads=size.n_heads, batch=size.batch_size, lr=size.lr, seed=seed, seconds=seconds, **metrics))
         (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(f"[{name}] {json.dumps(metrics)}")
         results[name] = metrics

@@ -1,0 +1,155 @@
+"""End to end on a local Ray: run, read with pandas, rerun skips done cells, SIGKILL then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import refusal_ray
+from refusal_ray.store import Store
+
+from conftest import REPO, TOY_MODELS, TOY_PROMPTS
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "refusal_ray.cli"]
+
+
+def small_spec(tmp_path: Path, seeds=(0,)) -> Path:
+    spec = {
+        "name": "e2e",
+        "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")},
+                   {"name": "llama-s", "path": str(TOY_MODELS / "toy-llama-s")}],
+        "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                 "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl"), "reference_column": "reference"},
+                 "n_train": 16, "n_val": 8, "n_test": 8},
+        "seeds": list(seeds),
+        "stages": {"steer": {"addition": {"coefficients": [-1.0, 1.0]}, "ablation": {"alphas": [1.0]},
+                             "batch_size": 64}},
+        "generation": {"max_new_tokens": 12},
+        "decision_rule": {
+            "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                               "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+            "steering_labels": {"strong": 0.5, "weak": 0.2}},
+    }
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # never join a cluster that happens to be running
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = small_spec(tmp)
+    out = tmp / "out"
+    result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return spec, out, result
+
+
+def test_run_writes_every_table(finished_run):
+    spec, out, result = finished_run
+    cells = refusal_ray.read(out, "cells")
+    assert len(cells) == 12 + 20 and (cells["status"] == "done").all()
+    assert cells["cell_id"].is_unique
+    for table in ("directions", "steering", "completions"):
+        df = pd.read_parquet(out / table)         # plain pandas, hive partitions
+        assert set(df["model"].astype(str)) == {"qwen-xs", "llama-s"}
+    steering = refusal_ray.read(out, "steering")
+    assert len(steering) == 2 * (len(cells) - 2 * 1)  # every steer cell: harmful + harmless rows
+    assert ((steering["ci_low"] <= steering["rate"]) & (steering["rate"] <= steering["ci_high"])).all()
+    completions = refusal_ray.read(out, "completions")
+    assert not completions.duplicated(["cell_id", "prompt_set", "prompt_id"]).any()
+    assert len(completions) == (len(steering)) * 8
+    directions = refusal_ray.read(out, "directions")
+    assert len(directions) == 2 + 4                          # one row per layer at resid_pre, position -1
+    assert all(len(v) == d for v, d in zip(directions["vector"], directions["model"].map({"qwen-xs": 48, "llama-s": 96})))
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert summary["model"].tolist() == ["qwen-xs", "llama-s"]   # sorted by parameter count
+    assert summary["params"].is_monotonic_increasing
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["rule_hash"].iloc[0] == manifest["rule_hash"]
+    assert {"torch", "ray", "transformers"} <= set(manifest["libraries"])
+    assert "qwen-xs" in result.stdout and "control_margin" in result.stdout
+    for fig in ("steering.png", "separation.png", "cosines.png", "scale_trend.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+
+
+def test_baseline_rows_match_model_behaviour(finished_run):
+    _, out, _ = finished_run
+    s = refusal_ray.read(out, "steering")
+    base = s[s["mode"] == "baseline"].set_index(["model", "prompt_set"])["rate"]
+    assert (base.xs(("harmful"), level=1) >= 0.9).all()     # the toy models refuse harmful requests
+    assert (base.xs(("harmless"), level=1) <= 0.1).all()
+
+
+def test_rerun_skips_done_cells(finished_run):
+    spec, out, _ = finished_run
+    before = sorted(p.name for p in out.rglob("*.parquet"))
+    result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "32 cells, 32 already done, 0 to run" in result.stderr
+    after = sorted(p.name for p in out.rglob("*.parquet") if p.parent.parent.name in
+                   ("cells", "steering", "directions", "completions"))
+    assert set(after) <= set(before)
+
+
+def test_summarize_and_report_commands(finished_run):
+    _, out, _ = finished_run
+    result = run_cli("summarize", str(out))
+    assert result.returncode == 0 and "llama-s" in result.stdout
+    assert run_cli("report", str(out)).returncode == 0
+    assert "![steering.png]" in (out / "report.md").read_text()
+
+
+def test_changed_rule_is_refused(finished_run, tmp_path):
+    spec, out, _ = finished_run
+    raw = yaml.safe_load(spec.read_text())
+    raw["decision_rule"]["steering_labels"]["strong"] = 0.9
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    result = run_cli("run", str(changed), "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: {changed}: decision_rule: differs from the rule frozen in")
+
+
+def test_killed_driver_resumes_without_recomputing(tmp_path):
+    spec = small_spec(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([*CLI, "run", str(spec), "--out", str(out), "--no-progress"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "cells").rglob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)          # the driver and the Ray it started, nothing else
+    proc.wait()
+    done_before = Store(out).done_cells()
+    assert 0 < len(done_before) < 32
+    result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"32 cells, {len(done_before)} already done, {32 - len(done_before)} to run" in result.stderr
+    raw = pd.read_parquet(out / "cells")
+    done_rows = raw[raw["status"] == "done"]
+    assert done_rows["cell_id"].value_counts().max() == 1    # no cell was computed twice
+    for table, key in (("steering", ["cell_id", "prompt_set"]), ("completions", ["cell_id", "prompt_set", "prompt_id"])):
+        df = refusal_ray.read(out, table)
+        assert not df.duplicated(key).any()
+    assert len(refusal_ray.read(out, "cells")) == 32

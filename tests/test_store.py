@@ -1,0 +1,52 @@
+"""The Parquet store: atomic files, hive partitions, one row set per cell id."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+import refusal_ray
+from refusal_ray.store import Store
+
+
+def test_rewritten_cell_is_read_once(tmp_path):
+    store = Store(tmp_path)
+    store.write("steering", "m1", [{"cell_id": "a", "seed": 0, "rate": 0.1}, {"cell_id": "b", "seed": 0, "rate": 0.2}])
+    # an interrupted run that is resumed may write cell "a" again; the newest batch wins
+    store.write("steering", "m1", [{"cell_id": "a", "seed": 0, "rate": 0.3}])
+    store.write("steering", "m2", [{"cell_id": "c", "seed": 0, "rate": 0.4}])
+    df = refusal_ray.read(tmp_path, "steering").sort_values("cell_id")
+    assert df["cell_id"].tolist() == ["a", "b", "c"]
+    assert df["rate"].tolist() == [0.3, 0.2, 0.4]
+    assert df["model"].tolist() == ["m1", "m1", "m2"]
+    assert "_batch" not in df.columns
+
+
+def test_tables_read_with_pandas_and_pyarrow_hive(tmp_path):
+    store = Store(tmp_path)
+    store.write("directions", "toy-a", [{"cell_id": "x", "layer": 0, "vector": [1.0, 2.0]}])
+    df = pd.read_parquet(tmp_path / "directions")
+    assert df["vector"].iloc[0].tolist() == [1.0, 2.0]
+    table = ds.dataset(tmp_path / "directions", format="parquet", partitioning="hive").to_table()
+    assert table.column("model").to_pylist() == ["toy-a"]
+
+
+def test_half_written_files_are_invisible(tmp_path):
+    store = Store(tmp_path)
+    store.write("cells", "m", [{"cell_id": "a", "status": "done"}])
+    (tmp_path / "cells" / "model=m" / ".part-crashed.parquet.123.tmp").write_bytes(b"garbage")
+    assert store.done_cells() == {"a"}
+
+
+def test_latest_status_wins(tmp_path):
+    store = Store(tmp_path)
+    store.write("cells", "m", [{"cell_id": "a", "status": "failed"}])
+    store.write("cells", "m", [{"cell_id": "a", "status": "done"}])
+    assert store.done_cells() == {"a"}
+    assert len(store.read("cells")) == 1
+
+
+def test_read_unknown_table(tmp_path):
+    with pytest.raises(ValueError, match="unknown table 'nope'; expected one of cells, directions"):
+        refusal_ray.read(tmp_path, "nope")
