@@ -16,6 +16,12 @@ from refusal_ray.store import Store  # noqa: E402
 from refusal_ray.summary import pooled_arms, render, write_summary  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _grid(n: int):
     cols = min(n, 4)
     rows = int(np.ceil(n / cols))
@@ -47,9 +53,7 @@ def plot_steering_curves(arms: pd.DataFrame, summary: pd.DataFrame, path: Path) 
         ax.set_ylabel("refusal rate (95% Wilson)")
         ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_separation(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
@@ -63,9 +67,7 @@ def plot_separation(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
     ax.set_xlabel("relative layer depth")
     ax.set_ylabel("separation (Cohen's d, val)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_cosines(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
@@ -76,13 +78,14 @@ def plot_cosines(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
         d = d[(d["seed"] == d["seed"].min()) & (d["position"] == d["position"].max())].sort_values("layer")
         cos = cosine_matrix(np.stack(d["vector"].to_numpy()))
         im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
+        ticks = range(0, len(cos), max(1, len(cos) // 8))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
         ax.set_title(m)
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_scale_trend(summary: pd.DataFrame, path: Path) -> None:
@@ -96,9 +99,7 @@ def plot_scale_trend(summary: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("parameters")
     ax.set_ylabel("effect")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(out_dir) -> Path:

@@ -23,11 +23,19 @@ TEXTS = [
     "I cannot help with that. Sure: apple, rope, torch, gloves, candle, pencil, bucket.",
 ] * 4
 
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2)
+# one tiny config per family of the site table (head_dim != d_model / n_heads where the family allows it)
 TINY = {
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2),
+    "qwen2": _DECODER,
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen3": {**_DECODER, "head_dim": 16},
+    "phi3": _DECODER,
+    "olmo2": _DECODER,
+    "gemma2": {**_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gemma3_text": {**_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=128),
 }
 
 
@@ -45,9 +53,9 @@ def make_tiny(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0) ->
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=128,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                               **TINY[model_type])
+    extra = {} if model_type == "gpt2" else {"max_position_embeddings": 128}
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, bos_token_id=None, **extra, **TINY[model_type])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # random weights large enough that layers matter

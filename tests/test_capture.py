@@ -43,11 +43,12 @@ def test_capture_matches_hidden_states_and_residual_algebra(tiny_lm):
         torch.testing.assert_close(post[real], (mid + mlp)[real], rtol=1e-5, atol=1e-5)
         if layer + 1 < sites.n_layers:
             torch.testing.assert_close(acts[site_name("resid_pre", layer + 1)][real], post[real])
-        # z through the output projection gives the attention output (no norm in between here)
-        o_proj = sites.module("z", layer)
-        with torch.no_grad():
-            recomputed = o_proj(z.flatten(-2))
-        torch.testing.assert_close(recomputed[real], attn[real], rtol=1e-5, atol=1e-5)
+        # z through the output projection gives the attention output where no norm intervenes
+        if sites.layout.z.rsplit(".", 1)[0] == sites.layout.attn_out:
+            o_proj = sites.module("z", layer)
+            with torch.no_grad():
+                recomputed = o_proj(z.flatten(-2))
+            torch.testing.assert_close(recomputed[real], attn[real], rtol=1e-5, atol=1e-5)
 
 
 def test_hooks_leave_model_unchanged(tiny_lm):
@@ -67,7 +68,12 @@ def test_hooks_leave_model_unchanged(tiny_lm):
 def test_left_padded_batch_equals_sequential(tiny_path, attn):
     from refusal_ray import load_model
 
-    model, tok, sites = load_model(str(tiny_path), attn_implementation=attn)
+    try:
+        model, tok, sites = load_model(str(tiny_path), attn_implementation=attn)
+    except ValueError as e:
+        if "does not support an attention implementation" in str(e):
+            pytest.skip(f"{tiny_path.name}: no {attn} attention in this transformers version")
+        raise
     names = all_sites(sites.n_layers)
     ids, mask = encode(tok, PROMPTS)
     batched = capture(model, ids, mask, names, sites)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from refusal_ray.data import PromptSet, encode
@@ -133,3 +134,39 @@ def test_capture_positions_select_last_token(tiny_lm):
     full = capture(model, ids, mask, [name], sites)[name]
     last = capture(model, ids, mask, [name], sites, positions=torch.tensor([-1]))[name]
     assert torch.equal(full[:, -1:], last)
+
+
+def test_directions_batched_equal_sequential(tiny_lm):
+    from refusal_ray.stages.directions import fit_directions
+
+    harm = PromptSet(["h1", "h2", "h3"], [PROMPTS[0], PROMPTS[3], PROMPTS[0] + " Please."], [None] * 3)
+    safe = PromptSet(["s1", "s2", "s3"], [PROMPTS[1], PROMPTS[2], "Count these words: apple."], [None] * 3)
+    kw = dict(sites=["resid_pre", "resid_post"], positions=[-2, -1])
+    batched = fit_directions(tiny_lm, (harm, safe), (harm, safe), batch_size=64, **kw)
+    single = fit_directions(tiny_lm, (harm, safe), (harm, safe), batch_size=1, **kw)
+    assert len(batched) == 2 * tiny_lm.sites.n_layers * 2
+    for a, b in zip(batched, single):
+        va, vb = np.asarray(a["vector"], np.float64), np.asarray(b["vector"], np.float64)
+        if min(a["norm"], b["norm"]) < 1e-9:  # e.g. layer-0 template tokens: one embedding for every prompt
+            assert max(a["norm"], b["norm"]) < 1e-9
+            continue
+        cos = va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))
+        assert cos >= 0.9999, (a["site"], a["layer"], a["position"], cos)
+        assert a["norm"] == pytest.approx(b["norm"], rel=1e-5)
+
+
+def test_direction_equals_manual_difference_of_means(tiny_lm):
+    from refusal_ray.stages.directions import fit_directions
+
+    harm = PromptSet(["h1", "h2"], [PROMPTS[0], PROMPTS[3]], [None] * 2)
+    safe = PromptSet(["s1", "s2"], [PROMPTS[1], PROMPTS[2]], [None] * 2)
+    rows = fit_directions(tiny_lm, (harm, safe), (harm, safe))
+    model, tok, sites = tiny_lm
+    with torch.no_grad():
+        hs_h = [forward(model, *encode(tok, [p]), output_hidden_states=True).hidden_states for p in harm.instructions]
+        hs_s = [forward(model, *encode(tok, [p]), output_hidden_states=True).hidden_states for p in safe.instructions]
+    for r in rows:
+        L = r["layer"]
+        want = (torch.stack([h[L][0, -1] for h in hs_h]).double().mean(0)
+                - torch.stack([h[L][0, -1] for h in hs_s]).double().mean(0))
+        np.testing.assert_allclose(r["vector"], want.numpy(), rtol=1e-4, atol=1e-5)
