@@ -52,6 +52,33 @@ class RowEdit:
         return x
 
 
+@dataclass
+class Patch:
+    """Activation patching: overwrite a site at some positions with values from another run.
+
+    values: [batch, n_pos, d_model], or for z [batch, n_pos, n_heads, d_head]
+    positions: [n_pos] position indices into the forward pass (negative: from the end)
+    heads: optional [k] head indices (z only): only these heads are overwritten
+    Meant for single forward passes (not `generate`, where later steps see one position).
+    Method: activation patching (Vig et al. 2020; Meng et al. 2022), as TransformerLens' patching.
+    """
+
+    values: Tensor
+    positions: Tensor
+    heads: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.clone()
+        v = _like(self.values, x)
+        pos = self.positions.to(x.device)
+        if self.heads is None:
+            x[:, pos] = v
+        else:
+            heads = self.heads.to(x.device)
+            x[:, pos[:, None], heads[None, :]] = v[:, :, heads]
+        return x
+
+
 def _like(t: Tensor, x: Tensor) -> Tensor:
     return t if (t.device == x.device and t.dtype == x.dtype) else t.to(x.device, x.dtype)
 

@@ -6,6 +6,7 @@ Everything here runs before the store is touched, so bad input exits 2 with noth
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 from refusal_ray.data import fingerprint, load_prompts, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
-from refusal_ray.models.loading import read_config
+from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config
 from refusal_ray.models.sites import UnsupportedFamilyError, layout_for
 from refusal_ray.spec import Spec, load_spec
 
@@ -63,7 +64,8 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
     if m.path is not None and not Path(m.path, "config.json").is_file():
         what = "directory not found" if not Path(m.path).is_dir() else "no config.json in"
         raise SpecError(spec_file, f"{field_}.path", f"{what}: {m.path}")
-    if m.offload_folder is None and isinstance(m.device_map, str) and m.max_memory and "disk" in m.max_memory:
+    wants_disk = "disk" in (m.max_memory or {}) or "disk" in (m.device_map.values() if isinstance(m.device_map, dict) else ())
+    if wants_disk and m.offload_folder is None:
         raise SpecError(spec_file, f"{field_}.offload_folder", "disk offload needs an offload_folder")
     try:
         config = read_config(m.source, m.revision, m.trust_remote_code)
@@ -75,6 +77,9 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
         layout_for(text.get("model_type", "?"))
     except UnsupportedFamilyError as e:
         raise SpecError(spec_file, f"{field_}.path", str(e)) from None
+    problem = m.quantization == "4bit" and m.device == "cpu" and bnb_4bit_cpu_problem(config)
+    if problem:
+        raise SpecError(spec_file, f"{field_}.quantization", problem)
     n_layers = text.get("num_hidden_layers") or text.get("n_layer")
     d_model = text.get("hidden_size") or text.get("n_embd")
     params = count_params(config)
@@ -131,6 +136,25 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     return plan
 
 
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (the node a local run uses)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_warnings(plan: Plan, available: int | None = None) -> list[str]:
+    """Models whose estimate exceeds `available` bytes without offloading configured."""
+    available = available or machine_memory_bytes()
+    out = []
+    for m in plan.spec.models:
+        mp = plan.models[m.name]
+        offloaded = m.device_map is not None or m.quantization is not None
+        if mp.estimate_bytes > available and not offloaded:
+            out.append(f"warning: model {m.name!r} needs about {_human(mp.estimate_bytes)} but this machine has "
+                       f"{_human(available)}; set device_map/max_memory/offload_folder or quantization, "
+                       f"or run it on a bigger node")
+    return out
+
+
 def describe(plan: Plan, done: set[str] | None = None) -> str:
     """Human-readable plan: cells per stage and model, layers, memory estimates."""
     done = done or set()
@@ -151,6 +175,7 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
         lines.append(f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
                      f"ablation: alphas {steer.ablation.alphas if steer.ablation else '-'}; "
                      f"controls: {steer.controls}")
+    lines += memory_warnings(plan)
     return "\n".join(lines)
 
 

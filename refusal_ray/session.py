@@ -12,7 +12,6 @@ import traceback
 import numpy as np
 import torch
 
-from refusal_ray.data import PromptSet
 from refusal_ray.grid import Cell
 from refusal_ray.judges import SubstringJudge
 from refusal_ray.models.loading import load_model
@@ -108,6 +107,3 @@ def split_for_seed(frames: dict, data, seed: int) -> dict:
 
     by_class = {cls: split_prompts(df, pf, data, seed) for cls, (df, pf) in frames.items()}
     return {s: {cls: by_class[cls][s] for cls in by_class} for s in ("train", "val", "test")}
-
-
-__all__ = ["ModelSession", "PromptSet", "steering_inputs", "split_for_seed", "resolve_path"]

@@ -78,6 +78,11 @@ CASES = [
     ("rule-arm-not-in-grid", {"decision_rule.control_margin.addition_coefficient": 5.0}, "",
      "addition_coefficient 5.0 is not in stages.steer.addition.coefficients"),
     ("negative-n", {"data.n_val": -1}, "data.n_val", "greater than or equal to 2"),
+    ("offload-without-folder", {"models.0.max_memory": {"cpu": "1GiB", "disk": "8GiB"}}, "models.0.offload_folder",
+     "disk offload needs an offload_folder"),
+    ("4bit-cpu-unpackable", {"models.0.quantization": "4bit", "models.0.device": "cpu"}, "models.0.quantization",
+     "4-bit quantisation on CPU needs layer widths divisible by 64"),
+    ("unknown-quantization", {"models.0.quantization": "3bit"}, "models.0.quantization", "'8bit' or '4bit'"),
     ("unsupported-family", {"models.0.path": "BERT"}, "models.0.path", "unsupported model family 'bert'"),
 ]
 

@@ -45,3 +45,14 @@ def test_schema_documents_defaults():
     props = schema["$defs"]["DataSpec"]["properties"]
     assert props["n_train"]["default"] == 64 and "description" in props["n_train"]
     assert "decision_rule" in schema["required"]
+
+
+def test_memory_warning_names_the_model(tmp_path, tiny_qwen_path):
+    from refusal_ray.plan import memory_warnings
+
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(base_spec(tiny_qwen_path)))
+    plan = make_plan(f)
+    assert memory_warnings(plan, available=10**12) == []
+    [warning] = memory_warnings(plan, available=1000)
+    assert warning.startswith("warning: model 'tiny' needs about ") and "offload_folder" in warning

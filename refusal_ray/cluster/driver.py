@@ -56,8 +56,7 @@ def worker_options(plan: Plan, name: str) -> dict:
     gpus = res.num_gpus
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return {"num_cpus": res.num_cpus, "num_gpus": gpus, "max_restarts": 1, "max_task_retries": 0,
-            "name": None}
+    return {"num_cpus": res.num_cpus, "num_gpus": gpus, "max_restarts": 1, "max_task_retries": 0}
 
 
 def model_payload(plan: Plan, name: str) -> dict:

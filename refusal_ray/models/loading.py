@@ -8,6 +8,7 @@ go through accelerate (`device_map`, `max_memory`, `offload_folder`) and bitsand
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from refusal_ray.models.sites import SiteAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BNB_CPU_BLOCKSIZE = 64  # bitsandbytes' 4-bit CPU kernel needs in_features divisible by this
 
 
 @dataclass
@@ -44,6 +46,17 @@ def read_config(path_or_id: str, revision: str | None = None, trust_remote_code:
                                       trust_remote_code=trust_remote_code).to_dict()
 
 
+def bnb_4bit_cpu_problem(config: dict) -> str | None:
+    """Why bitsandbytes cannot run this config in 4 bits on CPU (None when it can)."""
+    cfg = config.get("text_config") or config
+    widths = {cfg.get("hidden_size"), cfg.get("intermediate_size")} - {None}
+    bad = sorted(w for w in widths if w % BNB_CPU_BLOCKSIZE)
+    if not bad:
+        return None
+    return (f"4-bit quantisation on CPU needs layer widths divisible by {BNB_CPU_BLOCKSIZE} "
+            f"(bitsandbytes' CPU kernel); this model has {bad[0]}: use 8bit or a GPU")
+
+
 def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | None = None, quantization: str | None = None,
@@ -60,7 +73,8 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
     Returns:
         LoadedModel(model, tokenizer, sites); the model is in eval mode with gradients off.
     Raises:
-        ValueError: unknown dtype or quantization; UnsupportedFamilyError: unknown family.
+        ValueError: unknown dtype or quantization, or 4-bit on CPU with widths bitsandbytes' CPU
+            kernel cannot pack; UnsupportedFamilyError: unknown family.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,7 +89,12 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
 
         if quantization == "8bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            # said on every matmul of a float32 model; once in the docs is enough
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         elif quantization == "4bit":
+            problem = device == "cpu" and bnb_4bit_cpu_problem(read_config(path_or_id, revision, trust_remote_code))
+            if problem:
+                raise ValueError(problem)
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
         else:
