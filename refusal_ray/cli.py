@@ -79,7 +79,10 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
     from refusal_ray.runner import run as run_plan
     from refusal_ray.summary import render, summarize
 
+    from refusal_ray.cluster.security import check_address
+
     try:
+        check_address(address or os.environ.get("RAY_ADDRESS"))
         p = make_plan(spec, [m for m in models.split(",") if m] if models else None)
         out = out or _default_out(p.spec.name)
         if out.exists() and not out.is_dir():

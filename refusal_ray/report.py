@@ -115,9 +115,10 @@ def write_report(out_dir) -> Path:
     if not steering.empty and "best_layer" in summary.columns:
         plot_steering_curves(pooled_arms(steering), summary.dropna(subset=["best_layer"]), figs / "steering.png")
         made.append("steering.png")
-    if not dirs.empty:
-        plot_separation(dirs, models, figs / "separation.png")
-        plot_cosines(dirs, models, figs / "cosines.png")
+    with_dirs = [m for m in models if not dirs.empty and (dirs["model"] == m).any()]  # failed models have none
+    if with_dirs:
+        plot_separation(dirs, with_dirs, figs / "separation.png")
+        plot_cosines(dirs, with_dirs, figs / "cosines.png")
         made += ["separation.png", "cosines.png"]
     if not summary.empty and "separation" in summary.columns:
         plot_scale_trend(summary, figs / "scale_trend.png")

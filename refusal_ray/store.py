@@ -21,6 +21,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TABLES = ("cells", "directions", "steering", "completions")
+# Columns that may be null in one file and set in another: one declared type each, so every file
+# of a table has the same schema and `pd.read_parquet(table_dir)` reads them together.
+COLUMN_TYPES = {
+    "error": pa.string(), "node": pa.string(), "device": pa.string(), "params": pa.string(),
+    "seconds": pa.float64(), "started": pa.float64(), "finished": pa.float64(), "attempts": pa.int64(),
+    "layer": pa.int64(), "direction_layer": pa.int64(), "seed": pa.int64(), "vector_norm": pa.float64(),
+    "task_accuracy": pa.float64(), "task_n": pa.int64(), "correct": pa.bool_(), "refusal": pa.bool_(),
+}
+
+
+def to_arrow(df: pd.DataFrame) -> pa.Table:
+    """DataFrame -> Arrow with the declared types; an all-null undeclared column becomes string."""
+    arrays, names = [], []
+    for col in df.columns:
+        arr = pa.array(df[col], type=COLUMN_TYPES.get(col), from_pandas=True)
+        if pa.types.is_null(arr.type):
+            arr = arr.cast(pa.string())
+        arrays.append(arr)
+        names.append(col)
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,7 +73,7 @@ class Store:
         df = pd.DataFrame(rows)
         df["_batch"] = batch
         path = self.root / table / f"model={model}" / f"part-{batch}.parquet"
-        write_parquet_atomic(path, pa.Table.from_pandas(df, preserve_index=False))
+        write_parquet_atomic(path, to_arrow(df))
         return path
 
     def write_json(self, name: str, obj: dict) -> None:

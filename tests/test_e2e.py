@@ -153,3 +153,32 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
         df = refusal_ray.read(out, table)
         assert not df.duplicated(key).any()
     assert len(refusal_ray.read(out, "cells")) == 32
+
+
+def test_failing_cells_are_stored_and_exit_1(tmp_path, tokenizer_dir):
+    """A model that fails every batch (GPT-2 with 16 positions, prompts of ~50 tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=len(tok),
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    broken = tmp_path / "short-gpt2"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(broken)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / f).write_bytes((tokenizer_dir / f).read_bytes())
+    spec = small_spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["models"] = [raw["models"][0], {"name": "short", "path": str(broken)}]
+    spec.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "cell(s) failed" in result.stderr
+    cells = refusal_ray.read(out, "cells")
+    failed, done = cells[cells["status"] == "failed"], cells[cells["status"] == "done"]
+    assert set(failed["model"]) == {"short"} and set(done["model"]) == {"qwen-xs"}
+    assert len(done) == 12 and len(failed) == 1 + 1 + 2 * 2 * 2 + 2
+    directions_failure = failed[failed["stage"] == "directions"].iloc[0]
+    assert directions_failure["attempts"] == 3 and directions_failure["error"]
+    assert (failed[failed["stage"] == "steer"]["error"].str.startswith("directions failed: ")).all()
+    assert "qwen-xs" in result.stdout                      # the summary still prints

@@ -50,3 +50,13 @@ def test_latest_status_wins(tmp_path):
 def test_read_unknown_table(tmp_path):
     with pytest.raises(ValueError, match="unknown table 'nope'; expected one of cells, directions"):
         refusal_ray.read(tmp_path, "nope")
+
+
+def test_null_in_one_file_and_set_in_another(tmp_path):
+    store = Store(tmp_path)
+    store.write("cells", "m", [{"cell_id": "a", "status": "done", "error": None, "seconds": None, "layer": None}])
+    store.write("cells", "m", [{"cell_id": "b", "status": "failed", "error": "boom", "seconds": 1.5, "layer": 3}])
+    df = pd.read_parquet(tmp_path / "cells").sort_values("cell_id")
+    assert df["error"].tolist()[1] == "boom" and pd.isna(df["error"].tolist()[0])
+    assert df["layer"].tolist()[1] == 3
+    assert refusal_ray.read(tmp_path, "cells")["cell_id"].tolist() == ["a", "b"]
