@@ -77,7 +77,8 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
     from refusal_ray.plan import make_plan
     from refusal_ray.report import write_report
     from refusal_ray.runner import run as run_plan
-    from refusal_ray.summary import render, summarize
+    from refusal_ray.store import read
+    from refusal_ray.summary import render
 
     from refusal_ray.cluster.security import check_address
 
@@ -91,8 +92,8 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
                           log=lambda m: typer.echo(m, err=True))
     except SpecError as e:
         _bad_input(e)
-    report = write_report(out)
-    typer.echo(render(summarize(out)))
+    report = write_report(out)  # also writes summary.parquet
+    typer.echo(render(read(out, "summary")))
     typer.echo(f"store: {out}  report: {report}")
     if failed:
         typer.echo(f"{failed} cell(s) failed; see the cells table (status == 'failed')", err=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 import traceback
 
 import numpy as np
@@ -80,6 +81,7 @@ class ModelSession:
 
     def run(self, stage: str, cells: list[Cell], directions: dict | None = None, best: int | None = None) -> dict:
         """Run a batch; never raises for a cell error: returns {"ok": bool, "tables": ..., "error": str}."""
+        _maybe_crash(stage)
         started = time.perf_counter()
         try:
             if stage == "directions":
@@ -92,6 +94,15 @@ class ModelSession:
         except Exception as e:  # noqa: BLE001 - reported per cell by the driver
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                     "seconds": time.perf_counter() - started, "device": str(self.lm.device)}
+
+
+def _maybe_crash(stage: str) -> None:
+    """Fault injection for tests: REFUSAL_RAY_CRASH_ONCE=<marker path> kills this worker process
+    (os._exit, as an OOM kill or a segfault would) at its first steering batch, once per marker."""
+    marker = os.environ.get("REFUSAL_RAY_CRASH_ONCE")
+    if marker and stage == "steer" and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(1)
 
 
 def steering_inputs(direction_rows: list[dict], site: str, position: int) -> tuple[dict[int, np.ndarray], int]:

@@ -182,3 +182,23 @@ def test_failing_cells_are_stored_and_exit_1(tmp_path, tokenizer_dir):
     assert directions_failure["attempts"] == 3 and directions_failure["error"]
     assert (failed[failed["stage"] == "steer"]["error"].str.startswith("directions failed: ")).all()
     assert "qwen-xs" in result.stdout                      # the summary still prints
+
+
+def test_worker_killed_mid_batch_is_restarted_and_retried(tmp_path):
+    spec = small_spec(tmp_path)
+    out = tmp_path / "out"
+    marker = tmp_path / "crashed"
+    env = dict(os.environ, REFUSAL_RAY_CRASH_ONCE=str(marker))
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([*CLI, "run", str(spec), "--out", str(out), "--no-progress"], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()                                   # a worker really died
+    assert "retrying steer batch" in result.stderr and "worker died" in result.stderr
+    cells = refusal_ray.read(out, "cells")
+    assert len(cells) == 32 and (cells["status"] == "done").all()
+    assert (cells["attempts"] == 2).any()
+    raw = pd.read_parquet(out / "cells")
+    assert raw["cell_id"].value_counts().max() == 1          # every cell stored exactly once
+    completions = refusal_ray.read(out, "completions")
+    assert not completions.duplicated(["cell_id", "prompt_set", "prompt_id"]).any()

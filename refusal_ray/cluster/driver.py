@@ -45,6 +45,8 @@ class ModelState:
     waiting: dict = field(default_factory=lambda: defaultdict(list))  # seed -> steer tasks needing directions
     directions: dict = field(default_factory=dict)                    # seed -> (vectors, best)
     in_flight: int = 0
+    probe: object | None = None                                       # pending readiness check
+    replacements: int = 0
 
     def idle(self) -> bool:
         return not self.ready and not self.in_flight and not any(self.waiting.values())
@@ -126,68 +128,102 @@ class Driver:
         return states
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, todo: list[Cell]) -> int:
-        """Run `todo`; returns the number of failed cells."""
+    def _spawn(self, st: ModelState) -> None:
+        """Start (or replace) the model's actor and gate its queue behind a readiness probe."""
         from refusal_ray.cluster.worker import ModelWorker
 
-        states = self._initial_state(todo)
         plan = self.plan
-        prompts = {seed: split_for_seed(plan.frames, plan.spec.data, seed) for seed in plan.spec.seeds}
-        settings = settings_payload(plan)
-        threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
+        st.worker = ModelWorker.options(**worker_options(plan, st.name)).remote(
+            model_payload(plan, st.name), self._prompts, self._settings, self._threads)
+        self._probe(st)
+
+    def _probe(self, st: ModelState) -> None:
+        st.probe = st.worker.info.remote()
+        self._in_flight[st.probe] = (st, None)
+
+    def _submit(self, st: ModelState) -> None:
+        while st.ready and st.in_flight < MAX_IN_FLIGHT and st.probe is None and st.worker is not None:
+            task = st.ready.popleft()
+            task.attempts += 1
+            task.started = time.time()
+            vecs, best = st.directions.get(task.seed, (None, None))
+            self._in_flight[st.worker.run.remote(task.stage, task.cells, vecs, best)] = (st, task)
+            st.in_flight += 1
+
+    def _probe_done(self, st: ModelState, ref) -> None:
+        """The actor answered (ready) or is gone for good (replace it, at most MAX_ATTEMPTS times)."""
+        st.probe = None
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:   # still restarting: ask again
+            time.sleep(0.5)
+            self._probe(st)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+            st.replacements += 1
+            if st.replacements > MAX_ATTEMPTS:
+                for task in [*st.ready, *(t for ts in st.waiting.values() for t in ts)]:
+                    self._fail(st, task, {"error": f"worker cannot start: {type(e).__name__}: {e}".splitlines()[0]})
+                    self._bar.update(len(task.cells))
+                st.ready.clear()
+                st.waiting.clear()
+                st.worker = None
+                return
+            self.log(f"replacing the worker of {st.name}: {type(e).__name__}")
+            self._spawn(st)
+
+    def _task_done(self, st: ModelState, task: Task, ref) -> None:
+        st.in_flight -= 1
+        try:
+            result = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+            result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
+            if st.probe is None and st.worker is not None:
+                self._probe(st)  # hold the queue until the restarted (or a new) actor answers
+        if result["ok"]:
+            self._write_tables(st.name, result["tables"])
+            self._record(task, "done", result)
+            self._bar.update(len(task.cells))
+            if task.stage == "directions":
+                steer = self.plan.spec.stages.steer
+                st.directions[task.seed] = steering_inputs(result["tables"]["directions"], "resid_pre",
+                                                           steer.position if steer else -1)
+                st.ready.extend(st.waiting.pop(task.seed, []))
+        elif task.attempts < MAX_ATTEMPTS:
+            self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
+                     f"(attempt {task.attempts}): {result['error']}")
+            st.ready.appendleft(task)
+        else:
+            self._fail(st, task, result)
+            self._bar.update(len(task.cells))
+            if task.stage == "directions":
+                for dep in st.waiting.pop(task.seed, []):
+                    self._fail(st, dep, {"error": f"directions failed: {result['error']}"})
+                    self._bar.update(len(dep.cells))
+
+    def run(self, todo: list[Cell]) -> int:
+        """Run `todo`; returns the number of failed cells."""
+        plan = self.plan
+        states = self._initial_state(todo)
+        self._prompts = {seed: split_for_seed(plan.frames, plan.spec.data, seed) for seed in plan.spec.seeds}
+        self._settings = settings_payload(plan)
+        self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
+        self._in_flight: dict = {}
+        self._bar = tqdm(total=len(todo), desc=plan.spec.name, unit="cell", disable=not self.progress)
         # largest models first, so big actors get their resources before the cluster fragments
-        order = sorted(states, key=lambda n: -plan.models[n].params)
-        for name in order:
-            states[name].worker = ModelWorker.options(**worker_options(plan, name)).remote(
-                model_payload(plan, name), prompts, settings, threads)
-        in_flight: dict = {}
-        bar = tqdm(total=len(todo), desc=f"{plan.spec.name}", unit="cell", disable=not self.progress)
-
-        def submit(st: ModelState) -> None:
-            while st.ready and st.in_flight < MAX_IN_FLIGHT:
-                task = st.ready.popleft()
-                task.attempts += 1
-                task.started = time.time()
-                vecs, best = st.directions.get(task.seed, (None, None))
-                ref = st.worker.run.remote(task.stage, task.cells, vecs, best)
-                in_flight[ref] = (st, task)
-                st.in_flight += 1
-
-        for name in order:
-            submit(states[name])
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            st, task = in_flight.pop(done[0])
-            st.in_flight -= 1
-            try:
-                result = ray.get(done[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
-            if result["ok"]:
-                self._write_tables(st.name, result["tables"])
-                self._record(task, "done", result)
-                bar.update(len(task.cells))
-                if task.stage == "directions":
-                    st.directions[task.seed] = steering_inputs(
-                        result["tables"]["directions"], "resid_pre",
-                        plan.spec.stages.steer.position if plan.spec.stages.steer else -1)
-                    st.ready.extend(st.waiting.pop(task.seed, []))
-            elif task.attempts < MAX_ATTEMPTS:
-                self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
-                         f"(attempt {task.attempts}): {result['error']}")
-                st.ready.appendleft(task)
+        for name in sorted(states, key=lambda n: -plan.models[n].params):
+            self._spawn(states[name])
+        while self._in_flight:
+            done, _ = ray.wait(list(self._in_flight), num_returns=1)
+            st, task = self._in_flight.pop(done[0])
+            if task is None:
+                self._probe_done(st, done[0])
             else:
-                self._fail(st, task, result)
-                bar.update(len(task.cells))
-                if task.stage == "directions":
-                    for dep in st.waiting.pop(task.seed, []):
-                        self._fail(st, dep, {"error": f"directions failed: {result['error']}"})
-                        bar.update(len(dep.cells))
-            submit(st)
-            if st.idle() and st.worker is not None:
+                self._task_done(st, task, done[0])
+            self._submit(st)
+            if st.idle() and st.worker is not None and st.probe is None:
                 ray.kill(st.worker)
                 st.worker = None
-        bar.close()
+        self._bar.close()
         return len(self.failed)
 
     def _fail(self, st: ModelState, task: Task, result: dict) -> None:
