@@ -175,8 +175,25 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
         lines.append(f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
                      f"ablation: alphas {steer.ablation.alphas if steer.ablation else '-'}; "
                      f"controls: {steer.controls}")
+    lines.append("placement (refusal_ray/cluster/placement.py):")
+    for line in placement_lines(plan):
+        lines.append(f"  {line}")
     lines += memory_warnings(plan)
     return "\n".join(lines)
+
+
+def placement_lines(plan: Plan) -> list[str]:
+    """Each model's placement on a cluster with GPUs and on a CPU-only one (no feasibility check)."""
+    from refusal_ray.cluster.placement import place
+
+    res = plan.spec.resources
+    out = []
+    for m in plan.spec.models:
+        mp = plan.models[m.name]
+        on_gpus, cpu_only = (place(m, mp.params, mp.estimate_bytes, res, cluster, res.highmem_params, check=False)
+                             for cluster in ({"GPU": 1}, {}))
+        out.append(f"{m.name}: with GPUs {on_gpus.describe()}; CPU-only {cpu_only.describe()}")
+    return out
 
 
 def _human(n: float) -> str:

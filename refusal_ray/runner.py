@@ -52,15 +52,21 @@ def manifest(plan: Plan) -> dict:
     }
 
 
+def check_frozen_rule(plan: Plan, store: Store) -> None:
+    """Refuse to run under a decision rule other than the one frozen in the store."""
+    old = store.read_json("manifest.json")
+    if old is not None and old.get("rule_hash") != plan.spec.rule_hash():
+        raise SpecError(plan.spec_file, "decision_rule",
+                        f"differs from the rule frozen in {store.root / 'manifest.json'} "
+                        f"(hash {plan.spec.rule_hash()} vs {old.get('rule_hash')}); use a new --out")
+
+
 def freeze_manifest(plan: Plan, store: Store) -> None:
     """Write the manifest before any cell runs; refuse to change a frozen decision rule."""
+    check_frozen_rule(plan, store)
     old = store.read_json("manifest.json")
     new = manifest(plan)
     if old is not None:
-        if old.get("rule_hash") != new["rule_hash"]:
-            raise SpecError(plan.spec_file, "decision_rule",
-                            f"differs from the rule frozen in {store.root / 'manifest.json'} "
-                            f"(hash {new['rule_hash']} vs {old.get('rule_hash')}); use a new --out")
         new["created"] = old.get("created", new["created"])
         new["models"] = old.get("models", {}) | new["models"]
     store.write_json("manifest.json", new)
@@ -68,21 +74,30 @@ def freeze_manifest(plan: Plan, store: Store) -> None:
 
 def run(plan: Plan, out: Path, address: str | None = None, progress: bool = True, log=print) -> int:
     """Run the plan's missing cells. Returns the number of failed cells."""
-    from refusal_ray.cluster.driver import Driver, connect
+    from refusal_ray.cluster.driver import Driver, connect, placements
+    from refusal_ray.cluster.placement import PlacementError
 
     store = Store(out)
-    freeze_manifest(plan, store)
+    check_frozen_rule(plan, store)
     done = store.done_cells()
     todo = [c for c in plan.cells if c.id not in done]
-    log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
-    failed = 0
-    if todo:
-        import ray
+    if not todo:
+        freeze_manifest(plan, store)
+        log(f"{len(plan.cells)} cells, {len(plan.cells)} already done, 0 to run")
+        return 0
+    import ray
 
-        started_here = connect(address)
+    started_here = connect(address)
+    try:
         try:
-            failed = Driver(plan, store, progress=progress, log=log).run(todo)
-        finally:
-            if started_here:
-                ray.shutdown()
-    return failed
+            where = placements(plan, ray.cluster_resources())
+        except PlacementError as e:
+            raise SpecError(plan.spec_file, "models", str(e)) from None
+        freeze_manifest(plan, store)  # after every check, before the first cell
+        log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
+        for name in sorted({c.model for c in todo}):
+            log(f"  {name}: {where[name].describe()}")
+        return Driver(plan, store, where, progress=progress, log=log).run(todo)
+    finally:
+        if started_here:
+            ray.shutdown()

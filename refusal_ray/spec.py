@@ -22,6 +22,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelResources(Strict):
+    """Per-model override of the placement rule (refusal_ray/cluster/placement.py)."""
+
+    num_cpus: float | None = Field(None, gt=0, description="CPUs for this model's worker.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs (fractions share one GPU; 0: CPU only).")
+    highmem: bool | None = Field(None, description="Ask for the `highmem` custom resource (None: by size).")
+
+
 class ModelSpec(Strict):
     """One model of the sweep. Exactly one of `path` (local directory) or `hub_id`."""
 
@@ -38,6 +46,7 @@ class ModelSpec(Strict):
     offload_folder: str | None = Field(None, description="Folder for accelerate disk offload.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code (off by default).")
     attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="Attention kernel.")
+    resources: ModelResources | None = Field(None, description="Override the automatic placement.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -159,6 +168,7 @@ class Resources(Strict):
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per worker; 'auto': 1 when the cluster has GPUs.")
     max_workers: int | None = Field(None, ge=1, description="Concurrent workers (None: as resources allow).")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (None: num_cpus).")
+    highmem_params: float = Field(3e9, gt=0, description="CPU workers of models this big ask for `highmem`.")
 
 
 class Spec(Strict):

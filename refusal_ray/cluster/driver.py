@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import ray
 from tqdm import tqdm
 
+from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
 from refusal_ray.plan import Plan
 from refusal_ray.session import split_for_seed, steering_inputs
@@ -52,20 +53,20 @@ class ModelState:
         return not self.ready and not self.in_flight and not any(self.waiting.values())
 
 
-def worker_options(plan: Plan, name: str) -> dict:
-    """Ray resources for one model's actor: CPUs, and a GPU when the cluster has any."""
+def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
+    """{model name: Placement} for the models of a plan on a cluster. Raises PlacementError."""
     res = plan.spec.resources
-    gpus = res.num_gpus
-    if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return {"num_cpus": res.num_cpus, "num_gpus": gpus, "max_restarts": 1, "max_task_retries": 0}
+    return {m.name: place(m, plan.models[m.name].params, plan.models[m.name].estimate_bytes, res, cluster,
+                          res.highmem_params) for m in plan.spec.models}
 
 
-def model_payload(plan: Plan, name: str) -> dict:
+def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
     m = next(m for m in plan.spec.models if m.name == name)
     payload = m.model_dump(mode="json")
     if m.path is not None:
         payload["abs_path"] = os.path.abspath(m.path)
+    if m.device == "auto":
+        payload["device"] = placement.device
     return payload
 
 
@@ -86,8 +87,8 @@ def cells_per_task(plan: Plan) -> int:
 class Driver:
     """Runs the not-yet-done cells of a plan on Ray and writes everything to the store."""
 
-    def __init__(self, plan: Plan, store: Store, progress: bool = True, log=print):
-        self.plan, self.store, self.log = plan, store, log
+    def __init__(self, plan: Plan, store: Store, placement: dict[str, Placement], progress: bool = True, log=print):
+        self.plan, self.store, self.log, self.placement = plan, store, log, placement
         self.progress = progress
         self.failed: list[str] = []
 
@@ -133,8 +134,9 @@ class Driver:
         from refusal_ray.cluster.worker import ModelWorker
 
         plan = self.plan
-        st.worker = ModelWorker.options(**worker_options(plan, st.name)).remote(
-            model_payload(plan, st.name), self._prompts, self._settings, self._threads)
+        p = self.placement[st.name]
+        st.worker = ModelWorker.options(**p.ray_options(), max_restarts=1, max_task_retries=0).remote(
+            model_payload(plan, st.name, p), self._prompts, self._settings, self._threads)
         self._probe(st)
 
     def _probe(self, st: ModelState) -> None:
@@ -233,7 +235,12 @@ class Driver:
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join `address` (or RAY_ADDRESS); otherwise start a local Ray. Returns True if we started it."""
+    """Join `address` (or RAY_ADDRESS); otherwise start a local Ray. Returns True if we started it.
+
+    An already initialised Ray (a notebook, a test cluster) is used as it is.
+    """
+    if ray.is_initialized():
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)

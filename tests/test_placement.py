@@ -1,0 +1,46 @@
+"""The placement rule, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from refusal_ray.cluster.placement import GPU_SHARE, PlacementError, place
+from refusal_ray.spec import ModelSpec, Resources
+
+GiB = 2**30
+
+
+def model(**resources):
+    return ModelSpec(name="m", path="x", resources=resources or None)
+
+
+def test_small_models_share_a_gpu_and_big_ones_take_one():
+    cluster = {"CPU": 8, "GPU": 2}
+    assert place(model(), 10**6, 10**7, Resources(), cluster).num_gpus == GPU_SHARE
+    big = place(model(), 7 * 10**9, 15 * GiB, Resources(), cluster)
+    assert (big.num_gpus, big.resources, big.memory, big.device) == (1, {}, None, "auto")
+
+
+def test_cpu_cluster_sends_big_models_to_highmem_with_honest_memory():
+    cluster = {"CPU": 8, "highmem": 1}
+    small = place(model(), 10**6, 10**7, Resources(), cluster)
+    assert (small.num_gpus, small.resources, small.memory, small.device) == (0, {}, 10**7, "cpu")
+    big = place(model(), 3 * 10**9, 14 * GiB, Resources(), cluster)
+    assert big.resources == {"highmem": 1} and big.memory == 14 * GiB
+    assert big.ray_options() == {"num_cpus": 1, "num_gpus": 0.0, "resources": {"highmem": 1}, "memory": 14 * GiB}
+    assert big.describe() == "1 CPU + highmem, memory 14.0 GiB"
+
+
+def test_model_block_overrides_the_rule():
+    cluster = {"CPU": 8, "GPU": 4, "highmem": 1}
+    p = place(model(num_gpus=2, num_cpus=4), 10**6, 10**7, Resources(), cluster)
+    assert (p.num_gpus, p.num_cpus) == (2, 4)
+    forced = place(model(num_gpus=0, highmem=True), 10**6, 10**7, Resources(), cluster)
+    assert forced.resources == {"highmem": 1} and forced.device == "cpu"
+
+
+def test_infeasible_placement_fails_fast():
+    with pytest.raises(PlacementError, match="model 'm' needs 1 highmem but the cluster has 0"):
+        place(model(), 3 * 10**9, 14 * GiB, Resources(), {"CPU": 8})
+    with pytest.raises(PlacementError, match="model 'm' needs 2 GPU but the cluster has 1"):
+        place(model(num_gpus=2), 10**6, 10**7, Resources(), {"CPU": 8, "GPU": 1})
