@@ -45,8 +45,10 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
 
 @app.command()
 def plan(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
-         out: Annotated[Path | None, typer.Option(help="Store to count done cells in.")] = None):
-    """Explain a spec: cells per stage and model, layers, memory estimate per model."""
+         out: Annotated[Path | None, typer.Option(help="Store to count done cells in.")] = None,
+         submission_id: Annotated[bool, typer.Option("--submission-id", help="Print only the sweep's stable "
+                                                     "`ray job submit --submission-id`.")] = False):
+    """Explain a spec: cells per stage and model, layers, memory estimate and placement per model."""
     from refusal_ray.plan import describe, make_plan
     from refusal_ray.store import Store
 
@@ -54,6 +56,9 @@ def plan(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         p = make_plan(spec)
     except SpecError as e:
         _bad_input(e)
+    if submission_id:
+        typer.echo(p.submission_id())
+        return
     store = Store(out or _default_out(p.spec.name))
     typer.echo(describe(p, store.done_cells() if store.root.is_dir() else set()))
 

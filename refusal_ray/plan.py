@@ -43,6 +43,10 @@ class Plan:
     data_fingerprint: str
     cells: list[Cell] = field(default_factory=list)
 
+    def submission_id(self) -> str:
+        """A stable Ray job submission id: the same spec gives the same id, so Ray refuses a double submit."""
+        return f"refusal-ray-{self.spec.name}-{self.spec.spec_hash()[:12]}"
+
     def counts(self) -> dict[tuple[str, str], int]:
         return dict(Counter((c.model, c.stage) for c in self.cells))
 
@@ -159,7 +163,7 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
     """Human-readable plan: cells per stage and model, layers, memory estimates."""
     done = done or set()
     counts = plan.counts()
-    lines = [f"sweep {plan.spec.name}: {len(plan.cells)} cells "
+    lines = [f"sweep {plan.spec.name} (submission id {plan.submission_id()}): {len(plan.cells)} cells "
              f"({sum(c.id in done for c in plan.cells)} already done), seeds {plan.spec.seeds}"]
     lines.append(f"{'model':<14}{'family':<10}{'params':>12}{'layers':>8}{'memory':>10}"
                  f"{'directions':>12}{'steer':>8}")

@@ -65,9 +65,9 @@ class ModelSession:
     def directions(self, cell: Cell) -> list[dict]:
         cfg = self.settings["directions"]
         p = self.prompts[cell.seed]
-        rows = fit_directions(self.lm, (p["train"]["harmful"], p["train"]["harmless"]),
-                              (p["val"]["harmful"], p["val"]["harmless"]),
-                              cfg["sites"], cfg["positions"], cfg["batch_size"])
+        rows = halving_on_oom(lambda bs: fit_directions(
+            self.lm, (p["train"]["harmful"], p["train"]["harmless"]), (p["val"]["harmful"], p["val"]["harmless"]),
+            cfg["sites"], cfg["positions"], bs), cfg["batch_size"])
         return [{"cell_id": cell.id, "seed": cell.seed, **r} for r in rows]
 
     def steer(self, cells: list[Cell], directions: dict[int, np.ndarray], best: int) -> tuple[list[dict], list[dict]]:
@@ -75,9 +75,10 @@ class ModelSession:
         seed = cells[0].seed
         test = self.prompts[seed]["test"]
         ablation = cfg.get("ablation") or {"layers": "all"}
-        return run_steer(self.lm, cells, test, directions, best, ablation_layers=ablation["layers"],
-                         max_new_tokens=self.settings["generation"]["max_new_tokens"],
-                         batch_size=cfg["batch_size"], judge=self.judge)
+        return halving_on_oom(lambda bs: run_steer(
+            self.lm, cells, test, directions, best, ablation_layers=ablation["layers"],
+            max_new_tokens=self.settings["generation"]["max_new_tokens"], batch_size=bs, judge=self.judge),
+            cfg["batch_size"])
 
     def run(self, stage: str, cells: list[Cell], directions: dict | None = None, best: int | None = None) -> dict:
         """Run a batch; never raises for a cell error: returns {"ok": bool, "tables": ..., "error": str}."""
@@ -94,6 +95,22 @@ class ModelSession:
         except Exception as e:  # noqa: BLE001 - reported per cell by the driver
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                     "seconds": time.perf_counter() - started, "device": str(self.lm.device)}
+
+
+def halving_on_oom(fn, batch_size: int):
+    """`fn(batch_size)`, halving the batch size after each out-of-memory error (down to 1).
+
+    Results do not depend on the batch size (batched equals unbatched), so a retry is exact.
+    """
+    while True:
+        try:
+            return fn(batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _maybe_crash(stage: str) -> None:

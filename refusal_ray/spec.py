@@ -166,7 +166,6 @@ class DecisionRule(Strict):
 class Resources(Strict):
     num_cpus: float = Field(1, gt=0, description="CPUs per model worker.")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per worker; 'auto': 1 when the cluster has GPUs.")
-    max_workers: int | None = Field(None, ge=1, description="Concurrent workers (None: as resources allow).")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (None: num_cpus).")
     highmem_params: float = Field(3e9, gt=0, description="CPU workers of models this big ask for `highmem`.")
 

@@ -170,3 +170,29 @@ def test_direction_equals_manual_difference_of_means(tiny_lm):
         want = (torch.stack([h[L][0, -1] for h in hs_h]).double().mean(0)
                 - torch.stack([h[L][0, -1] for h in hs_s]).double().mean(0))
         np.testing.assert_allclose(r["vector"], want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(tiny_qwen_path, monkeypatch):
+    from refusal_ray.session import halving_on_oom
+    from refusal_ray import load_model
+
+    lm = load_model(str(tiny_qwen_path))
+    original = lm.model.generate
+    sizes = []
+
+    def small_memory_generate(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return original(**kw)
+
+    rng = np.random.default_rng(0)
+    directions = {layer: rng.standard_normal(lm.sites.d_model).astype(np.float32) for layer in range(lm.sites.n_layers)}
+    prompts = {"harmful": PromptSet(["a", "b"], PROMPTS[:2], [None, None]),
+               "harmless": PromptSet(["c", "d"], PROMPTS[2:], [None, None])}
+    want = run_steer(lm, _cells(), prompts, directions, best=1, batch_size=64, max_new_tokens=5)
+    monkeypatch.setattr(lm.model, "generate", small_memory_generate)
+    got = halving_on_oom(lambda bs: run_steer(lm, _cells(), prompts, directions, best=1, batch_size=bs,
+                                              max_new_tokens=5), 16)
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2           # 16 -> 8 -> 4 -> 2 rows per call
+    assert [c["completion"] for c in got[1]] == [c["completion"] for c in want[1]]
