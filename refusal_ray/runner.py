@@ -89,15 +89,16 @@ def run(plan: Plan, out: Path, address: str | None = None, progress: bool = True
 
     started_here = connect(address)
     try:
+        cluster = ray.cluster_resources()
         try:
-            where = placements(plan, ray.cluster_resources())
+            where = placements(plan, cluster)
         except PlacementError as e:
             raise SpecError(plan.spec_file, "models", str(e)) from None
         freeze_manifest(plan, store)  # after every check, before the first cell
         log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
         for name in sorted({c.model for c in todo}):
             log(f"  {name}: {where[name].describe()}")
-        return Driver(plan, store, where, progress=progress, log=log).run(todo)
+        return Driver(plan, store, where, cluster, progress=progress, log=log).run(todo)
     finally:
         if started_here:
             ray.shutdown()

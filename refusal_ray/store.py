@@ -24,7 +24,7 @@ TABLES = ("cells", "directions", "steering", "completions")
 # Columns that may be null in one file and set in another: one declared type each, so every file
 # of a table has the same schema and `pd.read_parquet(table_dir)` reads them together.
 COLUMN_TYPES = {
-    "error": pa.string(), "node": pa.string(), "device": pa.string(), "params": pa.string(),
+    "error": pa.string(), "node": pa.string(), "worker": pa.string(), "device": pa.string(), "params": pa.string(),
     "seconds": pa.float64(), "started": pa.float64(), "finished": pa.float64(), "attempts": pa.int64(),
     "layer": pa.int64(), "direction_layer": pa.int64(), "seed": pa.int64(), "vector_norm": pa.float64(),
     "task_accuracy": pa.float64(), "task_n": pa.int64(), "correct": pa.bool_(), "refusal": pa.bool_(),

@@ -202,3 +202,16 @@ def test_worker_killed_mid_batch_is_restarted_and_retried(tmp_path):
     assert raw["cell_id"].value_counts().max() == 1          # every cell stored exactly once
     completions = refusal_ray.read(out, "completions")
     assert not completions.duplicated(["cell_id", "prompt_set", "prompt_id"]).any()
+
+
+def test_one_model_runs_on_two_replicas(tmp_path):
+    spec = small_spec(tmp_path, seeds=(0, 1))
+    raw = yaml.safe_load(spec.read_text())
+    raw["models"] = raw["models"][:1]
+    raw["stages"]["steer"]["batch_size"] = 16      # 4 cells per batch: 3 steering batches per seed
+    spec.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = refusal_ray.read(out, "cells")
+    assert len(cells) == 24 and cells["worker"].nunique() == 2

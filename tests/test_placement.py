@@ -44,3 +44,18 @@ def test_infeasible_placement_fails_fast():
         place(model(), 3 * 10**9, 14 * GiB, Resources(), {"CPU": 8})
     with pytest.raises(PlacementError, match="model 'm' needs 2 GPU but the cluster has 1"):
         place(model(num_gpus=2), 10**6, 10**7, Resources(), {"CPU": 8, "GPU": 1})
+
+
+def test_replicas_fill_spare_slots_for_the_busiest_model():
+    from refusal_ray.cluster.driver import replica_counts
+    from refusal_ray.cluster.placement import Placement
+
+    cpu = Placement(num_cpus=1, num_gpus=0.0)
+    # one model, two CPUs: two replicas; but never fewer than two batches per replica
+    assert replica_counts({"a": cpu}, {"a": 10}, {"CPU": 2}) == {"a": 2}
+    assert replica_counts({"a": cpu}, {"a": 3}, {"CPU": 8}) == {"a": 1}
+    # four models on two CPUs: one each (the rest queue in Ray until a model's actor is released)
+    assert replica_counts({m: cpu for m in "abcd"}, dict.fromkeys("abcd", 10), {"CPU": 2}) == dict.fromkeys("abcd", 1)
+    # GPU shares: 4 slots on one GPU, two models; the busier one gets the spare slots
+    gpu = Placement(num_cpus=1, num_gpus=0.25)
+    assert replica_counts({"a": gpu, "b": gpu}, {"a": 40, "b": 4}, {"CPU": 16, "GPU": 1}) == {"a": 3, "b": 1}

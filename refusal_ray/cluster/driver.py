@@ -1,16 +1,19 @@
 """The driver: plan -> ModelWorker actors -> rows streamed into the store.
 
-Cells are grouped by (model, seed). Each model gets one actor that loads it once and serves
-all its seeds: a seed's directions cell runs first, and its steering cells are dispatched as
-soon as the directions are stored. At most two batches are in flight per actor; results are
+Cells are grouped by (model, seed). Each model gets one or more actors (replicas), each loading
+it once and serving any of its seeds: a seed's directions cell runs first, and its steering cells
+are dispatched to any replica as soon as the directions are stored (the vectors travel with each
+batch, so replicas hold no state). At most two batches are in flight per actor; results are
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
-their error and the run goes on. When a model's work is done its actor is killed, which is
-the only reliable way to free its memory.
+their error and the run goes on. After a worker crash its queue waits for a readiness probe
+(Ray restarts the actor; a permanently dead one is replaced). An actor with nothing left to do is
+killed at once, which is the only reliable way to free its memory for the next model.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import defaultdict, deque
@@ -39,18 +42,31 @@ class Task:
 
 
 @dataclass
+class WorkerState:
+    """One actor (replica) of a model."""
+
+    actor: object | None = None
+    in_flight: int = 0
+    probe: object | None = None       # pending readiness check; no batch is sent while set
+    replacements: int = 0
+
+    def can_take(self) -> bool:
+        return self.actor is not None and self.probe is None and self.in_flight < MAX_IN_FLIGHT
+
+
+@dataclass
 class ModelState:
     name: str
-    worker: object | None = None
+    workers: list = field(default_factory=list)                      # WorkerState per replica
     ready: deque = field(default_factory=deque)                       # tasks that can run now
     waiting: dict = field(default_factory=lambda: defaultdict(list))  # seed -> steer tasks needing directions
     directions: dict = field(default_factory=dict)                    # seed -> (vectors, best)
-    in_flight: int = 0
-    probe: object | None = None                                       # pending readiness check
-    replacements: int = 0
 
-    def idle(self) -> bool:
-        return not self.ready and not self.in_flight and not any(self.waiting.values())
+    def no_work_left(self) -> bool:
+        return not self.ready and not any(self.waiting.values())
+
+    def task_count(self) -> int:
+        return len(self.ready) + sum(len(v) for v in self.waiting.values())
 
 
 def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
@@ -58,6 +74,24 @@ def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
     res = plan.spec.resources
     return {m.name: place(m, plan.models[m.name].params, plan.models[m.name].estimate_bytes, res, cluster,
                           res.highmem_params) for m in plan.spec.models}
+
+
+def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], cluster: dict[str, float]) -> dict[str, int]:
+    """Actors per model: one each, plus spare concurrent slots given to the models with the most
+    batches per replica (never fewer than two batches per replica)."""
+    counts = {name: 1 for name in placement}
+    slots = []
+    for p in placement.values():
+        need = {"CPU": p.num_cpus, "GPU": p.num_gpus, **p.resources}
+        slots.append(min(math.floor(cluster.get(k, 0) / v) for k, v in need.items() if v > 0))
+    spare = (min(slots) if slots else 0) - len(counts)
+    while spare > 0:
+        name = max(counts, key=lambda n: tasks.get(n, 0) / counts[n])
+        if tasks.get(name, 0) / (counts[name] + 1) < 2:
+            break
+        counts[name] += 1
+        spare -= 1
+    return counts
 
 
 def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
@@ -87,8 +121,10 @@ def cells_per_task(plan: Plan) -> int:
 class Driver:
     """Runs the not-yet-done cells of a plan on Ray and writes everything to the store."""
 
-    def __init__(self, plan: Plan, store: Store, placement: dict[str, Placement], progress: bool = True, log=print):
+    def __init__(self, plan: Plan, store: Store, placement: dict[str, Placement], cluster: dict | None = None,
+                 progress: bool = True, log=print):
         self.plan, self.store, self.log, self.placement = plan, store, log, placement
+        self.cluster = cluster or {}
         self.progress = progress
         self.failed: list[str] = []
 
@@ -96,7 +132,7 @@ class Driver:
     def _record(self, task: Task, status: str, result: dict, error: str | None = None) -> None:
         now = time.time()
         rows = [{**c.row(), "status": status, "error": error, "attempts": task.attempts,
-                 "node": result.get("node"), "device": result.get("device"),
+                 "node": result.get("node"), "worker": result.get("worker"), "device": result.get("device"),
                  "started": task.started, "finished": now, "seconds": result.get("seconds")}
                 for c in task.cells]
         self.store.write("cells", task.cells[0].model, [{k: v for k, v in r.items() if k != "model"} for r in rows])
@@ -129,58 +165,60 @@ class Driver:
         return states
 
     # -- the loop ------------------------------------------------------------------------------
-    def _spawn(self, st: ModelState) -> None:
-        """Start (or replace) the model's actor and gate its queue behind a readiness probe."""
+    def _spawn(self, st: ModelState, ws: WorkerState) -> None:
+        """Start (or replace) one replica's actor and gate it behind a readiness probe."""
         from refusal_ray.cluster.worker import ModelWorker
 
-        plan = self.plan
         p = self.placement[st.name]
-        st.worker = ModelWorker.options(**p.ray_options(), max_restarts=1, max_task_retries=0).remote(
-            model_payload(plan, st.name, p), self._prompts, self._settings, self._threads)
-        self._probe(st)
+        ws.actor = ModelWorker.options(**p.ray_options(), max_restarts=1, max_task_retries=0).remote(
+            model_payload(self.plan, st.name, p), self._prompts, self._settings, self._threads)
+        self._probe(st, ws)
 
-    def _probe(self, st: ModelState) -> None:
-        st.probe = st.worker.info.remote()
-        self._in_flight[st.probe] = (st, None)
+    def _probe(self, st: ModelState, ws: WorkerState) -> None:
+        ws.probe = ws.actor.info.remote()
+        self._in_flight[ws.probe] = (st, ws, None)
 
     def _submit(self, st: ModelState) -> None:
-        while st.ready and st.in_flight < MAX_IN_FLIGHT and st.probe is None and st.worker is not None:
-            task = st.ready.popleft()
-            task.attempts += 1
-            task.started = time.time()
-            vecs, best = st.directions.get(task.seed, (None, None))
-            self._in_flight[st.worker.run.remote(task.stage, task.cells, vecs, best)] = (st, task)
-            st.in_flight += 1
+        for ws in st.workers:
+            while st.ready and ws.can_take():
+                task = st.ready.popleft()
+                task.attempts += 1
+                task.started = time.time()
+                vecs, best = st.directions.get(task.seed, (None, None))
+                self._in_flight[ws.actor.run.remote(task.stage, task.cells, vecs, best)] = (st, ws, task)
+                ws.in_flight += 1
 
-    def _probe_done(self, st: ModelState, ref) -> None:
+    def _probe_done(self, st: ModelState, ws: WorkerState, ref) -> None:
         """The actor answered (ready) or is gone for good (replace it, at most MAX_ATTEMPTS times)."""
-        st.probe = None
+        ws.probe = None
         try:
             ray.get(ref)
         except ray.exceptions.ActorUnavailableError:   # still restarting: ask again
             time.sleep(0.5)
-            self._probe(st)
+            self._probe(st, ws)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-            st.replacements += 1
-            if st.replacements > MAX_ATTEMPTS:
+            ws.replacements += 1
+            if ws.replacements <= MAX_ATTEMPTS:
+                self.log(f"replacing a worker of {st.name}: {type(e).__name__}")
+                self._spawn(st, ws)
+                return
+            ws.actor = None
+            if not any(w.actor is not None for w in st.workers):  # no replica left: the model's work fails
+                error = {"error": f"worker cannot start: {type(e).__name__}: {e}".splitlines()[0]}
                 for task in [*st.ready, *(t for ts in st.waiting.values() for t in ts)]:
-                    self._fail(st, task, {"error": f"worker cannot start: {type(e).__name__}: {e}".splitlines()[0]})
+                    self._fail(st, task, error)
                     self._bar.update(len(task.cells))
                 st.ready.clear()
                 st.waiting.clear()
-                st.worker = None
-                return
-            self.log(f"replacing the worker of {st.name}: {type(e).__name__}")
-            self._spawn(st)
 
-    def _task_done(self, st: ModelState, task: Task, ref) -> None:
-        st.in_flight -= 1
+    def _task_done(self, st: ModelState, ws: WorkerState, task: Task, ref) -> None:
+        ws.in_flight -= 1
         try:
             result = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
             result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
-            if st.probe is None and st.worker is not None:
-                self._probe(st)  # hold the queue until the restarted (or a new) actor answers
+            if ws.probe is None and ws.actor is not None:
+                self._probe(st, ws)  # hold this replica until the restarted (or a new) actor answers
         if result["ok"]:
             self._write_tables(st.name, result["tables"])
             self._record(task, "done", result)
@@ -202,6 +240,15 @@ class Driver:
                     self._fail(st, dep, {"error": f"directions failed: {result['error']}"})
                     self._bar.update(len(dep.cells))
 
+    def _release_idle(self, st: ModelState) -> None:
+        """Kill replicas with nothing left to do (frees their CPU/GPU memory for other models)."""
+        if not st.no_work_left():
+            return
+        for ws in st.workers:
+            if ws.actor is not None and ws.in_flight == 0 and ws.probe is None:
+                ray.kill(ws.actor)
+                ws.actor = None
+
     def run(self, todo: list[Cell]) -> int:
         """Run `todo`; returns the number of failed cells."""
         plan = self.plan
@@ -211,20 +258,22 @@ class Driver:
         self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
         self._in_flight: dict = {}
         self._bar = tqdm(total=len(todo), desc=plan.spec.name, unit="cell", disable=not self.progress)
+        counts = replica_counts({n: self.placement[n] for n in states}, {n: st.task_count() for n, st in states.items()},
+                                self.cluster)
         # largest models first, so big actors get their resources before the cluster fragments
         for name in sorted(states, key=lambda n: -plan.models[n].params):
-            self._spawn(states[name])
+            states[name].workers = [WorkerState() for _ in range(counts[name])]
+            for ws in states[name].workers:
+                self._spawn(states[name], ws)
         while self._in_flight:
             done, _ = ray.wait(list(self._in_flight), num_returns=1)
-            st, task = self._in_flight.pop(done[0])
+            st, ws, task = self._in_flight.pop(done[0])
             if task is None:
-                self._probe_done(st, done[0])
+                self._probe_done(st, ws, done[0])
             else:
-                self._task_done(st, task, done[0])
+                self._task_done(st, ws, task, done[0])
             self._submit(st)
-            if st.idle() and st.worker is not None and st.probe is None:
-                ray.kill(st.worker)
-                st.worker = None
+            self._release_idle(st)
         self._bar.close()
         return len(self.failed)
 

@@ -18,10 +18,11 @@ class ModelWorker:
 
         hf_logging.disable_progress_bar()
         self.session = ModelSession(model, prompts, settings, torch_threads)
-        self.node = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        self.node, self.worker = context.get_node_id(), context.get_actor_id()
 
     def info(self) -> dict:
-        return self.session.info() | {"node": self.node}
+        return self.session.info() | {"node": self.node, "worker": self.worker}
 
     def run(self, stage: str, cells: list, directions: dict | None = None, best: int | None = None) -> dict:
-        return self.session.run(stage, cells, directions, best) | {"node": self.node}
+        return self.session.run(stage, cells, directions, best) | {"node": self.node, "worker": self.worker}
