@@ -27,10 +27,21 @@ def resolve_path(path: str | None, abs_path: str | None) -> str | None:
     return path
 
 
-def _device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+def placement_kwargs(model: dict, visible_gpus: int) -> dict:
+    """device / device_map for `load_model` on a worker that sees `visible_gpus` GPUs.
+
+    Ray sets CUDA_VISIBLE_DEVICES for the actor, so ordinals are local: with `num_gpus: k > 1`
+    accelerate splits the model across the actor's k GPUs (`device_map="auto"`), with one GPU it
+    goes there whole, with none it stays on the CPU. An explicit `device_map` in the spec wins.
+    """
+    if model.get("device_map") is not None:
+        return {"device": "cpu", "device_map": model["device_map"]}
+    device = model["device"]
+    if device == "auto":
+        device = "cuda" if visible_gpus else "cpu"
+    if device == "cuda" and visible_gpus > 1:
+        return {"device": device, "device_map": "auto"}
+    return {"device": device, "device_map": None}
 
 
 class ModelSession:
@@ -49,9 +60,9 @@ class ModelSession:
         self.prompts = prompts
         source = resolve_path(model.get("path"), model.get("abs_path")) or model["hub_id"]
         started = time.perf_counter()
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.lm = load_model(
-            source, dtype=model["dtype"], device=_device(model["device"]), device_map=model.get("device_map"),
-            max_memory=model.get("max_memory"), offload_folder=model.get("offload_folder"),
+            source, dtype=model["dtype"], **placement_kwargs(model, gpus), max_memory=model.get("max_memory"), offload_folder=model.get("offload_folder"),
             quantization=model.get("quantization"), revision=model.get("revision"),
             trust_remote_code=model.get("trust_remote_code", False),
             attn_implementation=model.get("attn_implementation"))

@@ -59,3 +59,16 @@ def test_replicas_fill_spare_slots_for_the_busiest_model():
     # GPU shares: 4 slots on one GPU, two models; the busier one gets the spare slots
     gpu = Placement(num_cpus=1, num_gpus=0.25)
     assert replica_counts({"a": gpu, "b": gpu}, {"a": 40, "b": 4}, {"CPU": 16, "GPU": 1}) == {"a": 3, "b": 1}
+
+
+@pytest.mark.parametrize("model,gpus,want", [
+    ({"device": "auto"}, 0, {"device": "cpu", "device_map": None}),
+    ({"device": "auto"}, 1, {"device": "cuda", "device_map": None}),
+    ({"device": "auto"}, 4, {"device": "cuda", "device_map": "auto"}),       # num_gpus: 4 -> split across them
+    ({"device": "cpu"}, 2, {"device": "cpu", "device_map": None}),
+    ({"device": "auto", "device_map": {"": "cpu"}}, 2, {"device": "cpu", "device_map": {"": "cpu"}}),
+])
+def test_worker_device_from_visible_gpus(model, gpus, want):
+    from refusal_ray.session import placement_kwargs
+
+    assert placement_kwargs(model, gpus) == want

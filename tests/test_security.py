@@ -41,3 +41,20 @@ def test_run_refuses_remote_address_without_token(tmp_path, monkeypatch):
     assert result.output.startswith("error: --address: refusing to join '10.0.0.5:6379' without token")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_no_secret_reaches_the_manifest(monkeypatch, tmp_path):
+    import json
+
+    from refusal_ray.plan import make_plan
+    from refusal_ray.runner import manifest
+
+    from conftest import REPO
+
+    secret = "s3cr3t-token-value-0123456789abcdef"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secret)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.chdir(REPO)
+    text = json.dumps(manifest(make_plan("sweeps/quickstart.yaml")))
+    assert secret not in text and "RAY_AUTH_TOKEN" not in text
