@@ -27,8 +27,8 @@ def _bad_input(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _default_out(spec_name: str) -> Path:
-    return Path("outputs") / spec_name
+def _default_out(spec_name: str) -> str:
+    return f"outputs/{spec_name}"
 
 
 @app.command()
@@ -45,7 +45,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
 
 @app.command()
 def plan(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
-         out: Annotated[Path | None, typer.Option(help="Store to count done cells in.")] = None,
+         out: Annotated[str | None, typer.Option(help="Store (path or URI) to count done cells in.")] = None,
          submission_id: Annotated[bool, typer.Option("--submission-id", help="Print only the sweep's stable "
                                                      "`ray job submit --submission-id`.")] = False):
     """Explain a spec: cells per stage and model, layers, memory estimate and placement per model."""
@@ -60,7 +60,7 @@ def plan(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         typer.echo(p.submission_id())
         return
     store = Store(out or _default_out(p.spec.name))
-    typer.echo(describe(p, store.done_cells() if store.root.is_dir() else set()))
+    typer.echo(describe(p, store.done_cells() if store.exists() else set()))
 
 
 @app.command()
@@ -73,7 +73,8 @@ def schema():
 
 @app.command()
 def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
-        out: Annotated[Path | None, typer.Option(help="Store directory (default outputs/<sweep name>).")] = None,
+        out: Annotated[str | None, typer.Option(help="Store: a directory or a URI such as s3://bucket/sweep "
+                                                     "(default outputs/<sweep name>).")] = None,
         address: Annotated[str | None, typer.Option(help="Ray address ('auto' joins a running cluster); "
                                                          "default: RAY_ADDRESS, else a local Ray.")] = None,
         models: Annotated[str | None, typer.Option(help="Comma-separated subset of model names.")] = None,
@@ -91,7 +92,7 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         check_address(address or os.environ.get("RAY_ADDRESS"))
         p = make_plan(spec, [m for m in models.split(",") if m] if models else None)
         out = out or _default_out(p.spec.name)
-        if out.exists() and not out.is_dir():
+        if "://" not in out and Path(out).exists() and not Path(out).is_dir():
             raise SpecError("--out", "", f"not a directory: {out}")
         failed = run_plan(p, out, address=address, progress=progress,
                           log=lambda m: typer.echo(m, err=True))
@@ -106,22 +107,20 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
 
 
 @app.command()
-def summarize(out: Annotated[Path, typer.Argument(help="Store directory.")]):
+def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")]):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
     from refusal_ray.summary import render, write_summary
 
-    if not (out / "manifest.json").is_file():
-        _bad_input(SpecError(str(out), "", "not a refusal-ray store (no manifest.json)"))
+    _require_store(out)
     typer.echo(render(write_summary(out)))
 
 
 @app.command()
-def report(out: Annotated[Path, typer.Argument(help="Store directory.")]):
+def report(out: Annotated[str, typer.Argument(help="Store (path or URI).")]):
     """Write figures/*.png and report.md for a store."""
     from refusal_ray.report import write_report
 
-    if not (out / "manifest.json").is_file():
-        _bad_input(SpecError(str(out), "", "not a refusal-ray store (no manifest.json)"))
+    _require_store(out)
     typer.echo(write_report(out))
 
 
@@ -149,6 +148,13 @@ def toy_build(out: Annotated[Path, typer.Option(help="Models directory.")] = Pat
     from refusal_ray.toy.build import build
 
     build(out, seed, names, steps, data_dir, log=lambda m: typer.echo(m, err=True))
+
+
+def _require_store(out: str) -> None:
+    from refusal_ray.store import Store
+
+    if not Store(out).exists("manifest.json"):
+        _bad_input(SpecError(out, "", "not a refusal-ray store (no manifest.json)"))
 
 
 def _writable(path: Path) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -16,10 +16,12 @@ from refusal_ray.store import Store  # noqa: E402
 from refusal_ray.summary import pooled_arms, render, write_summary  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def _png(fig) -> bytes:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()
 
 
 def _grid(n: int):
@@ -31,7 +33,7 @@ def _grid(n: int):
     return fig, list(axes.flat)
 
 
-def plot_steering_curves(arms: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
+def plot_steering_curves(arms: pd.DataFrame, summary: pd.DataFrame) -> bytes:
     """Refusal rate vs addition coefficient at each model's best layer, with intervals and control."""
     fig, axes = _grid(len(summary))
     for ax, (_, s) in zip(axes, summary.iterrows()):
@@ -53,10 +55,10 @@ def plot_steering_curves(arms: pd.DataFrame, summary: pd.DataFrame, path: Path) 
         ax.set_ylabel("refusal rate (95% Wilson)")
         ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=7)
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_separation(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
+def plot_separation(dirs: pd.DataFrame, models: list[str]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in models:
         d = dirs[(dirs["model"] == m) & (dirs["site"] == "resid_pre")]
@@ -67,10 +69,10 @@ def plot_separation(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
     ax.set_xlabel("relative layer depth")
     ax.set_ylabel("separation (Cohen's d, val)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_cosines(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
+def plot_cosines(dirs: pd.DataFrame, models: list[str]) -> bytes:
     """Cross-layer cosine similarity of the directions (first seed, resid_pre, last position)."""
     fig, axes = _grid(len(models))
     for ax, m in zip(axes, models):
@@ -85,10 +87,10 @@ def plot_cosines(dirs: pd.DataFrame, models: list[str], path: Path) -> None:
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_scale_trend(summary: pd.DataFrame, path: Path) -> None:
+def plot_scale_trend(summary: pd.DataFrame) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, label in (("separation", "separation (d) / 10"), ("ablation_suppression", "ablation suppression"),
                        ("addition_induction", "addition induction")):
@@ -99,37 +101,29 @@ def plot_scale_trend(summary: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("parameters")
     ax.set_ylabel("effect")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    return _png(fig)
 
 
-def write_report(out_dir) -> Path:
-    """Write summary files, figures/*.png and report.md; returns the report path."""
-    out = Path(out_dir)
-    store = Store(out)
-    summary = write_summary(out)
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
+def write_report(out_dir) -> str:
+    """Write summary files, figures/*.png and report.md into the store; returns the report's path."""
+    store = Store(out_dir)
+    summary = write_summary(out_dir)
     dirs, steering = store.read("directions"), store.read("steering")
     models = list(summary["model"]) if not summary.empty else []
-    made = []
+    figures: dict[str, bytes] = {}
     if not steering.empty and "best_layer" in summary.columns:
-        plot_steering_curves(pooled_arms(steering), summary.dropna(subset=["best_layer"]), figs / "steering.png")
-        made.append("steering.png")
+        figures["steering.png"] = plot_steering_curves(pooled_arms(steering), summary.dropna(subset=["best_layer"]))
     with_dirs = [m for m in models if not dirs.empty and (dirs["model"] == m).any()]  # failed models have none
     if with_dirs:
-        plot_separation(dirs, with_dirs, figs / "separation.png")
-        plot_cosines(dirs, with_dirs, figs / "cosines.png")
-        made += ["separation.png", "cosines.png"]
+        figures["separation.png"] = plot_separation(dirs, with_dirs)
+        figures["cosines.png"] = plot_cosines(dirs, with_dirs)
     if not summary.empty and "separation" in summary.columns:
-        plot_scale_trend(summary, figs / "scale_trend.png")
-        made.append("scale_trend.png")
+        figures["scale_trend.png"] = plot_scale_trend(summary)
+    for name, png in figures.items():
+        store.write_file(f"figures/{name}", png)
     manifest = store.read_json("manifest.json") or {}
-    lines = [f"# refusal-ray report: {manifest.get('sweep', out.name)}", "",
+    lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
-    lines += [f"![{f}](figures/{f})" for f in made]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    lines += [f"![{f}](figures/{f})" for f in figures]
+    return store.write_file("report.md", ("\n".join(lines) + "\n").encode())

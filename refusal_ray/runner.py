@@ -57,7 +57,7 @@ def check_frozen_rule(plan: Plan, store: Store) -> None:
     old = store.read_json("manifest.json")
     if old is not None and old.get("rule_hash") != plan.spec.rule_hash():
         raise SpecError(plan.spec_file, "decision_rule",
-                        f"differs from the rule frozen in {store.root / 'manifest.json'} "
+                        f"differs from the rule frozen in {store}/manifest.json "
                         f"(hash {plan.spec.rule_hash()} vs {old.get('rule_hash')}); use a new --out")
 
 
@@ -72,7 +72,7 @@ def freeze_manifest(plan: Plan, store: Store) -> None:
     store.write_json("manifest.json", new)
 
 
-def run(plan: Plan, out: Path, address: str | None = None, progress: bool = True, log=print) -> int:
+def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool = True, log=print) -> int:
     """Run the plan's missing cells. Returns the number of failed cells."""
     from refusal_ray.cluster.driver import Driver, connect, placements
     from refusal_ray.cluster.placement import PlacementError

@@ -1,23 +1,28 @@
 """The Parquet store: hive-partitioned tables, atomic files, deduplicated reads.
 
 Layout (see DESIGN.md): `<out>/<table>/model=<name>/part-<batch>.parquet`, plus
-`manifest.json`, `summary.parquet`, `summary.csv` and `figures/`. Every file is written under a
-dot-name and renamed into place, so a crash never leaves a half-written file that a reader
-sees (pyarrow ignores names starting with '.' or '_'). Every file carries a `_batch` column
-(time-ordered); readers keep, for each cell id, only the rows of its latest batch, so a cell
-written twice is read once. The store knows tables, not stages.
+`manifest.json`, `summary.parquet`, `summary.csv`, `figures/` and `report.md`. `<out>` is a local
+path or a URI that pyarrow opens (`file://`, `s3://`, `gs://`, `hdfs://`), or any fsspec protocol
+(through pyarrow's fsspec handler, e.g. `memory://` in tests). On a local filesystem every file is
+written under a dot-name and renamed into place; on an object store a PUT is all-or-nothing. So a
+crash never leaves a half-written file that a reader sees (pyarrow ignores names starting with
+'.' or '_'). Every file carries a `_batch` column (time-ordered); readers keep, for each cell id,
+only the rows of its latest batch, so a cell written twice is read once. The store knows tables,
+not stages.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TABLES = ("cells", "directions", "steering", "completions")
@@ -43,53 +48,97 @@ def to_arrow(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def open_root(root: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a store root: a local path or a URI."""
+    root = str(root)
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).absolute())
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec
+
+        protocol, _, path = root.partition("://")
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(protocol))), path
 
 
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file under a temporary dot-name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 class Store:
-    """One sweep's output directory."""
+    """One sweep's output directory (local path or URI)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.uri = str(root)
+        self.fs, self.path = open_root(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def _join(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    # -- files -------------------------------------------------------------------------------
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write `name` (relative, '/'-separated) atomically: tmp + rename locally, one PUT elsewhere."""
+        final = self._join(name)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        target = f"{parent}/.{final.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp" if self.local else final
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
+        if target != final:
+            self.fs.move(target, final)
+        return final
+
+    def read_file(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self._join(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self._join(name) if name else self.path).type != pafs.FileType.NotFound
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, table: str, model: str, rows: list[dict]) -> Path | None:
+    def write(self, table: str, model: str, rows: list[dict]) -> str | None:
         """Append `rows` (dicts with the same keys) to `table` for `model` as one atomic file."""
         if not rows:
             return None
         batch = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         df = pd.DataFrame(rows)
         df["_batch"] = batch
-        path = self.root / table / f"model={model}" / f"part-{batch}.parquet"
-        write_parquet_atomic(path, to_arrow(df))
-        return path
+        return self.write_file(f"{table}/model={model}/part-{batch}.parquet", _parquet_bytes(to_arrow(df)))
+
+    def write_frame(self, name: str, df: pd.DataFrame) -> None:
+        """A single Parquet file (e.g. summary.parquet)."""
+        self.write_file(name, _parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
 
     def write_json(self, name: str, obj: dict) -> None:
-        _atomic_write_bytes(self.root / name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        self.write_file(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def read_json(self, name: str) -> dict | None:
-        path = self.root / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        data = self.read_file(name)
+        return None if data is None else json.loads(data)
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, table: str) -> pd.DataFrame:
         """One table as a DataFrame (with its `model` column), one row set per cell id."""
-        path = self.root / table
-        if not path.is_dir() or not any(path.rglob("*.parquet")):
+        base = self._join(table)
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
             return pd.DataFrame()
-        df = pd.read_parquet(path)
+        files = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                       and not i.base_name.startswith((".", "_")))  # sorted: deterministic row order
+        if not files:
+            return pd.DataFrame()
+        df = ds.dataset(files, filesystem=self.fs, format="parquet",
+                        partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base).to_table().to_pandas()
         if "model" in df.columns:
             df["model"] = df["model"].astype(str)
         if "cell_id" in df.columns and "_batch" in df.columns:
@@ -108,8 +157,12 @@ class Store:
 
 def read(out_dir: str | Path, table: str) -> pd.DataFrame:
     """Public API: one store table as a pandas DataFrame (`summary` reads summary.parquet)."""
+    store = Store(out_dir)
     if table == "summary":
-        return pd.read_parquet(Path(out_dir) / "summary.parquet")
+        data = store.read_file("summary.parquet")
+        if data is None:
+            raise FileNotFoundError(f"{store}/summary.parquet")
+        return pd.read_parquet(io.BytesIO(data))
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
-    return Store(out_dir).read(table)
+    return store.read(table)

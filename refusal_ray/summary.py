@@ -123,15 +123,11 @@ def summarize(out_dir) -> pd.DataFrame:
 
 
 def write_summary(out_dir) -> pd.DataFrame:
-    from refusal_ray.store import write_parquet_atomic
-    import pyarrow as pa
-    from pathlib import Path
-
+    """Compute the summary and write summary.parquet and summary.csv into the store."""
+    store = Store(out_dir)
     df = summarize(out_dir)
-    write_parquet_atomic(Path(out_dir) / "summary.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    tmp = Path(out_dir) / ".summary.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(Path(out_dir) / "summary.csv")
+    store.write_frame("summary.parquet", df)
+    store.write_file("summary.csv", df.to_csv(index=False).encode())
     return df
 
 

@@ -215,3 +215,17 @@ def test_one_model_runs_on_two_replicas(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     cells = refusal_ray.read(out, "cells")
     assert len(cells) == 24 and cells["worker"].nunique() == 2
+
+
+def test_run_into_a_uri_store(tmp_path):
+    spec = small_spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["models"] = raw["models"][:1]
+    spec.write_text(yaml.safe_dump(raw))
+    uri = f"file://{tmp_path}/uri-store"
+    result = run_cli("run", str(spec), "--out", uri, "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(refusal_ray.read(uri, "cells")) == 12
+    assert refusal_ray.read(uri, "summary")["model"].tolist() == ["qwen-xs"]
+    assert (tmp_path / "uri-store" / "figures" / "steering.png").stat().st_size > 1000
+    assert run_cli("summarize", uri).returncode == 0

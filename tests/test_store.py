@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
@@ -60,3 +62,20 @@ def test_null_in_one_file_and_set_in_another(tmp_path):
     assert df["error"].tolist()[1] == "boom" and pd.isna(df["error"].tolist()[0])
     assert df["layer"].tolist()[1] == 3
     assert refusal_ray.read(tmp_path, "cells")["cell_id"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_store_on_a_uri(tmp_path, scheme):
+    """pyarrow URIs (file://, s3://, gs://) and fsspec protocols (memory:// here) work like paths."""
+    root = f"file://{tmp_path}/s" if scheme == "file" else f"memory://rr-test-{uuid.uuid4().hex}/s"
+    store = Store(root)
+    assert not store.exists("manifest.json")
+    store.write_json("manifest.json", {"rule_hash": "x"})
+    store.write("cells", "m", [{"cell_id": "a", "status": "done"}])
+    store.write("cells", "m", [{"cell_id": "a", "status": "done"}, {"cell_id": "b", "status": "failed"}])
+    assert store.read_json("manifest.json") == {"rule_hash": "x"} and store.exists("manifest.json")
+    assert store.done_cells() == {"a"}
+    assert refusal_ray.read(root, "cells")["model"].tolist() == ["m", "m"]
+    if scheme == "file":
+        assert not list(tmp_path.rglob(".*.tmp"))                 # renamed into place
+        assert len(pd.read_parquet(tmp_path / "s" / "cells")) == 3  # plain pandas on the same files
