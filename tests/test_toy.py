@@ -49,14 +49,29 @@ def test_dataset_files_are_reproducible(tmp_path):
         assert (tmp_path / name).read_bytes() == (TOY_PROMPTS / name).read_bytes(), name
 
 
+def _frame_of(instruction: str) -> str:
+    """The sentence frame an instruction was made from (longest matching fixed text)."""
+    from refusal_ray.toy.dataset import FRAMES
+
+    def fixed(frame):
+        return frame.split("{act}")[0] if not frame.startswith("{task}") else frame.split("{task}")[1].split("{act}")[0]
+
+    matches = [f for f in FRAMES if (instruction.startswith(fixed(f)) if not f.startswith("{task}")
+                                     else fixed(f) in instruction)]
+    return max(matches, key=lambda f: len(fixed(f)))
+
+
 def test_dataset_pairs_and_splits():
     harmful, harmless = generate(0)
-    frames = {}
+    frames: dict[str, set] = {}
     for h, g in zip(harmful, harmless):
         assert h.pair_id == g.pair_id and h.split == g.split and h.category == g.category
         assert h.reference is None and g.reference is not None
-        frames.setdefault(h.split, set()).add(h.instruction.split(" ")[0])
+        assert _frame_of(h.instruction) == _frame_of(g.instruction)      # twins share their frame
+        frames.setdefault(h.split, set()).add(_frame_of(h.instruction))
     assert len({r.instruction for r in harmful + harmless}) == len(harmful) + len(harmless)
+    assert [len(frames[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert not (frames["train"] & frames["val"] or frames["train"] & frames["test"] or frames["val"] & frames["test"])
 
 
 def test_chat_template_gives_the_trainer_ids():
@@ -73,18 +88,13 @@ def test_chat_template_gives_the_trainer_ids():
     assert all(len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in ITEMS)
 
 
-def test_short_training_run_reaches_documented_bound():
+def test_short_training_run_reaches_documented_bound(tmp_path):
     harmful, harmless = generate(0)
     tok = AutoTokenizer.from_pretrained(TOY_MODELS / "toy-qwen-xs")
     model, seconds = train(SIZES["qwen-xs"], tok, harmful + harmless, seed=0, steps=SHORT_RUN_STEPS, log_every=0)
-    from refusal_ray.toy import evaluate as ev
-
-    def as_dir(tmp=__import__("tempfile").mkdtemp()):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        return tmp
-
-    m = ev.evaluate(as_dir(), harmful, harmless, split="test")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m = evaluate(tmp_path, harmful, harmless, split="test")
     assert m["harmful_refusal"] >= SHORT_RUN_BOUND["harmful_refusal"], m
     assert m["harmless_refusal"] <= SHORT_RUN_BOUND["harmless_refusal"], m
 
