@@ -26,7 +26,8 @@ class Cell:
     params: dict = field(default_factory=dict, hash=False)
 
     def row(self) -> dict:
-        return {"cell_id": self.id, "stage": self.stage, "model": self.model, "seed": self.seed,
+        """The cell's columns in the cells table (the model is the table's partition key)."""
+        return {"cell_id": self.id, "stage": self.stage, "seed": self.seed,
                 "params": json.dumps(self.params, sort_keys=True)}
 
 

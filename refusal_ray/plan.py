@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_ray.data import fingerprint, load_prompts, split_prompts
+from refusal_ray.data import SPLITS, fingerprint, load_prompts, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
 from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config
@@ -41,6 +41,7 @@ class Plan:
     models: dict[str, ModelPlan]
     frames: dict[str, tuple[pd.DataFrame, object]]   # class -> (rows, PromptFile)
     data_fingerprint: str
+    prompts: dict = field(default_factory=dict)       # seed -> split -> class -> PromptSet (drawn once)
     cells: list[Cell] = field(default_factory=list)
 
     def submission_id(self) -> str:
@@ -125,16 +126,19 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     for cls in ("harmful", "harmless"):
         pf = getattr(spec.data, cls)
         frames[cls] = (load_prompts(pf, f"data.{cls}", spec_file), pf)
+    drawn: dict = {}
     for cls, (df, pf) in frames.items():
         for seed in spec.seeds:
             try:
-                split_prompts(df, pf, spec.data, seed)
+                drawn[(cls, seed)] = split_prompts(df, pf, spec.data, seed)
             except ValueError as e:
                 raise SpecError(spec_file, f"data.{cls}", str(e)) from None
+    prompts = {seed: {split: {cls: drawn[(cls, seed)][split] for cls in frames} for split in SPLITS}
+               for seed in spec.seeds}
     models = {m.name: _model_plan(spec, spec_file, i) for i, m in enumerate(spec.models)}
     _check_layers(spec, spec_file, models)
     fp = hashlib.sha256("".join(fingerprint(pf.path) for _, pf in frames.values()).encode()).hexdigest()[:16]
-    plan = Plan(spec, spec_file, models, frames, fp)
+    plan = Plan(spec, spec_file, models, frames, fp, prompts)
     cells = expand(spec, {n: mp.n_layers for n, mp in models.items()}, fp)
     plan.cells = [c for c in cells if not only_models or c.model in only_models]
     return plan

@@ -138,11 +138,3 @@ def steering_inputs(direction_rows: list[dict], site: str, position: int) -> tup
     vecs = {int(r["layer"]): np.asarray(r["vector"], np.float32) for r in direction_rows
             if r["site"] == site and int(r["position"]) == position}
     return vecs, best_layer(direction_rows, site, position)
-
-
-def split_for_seed(frames: dict, data, seed: int) -> dict:
-    """{"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet}} for one seed."""
-    from refusal_ray.data import split_prompts
-
-    by_class = {cls: split_prompts(df, pf, data, seed) for cls, (df, pf) in frames.items()}
-    return {s: {cls: by_class[cls][s] for cls in by_class} for s in ("train", "val", "test")}

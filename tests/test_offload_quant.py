@@ -88,14 +88,13 @@ TOLERANCE = {"8bit": {"cos": 0.999, "sep": 0.05, "max_rate": 0.1, "mean_rate": 0
 @pytest.fixture(scope="module")
 def quickstart_seed0():
     from refusal_ray.plan import make_plan
-    from refusal_ray.session import split_for_seed
 
     from conftest import REPO
 
     with pytest.MonkeyPatch.context() as mp:  # the quickstart's paths are relative to the repository
         mp.chdir(REPO)
         plan = make_plan("sweeps/quickstart.yaml", ["qwen-s"])
-    prompts = {0: split_for_seed(plan.frames, plan.spec.data, 0)}
+    prompts = {0: plan.prompts[0]}
     settings = {"directions": plan.spec.stages.directions.model_dump(mode="json"),
                 "steer": plan.spec.stages.steer.model_dump(mode="json"),
                 "generation": plan.spec.generation.model_dump(mode="json"),

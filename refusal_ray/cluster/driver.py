@@ -25,7 +25,7 @@ from tqdm import tqdm
 from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
 from refusal_ray.plan import Plan
-from refusal_ray.session import split_for_seed, steering_inputs
+from refusal_ray.session import steering_inputs
 from refusal_ray.store import Store
 
 MAX_ATTEMPTS = 3
@@ -135,11 +135,16 @@ class Driver:
                  "node": result.get("node"), "worker": result.get("worker"), "device": result.get("device"),
                  "started": task.started, "finished": now, "seconds": result.get("seconds")}
                 for c in task.cells]
-        self.store.write("cells", task.cells[0].model, [{k: v for k, v in r.items() if k != "model"} for r in rows])
+        self.store.write("cells", task.cells[0].model, rows)
 
     def _write_tables(self, model: str, tables: dict[str, list[dict]]) -> None:
         for table, rows in tables.items():
             self.store.write(table, model, rows)
+
+    def _steering_inputs(self, direction_rows: list[dict]):
+        """({layer: vector}, best layer) at resid_pre and the steering position."""
+        steer = self.plan.spec.stages.steer
+        return steering_inputs(direction_rows, "resid_pre", steer.position if steer else -1)
 
     # -- planning of tasks ----------------------------------------------------------------------
     def _initial_state(self, todo: list[Cell]) -> dict[str, ModelState]:
@@ -149,7 +154,6 @@ class Driver:
         for c in todo:
             groups[(c.model, c.seed)].append(c)
         stored_dirs = self.store.read("directions")
-        steer_cfg = self.plan.spec.stages.steer
         for (model, seed), cells in groups.items():
             st = states.setdefault(model, ModelState(model))
             dirs = [c for c in cells if c.stage == "directions"]
@@ -160,7 +164,7 @@ class Driver:
                 st.waiting[seed].extend(tasks)
             elif tasks:
                 rows = stored_dirs[(stored_dirs["model"] == model) & (stored_dirs["seed"] == seed)]
-                st.directions[seed] = steering_inputs(rows.to_dict("records"), "resid_pre", steer_cfg.position)
+                st.directions[seed] = self._steering_inputs(rows.to_dict("records"))
                 st.ready.extend(tasks)
         return states
 
@@ -224,9 +228,7 @@ class Driver:
             self._record(task, "done", result)
             self._bar.update(len(task.cells))
             if task.stage == "directions":
-                steer = self.plan.spec.stages.steer
-                st.directions[task.seed] = steering_inputs(result["tables"]["directions"], "resid_pre",
-                                                           steer.position if steer else -1)
+                st.directions[task.seed] = self._steering_inputs(result["tables"]["directions"])
                 st.ready.extend(st.waiting.pop(task.seed, []))
         elif task.attempts < MAX_ATTEMPTS:
             self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
@@ -253,7 +255,7 @@ class Driver:
         """Run `todo`; returns the number of failed cells."""
         plan = self.plan
         states = self._initial_state(todo)
-        self._prompts = {seed: split_for_seed(plan.frames, plan.spec.data, seed) for seed in plan.spec.seeds}
+        self._prompts = plan.prompts
         self._settings = settings_payload(plan)
         self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
         self._in_flight: dict = {}

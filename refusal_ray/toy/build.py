@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from refusal_ray.toy.dataset import ToyRow, write_dataset
 from refusal_ray.toy.evaluate import evaluate
 from refusal_ray.toy.tokenizer import save_tokenizer, train_tokenizer
@@ -48,7 +46,6 @@ def build(out: Path, seed: int = 0, sizes: list[str] | None = None, steps: int |
     Returns {size: metrics}. Deterministic in `seed` (data byte for byte; weights up to
     floating-point nondeterminism of the CPU kernels).
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data_dir = data_dir or out.parent / "prompts" / "toy"
     harmful, harmless = write_dataset(data_dir, seed)
     rows = harmful + harmless
