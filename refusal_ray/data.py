@@ -108,3 +108,73 @@ def encode(tokenizer, instructions: list[str]):
     enc = tokenizer(chat_prompts(tokenizer, instructions), return_tensors="pt", padding=True,
                     add_special_tokens=False)
     return enc["input_ids"], enc["attention_mask"]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Aligned harmful/harmless prompts: row i of `harmful` and of `harmless` share `pair_ids[i]`."""
+
+    pair_ids: list[str]
+    harmful: PromptSet
+    harmless: PromptSet
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+
+def draw_pairs(harmful: pd.DataFrame, harmless: pd.DataFrame, pf_harmful: PromptFile, pf_harmless: PromptFile,
+               n: int, seed: int, split: str = "test") -> Pairs:
+    """`n` pairs from `split` (the whole file without a split column), drawn with `seed`.
+
+    With pair columns, rows are matched by pair id (a minimal pair: clean and corrupted input);
+    without, the i-th harmful and harmless draws form a pair. Raises ValueError when fewer than
+    `n` pairs exist.
+    """
+    rng = np.random.default_rng(seed)
+
+    def rows(df: pd.DataFrame, pf: PromptFile) -> pd.DataFrame:
+        if pf.split_column:
+            df = df[df[pf.split_column].astype(str) == split]
+        ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, df.index), index=df.index)
+        refs = df[pf.reference_column] if pf.reference_column else pd.Series([None] * len(df), index=df.index)
+        out = pd.DataFrame({"id": ids, "instruction": df[pf.instruction_column].astype(str),
+                            "reference": [None if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)
+                                          for r in refs]}, index=df.index)
+        if pf.pair_column:
+            out["pair"] = df[pf.pair_column].astype(str)
+        return out.reset_index(drop=True)
+
+    a, b = rows(harmful, pf_harmful), rows(harmless, pf_harmless)
+    if pf_harmful.pair_column and pf_harmless.pair_column:
+        joined = a.merge(b, on="pair", suffixes=("_a", "_b")).sort_values("pair").reset_index(drop=True)
+        if len(joined) < n:
+            raise ValueError(f"split {split!r} has {len(joined)} harmful/harmless pairs, {n} asked for")
+        pick = joined.iloc[np.sort(rng.choice(len(joined), size=n, replace=False))]
+        pair_ids = pick["pair"].tolist()
+    else:
+        if min(len(a), len(b)) < n:
+            raise ValueError(f"split {split!r} has {min(len(a), len(b))} rows in one class, {n} asked for")
+        ia, ib = np.sort(rng.choice(len(a), n, replace=False)), np.sort(rng.choice(len(b), n, replace=False))
+        pick = pd.concat([a.iloc[ia].add_suffix("_a").reset_index(drop=True),
+                          b.iloc[ib].add_suffix("_b").reset_index(drop=True)], axis=1)
+        pair_ids = [f"{x}|{y}" for x, y in zip(pick["id_a"], pick["id_b"])]
+
+    def prompt_set(side: str) -> PromptSet:
+        return PromptSet(pick[f"id_{side}"].tolist(), pick[f"instruction_{side}"].tolist(),
+                         pick[f"reference_{side}"].tolist())
+
+    return Pairs(pair_ids, prompt_set("a"), prompt_set("b"))
+
+
+def left_pad(sequences: list[list[int]], pad_id: int):
+    """Left-pad token id lists into (input_ids, attention_mask), each [batch, pos] int64."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask

@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 @dataclass(frozen=True)
 class Cell:
     id: str
-    stage: str                  # "directions" | "steer"
+    stage: str                  # "directions" | "steer" | "patch" | "scrub"
     model: str                  # model name in the spec
     seed: int
     params: dict = field(default_factory=dict, hash=False)
@@ -37,16 +37,22 @@ def _model_identity(spec: Spec, name: str) -> dict:
 
 
 def cell_id(spec: Spec, stage: str, model: str, seed: int, params: dict, data_fingerprint: str) -> str:
-    key = {
-        "v": SCHEMA_VERSION, "stage": stage, "model": _model_identity(spec, model), "seed": seed,
-        "params": params, "data": data_fingerprint,
-        "n": [spec.data.n_train, spec.data.n_val, spec.data.n_test],
-        "directions": spec.stages.directions.model_dump(mode="json", exclude={"batch_size"}),
-    }
-    if stage != "directions":
+    key = {"v": SCHEMA_VERSION, "stage": stage, "model": _model_identity(spec, model), "seed": seed,
+           "params": params, "data": data_fingerprint}
+    if stage in ("directions", "steer"):
+        key |= {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test],
+                "directions": spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})}
+    if stage == "steer":
         key |= {"generation": spec.generation.model_dump(mode="json"),
                 "judge": spec.judge.model_dump(mode="json"),
                 "position": spec.stages.steer.position}
+    elif stage == "patch":   # the judge's phrases define the refusal score's tokens
+        key |= {"patch": spec.stages.patch.model_dump(mode="json", exclude={"batch_size", "screen_batch_size"}),
+                "judge": spec.judge.model_dump(mode="json"),
+                "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
+    elif stage == "scrub":
+        key |= {"scrub": spec.stages.scrub.model_dump(mode="json", exclude={"batch_size", "hypotheses"}),
+                "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -75,7 +81,8 @@ def steer_params(spec: Spec, n_layers: int) -> list[dict]:
 
 
 def expand(spec: Spec, n_layers: dict[str, int], data_fingerprint: str) -> list[Cell]:
-    """All cells of a spec, directions first within each (model, seed).
+    """All cells of a spec, directions first within each (model, seed); then steering arms, the
+    patch cell and one scrub cell per hypothesis.
 
     Args:
         n_layers: {model name: number of layers}, from each model's config.json.
@@ -90,4 +97,10 @@ def expand(spec: Spec, n_layers: dict[str, int], data_fingerprint: str) -> list[
                 for p in steer_params(spec, n_layers[m.name]):
                     cells.append(Cell(cell_id(spec, "steer", m.name, seed, p, data_fingerprint),
                                       "steer", m.name, seed, p))
+            if spec.stages.patch is not None:
+                cells.append(Cell(cell_id(spec, "patch", m.name, seed, {}, data_fingerprint), "patch", m.name, seed, {}))
+            if spec.stages.scrub is not None:
+                for h in spec.stages.scrub.hypotheses:
+                    p = {"hypothesis": h.name, "protected": list(h.protected)}
+                    cells.append(Cell(cell_id(spec, "scrub", m.name, seed, p, data_fingerprint), "scrub", m.name, seed, p))
     return cells

@@ -6,9 +6,10 @@ It never imports Ray, so everything a worker does is testable in-process.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from pathlib import Path
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from refusal_ray.grid import Cell
 from refusal_ray.judges import SubstringJudge
 from refusal_ray.models.loading import load_model
 from refusal_ray.stages.directions import best_layer, fit_directions
+from refusal_ray.stages.patch import run_patch
+from refusal_ray.stages.scrub import run_scrub
 from refusal_ray.stages.steer import run_steer
 
 
@@ -62,8 +65,9 @@ class ModelSession:
         started = time.perf_counter()
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.lm = load_model(
-            source, dtype=model["dtype"], **placement_kwargs(model, gpus), max_memory=model.get("max_memory"), offload_folder=model.get("offload_folder"),
-            quantization=model.get("quantization"), revision=model.get("revision"),
+            source, dtype=model["dtype"], **{"offload_folder": model.get("offload_folder"),
+                                             **placement_kwargs(model, gpus)},
+            max_memory=model.get("max_memory"), quantization=model.get("quantization"), revision=model.get("revision"),
             trust_remote_code=model.get("trust_remote_code", False),
             attn_implementation=model.get("attn_implementation"))
         self.load_seconds = time.perf_counter() - started
@@ -91,6 +95,17 @@ class ModelSession:
             max_new_tokens=self.settings["generation"]["max_new_tokens"], batch_size=bs, judge=self.judge),
             cfg["batch_size"])
 
+    def patch(self, cell: Cell) -> list[dict]:
+        cfg = self.settings["patch"]
+        return halving_on_oom(lambda bs: run_patch(self.lm, cell, self.prompts[cell.seed]["patch"],
+                                                   {**cfg, "batch_size": bs}, self.judge.phrases), cfg["batch_size"])
+
+    def scrub(self, cells: list[Cell]) -> list[dict]:
+        cfg = self.settings["scrub"]
+        seed = cells[0].seed
+        return halving_on_oom(lambda bs: run_scrub(self.lm, cells, self.prompts[seed]["scrub"],
+                                                   {**cfg, "batch_size": bs}, seed), cfg["batch_size"])
+
     def run(self, stage: str, cells: list[Cell], directions: dict | None = None, best: int | None = None) -> dict:
         """Run a batch; never raises for a cell error: returns {"ok": bool, "tables": ..., "error": str}."""
         _maybe_crash(stage)
@@ -98,6 +113,10 @@ class ModelSession:
         try:
             if stage == "directions":
                 tables = {"directions": [r for c in cells for r in self.directions(c)]}
+            elif stage == "patch":
+                tables = {"patching": [r for c in cells for r in self.patch(c)]}
+            elif stage == "scrub":
+                tables = {"scrubbing": self.scrub(cells)}
             else:
                 arms, comps = self.steer(cells, directions, best)
                 tables = {"steering": arms, "completions": comps}

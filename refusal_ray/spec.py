@@ -47,6 +47,10 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(False, description="Run the model repository's own code (off by default).")
     attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="Attention kernel.")
     resources: ModelResources | None = Field(None, description="Override the automatic placement.")
+    offload: Literal["auto", "off"] | None = Field(
+        None, description="accelerate offloading: 'auto' (device_map auto, spilling to a temporary disk folder), "
+                          "'off', or None: 'auto' for models of resources.highmem_params or more parameters "
+                          "placed on CPU, else 'off'. An explicit device_map wins.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -67,6 +71,8 @@ class PromptFile(Strict):
     id_column: str | None = Field("id", description="Row id column (None: row number).")
     split_column: str | None = Field("split", description="Column with train/val/test; None: split at random per seed.")
     reference_column: str | None = Field(None, description="Correct answer column (harmless tasks), for exact-match accuracy.")
+    pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin "
+                                                      "(needed by stage `patch`: clean and corrupted inputs).")
 
 
 class DataSpec(Strict):
@@ -124,9 +130,94 @@ class SteerStage(Strict):
     batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
 
 
+PatchSiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
+
+
+class PatchStage(Strict):
+    """Activation patching, denoising: clean = harmful, corrupted = its harmless twin (by pair)."""
+
+    sites: list[PatchSiteKind] = Field(["resid_pre", "attn_out", "mlp_out", "z"], min_length=1,
+                                       description="Site kinds patched at every layer listed ('z' is patched "
+                                                   "head by head).")
+    layers: LayerList = Field("all", description="Layers ('all' or a list).")
+    positions: list[int] = Field([-1], min_length=1, description="Positions patched together, negative from the "
+                                                                 "end of the prompt (-1: last token).")
+    n_pairs: int = Field(16, ge=1, description="Harmful/harmless pairs from the test split, per seed.")
+    attribution: bool = Field(True, description="Screen every site with attribution patching (AtP: two forward "
+                                                "passes and one backward pass).")
+    confirm_top_k: int | None = Field(None, ge=1, description="Re-measure only the top k sites of the screen "
+                                                              "exactly (None: every site exactly).")
+    batch_size: int = Field(256, ge=1, description="Rows (pair x patch) per forward pass.")
+    screen_batch_size: int = Field(16, ge=1, description="Pairs per attribution backward pass.")
+
+    @field_validator("positions")
+    @classmethod
+    def _negative(cls, v):
+        if any(p >= 0 for p in v):
+            raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
+        return v
+
+    @model_validator(mode="after")
+    def _screen(self):
+        if self.confirm_top_k is not None and not self.attribution:
+            raise ValueError("confirm_top_k needs attribution: true (it confirms the screen's top sites)")
+        return self
+
+
+def _check_patterns(patterns: list[str]) -> list[str]:
+    from refusal_ray.models.patterns import check_syntax
+
+    for p in patterns:
+        check_syntax(p)  # PatternError is a ValueError: pydantic reports it with the field
+    return patterns
+
+
+class Hypothesis(Strict):
+    """A circuit hypothesis: the sites it says carry the behaviour (kept at their harmful-run values)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    protected: list[str] = Field(description="Site patterns, e.g. 'blocks.{9,10}.attn.hook_z', "
+                                             "'blocks.3.attn.hook_z[0,2]' (heads), 'blocks.*.hook_mlp_out'; "
+                                             "an empty list protects nothing.")
+
+    @field_validator("protected")
+    @classmethod
+    def _syntax(cls, v):
+        return _check_patterns(v)
+
+
+class ScrubStage(Strict):
+    """Causal scrubbing as the audits define it: resample ablation of the hypothesis' complement."""
+
+    hypotheses: list[Hypothesis] = Field(min_length=1)
+    scrubbed: list[str] = Field(["blocks.*.attn.hook_z", "blocks.*.hook_resid_post"], min_length=1,
+                                description="Site patterns resampled unless protected (default: the audit's).")
+    n_pairs: int = Field(8, ge=1, description="Harmful examples (from the test split), per seed.")
+    answer_tokens: int = Field(8, ge=1, description="Greedy answer prefix scored after the prompt.")
+    resamples: int = Field(1, ge=1, description="Resampled harmless inputs per example (seeded).")
+    threshold: float = Field(0.5, gt=0, le=1, description="Faithfulness exp(-mean KL) at or above this: FAITHFUL.")
+    batch_size: int = Field(48, ge=1, description="Rows per forward pass.")
+
+    @field_validator("scrubbed")
+    @classmethod
+    def _syntax(cls, v):
+        return _check_patterns(v)
+
+    @field_validator("hypotheses")
+    @classmethod
+    def _unique(cls, v):
+        names = [h.name for h in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate hypothesis name {dup[0]!r}")
+        return v
+
+
 class Stages(Strict):
     directions: DirectionsStage = Field(default_factory=DirectionsStage)
     steer: SteerStage | None = None
+    patch: PatchStage | None = None
+    scrub: ScrubStage | None = None
 
 
 class Generation(Strict):
@@ -220,6 +311,15 @@ class Spec(Strict):
         if steer.ablation is not None and cm.ablation_alpha not in steer.ablation.alphas:
             raise ValueError(f"decision_rule.control_margin.ablation_alpha {cm.ablation_alpha} "
                              f"is not in stages.steer.ablation.alphas")
+        return self
+
+    @model_validator(mode="after")
+    def _patch_needs_pairs(self):
+        if self.stages.patch is not None:
+            for cls in ("harmful", "harmless"):
+                if getattr(self.data, cls).pair_column is None:
+                    raise ValueError(f"stages.patch needs data.{cls}.pair_column (clean and corrupted inputs are "
+                                     f"pairs)")
         return self
 
     def rule_hash(self) -> str:

@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TABLES = ("cells", "directions", "steering", "completions")
+TABLES = ("cells", "directions", "steering", "completions", "patching", "scrubbing")
 # Columns that may be null in one file and set in another: one declared type each, so every file
 # of a table has the same schema and `pd.read_parquet(table_dir)` reads them together.
 COLUMN_TYPES = {
@@ -33,6 +33,8 @@ COLUMN_TYPES = {
     "seconds": pa.float64(), "started": pa.float64(), "finished": pa.float64(), "attempts": pa.int64(),
     "layer": pa.int64(), "direction_layer": pa.int64(), "seed": pa.int64(), "vector_norm": pa.float64(),
     "task_accuracy": pa.float64(), "task_n": pa.int64(), "correct": pa.bool_(), "refusal": pa.bool_(),
+    "head": pa.int64(), "patched_score": pa.float64(), "recovery": pa.float64(), "attribution": pa.float64(),
+    "attribution_rank": pa.int64(),
 }
 
 

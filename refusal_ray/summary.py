@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.stats import wilson
 from refusal_ray.store import Store
 
@@ -75,16 +76,19 @@ def summarize(out_dir) -> pd.DataFrame:
     rule = manifest.get("decision_rule", {})
     models = manifest.get("models", {})
     position = manifest.get("steer_position", -1)
+    has_steer = (manifest.get("spec") or {}).get("stages", {}).get("steer") is not None
     dirs = store.read("directions")
     steering = store.read("steering")
     arms = pooled_arms(steering) if not steering.empty else pd.DataFrame(columns=["model", *ARM_KEYS, "rate"])
+    sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
     rows = []
     for name, info in models.items():
         row = {"model": name, "params": info.get("params"), "layers": info.get("n_layers")}
+        circuit = circuit_columns(name, sites, verdicts)
         d = dirs[(dirs["model"] == name) & (dirs["site"] == "resid_pre") & (dirs["position"] == position)] \
             if not dirs.empty else dirs
         if d.empty:
-            rows.append(row)
+            rows.append(row | circuit)
             continue
         sep = d.groupby("layer")["separation"].mean()
         best = int(sep.idxmax())
@@ -113,8 +117,8 @@ def summarize(out_dir) -> pd.DataFrame:
             "verdict_control_margin": control_margin_verdict(
                 base_harm, (base_harm - abl, abl_ctl - abl), (add - base_safe, add - add_ctl), cm) if cm else None,
             "verdict_steering_labels": steering_label(induce, suppress, sl) if sl else None,
-        }
-        rows.append(row)
+        } if has_steer else {}
+        rows.append(row | circuit)
     df = pd.DataFrame(rows)
     if not df.empty:
         df["rule_hash"] = manifest.get("rule_hash")
@@ -136,7 +140,9 @@ DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers",
            ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
            ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"), ("addition_induction", "add-base", "{:+.2f}"),
            ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
-           ("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}")]
+           ("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
+           ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
+           ("attribution_spearman", "AtP rho", "{:.2f}")]
 
 
 def render(df: pd.DataFrame) -> str:
@@ -144,6 +150,8 @@ def render(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no results)"
     cols = [(k, h, f) for k, h, f in DISPLAY if k in df.columns]
+    cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
+    cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
     cells = [[h for _, h, _ in cols]]
     for _, r in df.iterrows():
         cells.append(["-" if (v := r[k]) is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)

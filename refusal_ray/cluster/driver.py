@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
-from refusal_ray.plan import Plan
+from refusal_ray.plan import Plan, offload_mode
 from refusal_ray.session import steering_inputs
 from refusal_ray.store import Store
 
@@ -101,6 +101,7 @@ def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
         payload["abs_path"] = os.path.abspath(m.path)
     if m.device == "auto":
         payload["device"] = placement.device
+    payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
     return payload
 
 
@@ -108,6 +109,8 @@ def settings_payload(plan: Plan) -> dict:
     s = plan.spec
     return {"directions": s.stages.directions.model_dump(mode="json"),
             "steer": s.stages.steer.model_dump(mode="json") if s.stages.steer else None,
+            "patch": s.stages.patch.model_dump(mode="json") if s.stages.patch else None,
+            "scrub": s.stages.scrub.model_dump(mode="json") if s.stages.scrub else None,
             "generation": s.generation.model_dump(mode="json"), "judge": s.judge.model_dump(mode="json")}
 
 
@@ -166,6 +169,11 @@ class Driver:
                 rows = stored_dirs[(stored_dirs["model"] == model) & (stored_dirs["seed"] == seed)]
                 st.directions[seed] = self._steering_inputs(rows.to_dict("records"))
                 st.ready.extend(tasks)
+            # circuit stages need no directions: one patch task per cell, the scrub hypotheses of a seed together
+            st.ready.extend(Task("patch", seed, [c]) for c in cells if c.stage == "patch")
+            scrub = [c for c in cells if c.stage == "scrub"]
+            if scrub:
+                st.ready.append(Task("scrub", seed, scrub))
         return states
 
     # -- the loop ------------------------------------------------------------------------------
