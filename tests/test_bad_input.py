@@ -46,6 +46,7 @@ def _set(d: dict, path: str, value):
 
 
 DELETE = object()
+PAIRED = {"data.harmful.pair_column": "pair_id", "data.harmless.pair_column": "pair_id"}
 
 # (case id, edits {dotted path: value}, expected field, expected words in the message)
 CASES = [
@@ -84,6 +85,28 @@ CASES = [
      "4-bit quantisation on CPU needs layer widths divisible by 64"),
     ("unknown-quantization", {"models.0.quantization": "3bit"}, "models.0.quantization", "'8bit' or '4bit'"),
     ("unsupported-family", {"models.0.path": "BERT"}, "models.0.path", "unsupported model family 'bert'"),
+    # circuit stages
+    ("patch-without-pairs", {"stages.patch": {}}, "", "stages.patch needs data.harmful.pair_column"),
+    ("patch-layer-out-of-range", {"stages.patch": {"layers": [3]}, **PAIRED}, "stages.patch.layers",
+     "layer 3 out of range: model 'tiny' has 3 layers (0..2)"),
+    ("patch-unknown-site", {"stages.patch": {"sites": ["hook_q"]}, **PAIRED}, "stages.patch.sites.0",
+     "'resid_pre', 'resid_mid', 'resid_post', 'attn_out', 'mlp_out' or 'z'"),
+    ("patch-top-k-without-screen", {"stages.patch": {"attribution": False, "confirm_top_k": 3}, **PAIRED},
+     "stages.patch", "confirm_top_k needs attribution: true"),
+    ("patch-too-many-pairs", {"stages.patch": {"n_pairs": 500}, **PAIRED}, "stages.patch.n_pairs",
+     "split 'test' has 200 harmful/harmless pairs, 500 asked for"),
+    ("scrub-bad-pattern", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": ["blocks.x.hook_z"]}]}},
+     "stages.scrub.hypotheses.0.protected", "bad site pattern 'blocks.x.hook_z'"),
+    ("scrub-layer-out-of-range", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": ["blocks.{1,5}.attn.hook_z"]}]}},
+     "stages.scrub.hypotheses.0.protected",
+     "layer 5 out of range in site pattern 'blocks.{1,5}.attn.hook_z' (the model has 3) (model 'tiny')"),
+    ("scrub-head-out-of-range", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": ["blocks.1.attn.hook_z[4]"]}]}},
+     "stages.scrub.hypotheses.0.protected", "head 4 out of range"),
+    ("scrub-heads-on-mlp", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": ["blocks.1.hook_mlp_out[0]"]}]}},
+     "stages.scrub.hypotheses.0.protected", "head selection needs attn.hook_z"),
+    ("scrub-duplicate-hypothesis", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": []}] * 2}},
+     "stages.scrub.hypotheses", "duplicate hypothesis name 'h'"),
+    ("scrub-no-hypotheses", {"stages.scrub": {"hypotheses": []}}, "stages.scrub.hypotheses", "at least 1 item"),
 ]
 
 

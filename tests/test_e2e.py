@@ -229,3 +229,34 @@ def test_run_into_a_uri_store(tmp_path):
     assert refusal_ray.read(uri, "summary")["model"].tolist() == ["qwen-xs"]
     assert (tmp_path / "uri-store" / "figures" / "steering.png").stat().st_size > 1000
     assert run_cli("summarize", uri).returncode == 0
+
+
+def test_circuit_sweep_end_to_end(tmp_path):
+    """patch + scrub on a toy model through the CLI: tables, summary columns, and a rerun that skips."""
+    spec = yaml.safe_load((REPO / "sweeps" / "circuit.yaml").read_text())
+    spec["models"] = [{"name": "qwen-s", "path": str(TOY_MODELS / "toy-qwen-s")}]
+    spec["seeds"] = [0]
+    for cls in ("harmful", "harmless"):
+        spec["data"][cls]["path"] = str(TOY_PROMPTS / f"{cls}.jsonl")
+    spec["data"].update(n_train=16, n_val=8, n_test=8)
+    spec["stages"]["patch"].update(n_pairs=6, confirm_top_k=10, sites=["resid_post", "mlp_out", "z"])
+    spec["stages"]["scrub"].update(n_pairs=4, hypotheses=spec["stages"]["scrub"]["hypotheses"][:2])
+    f = tmp_path / "circuit.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = run_cli("run", str(f), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    patching = refusal_ray.read(out, "patching")
+    n_targets = 4 * (2 + 4)                      # toy-qwen-s: 4 layers, 4 heads
+    assert len(patching) == n_targets * 6 and patching["attribution"].notna().all()
+    assert patching["recovery"].notna().sum() == 10 * 6
+    assert set(patching["head"].dropna().astype(int)) <= set(range(4))
+    scrubbing = refusal_ray.read(out, "scrubbing")
+    assert sorted(scrubbing["hypothesis"]) == ["late-attn", "late-attn-mlp"]
+    assert scrubbing["faithfulness"].between(0, 1).all() and scrubbing["verdict"].isin(["FAITHFUL", "UNFAITHFUL"]).all()
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert {"top_component", "attribution_spearman", "faithfulness[late-attn]", "verdict[late-attn-mlp]"} <= set(summary)
+    cells = refusal_ray.read(out, "cells")
+    assert cells.groupby("stage").size().to_dict() == {"directions": 1, "patch": 1, "scrub": 2}
+    again = run_cli("run", str(f), "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and "0 to run" in again.stdout + again.stderr
