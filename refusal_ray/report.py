@@ -119,11 +119,24 @@ def write_report(out_dir) -> str:
         figures["cosines.png"] = plot_cosines(dirs, with_dirs)
     if not summary.empty and "separation" in summary.columns:
         figures["scale_trend.png"] = plot_scale_trend(summary)
+    from refusal_ray import report_circuits as rc
+    from refusal_ray.circuits import scrub_verdicts, site_recovery
+
+    sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
+    if not sites.empty:
+        figures["patching.png"] = rc.plot_recovery(sites, [m for m in models if (sites["model"] == m).any()])
+    if not verdicts.empty:
+        figures["scrubbing.png"] = rc.plot_faithfulness(verdicts)
     for name, png in figures.items():
         store.write_file(f"figures/{name}", png)
     manifest = store.read_json("manifest.json") or {}
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
+    if not sites.empty:
+        lines += ["## Activation patching: top components", "", *rc.top_sites_table(sites), ""]
+    if not verdicts.empty:
+        lines += ["## Causal scrubbing (resample ablation of each hypothesis' complement)", "", "```",
+                  verdicts.to_string(index=False, float_format=lambda x: f"{x:.3f}"), "```", ""]
     lines += [f"![{f}](figures/{f})" for f in figures]
     return store.write_file("report.md", ("\n".join(lines) + "\n").encode())

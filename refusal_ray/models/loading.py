@@ -57,6 +57,20 @@ def bnb_4bit_cpu_problem(config: dict) -> str | None:
             f"(bitsandbytes' CPU kernel); this model has {bad[0]}: use 8bit or a GPU")
 
 
+def contiguous_head_input(model) -> None:
+    """Give the output head a contiguous input.
+
+    Transformers slices the last positions (`logits_to_keep`) before the head, a non-contiguous
+    [batch, k, d_model] view. torch 2.13's CPU bfloat16 linear on such a view with a vocabulary-
+    sized weight allocates about 24x the weight and runs 600x slower (measured with the Qwen2.5-3B
+    config: 14 GiB and 72 s instead of 0.1 s for a 24-row batch); a contiguous copy of the few kept
+    positions avoids it.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)
+
+
 def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | None = None, quantization: str | None = None,
@@ -107,6 +121,7 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     model.eval().requires_grad_(False)
+    contiguous_head_input(model)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -130,7 +130,7 @@ def suffix_length(positions: list[int], metric_position: int, seq_len: int) -> i
 @torch.inference_mode()
 def exact_patching(model, sites: SiteAdapter, input_ids: Tensor, attention_mask: Tensor, targets: list[Target],
                    positions: list[int], metric, batch_size: int = 256, metric_position: int = -1,
-                   progress=None) -> tuple[Tensor, Tensor, Tensor]:
+                   share_prefix: bool = True, progress=None) -> tuple[Tensor, Tensor, Tensor]:
     """Exact denoising activation patching of every target on every pair.
 
     Args:
@@ -139,13 +139,15 @@ def exact_patching(model, sites: SiteAdapter, input_ids: Tensor, attention_mask:
         targets: the patches; positions: negative positions patched together.
         metric: logits [batch, vocab] -> [batch], read at `metric_position`.
         batch_size: rows per forward pass (clean + corrupted + patched rows of a chunk).
+        share_prefix: reuse the key/value cache of the tokens before the earliest patched position
+            (False: every patch row runs the whole sequence; for benchmarks).
     Returns:
         (patched [n_targets, n], clean [n], corrupted [n]) metric values, float64.
     Raises:
         ValueError: a position before the start of the batch.
     """
     n, seq_len = input_ids.shape[0] // 2, input_ids.shape[1]
-    split = seq_len - suffix_length(positions, metric_position, seq_len)
+    split = seq_len - suffix_length(positions, metric_position, seq_len) if share_prefix else 0
     device = model.get_input_embeddings().weight.device
     ids, mask = input_ids.to(device), attention_mask.to(device)
     pos_ids = position_ids(mask)
