@@ -60,6 +60,8 @@ class Patch:
     positions: [n_pos] position indices into the forward pass (negative: from the end)
     heads: optional [k] head indices (z only): only these heads are overwritten
     Meant for single forward passes (not `generate`, where later steps see one position).
+    Writes in place, so every consumer of the site sees the patch: `hook_resid_mid` is both the
+    pre-MLP norm's input and the residual the MLP output is added to.
     Method: activation patching (Vig et al. 2020; Meng et al. 2022), as TransformerLens' patching.
     """
 
@@ -67,8 +69,7 @@ class Patch:
     positions: Tensor
     heads: Tensor | None = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        x = x.clone()
+    def __call__(self, x: Tensor) -> None:
         v = _like(self.values, x)
         pos = self.positions.to(x.device)
         if self.heads is None:
@@ -76,7 +77,6 @@ class Patch:
         else:
             heads = self.heads.to(x.device)
             x[:, pos[:, None], heads[None, :]] = v[:, :, heads]
-        return x
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:

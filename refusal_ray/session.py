@@ -36,12 +36,19 @@ def placement_kwargs(model: dict, visible_gpus: int) -> dict:
     Ray sets CUDA_VISIBLE_DEVICES for the actor, so ordinals are local: with `num_gpus: k > 1`
     accelerate splits the model across the actor's k GPUs (`device_map="auto"`), with one GPU it
     goes there whole, with none it stays on the CPU. An explicit `device_map` in the spec wins.
+    `offload: auto` (the default for models over the size threshold, resolved by the driver) loads
+    with accelerate's `device_map="auto"`: what does not fit on the GPUs / in memory (`max_memory`)
+    spills to the CPU and then to a disk folder (the spec's `offload_folder`, else a temporary
+    one). Offloaded weights are the checkpoint's own; no modified weight is ever written.
     """
     if model.get("device_map") is not None:
         return {"device": "cpu", "device_map": model["device_map"]}
     device = model["device"]
     if device == "auto":
         device = "cuda" if visible_gpus else "cpu"
+    if model.get("offload") == "auto":
+        folder = model.get("offload_folder") or tempfile.mkdtemp(prefix="refusal-ray-offload-")
+        return {"device": device, "device_map": "auto", "offload_folder": folder}
     if device == "cuda" and visible_gpus > 1:
         return {"device": device, "device_map": "auto"}
     return {"device": device, "device_map": None}

@@ -56,3 +56,40 @@ def test_memory_warning_names_the_model(tmp_path, tiny_qwen_path):
     assert memory_warnings(plan, available=10**12) == []
     [warning] = memory_warnings(plan, available=1000)
     assert warning.startswith("warning: model 'tiny' needs about ") and "offload_folder" in warning
+
+
+def test_big_models_offload_by_default_and_plan_says_so(tmp_path, tiny_qwen_path):
+    """Models of resources.highmem_params or more load with accelerate offloading unless told otherwise."""
+    from refusal_ray.plan import describe, offload_mode
+    from refusal_ray.session import placement_kwargs
+
+    spec = base_spec(tiny_qwen_path)
+    spec["resources"] = {"highmem_params": 1000}        # the tiny model counts as big
+    spec["models"].append({"name": "small-off", "path": str(tiny_qwen_path), "offload": "off"})
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    plan = make_plan(f)
+    big, off = plan.spec.models
+    assert offload_mode(big, plan.models["tiny"].params, 1000) == "auto"
+    assert offload_mode(off, plan.models["small-off"].params, 1000) == "off"
+    assert offload_mode(big, plan.models["tiny"].params, 3e9) == "off"
+    text = describe(plan)
+    assert "tiny: with GPUs" in text and "CPU-only 1 CPU + highmem" in text and "; offload auto" in text
+    assert "small-off: with GPUs" in text and "; no offload" in text
+    kwargs = placement_kwargs({"device": "cpu", "offload": "auto", "offload_folder": str(tmp_path / "off")}, 0)
+    assert kwargs == {"device": "cpu", "device_map": "auto", "offload_folder": str(tmp_path / "off")}
+    assert placement_kwargs({"device": "cpu", "offload": "off"}, 0) == {"device": "cpu", "device_map": None}
+
+
+def test_plan_warns_when_a_scrubbed_residual_stream_erases_a_hypothesis(tmp_path, tiny_qwen_path):
+    from refusal_ray.plan import scrub_warnings
+
+    spec = base_spec(tiny_qwen_path)
+    spec["stages"]["scrub"] = {"hypotheses": [{"name": "heads", "protected": ["blocks.1.attn.hook_z"]},
+                                              {"name": "stream", "protected": ["blocks.2.hook_resid_post"]}]}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    plan = make_plan(f)
+    assert plan.counts()[("tiny", "scrub")] == 2
+    assert scrub_warnings(plan) == ["warning: hypothesis 'heads' on tiny: blocks.2.hook_resid_post is scrubbed, "
+                                    "which overwrites protected blocks.1.attn.hook_z"]

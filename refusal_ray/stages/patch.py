@@ -95,20 +95,22 @@ class RefusalScore:
 
 
 class _CopyRows:
-    """Hook body: rows[i] <- rows src[i] at `positions` (and head heads[i] for z), same pass."""
+    """Hook body: rows[i] <- rows src[i] at `positions` (and head heads[i] for z), same pass.
+
+    Writes in place, so a site read by two consumers changes for both: `hook_resid_mid` is the
+    pre-MLP norm's input *and* the residual that the MLP output is added to, and both see the patch.
+    """
 
     def __init__(self, rows: Tensor, src: Tensor, heads: Tensor | None, positions: Tensor):
         self.rows, self.src, self.heads, self.positions = rows, src, heads, positions
 
-    def __call__(self, x: Tensor) -> Tensor:  # [batch, pos, d_model] or z [batch, pos, n_heads, d_head]
+    def __call__(self, x: Tensor) -> None:  # [batch, pos, d_model] or z [batch, pos, n_heads, d_head]
         r, s, p = self.rows.to(x.device)[:, None], self.src.to(x.device)[:, None], self.positions.to(x.device)[None, :]
-        out = x.clone()
         if self.heads is None:
-            out[r, p] = x[s, p]                                   # [m, n_pos, d_model]
+            x[r, p] = x[s, p]                                     # [m, n_pos, d_model]
         else:
             h = self.heads.to(x.device)[:, None]
-            out[r, p, h] = x[s, p, h]                             # [m, n_pos, d_head]
-        return out
+            x[r, p, h] = x[s, p, h]                               # [m, n_pos, d_head]
 
 
 def _select_cache(cache, index: Tensor):

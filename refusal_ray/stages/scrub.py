@@ -88,7 +88,8 @@ class _Scrub:
         self.use_full, self.use_source = use_full, use_source          # [m, width] bool
         self.source_real = source_real                                  # [m, pos] bool
 
-    def __call__(self, x: Tensor) -> Tensor:  # [batch, pos, d_model] or z [batch, pos, n_heads, d_head]
+    def __call__(self, x: Tensor) -> None:  # [batch, pos, d_model] or z [batch, pos, n_heads, d_head]
+        """In place, so every consumer of the site sees the scrubbed value (see patch._CopyRows)."""
         dev = x.device
         xt, xf, xs = x[self.rows.to(dev)], x[self.full.to(dev)], x[self.source.to(dev)]
         if x.dim() == 4:    # z: per-head masks [m, 1, n_heads, 1]
@@ -96,10 +97,7 @@ class _Scrub:
                 self.source_real[:, :, None, None]
         else:               # [m, 1, 1]
             uf, us, real = self.use_full[:, None, :], self.use_source[:, None, :], self.source_real[:, :, None]
-        new = torch.where(uf.to(dev), xf, torch.where((us.to(dev) & real.to(dev)), xs, xt))
-        out = x.clone()
-        out[self.rows.to(dev)] = new
-        return out
+        x[self.rows.to(dev)] = torch.where(uf.to(dev), xf, torch.where((us.to(dev) & real.to(dev)), xs, xt))
 
 
 @torch.inference_mode()
