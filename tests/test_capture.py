@@ -54,6 +54,7 @@ def test_capture_matches_hidden_states_and_residual_algebra(tiny_lm):
 def test_hooks_leave_model_unchanged(tiny_lm):
     model, tok, sites = tiny_lm
     ids, mask = encode(tok, PROMPTS)
+    installed = {id(m): (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
     with torch.no_grad():
         before = forward(model, ids, mask).logits
         with hooks(sites, {site_name("resid_pre", 1): lambda x: x * 0}):
@@ -61,7 +62,9 @@ def test_hooks_leave_model_unchanged(tiny_lm):
         after = forward(model, ids, mask).logits
     assert not torch.allclose(before, during)
     assert torch.equal(before, after)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    # only load_model's own head hook (a contiguous input) stays
+    assert {id(m): (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()} == installed
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 1
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -93,3 +96,19 @@ def test_adapter_reports_unknown_family():
 
     with pytest.raises(UnsupportedFamilyError, match=r"unsupported model family 'bert'; supported: gemma2, "):
         layout_for("bert")
+
+
+def test_output_head_gets_a_contiguous_input(tiny_qwen_path):
+    """load_model's head pre-hook: logits_to_keep slices a non-contiguous view (slow in CPU bf16)."""
+    from refusal_ray import load_model
+
+    lm = load_model(str(tiny_qwen_path), dtype="bfloat16")
+    seen = []
+    handle = lm.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ids, mask = encode(lm.tokenizer, PROMPTS)
+    with torch.no_grad():
+        kept = forward(lm.model, ids, mask, logits_to_keep=2).logits
+        full = forward(lm.model, ids, mask).logits
+    handle.remove()
+    assert seen[0].shape[1] == 2 and seen[0].is_contiguous()
+    torch.testing.assert_close(kept, full[:, -2:])
