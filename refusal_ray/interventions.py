@@ -95,11 +95,14 @@ def _hook(sites: SiteAdapter, kind: str, fn: Transform):
 
     if sites.reads_input(kind):
         def pre_hook(module, args, kwargs):
-            if args:
-                out = apply(args[0])
-                return None if out is None else ((out, *args[1:]), kwargs)
-            out = apply(kwargs["hidden_states"])
-            return None if out is None else (args, {**kwargs, "hidden_states": out})
+            x = args[0] if args else kwargs["hidden_states"]
+            out = apply(x)
+            if out is None or out is x:
+                return None
+            if kind == "resid_mid":  # the norm's input is also the residual the MLP adds to: change both
+                x.copy_(out)
+                return None
+            return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
         return pre_hook, True
 
     def post_hook(module, args, output):
@@ -114,7 +117,9 @@ def _hook(sites: SiteAdapter, kind: str, fn: Transform):
 def hooks(sites: SiteAdapter, transforms: dict[str, Transform]) -> Iterator[None]:
     """Attach `{site name: fn}` for the duration of the block; always removed on exit.
 
-    `fn(act)` returns a replacement tensor or None (read only).
+    `fn(act)` returns a replacement tensor, or None (read only, or edited in place). A replaced
+    `hook_resid_mid` is written into the tensor in place: it is both the pre-MLP norm's input and
+    the residual the MLP output is added to, and both must see it.
     """
     handles = []
     try:

@@ -10,12 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from refusal_ray.errors import SpecError
+
+
+def _negative(positions: list[int]) -> list[int]:
+    if any(p >= 0 for p in positions):
+        raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
+    return positions
+
+
+def _no_duplicates(names: list, what: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what} {dup[0]!r}")
+
+
+NegativePositions = Annotated[list[int], AfterValidator(_negative)]
 
 
 class Strict(BaseModel):
@@ -90,16 +105,9 @@ class DirectionsStage(Strict):
     """Difference of means (Arditi et al. 2024, Sec. 2.1) at every layer."""
 
     sites: list[SiteKind] = Field(["resid_pre"], min_length=1, description="Residual sites to fit at.")
-    positions: list[int] = Field([-1], min_length=1, description="Token positions, negative from the end "
+    positions: NegativePositions = Field([-1], min_length=1, description="Token positions, negative from the end "
                                                                  "(-1: last token of the chat template).")
     batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
-
-    @field_validator("positions")
-    @classmethod
-    def _negative(cls, v):
-        if any(p >= 0 for p in v):
-            raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
-        return v
 
 
 LayerList = Literal["all"] | list[int]
@@ -140,7 +148,7 @@ class PatchStage(Strict):
                                        description="Site kinds patched at every layer listed ('z' is patched "
                                                    "head by head).")
     layers: LayerList = Field("all", description="Layers ('all' or a list).")
-    positions: list[int] = Field([-1], min_length=1, description="Positions patched together, negative from the "
+    positions: NegativePositions = Field([-1], min_length=1, description="Positions patched together, negative from the "
                                                                  "end of the prompt (-1: last token).")
     n_pairs: int = Field(16, ge=1, description="Harmful/harmless pairs from the test split, per seed.")
     attribution: bool = Field(True, description="Screen every site with attribution patching (AtP: two forward "
@@ -149,13 +157,6 @@ class PatchStage(Strict):
                                                               "exactly (None: every site exactly).")
     batch_size: int = Field(256, ge=1, description="Rows (pair x patch) per forward pass.")
     screen_batch_size: int = Field(16, ge=1, description="Pairs per attribution backward pass.")
-
-    @field_validator("positions")
-    @classmethod
-    def _negative(cls, v):
-        if any(p >= 0 for p in v):
-            raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
-        return v
 
     @model_validator(mode="after")
     def _screen(self):
@@ -206,10 +207,7 @@ class ScrubStage(Strict):
     @field_validator("hypotheses")
     @classmethod
     def _unique(cls, v):
-        names = [h.name for h in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate hypothesis name {dup[0]!r}")
+        _no_duplicates([h.name for h in v], "hypothesis name")
         return v
 
 
@@ -277,10 +275,7 @@ class Spec(Strict):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, v):
-        names = [m.name for m in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate model name {dup[0]!r}")
+        _no_duplicates([m.name for m in v], "model name")
         return v
 
     @field_validator("seeds")

@@ -196,3 +196,21 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(tiny_qwen_path
                                               max_new_tokens=5), 16)
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2           # 16 -> 8 -> 4 -> 2 rows per call
     assert [c["completion"] for c in got[1]] == [c["completion"] for c in want[1]]
+
+
+def test_a_replaced_resid_mid_carries_on_into_the_residual_stream(tiny_qwen_path):
+    """resid_mid feeds the pre-MLP norm *and* the residual add: resid_post = edited resid_mid + mlp_out."""
+    from refusal_ray import load_model
+
+    lm = load_model(str(tiny_qwen_path))
+    ids, mask = encode(lm.tokenizer, PROMPTS)
+    v = torch.randn(lm.sites.d_model)
+    with hooks(lm.sites, {"blocks.1.hook_resid_mid": lambda x: x + v}):
+        acts = capture(lm.model, ids, mask, ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
+                                             "blocks.1.hook_resid_post"], lm.sites)
+    plain = capture(lm.model, ids, mask, ["blocks.1.hook_resid_mid"], lm.sites)
+    real = mask.bool()
+    torch.testing.assert_close(acts["blocks.1.hook_resid_mid"][real], (plain["blocks.1.hook_resid_mid"] + v)[real])
+    torch.testing.assert_close(acts["blocks.1.hook_resid_post"][real],
+                               (acts["blocks.1.hook_resid_mid"] + acts["blocks.1.hook_mlp_out"])[real],
+                               rtol=1e-5, atol=1e-5)
