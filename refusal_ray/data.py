@@ -97,15 +97,25 @@ def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -
     return out
 
 
-def chat_prompts(tokenizer, instructions: list[str]) -> list[str]:
-    """Instructions wrapped in the tokenizer's chat template with a generation prompt."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
-                                          tokenize=False) for x in instructions]
+def chat_prompts(tokenizer, instructions: list[str], chat=None) -> list[str]:
+    """Instructions wrapped in the tokenizer's chat template with a generation prompt.
+
+    `chat`: a `refusal_ray.models.chat.ChatOptions` (system prompt, fixed date); None: the defaults
+    (no system prompt). Raises TemplateError when the tokenizer has no chat template.
+    """
+    from refusal_ray.models.chat import ChatOptions, render
+
+    return render(tokenizer, instructions, chat or ChatOptions())
 
 
-def encode(tokenizer, instructions: list[str]):
+def prompt_tokens(tokenizer, instructions: list[str], chat=None) -> list[list[int]]:
+    """Token ids of each rendered chat prompt (unpadded; the template's own special tokens only)."""
+    return tokenizer(chat_prompts(tokenizer, instructions, chat), add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, instructions: list[str], chat=None):
     """Left-padded token batch of chat prompts: (input_ids, attention_mask), each [batch, pos]."""
-    enc = tokenizer(chat_prompts(tokenizer, instructions), return_tensors="pt", padding=True,
+    enc = tokenizer(chat_prompts(tokenizer, instructions, chat), return_tensors="pt", padding=True,
                     add_special_tokens=False)
     return enc["input_ids"], enc["attention_mask"]
 

@@ -6,6 +6,7 @@ Everything here runs before the store is touched, so bad input exits 2 with noth
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_ray.data import SPLITS, draw_pairs, fingerprint, load_prompts, split_prompts
+from refusal_ray.data import SPLITS, fingerprint, load_prompts, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
 from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config
-from refusal_ray.models.patterns import PatternError, expand as expand_patterns
 from refusal_ray.models.sites import UnsupportedFamilyError, layout_for
 from refusal_ray.spec import Spec, load_spec
+from refusal_ray.stages import STAGES
+from refusal_ray.stages.scrub import scrub_warnings  # noqa: F401 - re-exported
 
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2, "8bit": 1, "4bit": 0.5}
 
@@ -34,6 +36,8 @@ class ModelPlan:
     estimate_bytes: int   # weights x 1.2 headroom for activations and the KV cache
     family: str
     n_heads: int = 1
+    positions: list[int] = field(default_factory=lambda: [-1])   # direction positions, resolved
+    chat: dict = field(default_factory=dict)   # rendered example, stop tokens, generation settings
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Plan:
     data_fingerprint: str
     prompts: dict = field(default_factory=dict)       # seed -> split -> class -> PromptSet (drawn once)
     cells: list[Cell] = field(default_factory=list)
+    fingerprints: dict = field(default_factory=dict)  # model -> prompt fingerprint (files + rendered token ids)
 
     def submission_id(self) -> str:
         """A stable Ray job submission id: the same spec gives the same id, so Ray refuses a double submit."""
@@ -98,11 +103,8 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
 
 
 def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> None:
-    steer, patch = spec.stages.steer, spec.stages.patch
-    depth = min(mp.n_layers for mp in models.values())
+    steer = spec.stages.steer
     checks = []
-    if patch is not None and patch.layers != "all":
-        checks += [("stages.patch.layers", layer) for layer in patch.layers]
     if steer is not None and steer.addition is not None and steer.addition.layers != "all":
         checks += [("stages.steer.addition.layers", layer) for layer in steer.addition.layers]
     if steer is not None and steer.ablation is not None:
@@ -110,48 +112,75 @@ def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> N
             checks += [("stages.steer.ablation.layers", layer) for layer in steer.ablation.layers]
         if isinstance(steer.ablation.direction_layer, int):
             checks.append(("stages.steer.ablation.direction_layer", steer.ablation.direction_layer))
+    shallow = min(models.values(), key=lambda mp: mp.n_layers)
     for where, layer in checks:
-        if not 0 <= layer < depth:
-            shallow = min(models.values(), key=lambda mp: mp.n_layers)
+        if not 0 <= layer < shallow.n_layers:
             raise SpecError(spec_file, where, f"layer {layer} out of range: model {shallow.name!r} "
                                               f"has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
 
 
-def _check_patterns(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> None:
-    """Every scrub pattern must fit every model (layers and heads)."""
-    scrub = spec.stages.scrub
-    if scrub is None:
-        return
-    fields = [("stages.scrub.scrubbed", scrub.scrubbed)] + [
-        (f"stages.scrub.hypotheses.{i}.protected", h.protected) for i, h in enumerate(scrub.hypotheses)]
-    for mp in models.values():
-        for where, patterns in fields:
-            try:
-                expand_patterns(patterns, mp.n_layers, mp.n_heads)
-            except PatternError as e:
-                raise SpecError(spec_file, where, f"{e} (model {mp.name!r})") from None
+def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[str]):
+    """Resolve the model's prompts: tokenizer and template, post-instruction positions, stop tokens
+    and generation settings (into `mp.positions` and `mp.chat`); returns the tokenizer.
+    Raises SpecError naming the field."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from refusal_ray.models.chat import (ChatOptions, TemplateError, default_system_prompt, effective_settings,
+                                         end_of_turn_id, greedy_config, post_instruction_positions, render)
+
+    m, field_ = spec.models[i], f"models.{i}.{'path' if spec.models[i].path else 'hub_id'}"
+    options = ChatOptions(**spec.chat.model_dump())
+    try:
+        tok = AutoTokenizer.from_pretrained(m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
+        raise SpecError(spec_file, field_, f"cannot load the tokenizer: {e}".splitlines()[0]) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    try:
+        gen = GenerationConfig.from_pretrained(m.source, revision=m.revision)
+    except Exception:  # noqa: BLE001 - no generation_config.json: the tokenizer's EOS and the template's
+        gen = None
+    try:
+        example = render(tok, instructions[:1], options)[0]
+        positions = spec.stages.directions.positions
+        positions = (post_instruction_positions(tok, options, instructions) if positions == "post_instruction"
+                     else list(positions))
+    except TemplateError as e:
+        where = "chat.system_prompt" if "system prompt" in str(e) else field_
+        raise SpecError(spec_file, where, f"{e} (model {m.name!r})") from None
+    steer = spec.stages.steer
+    if steer is not None and steer.position not in positions:
+        raise SpecError(spec_file, "stages.steer.position", f"{steer.position} is not among the direction "
+                                                            f"positions {positions} of model {m.name!r}")
+    abl = steer.ablation if steer is not None else None
+    if abl is not None and abl.direction_position is not None and abl.direction_position not in positions:
+        raise SpecError(spec_file, "stages.steer.ablation.direction_position",
+                        f"{abl.direction_position} is not among the direction positions {positions} of model {m.name!r}")
+
+    class _Shim:   # greedy_config reads only `generation_config` from the model
+        generation_config = gen
+
+    config = greedy_config(_Shim, tok, options, spec.generation.max_new_tokens)
+    mp.positions = positions
+    mp.chat = {"example_prompt": example, "default_system_prompt": default_system_prompt(tok, options),
+               "end_of_turn_id": end_of_turn_id(tok, options),
+               "stop_tokens": [tok.convert_ids_to_tokens(t) for t in config.eos_token_id],
+               "generation": effective_settings(config), "options": options.as_dict()}
+    return tok
 
 
-def scrub_warnings(plan: "Plan") -> list[str]:
-    """Hypotheses whose protected sites are overwritten by a scrubbed residual stream after them.
+def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) -> str:
+    """Hash of the prompt files and of every drawn prompt's rendered token ids for one model:
+    the same files rendered with another template, system prompt or date give another hash."""
+    from refusal_ray.data import prompt_tokens
 
-    Scrubbing `blocks.L.hook_resid_post` replaces the whole stream, so what a protected site at a
-    layer <= L wrote is lost: the hypothesis then scores the resampled run's KL whatever it protects.
-    """
-    scrub, out = plan.spec.stages.scrub, []
-    if scrub is None:
-        return out
-    for mp in plan.models.values():
-        scrubbed = expand_patterns(scrub.scrubbed, mp.n_layers, mp.n_heads)
-        for h in scrub.hypotheses:
-            prot = expand_patterns(h.protected, mp.n_layers, mp.n_heads)
-            cut = [int(s.split(".")[1]) for s in scrubbed if s.endswith("hook_resid_post") and s not in prot]
-            lost = sorted(s for s in prot if cut and int(s.split(".")[1]) <= max(cut))
-            if lost:
-                out.append(f"warning: hypothesis {h.name!r} on {mp.name}: blocks.{max(cut)}.hook_resid_post is "
-                           f"scrubbed, which overwrites protected {lost[0]}" + (f" and {len(lost) - 1} more" if
-                                                                               len(lost) > 1 else ""))
-    return out
+    h = hashlib.sha256(data_fingerprint.encode())
+    for seed in sorted(prompts):
+        for split in SPLITS:
+            for cls in ("harmful", "harmless"):
+                for ids in prompt_tokens(tokenizer, prompts[seed][split][cls].instructions, chat):
+                    h.update(json.dumps(ids).encode())
+    return h.hexdigest()[:16]
 
 
 def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Plan:
@@ -176,22 +205,22 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
                 raise SpecError(spec_file, f"data.{cls}", str(e)) from None
     prompts = {seed: {split: {cls: drawn[(cls, seed)][split] for cls in frames} for split in SPLITS}
                for seed in spec.seeds}
-    for stage in ("patch", "scrub"):
-        cfg = getattr(spec.stages, stage)
-        if cfg is None:
-            continue
-        for seed in spec.seeds:
-            try:
-                prompts[seed][stage] = draw_pairs(frames["harmful"][0], frames["harmless"][0], spec.data.harmful,
-                                                  spec.data.harmless, cfg.n_pairs, seed)
-            except ValueError as e:
-                raise SpecError(spec_file, f"stages.{stage}.n_pairs", str(e)) from None
     models = {m.name: _model_plan(spec, spec_file, i) for i, m in enumerate(spec.models)}
     _check_layers(spec, spec_file, models)
-    _check_patterns(spec, spec_file, models)
+    instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
+                           for x in ps.instructions})
+    tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)}
     fp = hashlib.sha256("".join(fingerprint(pf.path) for _, pf in frames.values()).encode()).hexdigest()[:16]
     plan = Plan(spec, spec_file, models, frames, fp, prompts)
-    cells = expand(spec, {n: mp.n_layers for n, mp in models.items()}, fp)
+    for stage in STAGES:
+        if stage.enabled(spec):
+            stage.prepare(plan)
+            stage.check(plan)
+    from refusal_ray.models.chat import ChatOptions
+
+    options = ChatOptions(**spec.chat.model_dump())
+    plan.fingerprints = {n: prompt_fingerprint(fp, tokenizers[n], prompts, options) for n in models}
+    cells = expand(spec, models, plan.fingerprints)
     plan.cells = [c for c in cells if not only_models or c.model in only_models]
     return plan
 
@@ -217,39 +246,31 @@ def memory_warnings(plan: Plan, available: int | None = None) -> list[str]:
 
 
 def describe(plan: Plan, done: set[str] | None = None) -> str:
-    """Human-readable plan: cells per stage and model, layers, memory estimates."""
+    """Human-readable plan: cells per stage and model, layers, positions, memory estimates, prompts."""
     done = done or set()
     counts = plan.counts()
+    stages = [s for s in STAGES if s.enabled(plan.spec)]
     lines = [f"sweep {plan.spec.name} (submission id {plan.submission_id()}): {len(plan.cells)} cells "
              f"({sum(c.id in done for c in plan.cells)} already done), seeds {plan.spec.seeds}"]
     lines.append(f"{'model':<14}{'family':<10}{'params':>12}{'layers':>8}{'memory':>10}"
-                 f"{'directions':>12}{'steer':>8}{'patch':>7}{'scrub':>7}")
+                 + "".join(f"{s.name:>12}" for s in stages))
     for name, mp in sorted(plan.models.items(), key=lambda kv: kv[1].params):
         if not any(c.model == name for c in plan.cells):
             continue
-        lines.append(f"{name:<14}{mp.family:<10}{mp.params:>12,}{mp.n_layers:>8}"
-                     f"{_human(mp.estimate_bytes):>10}{counts.get((name, 'directions'), 0):>12}"
-                     f"{counts.get((name, 'steer'), 0):>8}{counts.get((name, 'patch'), 0):>7}"
-                     f"{counts.get((name, 'scrub'), 0):>7}")
-    steer = plan.spec.stages.steer
-    if steer is not None:
-        add = steer.addition
-        lines.append(f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
-                     f"ablation: alphas {steer.ablation.alphas if steer.ablation else '-'}; "
-                     f"controls: {steer.controls}")
-    patch, scrub = plan.spec.stages.patch, plan.spec.stages.scrub
-    if patch is not None:
-        lines.append(f"patch: sites {patch.sites} at layers {patch.layers}, positions {patch.positions}, "
-                     f"{patch.n_pairs} pairs; attribution screen: {patch.attribution}, exact: "
-                     f"{'top ' + str(patch.confirm_top_k) if patch.confirm_top_k else 'every site'}")
-    if scrub is not None:
-        lines.append(f"scrub: {len(scrub.hypotheses)} hypotheses against {scrub.scrubbed}, {scrub.n_pairs} examples x "
-                     f"{scrub.resamples} resamples, threshold {scrub.threshold}")
+        lines.append(f"{name:<14}{mp.family:<10}{mp.params:>12,}{mp.n_layers:>8}{_human(mp.estimate_bytes):>10}"
+                     + "".join(f"{counts.get((name, s.name), 0):>12}" for s in stages))
+    for s in stages:
+        lines += s.describe(plan)
+    lines.append("prompts and generation (refusal_ray/models/chat.py):")
+    for name, mp in plan.models.items():
+        c = mp.chat
+        lines.append(f"  {name}: direction positions {mp.positions}; stop tokens {c.get('stop_tokens')}; "
+                     f"system prompt {plan.spec.chat.system_prompt!r} (template default: "
+                     f"{c.get('default_system_prompt')!r}); example {c.get('example_prompt')!r}")
     lines.append("placement (refusal_ray/cluster/placement.py):")
     for line in placement_lines(plan):
         lines.append(f"  {line}")
     lines += memory_warnings(plan)
-    lines += scrub_warnings(plan)
     return "\n".join(lines)
 
 

@@ -43,7 +43,9 @@ def manifest(plan: Plan) -> dict:
         "data_fingerprint": plan.data_fingerprint,
         "steer_position": spec.stages.steer.position if spec.stages.steer else -1,
         "models": {n: {"params": mp.params, "n_layers": mp.n_layers, "d_model": mp.d_model, "family": mp.family,
-                       "estimate_bytes": mp.estimate_bytes} for n, mp in plan.models.items()},
+                       "estimate_bytes": mp.estimate_bytes, "positions": mp.positions,
+                       "prompt_fingerprint": plan.fingerprints.get(n), **mp.chat}
+                   for n, mp in plan.models.items()},
         "package_version": _version("refusal-ray"), "git_sha": _git_sha(),
         "libraries": {p: _version(p) for p in LIBRARIES},
         "host": {"hostname": socket.gethostname(), "python": platform.python_version(),

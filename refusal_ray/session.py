@@ -11,16 +11,12 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from refusal_ray.grid import Cell
 from refusal_ray.judges import SubstringJudge
+from refusal_ray.models.chat import ChatOptions
 from refusal_ray.models.loading import load_model
-from refusal_ray.stages.directions import best_layer, fit_directions
-from refusal_ray.stages.patch import run_patch
-from refusal_ray.stages.scrub import run_scrub
-from refusal_ray.stages.steer import run_steer
 
 
 def resolve_path(path: str | None, abs_path: str | None) -> str | None:
@@ -55,12 +51,15 @@ def placement_kwargs(model: dict, visible_gpus: int) -> dict:
 
 
 class ModelSession:
-    """One model loaded once; runs batches of cells of any seed.
+    """One model loaded once; runs batches of cells of any seed and stage.
 
     Args:
-        model: ModelSpec as a dict (with `abs_path` added by the driver).
-        prompts: {seed: {"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet}}}
-        settings: the spec's stages / generation / judge blocks as dicts.
+        model: ModelSpec as a dict (with `abs_path` and the resolved direction `positions` added by
+            the driver).
+        prompts: {seed: {"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet},
+                  "patch"|"scrub": Pairs}}
+        settings: each enabled stage's block, and the generation / judge / chat blocks, as dicts.
+    Stages read `lm`, `prompts`, `settings`, `judge`, `chat`, `positions` and call `halving`.
     """
 
     def __init__(self, model: dict, prompts: dict, settings: dict, torch_threads: int | None = None):
@@ -79,54 +78,26 @@ class ModelSession:
             attn_implementation=model.get("attn_implementation"))
         self.load_seconds = time.perf_counter() - started
         self.judge = SubstringJudge(settings["judge"].get("phrases"))
+        self.chat = ChatOptions(**settings.get("chat", {}))
+        self.positions = model.get("positions") or [-1]
 
     def info(self) -> dict:
         return {"device": str(self.lm.device), "load_seconds": self.load_seconds,
                 "n_layers": self.lm.sites.n_layers, "d_model": self.lm.sites.d_model}
 
-    def directions(self, cell: Cell) -> list[dict]:
-        cfg = self.settings["directions"]
-        p = self.prompts[cell.seed]
-        rows = halving_on_oom(lambda bs: fit_directions(
-            self.lm, (p["train"]["harmful"], p["train"]["harmless"]), (p["val"]["harmful"], p["val"]["harmless"]),
-            cfg["sites"], cfg["positions"], bs), cfg["batch_size"])
-        return [{"cell_id": cell.id, "seed": cell.seed, **r} for r in rows]
+    @staticmethod
+    def halving(fn, batch_size: int):
+        return halving_on_oom(fn, batch_size)
 
-    def steer(self, cells: list[Cell], directions: dict[int, np.ndarray], best: int) -> tuple[list[dict], list[dict]]:
-        cfg = self.settings["steer"]
-        seed = cells[0].seed
-        test = self.prompts[seed]["test"]
-        ablation = cfg.get("ablation") or {"layers": "all"}
-        return halving_on_oom(lambda bs: run_steer(
-            self.lm, cells, test, directions, best, ablation_layers=ablation["layers"],
-            max_new_tokens=self.settings["generation"]["max_new_tokens"], batch_size=bs, judge=self.judge),
-            cfg["batch_size"])
+    def run(self, stage: str, cells: list[Cell], payload=None) -> dict:
+        """Run a batch of one stage's cells; never raises for a cell error:
+        returns {"ok": bool, "tables": {table: rows}, "error": str, "seconds", "device"}."""
+        from refusal_ray.stages import STAGE_BY_NAME
 
-    def patch(self, cell: Cell) -> list[dict]:
-        cfg = self.settings["patch"]
-        return halving_on_oom(lambda bs: run_patch(self.lm, cell, self.prompts[cell.seed]["patch"],
-                                                   {**cfg, "batch_size": bs}, self.judge.phrases), cfg["batch_size"])
-
-    def scrub(self, cells: list[Cell]) -> list[dict]:
-        cfg = self.settings["scrub"]
-        seed = cells[0].seed
-        return halving_on_oom(lambda bs: run_scrub(self.lm, cells, self.prompts[seed]["scrub"],
-                                                   {**cfg, "batch_size": bs}, seed), cfg["batch_size"])
-
-    def run(self, stage: str, cells: list[Cell], directions: dict | None = None, best: int | None = None) -> dict:
-        """Run a batch; never raises for a cell error: returns {"ok": bool, "tables": ..., "error": str}."""
         _maybe_crash(stage)
         started = time.perf_counter()
         try:
-            if stage == "directions":
-                tables = {"directions": [r for c in cells for r in self.directions(c)]}
-            elif stage == "patch":
-                tables = {"patching": [r for c in cells for r in self.patch(c)]}
-            elif stage == "scrub":
-                tables = {"scrubbing": self.scrub(cells)}
-            else:
-                arms, comps = self.steer(cells, directions, best)
-                tables = {"steering": arms, "completions": comps}
+            tables = STAGE_BY_NAME[stage].run(self, cells, payload)
             return {"ok": True, "tables": tables, "seconds": time.perf_counter() - started,
                     "device": str(self.lm.device)}
         except Exception as e:  # noqa: BLE001 - reported per cell by the driver
@@ -157,10 +128,3 @@ def _maybe_crash(stage: str) -> None:
     if marker and stage == "steer" and not Path(marker).exists():
         Path(marker).touch()
         os._exit(1)
-
-
-def steering_inputs(direction_rows: list[dict], site: str, position: int) -> tuple[dict[int, np.ndarray], int]:
-    """({layer: vector}, best layer) from a seed's direction rows, for the steer stage."""
-    vecs = {int(r["layer"]): np.asarray(r["vector"], np.float32) for r in direction_rows
-            if r["site"] == site and int(r["position"]) == position}
-    return vecs, best_layer(direction_rows, site, position)

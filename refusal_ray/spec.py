@@ -102,12 +102,41 @@ SiteKind = Literal["resid_pre", "resid_post"]
 
 
 class DirectionsStage(Strict):
-    """Difference of means (Arditi et al. 2024, Sec. 2.1) at every layer."""
+    """Difference of means (Arditi et al. 2024, Sec. 2.1) at every layer x position."""
 
     sites: list[SiteKind] = Field(["resid_pre"], min_length=1, description="Residual sites to fit at.")
-    positions: NegativePositions = Field([-1], min_length=1, description="Token positions, negative from the end "
-                                                                 "(-1: last token of the chat template).")
+    positions: Literal["post_instruction"] | Annotated[NegativePositions, Field(min_length=1)] = Field(
+        "post_instruction", description="'post_instruction': every token the chat template puts after the "
+                                        "instruction (found by rendering the template); or negative offsets "
+                                        "from the end (-1: last token of the chat template).")
+    filter_train: bool = Field(False, description="Arditi's train filtering: drop harmful train prompts the model "
+                                                  "does not refuse and harmless ones it does (refusal score > 0 "
+                                                  "counts as refusing); the counts are stored.")
     batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
+
+
+class SelectStage(Strict):
+    """Causal direction selection (Arditi et al. 2024, Sec. 2.3 and App. C), every candidate as batch rows.
+
+    Candidates: every layer x position of stages.directions at resid_pre. Scores on the val split:
+    bypass (mean refusal score of harmful prompts with the unit direction ablated at every layer),
+    induce (mean refusal score of harmless prompts with the direction added at its own layer),
+    KL (mean first-token KL(baseline || ablated) on harmless prompts).
+    """
+
+    criterion: Literal["bypass", "swing", "separation"] = Field(
+        "bypass", description="'bypass': lowest bypass score (Arditi); 'swing': largest validation refusal-rate "
+                              "swing (the pre-registered replication's; rates by refusal score > 0); "
+                              "'separation': highest Cohen's d (the old 'best').")
+    max_layer_fraction: float | None = Field(0.8, gt=0, le=1, description="Drop candidates at layers >= this "
+                                                                         "fraction of n_layers (None: keep all).")
+    kl_max: float | None = Field(0.1, ge=0, description="Drop candidates whose ablation KL is above this (None: keep).")
+    induce_min: float | None = Field(0.0, description="Drop candidates whose induce score is below this (None: keep).")
+    fallback: Literal["bypass", "swing", "separation"] | None = Field(
+        None, description="When no candidate passes the filters: None selects nothing (ablation arms that need "
+                          "the selected direction are skipped and the verdict says NO-SELECTION); a criterion "
+                          "picks among all candidates by it, marked as a fallback in the table and summary.")
+    batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
 
 
 LayerList = Literal["all"] | list[int]
@@ -126,8 +155,11 @@ class AblationArm(Strict):
 
     layers: LayerList = Field("all", description="Layers ablated at ('all' is Arditi's choice).")
     alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths.")
-    direction_layer: Literal["best"] | int = Field("best", description="Layer whose direction is ablated "
-                                                                       "('best': highest separation).")
+    direction_layer: Literal["selected", "best"] | int = Field(
+        "selected", description="Direction ablated: 'selected' (stage select's choice for the seed, layer and "
+                                "position), 'best' (highest separation at steer.position) or a layer.")
+    direction_position: int | None = Field(None, lt=0, description="Position of an explicit direction_layer "
+                                                                   "(None: steer.position).")
 
 
 class SteerStage(Strict):
@@ -213,6 +245,7 @@ class ScrubStage(Strict):
 
 class Stages(Strict):
     directions: DirectionsStage = Field(default_factory=DirectionsStage)
+    select: SelectStage | None = None
     steer: SteerStage | None = None
     patch: PatchStage | None = None
     scrub: ScrubStage | None = None
@@ -221,6 +254,16 @@ class Stages(Strict):
 class Generation(Strict):
     max_new_tokens: int = Field(32, ge=1, le=4096)
     greedy: Literal[True] = Field(True, description="Greedy decoding (sampling is not supported).")
+
+
+class ChatSpec(Strict):
+    """How instructions become prompts (refusal_ray/models/chat.py)."""
+
+    system_prompt: str = Field("none", description="'none' (no system text; a template that always emits a "
+                                                    "system turn gets an empty one), 'default' (the template's own "
+                                                    "default, e.g. Qwen2.5's), or the system message itself.")
+    date: str = Field("26 Jul 2024", description="Fixed `date_string` for templates that print a date "
+                                                 "(Llama-3.x), so prompts do not change with the day.")
 
 
 class Judge(Strict):
@@ -268,6 +311,7 @@ class Spec(Strict):
     seeds: list[int] = Field([0], min_length=1)
     stages: Stages = Field(default_factory=Stages)
     generation: Generation = Field(default_factory=Generation)
+    chat: ChatSpec = Field(default_factory=ChatSpec)
     judge: Judge = Field(default_factory=Judge)
     decision_rule: DecisionRule
     resources: Resources = Field(default_factory=Resources)
@@ -290,9 +334,22 @@ class Spec(Strict):
         steer = self.stages.steer
         if steer is not None and "resid_pre" not in self.stages.directions.sites:
             raise ValueError("stages.steer needs 'resid_pre' in stages.directions.sites (steering uses those directions)")
-        if steer is not None and steer.position not in self.stages.directions.positions:
+        positions = self.stages.directions.positions
+        if steer is not None and positions != "post_instruction" and steer.position not in positions:
             raise ValueError(f"stages.steer.position {steer.position} is not among "
-                             f"stages.directions.positions {self.stages.directions.positions}")
+                             f"stages.directions.positions {positions}")
+        return self
+
+    @model_validator(mode="after")
+    def _selected_needs_select(self):
+        steer = self.stages.steer
+        if (steer is not None and steer.ablation is not None and steer.ablation.direction_layer == "selected"
+                and self.stages.select is None):
+            raise ValueError("stages.steer.ablation.direction_layer 'selected' needs a stages.select block "
+                             "(or direction_layer: best / a layer)")
+        if self.stages.select is not None and "resid_pre" not in self.stages.directions.sites:
+            raise ValueError("stages.select needs 'resid_pre' in stages.directions.sites (candidates are "
+                             "resid_pre directions)")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,6 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TABLES = ("cells", "directions", "steering", "completions", "patching", "scrubbing")
 # Columns that may be null in one file and set in another: one declared type each, so every file
 # of a table has the same schema and `pd.read_parquet(table_dir)` reads them together.
 COLUMN_TYPES = {
@@ -34,7 +33,8 @@ COLUMN_TYPES = {
     "layer": pa.int64(), "direction_layer": pa.int64(), "seed": pa.int64(), "vector_norm": pa.float64(),
     "task_accuracy": pa.float64(), "task_n": pa.int64(), "correct": pa.bool_(), "refusal": pa.bool_(),
     "head": pa.int64(), "patched_score": pa.float64(), "recovery": pa.float64(), "attribution": pa.float64(),
-    "attribution_rank": pa.int64(),
+    "attribution_rank": pa.int64(), "direction_position": pa.int64(), "filter": pa.string(),
+    "selected_by": pa.string(), "direction": pa.string(),
 }
 
 
@@ -165,6 +165,8 @@ def read(out_dir: str | Path, table: str) -> pd.DataFrame:
         if data is None:
             raise FileNotFoundError(f"{store}/summary.parquet")
         return pd.read_parquet(io.BytesIO(data))
+    from refusal_ray.stages import TABLES   # the stages declare their tables; the store stays closed to them
+
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
     return store.read(table)

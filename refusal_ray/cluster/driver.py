@@ -1,9 +1,11 @@
 """The driver: plan -> ModelWorker actors -> rows streamed into the store.
 
-Cells are grouped by (model, seed). Each model gets one or more actors (replicas), each loading
-it once and serving any of its seeds: a seed's directions cell runs first, and its steering cells
-are dispatched to any replica as soon as the directions are stored (the vectors travel with each
-batch, so replicas hold no state). At most two batches are in flight per actor; results are
+Cells are grouped by (model, seed) and by stage into tasks, as each stage declares
+(`refusal_ray.stages`). Each model gets one or more actors (replicas), each loading it once and
+serving any of its seeds. A task waits until the stages it needs have finished for its
+(model, seed) (directions -> select -> steer); their rows, reduced by the stage's `inputs`, travel
+with each task, so replicas hold no state. Cells a stage cannot run on those inputs (its `skip`)
+are stored as `skipped` with the reason. At most two batches are in flight per actor; results are
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
 their error and the run goes on. After a worker crash its queue waits for a readiness probe
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
 from refusal_ray.plan import Plan, offload_mode
-from refusal_ray.session import steering_inputs
+from refusal_ray.stages import STAGE_BY_NAME, STAGES
 from refusal_ray.store import Store
 
 MAX_ATTEMPTS = 3
@@ -59,8 +61,10 @@ class ModelState:
     name: str
     workers: list = field(default_factory=list)                      # WorkerState per replica
     ready: deque = field(default_factory=deque)                       # tasks that can run now
-    waiting: dict = field(default_factory=lambda: defaultdict(list))  # seed -> steer tasks needing directions
-    directions: dict = field(default_factory=dict)                    # seed -> (vectors, best)
+    waiting: dict = field(default_factory=lambda: defaultdict(list))  # seed -> tasks whose needs are unfinished
+    pending: dict = field(default_factory=lambda: defaultdict(int))   # (seed, stage) -> unfinished tasks
+    results: dict = field(default_factory=dict)                       # (seed, stage) -> {table: rows}
+    payloads: dict = field(default_factory=dict)                      # (seed, stage) -> the stage's inputs
 
     def no_work_left(self) -> bool:
         return not self.ready and not any(self.waiting.values())
@@ -102,23 +106,15 @@ def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
     if m.device == "auto":
         payload["device"] = placement.device
     payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
+    payload["positions"] = plan.models[name].positions
     return payload
 
 
 def settings_payload(plan: Plan) -> dict:
+    """Every enabled stage's settings block, and the generation / judge / chat blocks."""
     s = plan.spec
-    return {"directions": s.stages.directions.model_dump(mode="json"),
-            "steer": s.stages.steer.model_dump(mode="json") if s.stages.steer else None,
-            "patch": s.stages.patch.model_dump(mode="json") if s.stages.patch else None,
-            "scrub": s.stages.scrub.model_dump(mode="json") if s.stages.scrub else None,
-            "generation": s.generation.model_dump(mode="json"), "judge": s.judge.model_dump(mode="json")}
-
-
-def cells_per_task(plan: Plan) -> int:
-    """Steering cells per actor call: about four full `generate` chunks of rows."""
-    steer = plan.spec.stages.steer
-    rows_per_cell = 2 * plan.spec.data.n_test
-    return max(1, (4 * steer.batch_size) // rows_per_cell)
+    return {**{st.name: st.settings(s) for st in STAGES}, "generation": s.generation.model_dump(mode="json"),
+            "judge": s.judge.model_dump(mode="json"), "chat": s.chat.model_dump(mode="json")}
 
 
 class Driver:
@@ -130,6 +126,7 @@ class Driver:
         self.cluster = cluster or {}
         self.progress = progress
         self.failed: list[str] = []
+        self.skipped = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _record(self, task: Task, status: str, result: dict, error: str | None = None) -> None:
@@ -144,37 +141,57 @@ class Driver:
         for table, rows in tables.items():
             self.store.write(table, model, rows)
 
-    def _steering_inputs(self, direction_rows: list[dict]):
-        """({layer: vector}, best layer) at resid_pre and the steering position."""
-        steer = self.plan.spec.stages.steer
-        return steering_inputs(direction_rows, "resid_pre", steer.position if steer else -1)
-
     # -- planning of tasks ----------------------------------------------------------------------
+    def _needs(self, stage: str) -> list[str]:
+        """The stages a stage needs that this spec enables."""
+        return [n for n in STAGE_BY_NAME[stage].needs if STAGE_BY_NAME[n].enabled(self.plan.spec)]
+
     def _initial_state(self, todo: list[Cell]) -> dict[str, ModelState]:
         states: dict[str, ModelState] = {}
-        per_task = cells_per_task(self.plan) if self.plan.spec.stages.steer else 1
         groups: dict[tuple[str, int], list[Cell]] = defaultdict(list)
         for c in todo:
             groups[(c.model, c.seed)].append(c)
-        stored_dirs = self.store.read("directions")
+        stored: dict[str, object] = {}
         for (model, seed), cells in groups.items():
             st = states.setdefault(model, ModelState(model))
-            dirs = [c for c in cells if c.stage == "directions"]
-            steer = [c for c in cells if c.stage == "steer"]
-            tasks = [Task("steer", seed, steer[i: i + per_task]) for i in range(0, len(steer), per_task)]
-            if dirs:
-                st.ready.append(Task("directions", seed, dirs))
-                st.waiting[seed].extend(tasks)
-            elif tasks:
-                rows = stored_dirs[(stored_dirs["model"] == model) & (stored_dirs["seed"] == seed)]
-                st.directions[seed] = self._steering_inputs(rows.to_dict("records"))
-                st.ready.extend(tasks)
-            # circuit stages need no directions: one patch task per cell, the scrub hypotheses of a seed together
-            st.ready.extend(Task("patch", seed, [c]) for c in cells if c.stage == "patch")
-            scrub = [c for c in cells if c.stage == "scrub"]
-            if scrub:
-                st.ready.append(Task("scrub", seed, scrub))
+            for stage in STAGES:
+                mine = [c for c in cells if c.stage == stage.name]
+                if not mine:
+                    continue
+                st.pending[(seed, stage.name)] = 0
+                for group in stage.group(mine, self.plan.spec):
+                    st.waiting[seed].append(Task(stage.name, seed, group))
+                    st.pending[(seed, stage.name)] += 1
+            needed = {n for t in st.waiting[seed] for n in self._needs(t.stage)}
+            for n in needed - {s for (sd, s) in st.pending if sd == seed}:   # finished in an earlier run
+                st.results[(seed, n)] = {}
+                for table in STAGE_BY_NAME[n].tables:
+                    if table not in stored:
+                        stored[table] = self.store.read(table)
+                    df = stored[table]
+                    rows = df[(df["model"] == model) & (df["seed"] == seed)] if not df.empty else df
+                    st.results[(seed, n)][table] = rows.to_dict("records")
+            self._release(st, seed)
         return states
+
+    def _release(self, st: ModelState, seed: int) -> None:
+        """Move a seed's tasks whose needs have all finished to the ready queue."""
+        still = []
+        for task in st.waiting.get(seed, []):
+            needs = self._needs(task.stage)
+            if all(st.pending.get((seed, n), 0) == 0 and (seed, n) in st.results for n in needs):
+                st.ready.append(task)
+            else:
+                still.append(task)
+        st.waiting[seed] = still
+
+    def _payload(self, st: ModelState, task: Task):
+        """The stage's inputs for a task (computed once per (seed, stage))."""
+        key = (task.seed, task.stage)
+        if key not in st.payloads:
+            needs = {n: st.results[(task.seed, n)] for n in self._needs(task.stage)}
+            st.payloads[key] = STAGE_BY_NAME[task.stage].inputs(self._settings, needs)
+        return st.payloads[key]
 
     # -- the loop ------------------------------------------------------------------------------
     def _spawn(self, st: ModelState, ws: WorkerState) -> None:
@@ -194,11 +211,34 @@ class Driver:
         for ws in st.workers:
             while st.ready and ws.can_take():
                 task = st.ready.popleft()
+                try:
+                    payload = self._payload(st, task)
+                except Exception as e:  # noqa: BLE001 - stored rows the stage cannot use: its cells fail
+                    self._finish(st, task, {"ok": False, "error": f"inputs: {type(e).__name__}: {e}"}, final=True)
+                    continue
+                skip = {c.id: r for c in task.cells if (r := STAGE_BY_NAME[task.stage].skip(c, payload))}
+                if skip:
+                    self._skip(st, task, skip)
+                    if not task.cells:
+                        self._finish(st, task, {"ok": True, "tables": {}}, final=True)
+                        continue
                 task.attempts += 1
                 task.started = time.time()
-                vecs, best = st.directions.get(task.seed, (None, None))
-                self._in_flight[ws.actor.run.remote(task.stage, task.cells, vecs, best)] = (st, ws, task)
+                self._in_flight[ws.actor.run.remote(task.stage, task.cells, payload)] = (st, ws, task)
                 ws.in_flight += 1
+
+    def _skip(self, st: ModelState, task: Task, reasons: dict[str, str]) -> None:
+        """Store cells that cannot run on their inputs as `skipped`, with the reason; drop them from the task."""
+        skipped = [c for c in task.cells if c.id in reasons]
+        now = time.time()
+        self.store.write("cells", st.name, [{**c.row(), "status": "skipped", "error": reasons[c.id], "attempts": 0,
+                                             "node": None, "worker": None, "device": None, "started": now,
+                                             "finished": now, "seconds": 0.0} for c in skipped])
+        self.skipped += len(skipped)
+        self.log(f"skipped {len(skipped)} {task.stage} cell(s) of {st.name} seed {task.seed}: "
+                 f"{next(iter(reasons.values()))}")
+        self._bar.update(len(skipped))
+        task.cells = [c for c in task.cells if c.id not in reasons]
 
     def _probe_done(self, st: ModelState, ws: WorkerState, ref) -> None:
         """The actor answered (ready) or is gone for good (replace it, at most MAX_ATTEMPTS times)."""
@@ -231,24 +271,45 @@ class Driver:
             result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
             if ws.probe is None and ws.actor is not None:
                 self._probe(st, ws)  # hold this replica until the restarted (or a new) actor answers
-        if result["ok"]:
-            self._write_tables(st.name, result["tables"])
-            self._record(task, "done", result)
-            self._bar.update(len(task.cells))
-            if task.stage == "directions":
-                st.directions[task.seed] = self._steering_inputs(result["tables"]["directions"])
-                st.ready.extend(st.waiting.pop(task.seed, []))
-        elif task.attempts < MAX_ATTEMPTS:
+        if not result["ok"] and task.attempts < MAX_ATTEMPTS:
             self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
                      f"(attempt {task.attempts}): {result['error']}")
             st.ready.appendleft(task)
-        else:
-            self._fail(st, task, result)
+            return
+        self._finish(st, task, result, final=True)
+
+    def _finish(self, st: ModelState, task: Task, result: dict, final: bool) -> None:
+        """A task is over: store its rows (or its failure), then release or fail what needs it."""
+        key = (task.seed, task.stage)
+        if result["ok"]:
+            self._write_tables(st.name, result["tables"])
+            if task.cells:
+                self._record(task, "done", result)
             self._bar.update(len(task.cells))
-            if task.stage == "directions":
-                for dep in st.waiting.pop(task.seed, []):
-                    self._fail(st, dep, {"error": f"directions failed: {result['error']}"})
-                    self._bar.update(len(dep.cells))
+            if any(task.stage in STAGE_BY_NAME[t.stage].needs for t in st.waiting.get(task.seed, [])):
+                acc = st.results.setdefault(key, {})
+                for table, rows in result["tables"].items():
+                    acc.setdefault(table, []).extend(rows)
+            st.pending[key] -= 1
+            self._release(st, task.seed)
+            return
+        self._fail(st, task, result)
+        self._bar.update(len(task.cells))
+        st.pending[key] -= 1
+        self._fail_dependents(st, task.seed, task.stage, result.get("error"))
+
+    def _fail_dependents(self, st: ModelState, seed: int, stage: str, error: str | None) -> None:
+        """Fail every waiting task of `seed` that needs `stage` (directly or through another stage)."""
+        lost = {stage}
+        keep = []
+        for t in st.waiting.get(seed, []):
+            if lost & set(self._needs(t.stage)):
+                lost.add(t.stage)
+                self._fail(st, t, {"error": f"{stage} failed: {error}"})
+                self._bar.update(len(t.cells))
+            else:
+                keep.append(t)
+        st.waiting[seed] = keep
 
     def _release_idle(self, st: ModelState) -> None:
         """Kill replicas with nothing left to do (frees their CPU/GPU memory for other models)."""
@@ -262,12 +323,12 @@ class Driver:
     def run(self, todo: list[Cell]) -> int:
         """Run `todo`; returns the number of failed cells."""
         plan = self.plan
+        self._settings = settings_payload(plan)
+        self._bar = tqdm(total=len(todo), desc=plan.spec.name, unit="cell", disable=not self.progress)
         states = self._initial_state(todo)
         self._prompts = plan.prompts
-        self._settings = settings_payload(plan)
         self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
         self._in_flight: dict = {}
-        self._bar = tqdm(total=len(todo), desc=plan.spec.name, unit="cell", disable=not self.progress)
         counts = replica_counts({n: self.placement[n] for n in states}, {n: st.task_count() for n, st in states.items()},
                                 self.cluster)
         # largest models first, so big actors get their resources before the cluster fragments

@@ -24,5 +24,5 @@ class ModelWorker:
     def info(self) -> dict:
         return self.session.info() | {"node": self.node, "worker": self.worker}
 
-    def run(self, stage: str, cells: list, directions: dict | None = None, best: int | None = None) -> dict:
-        return self.session.run(stage, cells, directions, best) | {"node": self.node, "worker": self.worker}
+    def run(self, stage: str, cells: list, payload=None) -> dict:
+        return self.session.run(stage, cells, payload) | {"node": self.node, "worker": self.worker}

@@ -17,6 +17,7 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.interventions import capture
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.sites import site_name
+from refusal_ray.stages.base import Stage
 from refusal_ray.stats import cohens_d
 
 
@@ -28,13 +29,13 @@ class DirectionKey:
 
 
 def _activations(lm: LoadedModel, prompts: PromptSet, sites: list[str], positions: list[int],
-                 batch_size: int) -> np.ndarray:
+                 batch_size: int, chat=None) -> np.ndarray:
     """Activations at the given positions: float64 [n_prompts, n_sites*n_layers, n_pos, d_model]."""
     names = [site_name(s, layer) for s in sites for layer in range(lm.sites.n_layers)]
     pos = torch.tensor(positions)
     chunks = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = encode(lm.tokenizer, prompts.instructions[start: start + batch_size])
+        ids, mask = encode(lm.tokenizer, prompts.instructions[start: start + batch_size], chat)
         acts = capture(lm.model, ids, mask, names, lm.sites, positions=pos)
         chunks.append(torch.stack([acts[n] for n in names], 1).double().numpy())  # [b, sites*layers, pos, d]
     out = np.concatenate(chunks)
@@ -43,24 +44,62 @@ def _activations(lm: LoadedModel, prompts: PromptSet, sites: list[str], position
     return out
 
 
+def refusal_scores(lm: LoadedModel, prompts: PromptSet, phrases: list[str], batch_size: int,
+                   chat=None) -> np.ndarray:
+    """Refusal score log p - log(1 - p) of the refusal first tokens at the last prompt position,
+    per prompt: float64 [n_prompts] (DESIGN.md; `refusal_ray.stages.patch.RefusalScore`)."""
+    from refusal_ray.interventions import forward
+    from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
+
+    metric = RefusalScore(refusal_token_ids(lm.tokenizer, phrases))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = encode(lm.tokenizer, prompts.instructions[start: start + batch_size], chat)
+            logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
+            out.append(metric(logits.double()).cpu().numpy())
+    return np.concatenate(out)
+
+
+def filter_train(lm: LoadedModel, harmful: PromptSet, harmless: PromptSet, phrases: list[str], batch_size: int,
+                 chat=None) -> tuple[PromptSet, PromptSet]:
+    """Arditi et al.'s train filtering (App. B): keep harmful prompts the model refuses (refusal
+    score > 0) and harmless prompts it does not (score < 0).
+
+    Raises ValueError when a class keeps fewer than 2 prompts (a difference of means needs them).
+    """
+    keep = []
+    for ps, refuse in ((harmful, True), (harmless, False)):
+        s = refusal_scores(lm, ps, phrases, batch_size, chat)
+        idx = np.flatnonzero(s > 0 if refuse else s < 0)
+        if len(idx) < 2:
+            what = "harmful prompts the model refuses" if refuse else "harmless prompts the model does not refuse"
+            raise ValueError(f"filter_train kept {len(idx)} {what} (of {len(ps)}); set filter_train: false")
+        keep.append(PromptSet([ps.ids[i] for i in idx], [ps.instructions[i] for i in idx],
+                              [ps.references[i] for i in idx]))
+    return keep[0], keep[1]
+
+
 def fit_directions(lm: LoadedModel, train: tuple[PromptSet, PromptSet], val: tuple[PromptSet, PromptSet],
                    sites: list[str] = ("resid_pre",), positions: list[int] = (-1,),
-                   batch_size: int = 64) -> list[dict]:
+                   batch_size: int = 64, chat=None) -> list[dict]:
     """Fit difference-of-means directions and their held-out separation.
 
     Args:
         train, val: (harmful, harmless) prompt sets.
         sites: residual site kinds ("resid_pre", "resid_post"); positions: negative offsets.
+        chat: ChatOptions for rendering the prompts (None: defaults).
     Returns:
         One row per (site, layer, position): vector (float32 list, length d_model), norm,
-        separation (Cohen's d on val), mean projections of each val class, n_train, n_val.
+        separation (Cohen's d on val), mean projections of each val class, n_train (harmful
+        prompts fitted on), n_train_harmless, n_val.
     """
     sites, positions = list(sites), list(positions)
-    harm = _activations(lm, train[0], sites, positions, batch_size)
-    safe = _activations(lm, train[1], sites, positions, batch_size)
+    harm = _activations(lm, train[0], sites, positions, batch_size, chat)
+    safe = _activations(lm, train[1], sites, positions, batch_size, chat)
     diff = harm.mean(0) - safe.mean(0)                       # [sites*layers, pos, d] float64
-    v_harm = _activations(lm, val[0], sites, positions, batch_size)
-    v_safe = _activations(lm, val[1], sites, positions, batch_size)
+    v_harm = _activations(lm, val[0], sites, positions, batch_size, chat)
+    v_safe = _activations(lm, val[1], sites, positions, batch_size, chat)
     rows = []
     n_layers = lm.sites.n_layers
     for i, (site, layer) in enumerate((s, layer) for s in sites for layer in range(n_layers)):
@@ -74,7 +113,7 @@ def fit_directions(lm: LoadedModel, train: tuple[PromptSet, PromptSet], val: tup
                 "vector": v.astype(np.float32).tolist(), "norm": norm,
                 "separation": cohens_d(p_harm, p_safe),
                 "val_proj_harmful": float(p_harm.mean()), "val_proj_harmless": float(p_safe.mean()),
-                "n_train": len(train[0]), "n_val": len(val[0]),
+                "n_train": len(train[0]), "n_train_harmless": len(train[1]), "n_val": len(val[0]),
             })
     return rows
 
@@ -93,3 +132,31 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
     return u @ u.T
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def directions_key(spec) -> dict:
+    """What determines a direction (and everything fitted from it): sample sizes and the stage's settings."""
+    return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test],
+            "directions": spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})}
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["directions"]
+    rows = []
+    for cell in cells:
+        p = session.prompts[cell.seed]
+        train = (p["train"]["harmful"], p["train"]["harmless"])
+        n_before = (len(train[0]), len(train[1]))
+        if cfg.get("filter_train"):
+            train = filter_train(session.lm, *train, session.judge.phrases, cfg["batch_size"], session.chat)
+        fitted = session.halving(lambda bs: fit_directions(
+            session.lm, train, (p["val"]["harmful"], p["val"]["harmless"]), cfg["sites"], session.positions, bs,
+            session.chat), cfg["batch_size"])
+        rows += [{"cell_id": cell.id, "seed": cell.seed, **r, "n_train_drawn": n_before[0],
+                  "n_train_harmless_drawn": n_before[1]} for r in fitted]
+    return {"directions": rows}
+
+
+STAGE = Stage(name="directions", tables=("directions",), cells=lambda spec, mp: [{}],
+              id_key=directions_key, run=_run)

@@ -42,6 +42,7 @@ from refusal_ray.grid import Cell, layer_list
 from refusal_ray.interventions import forward, hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.sites import SiteAdapter, site_name
+from refusal_ray.stages.base import Stage
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ def top_targets(estimates: Tensor, k: int) -> list[int]:
     return torch.argsort(score, descending=True, stable=True)[:k].tolist()
 
 
-def run_patch(lm: LoadedModel, cell: Cell, pairs: Pairs, cfg: dict, phrases: list[str], progress=None) -> list[dict]:
+def run_patch(lm: LoadedModel, cell: Cell, pairs: Pairs, cfg: dict, phrases: list[str], progress=None,
+              chat=None) -> list[dict]:
     """One patch cell: the optional attribution screen, then exact patching (all or top k).
 
     Returns one row per (target, pair): site, kind, layer, head, pair id, the clean / corrupted /
@@ -284,7 +286,7 @@ def run_patch(lm: LoadedModel, cell: Cell, pairs: Pairs, cfg: dict, phrases: lis
     """
     model, sites = lm.model, lm.sites
     targets = targets_for(sites, cfg["sites"], layer_list(cfg["layers"], sites.n_layers))
-    ids, mask = encode(lm.tokenizer, pairs.harmful.instructions + pairs.harmless.instructions)
+    ids, mask = encode(lm.tokenizer, pairs.harmful.instructions + pairs.harmless.instructions, chat)
     metric = RefusalScore(refusal_token_ids(lm.tokenizer, phrases))
     n = len(pairs)
     att = ranks = None
@@ -320,3 +322,55 @@ def run_patch(lm: LoadedModel, cell: Cell, pairs: Pairs, cfg: dict, phrases: lis
 def _finite(x: Tensor) -> float | None:
     v = float(x)
     return v if np.isfinite(v) else None
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def _prepare(plan) -> None:
+    """Draw each seed's clean/corrupted pairs from the test split (stored in the plan)."""
+    from refusal_ray.data import draw_pairs
+    from refusal_ray.errors import SpecError
+
+    cfg, data = plan.spec.stages.patch, plan.spec.data
+    for seed in plan.spec.seeds:
+        try:
+            plan.prompts[seed]["patch"] = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0],
+                                                     data.harmful, data.harmless, cfg.n_pairs, seed)
+        except ValueError as e:
+            raise SpecError(plan.spec_file, "stages.patch.n_pairs", str(e)) from None
+
+
+def _check(plan) -> None:
+    from refusal_ray.errors import SpecError
+
+    layers = plan.spec.stages.patch.layers
+    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
+    for layer in ([] if layers == "all" else layers):
+        if not 0 <= layer < shallow.n_layers:
+            raise SpecError(plan.spec_file, "stages.patch.layers", f"layer {layer} out of range: model "
+                            f"{shallow.name!r} has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["patch"]
+    rows = []
+    for cell in cells:
+        rows += session.halving(lambda bs, cell=cell: run_patch(
+            session.lm, cell, session.prompts[cell.seed]["patch"], {**cfg, "batch_size": bs}, session.judge.phrases,
+            chat=session.chat), cfg["batch_size"])
+    return {"patching": rows}
+
+
+def _id_key(spec) -> dict:   # the judge's phrases define the refusal score's tokens
+    return {"patch": spec.stages.patch.model_dump(mode="json", exclude={"batch_size", "screen_batch_size"}),
+            "judge": spec.judge.model_dump(mode="json"),
+            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
+
+
+def _describe(plan) -> list[str]:
+    p = plan.spec.stages.patch
+    return [f"patch: sites {p.sites} at layers {p.layers}, positions {p.positions}, {p.n_pairs} pairs; "
+            f"attribution screen: {p.attribution}, exact: {'top ' + str(p.confirm_top_k) if p.confirm_top_k else 'every site'}"]
+
+
+STAGE = Stage(name="patch", tables=("patching",), cells=lambda spec, mp: [{}], id_key=_id_key, run=_run,
+              prepare=_prepare, check=_check, describe=_describe)

@@ -23,7 +23,10 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.grid import Cell, layer_list
 from refusal_ray.interventions import RowEdit, row_edits
 from refusal_ray.judges import SubstringJudge, exact_match
+from refusal_ray.models.chat import ChatOptions, generate, greedy_config
 from refusal_ray.models.loading import LoadedModel
+from refusal_ray.stages.base import Stage
+from refusal_ray.stages.directions import best_layer, directions_key
 from refusal_ray.stats import wilson
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
@@ -46,17 +49,46 @@ def control_direction(cell_id: str, like: np.ndarray) -> np.ndarray:
     return (g / np.linalg.norm(g) * norm).astype(np.float32)
 
 
-def arm_vector(cell: Cell, directions: dict[int, np.ndarray], best: int) -> tuple[int | None, np.ndarray | None]:
-    """(resolved direction layer, direction vector v) of an arm; control arms get their random vector."""
+@dataclass
+class SteerInputs:
+    """The directions a (model, seed)'s steering arms use.
+
+    vectors: {layer: difference of means [d_model]} at resid_pre and steer.position (addition arms,
+        and ablation with `direction_layer: best` or a layer).
+    best: the layer of highest separation at steer.position.
+    selected: stage select's choice {layer, position, selected_by, vector}, or None (not run, or
+        nothing passed its filters).
+    explicit: {(layer, position): vector} for ablation arms naming a layer and position.
+    """
+
+    vectors: dict[int, np.ndarray]
+    best: int
+    position: int = -1
+    selected: dict | None = None
+    explicit: dict = None
+
+
+def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, np.ndarray | None]:
+    """(direction layer, direction position, vector v) of an arm; control arms get their random
+    vector of the same norm. Raises LookupError for a `selected` arm when nothing was selected."""
     p = cell.params
     if p["mode"] == "baseline":
-        return None, None
-    layer = best if p["direction_layer"] == "best" else int(p["direction_layer"])
-    v = directions[layer]
-    return layer, (control_direction(cell.id, v) if p["control"] else v)
+        return None, None, None
+    if p["direction_layer"] == "selected":
+        if d.selected is None:
+            raise LookupError("no direction selected for this seed")
+        layer, position, v = d.selected["layer"], d.selected["position"], d.selected["vector"]
+    elif p["direction_layer"] == "best":
+        layer, position, v = d.best, d.position, d.vectors[d.best]
+    elif p.get("direction_position") is not None:
+        layer, position = int(p["direction_layer"]), int(p["direction_position"])
+        v = d.explicit[(layer, position)]
+    else:
+        layer, position, v = int(p["direction_layer"]), d.position, d.vectors[int(p["direction_layer"])]
+    return layer, position, (control_direction(cell.id, v) if p["control"] else v)
 
 
-def build_edits(rows: list[Row], directions: dict[int, np.ndarray], best: int,
+def build_edits(rows: list[Row], directions: SteerInputs,
                 ablation_layers: list[int], d_model: int) -> dict[tuple[str, int], RowEdit]:
     """Per-row edit tensors for one chunk of rows: {(site kind, layer): RowEdit}."""
     n = len(rows)
@@ -65,7 +97,7 @@ def build_edits(rows: list[Row], directions: dict[int, np.ndarray], best: int,
     alpha: dict[tuple[str, int], torch.Tensor] = {}
     for i, row in enumerate(rows):
         p = row.cell.params
-        _, v = arm_vector(row.cell, directions, best)
+        _, _, v = arm_direction(row.cell, directions)
         if p["mode"] == "addition":
             t = add.setdefault(p["layer"], torch.zeros(n, d_model))
             t[i] = torch.from_numpy(v) * p["coefficient"]
@@ -83,29 +115,29 @@ def build_edits(rows: list[Row], directions: dict[int, np.ndarray], best: int,
 
 
 @torch.inference_mode()
-def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet],
-                  directions: dict[int, np.ndarray], best: int, ablation_layers: list[int],
-                  max_new_tokens: int, batch_size: int, progress=None, **generate_kwargs) -> list[str]:
+def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet], directions: SteerInputs,
+                  ablation_layers: list[int], max_new_tokens: int, batch_size: int, progress=None,
+                  chat: ChatOptions | None = None, **generate_kwargs) -> list[str]:
     """Greedy completions for every row, `batch_size` rows per `generate` call.
 
-    Rows are sorted by prompt length so each call pads little; the result is in `rows` order.
-    Extra keyword arguments go to `generate` (e.g. `min_new_tokens` in benchmarks).
+    Generation is `refusal_ray.models.chat.generate`: greedy, nothing inherited from the
+    checkpoint's generation_config, stopped and cut at the union of stop tokens. Rows are sorted by
+    prompt length so each call pads little; the result is in `rows` order. Extra keyword arguments
+    go to `generate` (e.g. `min_new_tokens` in benchmarks).
     """
+    chat = chat or ChatOptions()
     texts = {s: ps.instructions for s, ps in prompts.items()}
     order = sorted(range(len(rows)), key=lambda i: len(texts[rows[i].prompt_set][rows[i].index]))
     out: list[str] = [""] * len(rows)
-    tok = lm.tokenizer
+    config = greedy_config(lm.model, lm.tokenizer, chat, max_new_tokens)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         chunk = [rows[i] for i in idx]
-        ids, mask = encode(tok, [texts[r.prompt_set][r.index] for r in chunk])
-        edits = build_edits(chunk, directions, best, ablation_layers, lm.sites.d_model)
+        ids, mask = encode(lm.tokenizer, [texts[r.prompt_set][r.index] for r in chunk], chat)
+        edits = build_edits(chunk, directions, ablation_layers, lm.sites.d_model)
         with row_edits(lm.sites, edits):
-            gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                    **generate_kwargs)
-        for i, text in zip(idx, tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)):
+            texts_out = generate(lm, ids, mask, chat, max_new_tokens, config, **generate_kwargs)
+        for i, text in zip(idx, texts_out):
             out[i] = text
         if progress is not None:
             progress(len(chunk))
@@ -113,15 +145,14 @@ def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet
 
 
 def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
-              directions: dict[int, np.ndarray], best: int, *, ablation_layers="all",
+              directions: SteerInputs, *, ablation_layers="all",
               max_new_tokens: int = 32, batch_size: int = 256, judge: SubstringJudge | None = None,
-              progress=None) -> tuple[list[dict], list[dict]]:
+              progress=None, chat: ChatOptions | None = None) -> tuple[list[dict], list[dict]]:
     """Run steering cells of one (model, seed) on the test prompts.
 
     Args:
         prompts: {"harmful": PromptSet, "harmless": PromptSet} (test split).
-        directions: {layer: difference-of-means vector [d_model]} at resid_pre, steering position.
-        best: layer resolved for `direction_layer: best`.
+        directions: the seed's directions (`SteerInputs`).
     Returns:
         (steering rows: one per (cell, prompt set) with n, refusals, rate, Wilson interval,
          task accuracy; completion rows: one per (cell, prompt)).
@@ -129,7 +160,7 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     judge = judge or SubstringJudge()
     layers = layer_list(ablation_layers, lm.sites.n_layers)
     rows = [Row(c, s, i) for c in cells for s in ("harmful", "harmless") for i in range(len(prompts[s]))]
-    completions = generate_rows(lm, rows, prompts, directions, best, layers, max_new_tokens, batch_size, progress)
+    completions = generate_rows(lm, rows, prompts, directions, layers, max_new_tokens, batch_size, progress, chat)
     refusals = judge(completions)
     correct = exact_match(completions, [prompts[r.prompt_set].references[r.index] for r in rows])
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -146,13 +177,102 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         k, n = sum(refusals[i] for i in idx), len(idx)
         lo, hi = wilson(k, n)
         scored = [correct[i] for i in idx if correct[i] is not None]
-        resolved, v = arm_vector(cell, directions, best)
+        resolved, position, v = arm_direction(cell, directions)
         arm_rows.append({
             "cell_id": cid, "seed": cell.seed, "mode": cell.params["mode"], "layer": cell.params["layer"],
-            "direction_layer": resolved, "coefficient": cell.params["coefficient"],
+            "direction_layer": resolved, "direction_position": position,
+            "direction": None if cell.params["direction_layer"] is None else str(cell.params["direction_layer"]),
+            "coefficient": cell.params["coefficient"],
             "alpha": cell.params["alpha"], "control": cell.params["control"], "prompt_set": pset,
             "n": n, "refusals": k, "rate": k / n, "ci_low": lo, "ci_high": hi,
             "vector_norm": None if v is None else float(np.linalg.norm(v)),
             "task_n": len(scored), "task_accuracy": (sum(scored) / len(scored)) if scored else None,
         })
     return arm_rows, comp_rows
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def steer_params(spec, n_layers: int) -> list[dict]:
+    """Every steering arm of one (model, seed): baseline, addition and ablation, with controls."""
+    steer = spec.stages.steer
+    controls = [False, True] if steer.controls else [False]
+    arms: list[dict] = [{"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0,
+                         "direction_layer": None, "control": False}]
+    if steer.addition is not None:
+        for layer in layer_list(steer.addition.layers, n_layers):
+            for c in steer.addition.coefficients:
+                if c == 0:
+                    continue  # c = 0 is the shared baseline arm
+                arms += [{"mode": "addition", "layer": layer, "coefficient": float(c), "alpha": 0.0,
+                          "direction_layer": layer, "control": ctl} for ctl in controls]
+    if steer.ablation is not None:
+        extra = {} if steer.ablation.direction_position is None else {
+            "direction_position": steer.ablation.direction_position}
+        for a in steer.ablation.alphas:
+            arms += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a),
+                      "direction_layer": steer.ablation.direction_layer, "control": ctl, **extra}
+                     for ctl in controls]
+    return arms
+
+
+def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
+    """SteerInputs from a seed's stored direction rows (and selection rows, when select ran)."""
+    from refusal_ray.stages.select import selected_direction
+
+    position = settings["steer"]["position"]
+    rows = [r for r in needs["directions"]["directions"] if r["site"] == "resid_pre"]
+    vecs = {int(r["layer"]): np.asarray(r["vector"], np.float32) for r in rows if int(r["position"]) == position}
+    by_key = {(int(r["layer"]), int(r["position"])): r for r in rows}
+    selected = selected_direction(needs["select"]["selection"]) if "select" in needs else None
+    if selected is not None:
+        selected["vector"] = np.asarray(by_key[(selected["layer"], selected["position"])]["vector"], np.float32)
+    abl = settings["steer"].get("ablation") or {}
+    explicit = {}
+    if isinstance(abl.get("direction_layer"), int) and abl.get("direction_position") is not None:
+        key = (abl["direction_layer"], abl["direction_position"])
+        explicit[key] = np.asarray(by_key[key]["vector"], np.float32)
+    return SteerInputs(vecs, best_layer(rows, "resid_pre", position), position, selected, explicit)
+
+
+def _skip(cell: Cell, d: SteerInputs) -> str | None:
+    if cell.params.get("direction_layer") == "selected" and d.selected is None:
+        return ("no direction selected for this seed: no candidate passed the selection filters "
+                "(stages.select: loosen kl_max / induce_min / max_layer_fraction, or set a fallback)")
+    return None
+
+
+def _group(cells: list[Cell], spec) -> list[list[Cell]]:
+    """About four full `generate` chunks of rows per task."""
+    per = max(1, (4 * spec.stages.steer.batch_size) // (2 * spec.data.n_test))
+    return [cells[i: i + per] for i in range(0, len(cells), per)]
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["steer"]
+    test = session.prompts[cells[0].seed]["test"]
+    ablation = cfg.get("ablation") or {"layers": "all"}
+    arms, comps = session.halving(lambda bs: run_steer(
+        session.lm, cells, test, payload, ablation_layers=ablation["layers"],
+        max_new_tokens=session.settings["generation"]["max_new_tokens"], batch_size=bs, judge=session.judge,
+        chat=session.chat), cfg["batch_size"])
+    return {"steering": arms, "completions": comps}
+
+
+def _id_key(spec) -> dict:
+    return directions_key(spec) | {"generation": spec.generation.model_dump(mode="json"),
+                                   "judge": spec.judge.model_dump(mode="json"), "position": spec.stages.steer.position,
+                                   **({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
+                                      if spec.stages.select is not None else {})}
+
+
+def _describe(plan) -> list[str]:
+    steer = plan.spec.stages.steer
+    add, abl = steer.addition, steer.ablation
+    return [f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
+            f"ablation: alphas {abl.alphas if abl else '-'}, direction {abl.direction_layer if abl else '-'}; "
+            f"controls: {steer.controls}"]
+
+
+STAGE = Stage(name="steer", tables=("steering", "completions"), needs=("directions", "select"),
+              cells=lambda spec, mp: steer_params(spec, mp.n_layers), id_key=_id_key, group=_group,
+              inputs=steering_inputs, skip=_skip, run=_run, describe=_describe)

@@ -1,0 +1,70 @@
+"""What a stage declares, so the grid, the plan, the driver, the session and the store need not
+know any stage by name.
+
+A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(...)`; the list
+`refusal_ray.stages.STAGES` holds them in dependency order. The rest of the system reads only:
+
+- `name`: the key under `stages:` in a spec (its settings block) and the cells' `stage` value.
+- `needs`: stages whose results for the same (model, seed) its cells read (directions -> select
+  -> steer). A need that the spec does not enable is simply absent.
+- `cells(spec, model_plan) -> [params]`: the cells of one (model, seed), as parameter dicts.
+- `id_key(spec) -> dict`: the spec settings, besides the params, that determine a cell's result
+  (part of the content-addressed cell id; batch sizes and resources never are).
+- `group(cells, spec) -> [[Cell]]`: how a (model, seed)'s cells form tasks (one actor call each).
+- `inputs(settings, needs) -> payload`: what a task carries from its needs' stored rows
+  (`needs` maps a needed stage to {table: rows} of that (model, seed)).
+- `skip(cell, payload) -> reason | None`: a cell that cannot run on these inputs (stored as
+  `skipped` with the reason, never as a silent substitute).
+- `run(session, cells, payload) -> {table: rows}`: the work, on a loaded model (no Ray).
+- `tables`: the store tables its rows go to.
+- `prepare(plan)`, `check(plan)`, `describe(plan)`: plan-time prompt draws, checks (raise
+  SpecError naming the field) and the lines `refusal-ray plan` prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def _one_task_per_cell(cells, spec):
+    return [[c] for c in cells]
+
+
+def _no_inputs(settings, needs):
+    return None
+
+
+def _never_skip(cell, payload):
+    return None
+
+
+def _nothing(plan):
+    return None
+
+
+def _no_lines(plan):
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    tables: tuple[str, ...]
+    cells: Callable
+    id_key: Callable
+    run: Callable
+    needs: tuple[str, ...] = ()
+    group: Callable = _one_task_per_cell
+    inputs: Callable = _no_inputs
+    skip: Callable = _never_skip
+    prepare: Callable = _nothing
+    check: Callable = _nothing
+    describe: Callable = _no_lines
+
+    def enabled(self, spec) -> bool:
+        return getattr(spec.stages, self.name) is not None
+
+    def settings(self, spec) -> dict | None:
+        block = getattr(spec.stages, self.name)
+        return None if block is None else block.model_dump(mode="json")

@@ -1,0 +1,244 @@
+"""Stage `select`: choose the refusal direction causally, as Arditi et al. 2024 do (Sec. 2.3, App. C).
+
+Every (layer, position) difference-of-means direction at `resid_pre` is a candidate r. On the
+validation split, with the refusal score m = log p - log(1 - p) of the refusal first tokens at
+the last prompt position (float64):
+
+    bypass(r) = mean m over harmful prompts with r^ ablated at every layer (resid_pre, attn_out,
+                mlp_out; x <- x - (x . r^) r^, every position)
+    induce(r) = mean m over harmless prompts with r added at resid_pre[layer(r)], every position
+    KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts
+
+Filters (spec values, paper defaults): layer < max_layer_fraction * n_layers, KL <= kl_max,
+induce >= induce_min. Criteria: `bypass` (lowest bypass among the candidates that pass; Arditi),
+`swing` (largest refusal-rate swing, the pre-registered replication's choice: the harmful rate's
+drop under ablation plus the harmless rate's rise under addition), `separation` (highest
+Cohen's d; the old `best`). Where the published method and ours differ: the replication measured
+its swing on generated completions with a judge; here a prompt counts as refused when its
+refusal score is > 0 (first-token proxy), so the whole selection needs forward passes only.
+
+Every candidate is a batch row (per-row edit tensors), so one forward pass scores many
+candidates at once; no per-candidate loop. When nothing passes the filters the stage says so:
+no row is `selected` unless a `fallback` criterion is set, and then the row says `fallback:<c>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refusal_ray.data import PromptSet, left_pad, prompt_tokens
+from refusal_ray.interventions import RowEdit, forward, row_edits
+from refusal_ray.models.loading import LoadedModel
+from refusal_ray.stages.base import Stage
+from refusal_ray.stages.directions import directions_key
+from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
+
+ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
+KINDS = ("bypass", "kl", "induce")   # ablate on harmful, ablate on harmless, add on harmless
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    position: int
+    vector: np.ndarray      # [d_model] float32, the raw difference of means
+
+
+def _edits(rows: list[tuple[int, Candidate | None]], n_layers: int, d_model: int) -> dict:
+    """Per-row edits for a chunk: rows are (kind index into KINDS, candidate or None: unedited)."""
+    n = len(rows)
+    dirs, alpha, add = torch.zeros(n, d_model), torch.zeros(n), {}
+    for i, (kind, c) in enumerate(rows):
+        if c is None:
+            continue
+        v = torch.from_numpy(np.asarray(c.vector, np.float32))
+        if KINDS[kind] == "induce":
+            add.setdefault(c.layer, torch.zeros(n, d_model))[i] = v
+        else:
+            dirs[i] = v / max(float(v.norm()), 1e-30)
+            alpha[i] = 1.0
+    edits = {}
+    if alpha.any():
+        edits = {(site, layer): RowEdit(dirs, alpha) for layer in range(n_layers) for site in ABLATION_SITES}
+    for layer, t in add.items():
+        key = ("resid_pre", layer)
+        edits[key] = RowEdit(edits[key].ablate_dirs, edits[key].ablate_alpha, t) if key in edits else RowEdit(add=t)
+    return edits
+
+
+def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]], batch_size: int, progress=None):
+    """Yield (row indices, float64 last-position logits [chunk, vocab]) for rows (kind, candidate,
+    prompt index), sorted by prompt length so each chunk pads little."""
+    n_layers, d_model = lm.sites.n_layers, lm.sites.d_model
+    order = sorted(range(len(rows)), key=lambda r: len(seqs[rows[r][0]][rows[r][2]]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        ids, mask = left_pad([seqs[rows[r][0]][rows[r][2]] for r in idx], lm.tokenizer.pad_token_id)
+        edits = _edits([(rows[r][0], rows[r][1]) for r in idx], n_layers, d_model)
+        with row_edits(lm.sites, edits):
+            logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
+        yield idx, logits.double().cpu()
+        if progress is not None:
+            progress(len(idx))
+
+
+@torch.inference_mode()
+def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list[list[int]],
+                     harmless: list[list[int]], token_ids: list[int], batch_size: int = 256,
+                     progress=None) -> dict[str, np.ndarray]:
+    """Bypass, induce and KL of every candidate, many candidates per forward pass.
+
+    One pass over the baseline rows (every val prompt unedited), then one over the candidate rows:
+    per candidate, its ablation on every harmful prompt (bypass), its ablation on every harmless
+    prompt (KL against the baseline's first-token distribution) and its addition on every harmless
+    prompt (induce). Only the last position's logits are computed.
+
+    Args:
+        harmful, harmless: token ids of the rendered val prompts (unpadded).
+        token_ids: the refusal first tokens (`refusal_token_ids`).
+    Returns:
+        float64 arrays: "bypass", "induce", "kl" [n_candidates]; "bypass_scores", "induce_scores"
+        [n_candidates, n_prompts] (per-prompt refusal scores); "baseline_harmful",
+        "baseline_harmless" [n_prompts].
+    """
+    metric = RefusalScore(token_ids)
+    seqs = {0: harmful, 1: harmless, 2: harmless}      # by kind: bypass, kl, induce
+    base_rows = [(0, None, i) for i in range(len(harmful))] + [(1, None, i) for i in range(len(harmless))]
+    base_score = np.zeros(len(base_rows))
+    base_lp = torch.zeros(0)
+    for idx, logits in _passes(lm, base_rows, seqs, batch_size, progress):
+        base_score[idx] = metric(logits).numpy()
+        lp = torch.log_softmax(logits, -1)
+        if base_lp.numel() == 0:
+            base_lp = torch.zeros(len(harmless), lp.shape[-1], dtype=torch.float64)
+        for j, r in enumerate(idx):
+            if base_rows[r][0] == 1:
+                base_lp[base_rows[r][2]] = lp[j]
+    nh, ns, nc = len(harmful), len(harmless), len(candidates)
+    rows = [(k, c, i) for c in candidates for k in range(3) for i in range(len(seqs[k]))]
+    cand_of = [ci for ci in range(nc) for k in range(3) for _ in range(len(seqs[k]))]
+    out = {"bypass_scores": np.zeros((nc, nh)), "induce_scores": np.zeros((nc, ns)), "kl_rows": np.zeros((nc, ns))}
+    for idx, logits in _passes(lm, rows, seqs, batch_size, progress):
+        score = metric(logits).numpy()
+        lp = torch.log_softmax(logits, -1)
+        for j, r in enumerate(idx):
+            kind, _, i = rows[r]
+            ci = cand_of[r]
+            if kind == 0:
+                out["bypass_scores"][ci, i] = score[j]
+            elif kind == 2:
+                out["induce_scores"][ci, i] = score[j]
+            else:   # KL(baseline || ablated) of the first generated token
+                out["kl_rows"][ci, i] = float((base_lp[i].exp() * (base_lp[i] - lp[j])).sum())
+    return {"bypass": out["bypass_scores"].mean(1), "induce": out["induce_scores"].mean(1),
+            "kl": out["kl_rows"].mean(1), "bypass_scores": out["bypass_scores"],
+            "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:nh],
+            "baseline_harmless": base_score[nh:]}
+
+
+def choose(rows: list[dict], n_layers: int, cfg: dict) -> list[dict]:
+    """Apply the filters and the criterion to candidate rows (in place); returns the rows.
+
+    Each row gets `filter` (None when it passes, else the reasons, e.g. "layer>=0.8L,kl>0.1"),
+    `passed`, `selected` and `selected_by` (the criterion, "fallback:<criterion>", or None).
+    """
+    frac, kl_max, induce_min = cfg.get("max_layer_fraction"), cfg.get("kl_max"), cfg.get("induce_min")
+    for r in rows:
+        why = []
+        if frac is not None and r["layer"] >= frac * n_layers:
+            why.append(f"layer>={frac:g}L")
+        if kl_max is not None and not r["kl"] <= kl_max:
+            why.append(f"kl>{kl_max:g}")
+        if induce_min is not None and not r["induce"] >= induce_min:
+            why.append(f"induce<{induce_min:g}")
+        r.update(filter=",".join(why) or None, passed=not why, selected=False, selected_by=None)
+    pool, by, label = [r for r in rows if r["passed"]], cfg["criterion"], cfg["criterion"]
+    if not pool and cfg.get("fallback"):
+        pool, by, label = rows, cfg["fallback"], f"fallback:{cfg['fallback']}"
+    if pool:
+        best = min(pool, key=lambda r: (_rank(r, by), r["layer"], -r["position"]))
+        best.update(selected=True, selected_by=label)
+    return rows
+
+
+def _rank(row: dict, criterion: str) -> float:
+    value = {"bypass": row["bypass"], "swing": -row["swing"], "separation": -row["separation"]}[criterion]
+    return np.inf if value is None or np.isnan(value) else value
+
+
+def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: list[Candidate],
+               separations: dict[tuple[int, int], float], cfg: dict, phrases: list[str], chat=None,
+               progress=None) -> list[dict]:
+    """One select cell: every candidate scored on the val split, filtered, one chosen (or none).
+
+    Returns one row per candidate: layer, position, bypass, induce, kl, the refusal-rate swing
+    parts, separation, filter, passed, selected, selected_by, and the baselines.
+    """
+    tok = lm.tokenizer
+    harmful, harmless = prompt_tokens(tok, val["harmful"].instructions, chat), prompt_tokens(
+        tok, val["harmless"].instructions, chat)
+    s = score_candidates(lm, candidates, harmful, harmless, refusal_token_ids(tok, phrases), cfg["batch_size"],
+                         progress)
+    base_h_rate, base_s_rate = float((s["baseline_harmful"] > 0).mean()), float((s["baseline_harmless"] > 0).mean())
+    rows = []
+    for i, c in enumerate(candidates):
+        bypass_rate, induce_rate = float((s["bypass_scores"][i] > 0).mean()), float((s["induce_scores"][i] > 0).mean())
+        rows.append({
+            "cell_id": cell.id, "seed": cell.seed, "layer": c.layer, "position": c.position,
+            "bypass": float(s["bypass"][i]), "induce": float(s["induce"][i]), "kl": float(s["kl"][i]),
+            "bypass_rate": bypass_rate, "induce_rate": induce_rate,
+            "swing": (base_h_rate - bypass_rate) + (induce_rate - base_s_rate),
+            "separation": separations.get((c.layer, c.position), float("nan")),
+            "baseline_harmful_score": float(s["baseline_harmful"].mean()),
+            "baseline_harmless_score": float(s["baseline_harmless"].mean()),
+            "baseline_harmful_rate": base_h_rate, "baseline_harmless_rate": base_s_rate,
+            "n_val": len(harmful), "criterion": cfg["criterion"],
+        })
+    return choose(rows, lm.sites.n_layers, cfg)
+
+
+def selected_direction(selection_rows: list[dict]) -> dict | None:
+    """{layer, position, selected_by} of the selected candidate, or None when nothing was selected."""
+    chosen = [r for r in selection_rows if r.get("selected")]
+    if not chosen:
+        return None
+    r = chosen[0]
+    return {"layer": int(r["layer"]), "position": int(r["position"]), "selected_by": r["selected_by"]}
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def _inputs(settings: dict, needs: dict) -> dict:
+    rows = [r for r in needs["directions"]["directions"] if r["site"] == "resid_pre"]
+    return {"candidates": [Candidate(int(r["layer"]), int(r["position"]), np.asarray(r["vector"], np.float32))
+                           for r in sorted(rows, key=lambda r: (r["layer"], r["position"]))],
+            "separations": {(int(r["layer"]), int(r["position"])): float(r["separation"]) for r in rows}}
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["select"]
+    val = session.prompts[cells[0].seed]["val"]
+    rows = []
+    for cell in cells:
+        rows += session.halving(lambda bs, cell=cell: run_select(
+            session.lm, cell, val, payload["candidates"], payload["separations"], {**cfg, "batch_size": bs},
+            session.judge.phrases, session.chat), cfg["batch_size"])
+    return {"selection": rows}
+
+
+def _id_key(spec) -> dict:
+    return directions_key(spec) | {"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"}),
+                                   "judge": spec.judge.model_dump(mode="json")}
+
+
+def _describe(plan) -> list[str]:
+    s = plan.spec.stages.select
+    return [f"select: criterion {s.criterion}, filters layer < {s.max_layer_fraction} L, KL <= {s.kl_max}, "
+            f"induce >= {s.induce_min}; fallback {s.fallback}; candidates per seed: "
+            + ", ".join(f"{n} {mp.n_layers}x{len(mp.positions)}" for n, mp in plan.models.items())]
+
+
+STAGE = Stage(name="select", tables=("selection",), needs=("directions",), cells=lambda spec, mp: [{}],
+              id_key=_id_key, inputs=_inputs, run=_run, describe=_describe)
