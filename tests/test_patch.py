@@ -163,14 +163,61 @@ def test_attribution_equals_exact_where_the_metric_is_linear_in_the_site(tiny_qw
     assert not torch.allclose(a_corr + est0, exact0, atol=1e-4)
 
 
+def _whole_site_attribution(lm, ids, mask, kind, layer, position, metric):
+    """Independent AtP for one whole site, without the package's hooks: plain torch pre-hooks on
+    the module that reads the site (z: the attention output projection) read the clean input,
+    and on the corrupted run swap in a leaf tensor whose .grad is dm/da. Returns the per-pair
+    terms (a_clean - a_corrupted) * dm/da at `position` in float64, [n, width]."""
+    n = ids.shape[0] // 2
+    module = lm.sites.module(kind, layer)
+    assert lm.sites.reads_input(kind)
+    got = {}
+
+    def read(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        got["clean"] = x.detach().clone()
+
+    def leaf(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        got["leaf"] = x.detach().clone().requires_grad_(True)
+        return ((got["leaf"], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": got["leaf"]})
+
+    h = module.register_forward_pre_hook(read, with_kwargs=True)
+    with torch.no_grad():
+        forward(lm.model, ids[:n], mask[:n], logits_to_keep=1)
+    h.remove()
+    h = module.register_forward_pre_hook(leaf, with_kwargs=True)
+    try:
+        with torch.enable_grad():
+            metric(forward(lm.model, ids[n:], mask[n:], logits_to_keep=1).logits[:, -1]).sum().backward()
+    finally:
+        h.remove()
+    a = got["leaf"]
+    return (got["clean"][:, position].double() - a.detach()[:, position].double()) * a.grad[:, position].double()
+
+
 def test_attribution_screen_per_head_sums_to_the_whole_z_site(tiny_lm):
-    """Per-head scores of z are the head blocks of one dot product: they add up over heads."""
+    """Per-head scores of z are the head blocks of one dot product: they add up over heads to the
+    whole z site's (a_clean - a_corrupted) . dm/da, computed here independently with plain torch
+    hooks and autograd. Each head's score is its block of that product. Tolerance: the screen
+    sums float32 products, so its error is bounded by ~1e-6 (a few float32 ulps, d_model terms)
+    times the sum of |terms|; 1e-5 of that sum leaves a margin without letting a wrong head
+    block through (any one head's share is far larger)."""
     ids, mask = _batch(tiny_lm)
     sites = tiny_lm.sites
-    heads = [Target("z", 1, h) for h in range(sites.n_heads)]
-    est, _, _ = attribution_patching(tiny_lm.model, sites, ids, mask, heads + [Target("resid_pre", 1)], [-1], METRIC)
+    layer = 1
+    heads = [Target("z", layer, h) for h in range(sites.n_heads)]
+    est, _, _ = attribution_patching(tiny_lm.model, sites, ids, mask, heads + [Target("resid_pre", layer)], [-1],
+                                     METRIC)
     assert est.shape == (sites.n_heads + 1, len(CLEAN))
-    assert torch.isfinite(est).all()
+    terms = _whole_site_attribution(tiny_lm, ids, mask, "z", layer, -1, METRIC)                  # [n, H * d_head]
+    whole = terms.sum(-1)                                                                          # [n]
+    tol = 1e-5 * terms.abs().sum(-1)
+    per_head = terms.view(len(CLEAN), sites.n_heads, sites.d_head).sum(-1).T                       # [H, n]
+    assert (whole.abs() > 100 * tol).all()          # a nonzero attribution to compare
+    assert ((est[:-1].sum(0) - whole).abs() <= tol).all(), (est[:-1].sum(0), whole)
+    assert ((est[:-1] - per_head).abs() <= tol).all(), (est[:-1], per_head)
+    assert (per_head.std(0) > 100 * tol).all()      # the heads differ, so a wrong head order would show
 
 
 def test_run_patch_confirms_the_top_k_of_the_screen():

@@ -113,3 +113,72 @@ def test_scrub_kl_protected_heads_keep_their_values(tiny_lm):
     assert torch.nan_to_num(kl[0]).abs().max() == 0
     assert torch.nan_to_num(kl[1]).max() > 0
     assert torch.isnan(kl[:, :, :, :0]).all() and torch.isfinite(kl[:, :, :, -3:]).all()
+
+
+def test_scrub_kl_a_shorter_resampled_input_scrubs_every_position(tiny_lm, monkeypatch):
+    """Every family: at every scrubbed site a hypothesis does not protect, every real position of
+    the scrubbed row holds a value of the resampled run, read off the hooked activations of the
+    pass itself. Positions aligned from the end take the aligned value; the example's leading
+    positions that a shorter resampled input lacks take its first real position's value, so no
+    harmful-only token keeps its own value there. A longer resampled input's extra leading
+    positions go unused. Protected sites and heads hold the full run's values."""
+    import refusal_ray.stages.scrub as scrub_mod
+    from refusal_ray.interventions import capture
+
+    tok, sites, model = tiny_lm.tokenizer, tiny_lm.sites, tiny_lm.model
+    ex = prompt_tokens(tok, [PROMPTS[3]])[0] + prompt_tokens(tok, ["apple, rope."])[0][-3:]   # + an "answer"
+    short = prompt_tokens(tok, ["Hi."])[0] + ex[-3:]
+    long_ = prompt_tokens(tok, [PROMPTS[3] + " " + PROMPTS[2]])[0] + ex[-3:]
+    assert len(ex) - len(short) >= 5 and len(long_) > len(ex)
+    scrubbed = expand(["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out", "blocks.*.hook_resid_post"],
+                      sites.n_layers, sites.n_heads)
+    protected = [expand(["blocks.1.attn.hook_z[0,2]", "blocks.0.hook_mlp_out"], sites.n_layers, sites.n_heads), {}]
+
+    seen, masks = {}, []
+    real_hooks = scrub_mod.hooks
+
+    def recording_hooks(adapter, transforms):
+        def wrap(name, fn):
+            def run(x):
+                out = fn(x)                      # the scrub body edits x in place
+                seen[name] = (fn, (x if out is None else out).detach().clone())
+                return out
+            return run
+        return real_hooks(adapter, {s: wrap(s, fn) for s, fn in transforms.items()})
+
+    def read_mask(module, args, kwargs):
+        masks.append(kwargs["attention_mask"].detach().cpu().bool())
+
+    monkeypatch.setattr(scrub_mod, "hooks", recording_hooks)
+    handle = model.register_forward_pre_hook(read_mask, with_kwargs=True)
+    try:
+        kl, _ = scrub_kl(model, sites, [ex], [[short, long_]], [4], protected, scrubbed, tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert len(masks) == 1 and set(seen) == set(scrubbed)
+    mask = masks[0]
+    width = mask.shape[1]
+    reference = capture(model, *left_pad([short], tok.pad_token_id), sorted(scrubbed), sites)
+    checked_unmatched = 0
+    for s, (fn, x) in seen.items():
+        x = x.cpu()
+        for k in range(len(fn.rows)):
+            row, full, src = int(fn.rows[k]), int(fn.full[k]), int(fn.source[k])
+            n_ex, n_src = int(mask[full].sum()), int(mask[src].sum())
+            assert n_ex == len(ex) and n_src in (len(short), len(long_))
+            for p in range(width - n_ex, width):
+                q = max(p, width - n_src)             # the resampled run's position scrubbed into p
+                for j in range(fn.use_full.shape[1]):
+                    head = (slice(None),) if x.dim() == 3 else (j,)
+                    got = x[(row, p) + head]
+                    if fn.use_full[k, j]:
+                        assert torch.equal(got, x[(full, p) + head]), (s, k, p, j)
+                    else:   # every hooked site here is in the scrubbed set
+                        assert fn.use_source[k, j]
+                        assert torch.equal(got, x[(src, q) + head]), (s, k, p, q, j)
+                        checked_unmatched += q != p
+            if n_src == len(short):   # the source row is the resampled run itself
+                mine = x[src, width - n_src:].float()
+                assert torch.allclose(mine, reference[s][0].float(), atol=1e-5), s
+    assert checked_unmatched > 0
+    assert torch.isfinite(kl[:, :, :, -4:]).all()

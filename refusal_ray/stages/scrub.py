@@ -17,8 +17,21 @@ run (full vs the resampled input itself) is reported beside it for scale.
 
 One forward pass holds, for a group of examples, the full rows, the resampled rows and one
 scrubbed row per (hypothesis, resample); hooks copy values between rows inside the pass, so no
-activation cache is kept. Positions are aligned from the end (left padding); where the resampled
-input is shorter than the example, the leading positions it lacks keep their own values.
+activation cache is kept.
+
+Scrubbed positions. The example (length L_e) and the resampled input (length L_s) are aligned
+from the end (left padding), so position -k of the example takes position -k of the resampled
+run. Every real position of the example is scrubbed at a scrubbed, unprotected site:
+  * positions -1 .. -min(L_e, L_s) take the aligned value of the resampled run;
+  * where L_s < L_e, the example's L_e - L_s leading positions, which the resampled run lacks,
+    take the value of the resampled run's FIRST real position (position -L_s);
+  * where L_s > L_e, the resampled run's extra leading positions are unused.
+So no position keeps a harmful-only value at a scrubbed site outside the hypothesis. The filler
+value (a causal model's first position sees only its own token, in chat prompts the template's
+first token) carries nothing of either prompt's content; repeating it over several positions is
+off-distribution, like any resampled input of another length. Sample `resamples` > 1 and compare
+against the corrupted run's KL when lengths differ widely. Pad positions of the scrubbed row
+keep their own values (they are masked out).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from refusal_ray.interventions import hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.patterns import Selection, expand
 from refusal_ray.models.sites import SiteAdapter, parse_site
+from refusal_ray.stages.base import Stage
 
 QUANTILES = (0.5, 0.9)
 
@@ -80,24 +94,39 @@ def _masks(sel_protected: Selection, sel_scrubbed: Selection, site: str, n_heads
 
 
 class _Scrub:
-    """Hook body: scrubbed rows take the full row's value where protected, the resampled row's
-    value where scrubbed (at positions the resampled input has), and keep their own elsewhere."""
+    """Hook body: scrubbed rows take the full row's value where protected and the resampled row's
+    value where scrubbed, at every real position of the example: position p reads the resampled
+    row at `source_pos[p]` (p itself when aligned from the end, else the resampled row's first
+    real position; see the module docstring). Elsewhere (not hooked for this hypothesis, or pad
+    positions of the example) rows keep their own values."""
 
-    def __init__(self, rows, full, source, use_full, use_source, source_real):
+    def __init__(self, rows, full, source, use_full, use_source, source_pos, example_real):
         self.rows, self.full, self.source = rows, full, source          # [m] row indices
         self.use_full, self.use_source = use_full, use_source          # [m, width] bool
-        self.source_real = source_real                                  # [m, pos] bool
+        self.source_pos = source_pos                                    # [m, pos] long: position read in the source row
+        self.example_real = example_real                                # [m, pos] bool: real positions of the example
 
     def __call__(self, x: Tensor) -> None:  # [batch, pos, d_model] or z [batch, pos, n_heads, d_head]
         """In place, so every consumer of the site sees the scrubbed value (see patch._CopyRows)."""
         dev = x.device
-        xt, xf, xs = x[self.rows.to(dev)], x[self.full.to(dev)], x[self.source.to(dev)]
+        m = torch.arange(len(self.rows), device=dev)[:, None]
+        xt, xf = x[self.rows.to(dev)], x[self.full.to(dev)]
+        xs = x[self.source.to(dev)][m, self.source_pos.to(dev)]        # the resampled value for every position
         if x.dim() == 4:    # z: per-head masks [m, 1, n_heads, 1]
             uf, us, real = self.use_full[:, None, :, None], self.use_source[:, None, :, None], \
-                self.source_real[:, :, None, None]
+                self.example_real[:, :, None, None]
         else:               # [m, 1, 1]
-            uf, us, real = self.use_full[:, None, :], self.use_source[:, None, :], self.source_real[:, :, None]
+            uf, us, real = self.use_full[:, None, :], self.use_source[:, None, :], self.example_real[:, :, None]
         x[self.rows.to(dev)] = torch.where(uf.to(dev), xf, torch.where((us.to(dev) & real.to(dev)), xs, xt))
+
+
+def source_positions(mask: Tensor, source: Tensor) -> Tensor:
+    """[m, pos] position of the resampled row `source[k]` whose value scrubs position p of a
+    left-padded pass with attention mask `mask` [batch, pos]: p itself where the resampled input
+    has it (aligned from the end), else its first real position."""
+    width = mask.shape[1]
+    first = width - mask[source].long().sum(1)                                 # [m]
+    return torch.maximum(torch.arange(width)[None, :], first[:, None])
 
 
 @torch.inference_mode()
@@ -108,7 +137,9 @@ def scrub_kl(model, sites: SiteAdapter, examples: list[list[int]], sources: list
 
     Args:
         examples: token ids of each full input (prompt + answer prefix), n of them.
-        sources: sources[i][r]: the r-th resampled input for example i (same answer prefix).
+        sources: sources[i][r]: the r-th resampled input for example i (same answer prefix), of
+            any nonzero length: aligned from the end; where it is shorter than the example, its
+            first position scrubs the example's leading positions it lacks (module docstring).
         n_scored: positions scored per example, counted from the end (answer prefix length + 1).
         protected: one selection per hypothesis; scrubbed: the scrubbed set.
     Returns:
@@ -116,6 +147,8 @@ def scrub_kl(model, sites: SiteAdapter, examples: list[list[int]], sources: list
         nats, float64; NaN at positions beyond an example's n_scored (leftmost entries).
     """
     n, n_res, n_hyp, width = len(examples), len(sources[0]), len(protected), max(n_scored)
+    if any(not src for per in sources for src in per):
+        raise ValueError("a resampled input is empty: it has no value to scrub with")
     hooked = sorted(set(scrubbed).union(*protected))
     masks = {s: [_masks(p, scrubbed, s, sites.n_heads) for p in protected] for s in hooked}
     device = model.get_input_embeddings().weight.device
@@ -132,13 +165,14 @@ def scrub_kl(model, sites: SiteAdapter, examples: list[list[int]], sources: list
         rows = torch.arange(gg + gg * n_res, len(seqs))
         full = torch.tensor([i for _ in range(n_hyp) for i in range(gg) for _ in range(n_res)])
         source = torch.tensor([src_row(i, r) for _ in range(n_hyp) for i in range(gg) for r in range(n_res)])
-        real = mask.bool()[source]                                                    # [m, pos]
+        real = mask.bool()[full]                                                      # [m, pos] the example's
+        src_pos = source_positions(mask, source)                                      # [m, pos]
         transforms = {}
         for s in hooked:
             per_h = masks[s]
             uf = torch.stack([per_h[h][0] for h in range(n_hyp) for _ in range(gg * n_res)])   # [m, width]
             us = torch.stack([per_h[h][1] for h in range(n_hyp) for _ in range(gg * n_res)])
-            transforms[s] = _Scrub(rows, full, source, uf, us, real)
+            transforms[s] = _Scrub(rows, full, source, uf, us, src_pos, real)
         ids, mask = ids.to(device), mask.to(device)
         with hooks(sites, transforms):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
@@ -210,3 +244,84 @@ def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed:
             "corrupted_kl": corr["mean_kl"], "corrupted_faithfulness": corr["faithfulness"],
         })
     return rows
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def _prepare(plan) -> None:
+    """Draw each seed's harmful examples and harmless sources from the test split (in the plan)."""
+    from refusal_ray.data import draw_pairs
+    from refusal_ray.errors import SpecError
+
+    cfg, data = plan.spec.stages.scrub, plan.spec.data
+    for seed in plan.spec.seeds:
+        try:
+            plan.prompts[seed]["scrub"] = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0],
+                                                     data.harmful, data.harmless, cfg.n_pairs, seed)
+        except ValueError as e:
+            raise SpecError(plan.spec_file, "stages.scrub.n_pairs", str(e)) from None
+
+
+def _check(plan) -> None:
+    """Every scrub pattern must fit every model (layers and heads)."""
+    from refusal_ray.errors import SpecError
+    from refusal_ray.models.patterns import PatternError
+
+    scrub = plan.spec.stages.scrub
+    fields = [("stages.scrub.scrubbed", scrub.scrubbed)] + [
+        (f"stages.scrub.hypotheses.{i}.protected", h.protected) for i, h in enumerate(scrub.hypotheses)]
+    for mp in plan.models.values():
+        for where, patterns in fields:
+            try:
+                expand(patterns, mp.n_layers, mp.n_heads)
+            except PatternError as e:
+                raise SpecError(plan.spec_file, where, f"{e} (model {mp.name!r})") from None
+
+
+def scrub_warnings(plan) -> list[str]:
+    """Hypotheses whose protected sites are overwritten by a scrubbed residual stream after them.
+
+    Scrubbing `blocks.L.hook_resid_post` replaces the whole stream, so what a protected site at a
+    layer <= L wrote is lost: the hypothesis then scores the resampled run's KL whatever it protects.
+    """
+    scrub, out = plan.spec.stages.scrub, []
+    for mp in plan.models.values():
+        scrubbed = expand(scrub.scrubbed, mp.n_layers, mp.n_heads)
+        for h in scrub.hypotheses:
+            prot = expand(h.protected, mp.n_layers, mp.n_heads)
+            cut = [int(s.split(".")[1]) for s in scrubbed if s.endswith("hook_resid_post") and s not in prot]
+            lost = sorted(s for s in prot if cut and int(s.split(".")[1]) <= max(cut))
+            if lost:
+                out.append(f"warning: hypothesis {h.name!r} on {mp.name}: blocks.{max(cut)}.hook_resid_post is "
+                           f"scrubbed, which overwrites protected {lost[0]}" + (f" and {len(lost) - 1} more" if
+                                                                               len(lost) > 1 else ""))
+    return out
+
+
+def _describe(plan) -> list[str]:
+    s = plan.spec.stages.scrub
+    return [f"scrub: {len(s.hypotheses)} hypotheses against {s.scrubbed}, {s.n_pairs} examples x "
+            f"{s.resamples} resamples, threshold {s.threshold}", *scrub_warnings(plan)]
+
+
+def _group(cells, spec):   # the hypotheses of a seed share forward passes
+    return [cells] if cells else []
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["scrub"]
+    seed = cells[0].seed
+    return {"scrubbing": session.halving(lambda bs: run_scrub(
+        session.lm, cells, session.prompts[seed]["scrub"], {**cfg, "batch_size": bs}, seed), cfg["batch_size"])}
+
+
+def _id_key(spec) -> dict:
+    return {"scrub": spec.stages.scrub.model_dump(mode="json", exclude={"batch_size", "hypotheses"}),
+            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
+
+
+def _cells(spec, mp) -> list[dict]:
+    return [{"hypothesis": h.name, "protected": list(h.protected)} for h in spec.stages.scrub.hypotheses]
+
+
+STAGE = Stage(name="scrub", tables=("scrubbing",), cells=_cells, id_key=_id_key, group=_group, run=_run,
+              prepare=_prepare, check=_check, describe=_describe)
