@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 
 from refusal_ray.stages.directions import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
-from refusal_ray.summary import pooled_arms, render, write_summary  # noqa: E402
+from refusal_ray.summary import nearest_steered, pooled_arms, render, write_summary  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -33,29 +33,71 @@ def _grid(n: int):
     return fig, list(axes.flat)
 
 
+def steering_figure(arms: pd.DataFrame, summary: pd.DataFrame):
+    """Refusal rate vs addition coefficient at every steered layer: (figure, {model: layers plotted}).
+
+    One row of panels per model with addition arms: harmless prompts (induction) and harmful
+    prompts (suppression). Each steered layer is a line coloured by layer (colour bar); the layer
+    the steering label was read at (`label_layer`, else the steered layer nearest the best one)
+    is drawn in black with 95% intervals and its random control (dotted). c = 0 is the baseline.
+    With at most 4 steered layers every line has intervals.
+    """
+    addition = arms[(arms["mode"] == "addition") & ~arms["control"].astype(bool)]
+    rows = [(s, sorted(int(x) for x in addition.loc[addition["model"] == s["model"], "layer"].unique()))
+            for _, s in summary.iterrows()]
+    rows = [(s, layers) for s, layers in rows if layers]
+    fig, axes = plt.subplots(max(1, len(rows)), 2, figsize=(10, 3.4 * max(1, len(rows))), squeeze=False)
+    plotted: dict[str, list[int]] = {}
+    for (ax_safe, ax_harm), (s, layers) in zip(axes, rows):
+        model = s["model"]
+        a = arms[arms["model"] == model]
+        best = s.get("best_layer")
+        label = s.get("label_layer")
+        if label is None or pd.isna(label):
+            label = nearest_steered(int(best), layers) if best is not None and not pd.isna(best) else None
+        cmap = plt.get_cmap("viridis")
+        norm = matplotlib.colors.Normalize(min(layers), max(layers) if max(layers) > min(layers) else min(layers) + 1)
+        for ax, pset in ((ax_safe, "harmless"), (ax_harm, "harmful")):
+            b = a[(a["mode"] == "baseline") & (a["prompt_set"] == pset)].assign(coefficient=0.0)
+            for layer in layers:
+                for control in (False, True):
+                    highlight = layer == label
+                    if control and not highlight:
+                        continue
+                    c = a[(a["mode"] == "addition") & (a["layer"] == layer) &
+                          (a["control"].astype(bool) == control) & (a["prompt_set"] == pset)]
+                    if c.empty:
+                        continue
+                    c = pd.concat([c, b]).sort_values("coefficient")
+                    color = ("0.5" if control else "k") if highlight else cmap(norm(layer))
+                    err = np.clip([c["rate"] - c["ci_low"], c["ci_high"] - c["rate"]], 0, None) \
+                        if highlight or len(layers) <= 4 else None
+                    name = f"layer {layer}" + (" random control" if control else " (label layer)" if highlight else "")
+                    drawn = ax.errorbar(c["coefficient"], c["rate"], yerr=err, color=color,
+                                        linestyle=":" if control else "-", marker="o", ms=3 if highlight else 2,
+                                        lw=1.8 if highlight else 0.9, capsize=2, zorder=3 if highlight else 2,
+                                        label=name if highlight or len(layers) <= 4 else f"_{name}")
+                    drawn.lines[0].set_gid(f"{model}|{pset}|{layer}|{'control' if control else 'direction'}")
+            ax.set_title(f"{model}: {pset} prompts ({'induce' if pset == 'harmless' else 'suppress'}; "
+                         f"best layer {'?' if best is None or pd.isna(best) else int(best)})", fontsize=9)
+            ax.set_xlabel("addition coefficient c")
+            ax.set_ylabel("refusal rate (95% Wilson)")
+            ax.set_ylim(-0.05, 1.05)
+            ax.legend(fontsize=7)
+        if len(layers) > 1:
+            bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax_harm, label="steered layer")
+            bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        plotted[model] = layers
+    if not rows:
+        axes[0, 0].text(0.5, 0.5, "no addition arms were steered", ha="center", va="center")
+        for ax in axes.flat:
+            ax.set_axis_off()
+    return fig, plotted
+
+
 def plot_steering_curves(arms: pd.DataFrame, summary: pd.DataFrame) -> bytes:
-    """Refusal rate vs addition coefficient at each model's best layer, with intervals and control."""
-    fig, axes = _grid(len(summary))
-    for ax, (_, s) in zip(axes, summary.iterrows()):
-        a = arms[(arms["model"] == s["model"])]
-        base = a[a["mode"] == "baseline"]
-        for pset, color in (("harmful", "tab:red"), ("harmless", "tab:blue")):
-            for control, style in ((False, "-"), (True, ":")):
-                c = a[(a["mode"] == "addition") & (a["layer"] == s.get("best_layer", -1)) &
-                      (a["control"].astype(bool) == control) & (a["prompt_set"] == pset)]
-                b = base[base["prompt_set"] == pset]
-                c = pd.concat([c, b.assign(coefficient=0.0)]).sort_values("coefficient")
-                if c.empty:
-                    continue
-                err = [c["rate"] - c["ci_low"], c["ci_high"] - c["rate"]]
-                ax.errorbar(c["coefficient"], c["rate"], yerr=err, color=color, linestyle=style, marker="o",
-                            ms=3, capsize=2, label=f"{pset}{' (random control)' if control else ''}")
-        ax.set_title(f"{s['model']} (layer {s.get('best_layer', '?')})")
-        ax.set_xlabel("addition coefficient c")
-        ax.set_ylabel("refusal rate (95% Wilson)")
-        ax.set_ylim(-0.05, 1.05)
-    axes[0].legend(fontsize=7)
-    return _png(fig)
+    """PNG of `steering_figure`."""
+    return _png(steering_figure(arms, summary)[0])
 
 
 def plot_separation(dirs: pd.DataFrame, models: list[str]) -> bytes:
@@ -111,8 +153,9 @@ def write_report(out_dir) -> str:
     dirs, steering = store.read("directions"), store.read("steering")
     models = list(summary["model"]) if not summary.empty else []
     figures: dict[str, bytes] = {}
-    if not steering.empty and "best_layer" in summary.columns:
-        figures["steering.png"] = plot_steering_curves(pooled_arms(steering), summary.dropna(subset=["best_layer"]))
+    if not steering.empty and "best_layer" in summary.columns and (steering["mode"] == "addition").any():
+        arms = pooled_arms(steering, store.read("completions"))
+        figures["steering.png"] = plot_steering_curves(arms, summary.dropna(subset=["best_layer"]))
     with_dirs = [m for m in models if not dirs.empty and (dirs["model"] == m).any()]  # failed models have none
     if with_dirs:
         figures["separation.png"] = plot_separation(dirs, with_dirs)

@@ -1,17 +1,94 @@
-"""Intervals and effect sizes shared by stages and the summary."""
+"""Intervals and effect sizes shared by stages and the summary.
+
+Refusal rates pooled over seeds (`prompt_pooled_rate`) count each distinct prompt once: seeds
+draw their test prompts from one pool, so two seeds often judge the same prompt (and the
+baseline arm, greedy and unsteered, gives the same completion for it under every seed). Summing
+n over seeds would count such a prompt once per seed and give an interval that is too narrow.
+
+References: E. B. Wilson (1927), Probable inference, the law of succession, and statistical
+inference, JASA 22:209-212. L. Kish (1965), Survey Sampling, Wiley (design effect). J. N. K. Rao
+and A. J. Scott (1992), A simple method for the analysis of clustered binary data, Biometrics
+48:577-585.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from statistics import NormalDist
+
 import numpy as np
-from statsmodels.stats.proportion import proportion_confint
 
 
-def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (Wilson 1927). (nan, nan) when n = 0."""
+def wilson(k: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (Wilson 1927). (nan, nan) when n = 0.
+
+    Implemented from the closed form, so k may be fractional (`prompt_pooled_rate` passes a sum
+    of per-prompt means): with p = k/n and z the two-sided normal quantile,
+    centre = (p + z^2/2n) / (1 + z^2/n), half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    For integer k it equals statsmodels' `proportion_confint(method="wilson")`.
+    """
     if n == 0:
         return float("nan"), float("nan")
-    lo, hi = proportion_confint(k, n, alpha=1 - confidence, method="wilson")
-    return float(lo), float(hi)
+    if not -1e-9 <= k <= n + 1e-9:
+        raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = min(1.0, max(0.0, k / n)), z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside despite rounding
+
+
+@dataclass(frozen=True)
+class PooledRate:
+    """A refusal rate over distinct prompts: see `prompt_pooled_rate`."""
+
+    rate: float         # mean over distinct prompts of each prompt's mean label over seeds
+    ci_low: float
+    ci_high: float
+    n_prompts: int      # distinct prompts: the interval's n
+    k_prompts: float    # sum of the per-prompt means: the interval's (fractional) k
+    n_labels: int       # labels pooled (prompt x seed), what summing n over seeds would count
+
+
+def prompt_pooled_rate(prompt_ids: Iterable, labels: Iterable, confidence: float = 0.95) -> PooledRate:
+    """Rate and Wilson interval of one arm pooled over seeds, each distinct prompt counted once.
+
+    Definition: with m distinct prompts j, S_j the seeds that judged prompt j and y_js in {0, 1}
+    its refusal label under seed s, ybar_j = mean over s in S_j of y_js; rate = (1/m) sum_j ybar_j;
+    interval = Wilson (1927) score interval with n = m and k = sum_j ybar_j (fractional k).
+
+    Why: the prompt, not the (prompt, seed) pair, is the sampling unit. Labels of one prompt
+    under different seeds are correlated (identical for the baseline arm), so summing n over s
+    seeds inflates n by the design effect 1 + (s - 1) rho <= s (Kish 1965). When every prompt
+    was judged by s seeds, this definition is Rao & Scott's (1992) adjustment for clustered
+    binary data (divide n and k by the design effect) with the design effect at its upper bound
+    s: n/s = m and k/s = sum_j ybar_j; prompts judged by fewer seeds weigh the same in the rate.
+    It is conservative rather than exact: each ybar_j lies in [0, 1], so its variance is at most
+    p(1 - p), the binomial variance the Wilson interval assumes, with equality when the seeds
+    agree on every prompt (as on the baseline arm). When the seeds judge disjoint prompts it is
+    the Wilson interval of the summed counts.
+    """
+    ids = list(prompt_ids)
+    y = np.asarray(list(labels), dtype=np.float64)
+    if len(ids) != len(y):
+        raise ValueError(f"prompt_pooled_rate: {len(ids)} prompt ids but {len(y)} labels")
+    if not len(y):
+        return PooledRate(float("nan"), float("nan"), float("nan"), 0, 0.0, 0)
+    codes, uniques = _factorize(ids)
+    m = len(uniques)
+    means = np.bincount(codes, weights=y, minlength=m) / np.bincount(codes, minlength=m)
+    k = float(means.sum())
+    lo, hi = wilson(k, m, confidence)
+    return PooledRate(k / m, lo, hi, m, k, len(y))
+
+
+def _factorize(values: list) -> tuple[np.ndarray, list]:
+    index: dict = {}
+    codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return codes, list(index)
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,48 +1,117 @@
 """Scale-trend summary: one row per model, sorted by parameter count, with both verdicts.
 
-Counts are pooled over seeds before rates and Wilson intervals are taken. The best layer is the
-one with the highest mean separation (Cohen's d on val) over seeds. Rules (DESIGN.md):
+Rates pooled over seeds count each distinct test prompt once (`pooled_arms`, with
+`refusal_ray.stats.prompt_pooled_rate`): per prompt, the mean refusal label over the seeds that
+judged it; the rate is the mean over prompts, and the Wilson interval takes n = distinct prompts.
+Per-seed rates and intervals are the steering table's own rows (`per_seed_arms`). The best
+layer is the one with the highest mean separation (Cohen's d on val) over seeds. Rules
+(DESIGN.md):
 
-control_margin: NO-BASELINE-REFUSAL if baseline harmful refusal < baseline_min; SUPPORTED if
-  ablation (alpha = ablation_alpha, best direction) lowers harmful refusal by >= baseline_margin
-  from baseline and >= control_margin from its random control, and addition (c =
-  addition_coefficient at the best layer) raises harmless refusal by the same two margins;
-  otherwise NOT-SUPPORTED naming the arm(s) that fell short.
-steering_labels, from the addition curve at the best layer: induce = max over c > 0 of the
-  rise in harmless refusal over baseline; suppress = max over c < 0 of the drop in harmful
-  refusal. works-fully: both >= strong; amplify-only: induce >= weak, suppress < weak;
-  works-partially: either >= weak otherwise; fails: neither.
+Steered layer: an addition arm is measured only at the layers the spec steered, which need not
+  include the best layer. Each rule below reads its addition arm at the best layer when it was
+  steered, otherwise at the steered layer nearest to it (ties: the lower); the layer used is in
+  `addition_layer` (control_margin) and `label_layer` (steering_labels).
+control_margin: INCOMPLETE if an arm it needs was not measured; NO-BASELINE-REFUSAL if baseline
+  harmful refusal < baseline_min; SUPPORTED if ablation (alpha = ablation_alpha, best direction)
+  lowers harmful refusal by >= baseline_margin from baseline and >= control_margin from its
+  random control, and addition (c = addition_coefficient at `addition_layer`) raises harmless
+  refusal by the same two margins; otherwise NOT-SUPPORTED naming the arm(s) that fell short.
+steering_labels, from the addition curve at `label_layer`: induce = max over c > 0 of the rise
+  in harmless refusal over baseline; suppress = max over c < 0 of the drop in harmful refusal.
+  INCOMPLETE when either is unmeasured (no baseline, no c > 0 or no c < 0 arm, no addition arm);
+  works-fully: both >= strong; amplify-only: induce >= weak, suppress < weak; works-partially:
+  either >= weak otherwise; fails: neither.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
 from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
-from refusal_ray.stats import wilson
+from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
 ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "prompt_set"]
+POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low",
+                  "ci_high", "ci_basis"]
 
 
-def pooled_arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """Steering rows pooled over seeds: one row per (model, arm, prompt set) with rate and interval."""
+def _arms(steering: pd.DataFrame) -> pd.DataFrame:
+    """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control."""
     df = steering.copy()
     df["layer"] = df["layer"].fillna(-1).astype(int)
-    g = df.groupby(["model", *ARM_KEYS], dropna=False).agg(
-        n=("n", "sum"), refusals=("refusals", "sum"), seeds=("seed", "nunique")).reset_index()
-    g["rate"] = g["refusals"] / g["n"]
-    ci = [wilson(int(k), int(n)) for k, n in zip(g["refusals"], g["n"])]
-    g["ci_low"], g["ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
-    return g
+    df["control"] = df["control"].astype(bool)
+    return df
+
+
+def per_seed_arms(steering: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, seed, arm, prompt set): that seed's n, refusals, rate and Wilson interval
+    (the steering table's own rows, with the arm keys of `pooled_arms`)."""
+    if steering.empty:
+        return pd.DataFrame(columns=["model", "seed", *ARM_KEYS, "n", "refusals", "rate", "ci_low", "ci_high"])
+    df = _arms(steering)
+    cols = ["model", "seed", *ARM_KEYS, "n", "refusals", "rate", "ci_low", "ci_high"]
+    return df[cols].sort_values(["model", *ARM_KEYS, "seed"], kind="stable").reset_index(drop=True)
+
+
+def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Arms pooled over seeds: one row per (model, arm, prompt set) with rate and 95% interval.
+
+    With the completions table (per-prompt labels, joined to their arm through model, cell_id
+    and prompt_set), each distinct prompt counts once: `prompt_pooled_rate` (ci_basis
+    "prompts"). An arm without completion rows falls back to the steering counts, assuming
+    every seed judged the same prompts (n = the largest seed's n, k = pooled rate x n; ci_basis
+    "largest-seed"): conservative, never narrower than one seed's interval. n, refusals and seeds
+    are the summed steering counts either way; n_prompts and k_prompts are the interval's n and k.
+    """
+    if steering.empty:
+        return pd.DataFrame(columns=POOLED_COLUMNS)
+    df = _arms(steering)
+    keys = ["model", *ARM_KEYS]
+    g = df.groupby(keys, dropna=False).agg(n=("n", "sum"), refusals=("refusals", "sum"), seeds=("seed", "nunique"),
+                                           n_max=("n", "max")).reset_index()
+    rows = []
+    if completions is not None and not completions.empty:
+        labels = completions[["model", "cell_id", "prompt_set", "prompt_id", "refusal"]].merge(
+            df[["model", "cell_id", *ARM_KEYS]], on=["model", "cell_id", "prompt_set"])
+        for key, grp in labels.groupby(keys, dropna=False, sort=False):
+            r = prompt_pooled_rate(grp["prompt_id"], grp["refusal"].astype(float))
+            rows.append(dict(zip(keys, key)) | {"n_prompts": r.n_prompts, "k_prompts": r.k_prompts, "rate": r.rate,
+                                                 "ci_low": r.ci_low, "ci_high": r.ci_high})
+    if rows:
+        g = g.merge(pd.DataFrame(rows), on=keys, how="left")
+    else:
+        g[["n_prompts", "k_prompts", "rate", "ci_low", "ci_high"]] = np.nan
+    g["ci_basis"] = np.where(g["n_prompts"].notna(), "prompts", "largest-seed")
+    missing = g["n_prompts"].isna()
+    if missing.any():
+        rate = g.loc[missing, "refusals"] / g.loc[missing, "n"]
+        ci = [wilson(r * m, m) for r, m in zip(rate, g.loc[missing, "n_max"])]
+        g.loc[missing, "rate"] = rate
+        g.loc[missing, "n_prompts"] = g.loc[missing, "n_max"]
+        g.loc[missing, "k_prompts"] = rate * g.loc[missing, "n_max"]
+        g.loc[missing, "ci_low"], g.loc[missing, "ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
+    g["n_prompts"] = g["n_prompts"].astype(int)
+    g[["k_prompts", "rate", "ci_low", "ci_high"]] = g[["k_prompts", "rate", "ci_low", "ci_high"]].astype(float)
+    return g[POOLED_COLUMNS]
 
 
 def _rate(arms: pd.DataFrame, **where) -> float:
     sel = arms
     for k, v in where.items():
+        if v is None:
+            return float("nan")
         sel = sel[np.isclose(sel[k], v)] if isinstance(v, float) else sel[sel[k] == v]
     return float(sel["rate"].iloc[0]) if len(sel) else float("nan")
+
+
+def nearest_steered(best: int, layers: Iterable[int]) -> int | None:
+    """`best` if it is among the steered `layers`, else the nearest of them (ties: the lower); None if none."""
+    layers = sorted({int(x) for x in layers})
+    return min(layers, key=lambda x: (abs(x - best), x)) if layers else None
 
 
 def control_margin_verdict(base_harm: float, abl: tuple[float, float], add: tuple[float, float], rule: dict) -> str:
@@ -59,7 +128,9 @@ def control_margin_verdict(base_harm: float, abl: tuple[float, float], add: tupl
 
 
 def steering_label(induce: float, suppress: float, rule: dict) -> str:
-    induce, suppress = np.nan_to_num(induce, nan=0.0), np.nan_to_num(suppress, nan=0.0)
+    """Audit label from the curve's best induction and suppression; INCOMPLETE if either is unmeasured (nan)."""
+    if np.isnan(induce) or np.isnan(suppress):
+        return "INCOMPLETE"
     if induce >= rule["strong"] and suppress >= rule["strong"]:
         return "works-fully"
     if induce >= rule["weak"] and suppress < rule["weak"]:
@@ -69,8 +140,39 @@ def steering_label(induce: float, suppress: float, rule: dict) -> str:
     return "fails"
 
 
+def steer_columns(a: pd.DataFrame, best: int, rule: dict) -> dict:
+    """The steering columns and both verdicts of one model, from its pooled arms `a`."""
+    cm, sl = rule.get("control_margin", {}), rule.get("steering_labels", {})
+    base_harm = _rate(a, mode="baseline", prompt_set="harmful")
+    base_safe = _rate(a, mode="baseline", prompt_set="harmless")
+    alpha, coef = float(cm.get("ablation_alpha", 1.0)), float(cm.get("addition_coefficient", 1.0))
+    abl = _rate(a, mode="ablation", alpha=alpha, control=False, prompt_set="harmful")
+    abl_ctl = _rate(a, mode="ablation", alpha=alpha, control=True, prompt_set="harmful")
+    direction = a[(a["mode"] == "addition") & ~a["control"].astype(bool)]
+    add_layer = nearest_steered(best, direction.loc[np.isclose(direction["coefficient"], coef), "layer"])
+    add = _rate(a, mode="addition", layer=add_layer, coefficient=coef, control=False, prompt_set="harmless")
+    add_ctl = _rate(a, mode="addition", layer=add_layer, coefficient=coef, control=True, prompt_set="harmless")
+    label_layer = nearest_steered(best, direction["layer"])
+    curve = direction[direction["layer"] == label_layer]
+    pos = curve[(curve["coefficient"] > 0) & (curve["prompt_set"] == "harmless")]["rate"]
+    neg = curve[(curve["coefficient"] < 0) & (curve["prompt_set"] == "harmful")]["rate"]
+    induce = float(pos.max() - base_safe) if len(pos) else float("nan")
+    suppress = float(base_harm - neg.min()) if len(neg) else float("nan")
+    return {
+        "baseline_harmful_refusal": base_harm, "baseline_harmless_refusal": base_safe,
+        "ablation_harmful_refusal": abl, "ablation_suppression": base_harm - abl,
+        "ablation_suppression_vs_control": abl_ctl - abl,
+        "addition_layer": add_layer, "addition_harmless_refusal": add, "addition_induction": add - base_safe,
+        "addition_induction_vs_control": add - add_ctl,
+        "label_layer": label_layer, "steer_induce_max": induce, "steer_suppress_max": suppress,
+        "verdict_control_margin": control_margin_verdict(
+            base_harm, (base_harm - abl, abl_ctl - abl), (add - base_safe, add - add_ctl), cm) if cm else None,
+        "verdict_steering_labels": steering_label(induce, suppress, sl) if sl else None,
+    }
+
+
 def summarize(out_dir) -> pd.DataFrame:
-    """Build the summary table from a store (manifest, directions, steering)."""
+    """Build the summary table from a store (manifest, directions, steering, completions)."""
     store = Store(out_dir)
     manifest = store.read_json("manifest.json") or {}
     rule = manifest.get("decision_rule", {})
@@ -79,7 +181,7 @@ def summarize(out_dir) -> pd.DataFrame:
     has_steer = (manifest.get("spec") or {}).get("stages", {}).get("steer") is not None
     dirs = store.read("directions")
     steering = store.read("steering")
-    arms = pooled_arms(steering) if not steering.empty else pd.DataFrame(columns=["model", *ARM_KEYS, "rate"])
+    arms = pooled_arms(steering, store.read("completions") if not steering.empty else None)
     sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
     rows = []
     for name, info in models.items():
@@ -93,31 +195,8 @@ def summarize(out_dir) -> pd.DataFrame:
         sep = d.groupby("layer")["separation"].mean()
         best = int(sep.idxmax())
         row |= {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
-        a = arms[arms["model"] == name]
-        cm, sl = rule.get("control_margin", {}), rule.get("steering_labels", {})
-        base_harm = _rate(a, mode="baseline", prompt_set="harmful")
-        base_safe = _rate(a, mode="baseline", prompt_set="harmless")
-        alpha, coef = float(cm.get("ablation_alpha", 1.0)), float(cm.get("addition_coefficient", 1.0))
-        abl = _rate(a, mode="ablation", alpha=alpha, control=False, prompt_set="harmful")
-        abl_ctl = _rate(a, mode="ablation", alpha=alpha, control=True, prompt_set="harmful")
-        add = _rate(a, mode="addition", layer=best, coefficient=coef, control=False, prompt_set="harmless")
-        add_ctl = _rate(a, mode="addition", layer=best, coefficient=coef, control=True, prompt_set="harmless")
-        curve = a[(a["mode"] == "addition") & (a["layer"] == best) & (~a["control"].astype(bool))]
-        pos = curve[(curve["coefficient"] > 0) & (curve["prompt_set"] == "harmless")]["rate"]
-        neg = curve[(curve["coefficient"] < 0) & (curve["prompt_set"] == "harmful")]["rate"]
-        induce = float(pos.max() - base_safe) if len(pos) else float("nan")
-        suppress = float(base_harm - neg.min()) if len(neg) else float("nan")
-        row |= {
-            "baseline_harmful_refusal": base_harm, "baseline_harmless_refusal": base_safe,
-            "ablation_harmful_refusal": abl, "ablation_suppression": base_harm - abl,
-            "ablation_suppression_vs_control": abl_ctl - abl,
-            "addition_harmless_refusal": add, "addition_induction": add - base_safe,
-            "addition_induction_vs_control": add - add_ctl,
-            "steer_induce_max": induce, "steer_suppress_max": suppress,
-            "verdict_control_margin": control_margin_verdict(
-                base_harm, (base_harm - abl, abl_ctl - abl), (add - base_safe, add - add_ctl), cm) if cm else None,
-            "verdict_steering_labels": steering_label(induce, suppress, sl) if sl else None,
-        } if has_steer else {}
+        if has_steer:
+            row |= steer_columns(arms[arms["model"] == name], best, rule)
         rows.append(row | circuit)
     df = pd.DataFrame(rows)
     if not df.empty:
@@ -137,6 +216,7 @@ def write_summary(out_dir) -> pd.DataFrame:
 
 DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
            ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
+           ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
            ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
            ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"), ("addition_induction", "add-base", "{:+.2f}"),
            ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
