@@ -173,7 +173,7 @@ def greedy_config(model, tokenizer, options: ChatOptions, max_new_tokens: int):
 
     The checkpoint's `generation_config` contributes its stop tokens only. `generate` fills every
     unset field from the model's own config, so `generate` below runs with this config installed
-    as the model's (see `_neutral_defaults`).
+    as the model's (see `neutral_defaults`).
     """
     from transformers import GenerationConfig
 
@@ -190,7 +190,7 @@ def effective_settings(config) -> dict:
 
 
 @contextmanager
-def _neutral_defaults(model, config):
+def neutral_defaults(model, config):
     """Install `config` as the model's generation config for the block (transformers fills any unset
     field of a passed config from `model.generation_config`: a checkpoint's repetition penalty,
     suppressed tokens or top-k would otherwise leak in)."""
@@ -222,7 +222,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, options:
         One decoded completion per row, special tokens skipped, nothing after the first stop token.
     """
     config = config or greedy_config(lm.model, lm.tokenizer, options, max_new_tokens)
-    with _neutral_defaults(lm.model, config):
+    with neutral_defaults(lm.model, config):
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
                                 generation_config=config, **generate_kwargs)
     stops = set(config.eos_token_id or [])

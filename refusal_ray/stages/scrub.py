@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refusal_ray.data import Pairs, chat_prompts, left_pad
+from refusal_ray.data import Pairs, left_pad, prompt_tokens
+from refusal_ray.models.chat import ChatOptions, cut_at_stop, greedy_config, neutral_defaults
 from refusal_ray.grid import Cell
 from refusal_ray.interventions import hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
@@ -53,25 +54,20 @@ from refusal_ray.stages.base import Stage
 QUANTILES = (0.5, 0.9)
 
 
-def prompt_tokens(tokenizer, instructions: list[str]) -> list[list[int]]:
-    """Token ids of each instruction in the chat template (with the generation prompt)."""
-    return tokenizer(chat_prompts(tokenizer, instructions), add_special_tokens=False)["input_ids"]
-
-
 @torch.inference_mode()
-def answer_prefixes(lm: LoadedModel, prompts: list[list[int]], n_tokens: int, batch_size: int) -> list[list[int]]:
+def answer_prefixes(lm: LoadedModel, prompts: list[list[int]], n_tokens: int, batch_size: int,
+                    chat=None) -> list[list[int]]:
     """The unmodified model's greedy answer to each prompt: up to `n_tokens` tokens, cut before the
-    first end-of-sequence token."""
+    first stop token (EOS, the checkpoint's and the template's end of turn: `models.chat`)."""
     tok, out = lm.tokenizer, []
-    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+    config = greedy_config(lm.model, tok, chat or ChatOptions(), n_tokens)
+    stop = set(config.eos_token_id) | ({tok.pad_token_id} - {None})
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[start: start + batch_size], tok.pad_token_id)
-        gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                eos_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
-        for row in gen:
-            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            out.append(row[:cut])
+        with neutral_defaults(lm.model, config):
+            gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                    generation_config=config)[:, ids.shape[1]:].tolist()
+        out += [cut_at_stop(row, stop) for row in gen]
     return out
 
 
@@ -211,7 +207,7 @@ def resample_indices(n_examples: int, n_sources: int, resamples: int, seed: int)
     return [[int(perms[r][i]) for r in range(resamples)] for i in range(n_examples)]
 
 
-def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed: int) -> list[dict]:
+def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed: int, chat=None) -> list[dict]:
     """Scrub every hypothesis cell of one (model, seed) in shared forward passes.
 
     Returns one row per hypothesis: faithfulness, mean / max KL and quantiles, per-example KLs,
@@ -221,9 +217,9 @@ def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed:
     sites, tok = lm.sites, lm.tokenizer
     scrubbed = expand(cfg["scrubbed"], sites.n_layers, sites.n_heads)
     protected = [expand(c.params["protected"], sites.n_layers, sites.n_heads) for c in cells]
-    harmful = prompt_tokens(tok, pairs.harmful.instructions)
-    harmless = prompt_tokens(tok, pairs.harmless.instructions)
-    prefixes = answer_prefixes(lm, harmful, cfg["answer_tokens"], cfg["batch_size"])
+    harmful = prompt_tokens(tok, pairs.harmful.instructions, chat)
+    harmless = prompt_tokens(tok, pairs.harmless.instructions, chat)
+    prefixes = answer_prefixes(lm, harmful, cfg["answer_tokens"], cfg["batch_size"], chat)
     picks = resample_indices(len(harmful), len(harmless), cfg["resamples"], seed)
     examples = [h + a for h, a in zip(harmful, prefixes)]
     sources = [[harmless[j] + prefixes[i] for j in picks[i]] for i in range(len(harmful))]
@@ -311,7 +307,8 @@ def _run(session, cells, payload) -> dict:
     cfg = session.settings["scrub"]
     seed = cells[0].seed
     return {"scrubbing": session.halving(lambda bs: run_scrub(
-        session.lm, cells, session.prompts[seed]["scrub"], {**cfg, "batch_size": bs}, seed), cfg["batch_size"])}
+        session.lm, cells, session.prompts[seed]["scrub"], {**cfg, "batch_size": bs}, seed, session.chat),
+        cfg["batch_size"])}
 
 
 def _id_key(spec) -> dict:
