@@ -104,6 +104,7 @@ def plot_separation(dirs: pd.DataFrame, models: list[str]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in models:
         d = dirs[(dirs["model"] == m) & (dirs["site"] == "resid_pre")]
+        d = d[d["position"] == d["position"].max()]          # the last template token
         g = d.groupby("layer")["separation"].agg(["mean", "min", "max"])
         x = g.index / max(1, g.index.max())
         ax.plot(x, g["mean"], marker="o", label=m)
@@ -163,6 +164,11 @@ def write_report(out_dir) -> str:
     if not summary.empty and "separation" in summary.columns:
         figures["scale_trend.png"] = plot_scale_trend(summary)
     from refusal_ray import report_circuits as rc
+    from refusal_ray import report_select as rs
+
+    selection = store.read("selection")
+    if not selection.empty:
+        figures["selection.png"] = rs.plot_selection(selection)
     from refusal_ray.circuits import scrub_verdicts, site_recovery
 
     sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
@@ -176,6 +182,9 @@ def write_report(out_dir) -> str:
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
+    if not selection.empty:
+        lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", "",
+                  *rs.selection_table(selection), ""]
     if not sites.empty:
         lines += ["## Activation patching: top components", "", *rc.top_sites_table(sites), ""]
     if not verdicts.empty:

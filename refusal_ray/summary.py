@@ -34,7 +34,9 @@ from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
-ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "prompt_set"]
+# the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
+# directions (ablation of stage select's choice may differ between seeds); -1 where none
+ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "direction_layer", "direction_position", "prompt_set"]
 POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low",
                   "ci_high", "ci_basis"]
 
@@ -42,7 +44,8 @@ POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_
 def _arms(steering: pd.DataFrame) -> pd.DataFrame:
     """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control."""
     df = steering.copy()
-    df["layer"] = df["layer"].fillna(-1).astype(int)
+    for col in ("layer", "direction_layer", "direction_position"):
+        df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
     df["control"] = df["control"].astype(bool)
     return df
 
@@ -171,6 +174,42 @@ def steer_columns(a: pd.DataFrame, best: int, rule: dict) -> dict:
     }
 
 
+def _direction_name(layer: int, position: int) -> str:
+    return f"L{layer}/p{position}"
+
+
+def selection_columns(sel: pd.DataFrame) -> dict:
+    """Stage select's choice per seed: `selected` ("L3/p-2 (s0), L1/p-4 (s1)", "NONE" when no seed
+    selected anything), `selected_by` (the criterion, or "fallback:<c>"), and the candidates that
+    passed the filters per seed (`select_passed`)."""
+    if sel.empty:
+        return {}
+    parts, by, passed = [], set(), []
+    for seed, grp in sel.groupby("seed"):
+        chosen = grp[grp["selected"].astype(bool)]
+        passed.append(f"{int(grp['passed'].astype(bool).sum())}/{len(grp)} (s{seed})")
+        if len(chosen):
+            r = chosen.iloc[0]
+            parts.append(f"{_direction_name(int(r['layer']), int(r['position']))} (s{seed})")
+            by.add(str(r["selected_by"]))
+    return {"selected": ", ".join(parts) if parts else "NONE", "selected_by": ", ".join(sorted(by)) or None,
+            "select_passed": ", ".join(passed)}
+
+
+def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Keep the ablation arms of one direction: the (layer, position) most seeds ablated (ties: the
+    lower layer). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
+    abl = a[(a["mode"] == "ablation") & ~a["control"].astype(bool)]
+    if abl.empty:
+        return a, None
+    seeds = abl.groupby(["direction_layer", "direction_position"])["seeds"].max().reset_index()
+    seeds = seeds.sort_values(["seeds", "direction_layer"], ascending=[False, True])
+    layer, position, k = (int(x) for x in seeds.iloc[0][["direction_layer", "direction_position", "seeds"]])
+    total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
+    keep = (a["mode"] != "ablation") | ((a["direction_layer"] == layer) & (a["direction_position"] == position))
+    return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
+
+
 def summarize(out_dir) -> pd.DataFrame:
     """Build the summary table from a store (manifest, directions, steering, completions)."""
     store = Store(out_dir)
@@ -183,6 +222,8 @@ def summarize(out_dir) -> pd.DataFrame:
     steering = store.read("steering")
     arms = pooled_arms(steering, store.read("completions") if not steering.empty else None)
     sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
+    selection = store.read("selection")
+    has_select = (manifest.get("spec") or {}).get("stages", {}).get("select") is not None
     rows = []
     for name, info in models.items():
         row = {"model": name, "params": info.get("params"), "layers": info.get("n_layers")}
@@ -195,8 +236,13 @@ def summarize(out_dir) -> pd.DataFrame:
         sep = d.groupby("layer")["separation"].mean()
         best = int(sep.idxmax())
         row |= {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
+        sel = selection_columns(selection[selection["model"] == name] if not selection.empty else selection)
+        row |= sel
         if has_steer:
-            row |= steer_columns(arms[arms["model"] == name], best, rule)
+            a, direction = ablation_direction(arms[arms["model"] == name])
+            row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
+            if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
+                row["verdict_control_margin"] = "NO-SELECTION"
         rows.append(row | circuit)
     df = pd.DataFrame(rows)
     if not df.empty:
@@ -216,6 +262,7 @@ def write_summary(out_dir) -> pd.DataFrame:
 
 DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
            ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
+           ("selected", "selected", "{}"), ("ablation_direction", "ablated", "{}"),
            ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
            ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
            ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"), ("addition_induction", "add-base", "{:+.2f}"),
