@@ -59,7 +59,7 @@ def expand(spec: Spec, model_plans: dict, fingerprints: dict[str, str]) -> list[
 
     Args:
         model_plans: {model name: ModelPlan} (n_layers, resolved positions, ...).
-        fingerprints: {model name: prompt fingerprint}.
+        fingerprints: {model name: {seed: prompt fingerprint}} (or one fingerprint for every seed).
     """
     from refusal_ray.stages import STAGES
 
@@ -69,7 +69,8 @@ def expand(spec: Spec, model_plans: dict, fingerprints: dict[str, str]) -> list[
             for stage in STAGES:
                 if not stage.enabled(spec):
                     continue
+                fp = fingerprints[m.name]
+                fp = fp[seed] if isinstance(fp, dict) else fp
                 for p in stage.cells(spec, model_plans[m.name]):
-                    cells.append(Cell(cell_id(spec, stage.name, m.name, seed, p, fingerprints[m.name]),
-                                      stage.name, m.name, seed, p))
+                    cells.append(Cell(cell_id(spec, stage.name, m.name, seed, p, fp), stage.name, m.name, seed, p))
     return cells

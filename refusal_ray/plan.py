@@ -49,7 +49,7 @@ class Plan:
     data_fingerprint: str
     prompts: dict = field(default_factory=dict)       # seed -> split -> class -> PromptSet (drawn once)
     cells: list[Cell] = field(default_factory=list)
-    fingerprints: dict = field(default_factory=dict)  # model -> prompt fingerprint (files + rendered token ids)
+    fingerprints: dict = field(default_factory=dict)  # model -> seed -> prompt fingerprint (files + rendered ids)
 
     def submission_id(self) -> str:
         """A stable Ray job submission id: the same spec gives the same id, so Ray refuses a double submit."""
@@ -170,16 +170,16 @@ def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[
 
 
 def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) -> str:
-    """Hash of the prompt files and of every drawn prompt's rendered token ids for one model:
-    the same files rendered with another template, system prompt or date give another hash."""
+    """Hash of the prompt files and of one seed's drawn prompts as token ids rendered for one model
+    (`prompts`: split -> class -> PromptSet): the same files rendered with another template, system
+    prompt or date give another hash; another seed's draw does not change this seed's."""
     from refusal_ray.data import prompt_tokens
 
     h = hashlib.sha256(data_fingerprint.encode())
-    for seed in sorted(prompts):
-        for split in SPLITS:
-            for cls in ("harmful", "harmless"):
-                for ids in prompt_tokens(tokenizer, prompts[seed][split][cls].instructions, chat):
-                    h.update(json.dumps(ids).encode())
+    for split in SPLITS:
+        for cls in ("harmful", "harmless"):
+            for ids in prompt_tokens(tokenizer, prompts[split][cls].instructions, chat):
+                h.update(json.dumps(ids).encode())
     return h.hexdigest()[:16]
 
 
@@ -219,7 +219,8 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     from refusal_ray.models.chat import ChatOptions
 
     options = ChatOptions(**spec.chat.model_dump())
-    plan.fingerprints = {n: prompt_fingerprint(fp, tokenizers[n], prompts, options) for n in models}
+    plan.fingerprints = {n: {seed: prompt_fingerprint(fp, tokenizers[n], prompts[seed], options) for seed in prompts}
+                         for n in models}
     cells = expand(spec, models, plan.fingerprints)
     plan.cells = [c for c in cells if not only_models or c.model in only_models]
     return plan
