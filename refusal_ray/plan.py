@@ -226,6 +226,14 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     return plan
 
 
+def settings_payload(plan: Plan) -> dict:
+    """What every worker needs of the spec: each stage's settings block (None when disabled), and
+    the generation / judge / chat blocks, as plain dicts."""
+    s = plan.spec
+    return {**{st.name: st.settings(s) for st in STAGES}, "generation": s.generation.model_dump(mode="json"),
+            "judge": s.judge.model_dump(mode="json"), "chat": s.chat.model_dump(mode="json")}
+
+
 def machine_memory_bytes() -> int:
     """Physical memory of this machine (the node a local run uses)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

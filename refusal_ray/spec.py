@@ -124,6 +124,8 @@ class SelectStage(Strict):
     KL (mean first-token KL(baseline || ablated) on harmless prompts).
     """
 
+    layers: "LayerList" = Field("all", description="Candidate layers ('all', Arditi's choice, or a list: fewer "
+                                                    "candidates on big models).")
     criterion: Literal["bypass", "swing", "separation"] = Field(
         "bypass", description="'bypass': lowest bypass score (Arditi); 'swing': largest validation refusal-rate "
                               "swing (the pre-registered replication's; rates by refusal score > 0); "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
-from refusal_ray.plan import Plan, offload_mode
+from refusal_ray.plan import Plan, offload_mode, settings_payload  # noqa: F401 - settings_payload re-exported
 from refusal_ray.stages import STAGE_BY_NAME, STAGES
 from refusal_ray.store import Store
 
@@ -108,13 +108,6 @@ def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
     payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
     payload["positions"] = plan.models[name].positions
     return payload
-
-
-def settings_payload(plan: Plan) -> dict:
-    """Every enabled stage's settings block, and the generation / judge / chat blocks."""
-    s = plan.spec
-    return {**{st.name: st.settings(s) for st in STAGES}, "generation": s.generation.model_dump(mode="json"),
-            "judge": s.judge.model_dump(mode="json"), "chat": s.chat.model_dump(mode="json")}
 
 
 class Driver:

@@ -211,7 +211,9 @@ def selected_direction(selection_rows: list[dict]) -> dict | None:
 
 # -- the declaration ---------------------------------------------------------------------------
 def _inputs(settings: dict, needs: dict) -> dict:
-    rows = [r for r in needs["directions"]["directions"] if r["site"] == "resid_pre"]
+    layers = settings["select"].get("layers", "all")
+    rows = [r for r in needs["directions"]["directions"] if r["site"] == "resid_pre"
+            and (layers == "all" or int(r["layer"]) in layers)]
     return {"candidates": [Candidate(int(r["layer"]), int(r["position"]), np.asarray(r["vector"], np.float32))
                            for r in sorted(rows, key=lambda r: (r["layer"], r["position"]))],
             "separations": {(int(r["layer"]), int(r["position"])): float(r["separation"]) for r in rows}}
@@ -235,10 +237,22 @@ def _id_key(spec) -> dict:
 
 def _describe(plan) -> list[str]:
     s = plan.spec.stages.select
-    return [f"select: criterion {s.criterion}, filters layer < {s.max_layer_fraction} L, KL <= {s.kl_max}, "
+    return [f"select: layers {s.layers}, criterion {s.criterion}, filters layer < {s.max_layer_fraction} L, KL <= {s.kl_max}, "
             f"induce >= {s.induce_min}; fallback {s.fallback}; candidates per seed: "
-            + ", ".join(f"{n} {mp.n_layers}x{len(mp.positions)}" for n, mp in plan.models.items())]
+            + ", ".join(f"{n} {mp.n_layers if s.layers == 'all' else len(s.layers)}x{len(mp.positions)}"
+                        for n, mp in plan.models.items())]
+
+
+def _check(plan) -> None:
+    from refusal_ray.errors import SpecError
+
+    layers = plan.spec.stages.select.layers
+    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
+    for layer in ([] if layers == "all" else layers):
+        if not 0 <= layer < shallow.n_layers:
+            raise SpecError(plan.spec_file, "stages.select.layers", f"layer {layer} out of range: model "
+                            f"{shallow.name!r} has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
 
 
 STAGE = Stage(name="select", tables=("selection",), needs=("directions",), cells=lambda spec, mp: [{}],
-              id_key=_id_key, inputs=_inputs, run=_run, describe=_describe)
+              id_key=_id_key, inputs=_inputs, run=_run, check=_check, describe=_describe)
