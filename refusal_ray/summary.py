@@ -198,12 +198,12 @@ def selection_columns(sel: pd.DataFrame) -> dict:
 
 def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """Keep the ablation arms of one direction: the (layer, position) most seeds ablated (ties: the
-    lower layer). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
+    lower layer, then the later position). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
     abl = a[(a["mode"] == "ablation") & ~a["control"].astype(bool)]
     if abl.empty:
         return a, None
     seeds = abl.groupby(["direction_layer", "direction_position"])["seeds"].max().reset_index()
-    seeds = seeds.sort_values(["seeds", "direction_layer"], ascending=[False, True])
+    seeds = seeds.sort_values(["seeds", "direction_layer", "direction_position"], ascending=[False, True, False])
     layer, position, k = (int(x) for x in seeds.iloc[0][["direction_layer", "direction_position", "seeds"]])
     total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
     keep = (a["mode"] != "ablation") | ((a["direction_layer"] == layer) & (a["direction_position"] == position))
