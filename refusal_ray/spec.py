@@ -343,6 +343,14 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _explicit_position(self):
+        abl = self.stages.steer.ablation if self.stages.steer is not None else None
+        if abl is not None and abl.direction_position is not None and not isinstance(abl.direction_layer, int):
+            raise ValueError("stages.steer.ablation.direction_position needs an integer direction_layer "
+                             "(the selected and best directions come with their own position)")
+        return self
+
+    @model_validator(mode="after")
     def _selected_needs_select(self):
         steer = self.stages.steer
         if (steer is not None and steer.ablation is not None and steer.ablation.direction_layer == "selected"

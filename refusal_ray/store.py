@@ -151,10 +151,12 @@ class Store:
         return df.drop(columns=["_batch"], errors="ignore").reset_index(drop=True)
 
     def done_cells(self) -> set[str]:
+        """Cells with nothing left to run: done, or skipped (a skip is decided by the rows of the cells
+        it needs, which are part of its id's inputs: rerunning gives the same skip)."""
         cells = self.read("cells")
         if cells.empty:
             return set()
-        return set(cells.loc[cells["status"] == "done", "cell_id"])
+        return set(cells.loc[cells["status"].isin(["done", "skipped"]), "cell_id"])
 
 
 def read(out_dir: str | Path, table: str) -> pd.DataFrame:
@@ -165,8 +167,9 @@ def read(out_dir: str | Path, table: str) -> pd.DataFrame:
         if data is None:
             raise FileNotFoundError(f"{store}/summary.parquet")
         return pd.read_parquet(io.BytesIO(data))
-    from refusal_ray.stages import TABLES   # the stages declare their tables; the store stays closed to them
+    if not store.exists(table):   # a table no cell wrote yet: known (empty) or a typo
+        from refusal_ray.stages import TABLES   # the stages declare their tables (imported only here)
 
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
     return store.read(table)

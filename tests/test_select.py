@@ -30,7 +30,7 @@ def toy():
 
 def _candidates(lm, n_per_layer: int = 1, seed: int = 0) -> list[Candidate]:
     rng = np.random.default_rng(seed)
-    return [Candidate(layer, -1 - j, (rng.standard_normal(lm.sites.d_model) * 3).astype(np.float32))
+    return [Candidate(layer, -1 - j, (rng.standard_normal(lm.sites.d_model) * 10).astype(np.float32))
             for layer in range(lm.sites.n_layers) for j in range(n_per_layer)]
 
 
@@ -68,13 +68,13 @@ def test_candidates_as_rows_equal_each_alone_and_an_independent_loop(toy):
     batched = score_candidates(toy, cands, h, s, token_ids, batch_size=7)   # chunks mix kinds and candidates
     for i, c in enumerate(cands):
         alone = score_candidates(toy, [c], h, s, token_ids, batch_size=64)
-        for k in ("bypass", "induce", "kl"):
-            assert batched[k][i] == pytest.approx(alone[k][0], abs=1e-4), (k, c.layer, c.position)
+        for k, tol in (("bypass", 1e-4), ("induce", 1e-4), ("kl", 1e-5)):   # KLs of random directions are ~1e-3
+            assert batched[k][i] == pytest.approx(alone[k][0], abs=tol), (k, c.layer, c.position)
         want = _independent(toy, c, h, s, token_ids)
         got = (batched["bypass"][i], batched["induce"][i], batched["kl"][i])
         assert np.allclose(got, want, atol=1e-4), (c.layer, got, want)
     # the candidates differ, so the equality above is not between constants
-    assert np.ptp(batched["bypass"]) > 0.1 and np.ptp(batched["kl"]) > 1e-3
+    assert np.ptp(batched["bypass"]) > 0.1 and np.ptp(batched["kl"]) > 1e-4
 
 
 def test_zero_direction_changes_nothing(toy):

@@ -162,7 +162,8 @@ class Driver:
                     if table not in stored:
                         stored[table] = self.store.read(table)
                     df = stored[table]
-                    rows = df[(df["model"] == model) & (df["seed"] == seed)] if not df.empty else df
+                    ids = {c.id for c in self.plan.cells if c.stage == n and c.model == model and c.seed == seed}
+                    rows = df[df["cell_id"].isin(ids)] if not df.empty else df   # this plan's cells only
                     st.results[(seed, n)][table] = rows.to_dict("records")
             self._release(st, seed)
         return states

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from refusal_ray.plan import Plan, settings_payload
+from refusal_ray.plan import Plan, offload_mode, settings_payload
 from refusal_ray.session import ModelSession
 from refusal_ray.stages import STAGE_BY_NAME, STAGES
 
@@ -25,14 +25,15 @@ def run_local(plan: Plan, store=None, torch_threads: int | None = None, log=prin
         mine = [c for c in plan.cells if c.model == m.name]
         if not mine:
             continue
-        payload = m.model_dump(mode="json") | {"positions": plan.models[m.name].positions}
+        payload = m.model_dump(mode="json") | {"positions": plan.models[m.name].positions, "offload": offload_mode(
+            m, plan.models[m.name].params, plan.spec.resources.highmem_params)}
         if m.path is not None:
             payload["abs_path"] = os.path.abspath(m.path)
         session = ModelSession(payload, plan.prompts, settings, torch_threads)
         for seed in plan.spec.seeds:
             results: dict[str, dict] = {}
             for stage in STAGES:
-                cells = [c for c in mine if c.seed == seed and c.stage == stage.name]
+                cells = stage_cells = [c for c in mine if c.seed == seed and c.stage == stage.name]
                 if not cells:
                     continue
                 needs = {n: results.get(n) for n in stage.needs if STAGE_BY_NAME[n].enabled(plan.spec)}
@@ -56,7 +57,7 @@ def run_local(plan: Plan, store=None, torch_threads: int | None = None, log=prin
                             tables.setdefault(table, []).extend(rows)
                     else:
                         log(f"FAILED {stage.name} of {m.name} seed {seed}: {r['error']}")
-                if cells and all(status[c.id][0] == "done" for c in cells):
+                if all(status[c.id][0] in ("done", "skipped") for c in stage_cells):
                     results[stage.name] = tables
                 cell_rows = [{**c.row(), "status": status[c.id][0], "error": status[c.id][1]}
                              for c in plan.cells if c.id in status]

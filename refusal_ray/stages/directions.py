@@ -149,7 +149,8 @@ def _run(session, cells, payload) -> dict:
         train = (p["train"]["harmful"], p["train"]["harmless"])
         n_before = (len(train[0]), len(train[1]))
         if cfg.get("filter_train"):
-            train = filter_train(session.lm, *train, session.judge.phrases, cfg["batch_size"], session.chat)
+            train = session.halving(lambda bs, t=train: filter_train(session.lm, *t, session.judge.phrases, bs,
+                                                                     session.chat), cfg["batch_size"])
         fitted = session.halving(lambda bs: fit_directions(
             session.lm, train, (p["val"]["harmful"], p["val"]["harmless"]), cfg["sites"], session.positions, bs,
             session.chat), cfg["batch_size"])

@@ -81,7 +81,8 @@ def refusal_token_ids(tokenizer, phrases: list[str]) -> list[int]:
 class RefusalScore:
     """m = log p - log(1 - p) with p the probability of the refusal first tokens (DESIGN.md).
 
-    Computed stably as logsumexp(logits[refusal]) - logsumexp(logits[other]), in float32.
+    Computed stably as logsumexp(logits[refusal]) - logsumexp(logits[other]), in float32 (float64
+    when given float64 logits, as stage select and train filtering do).
     Call: logits [batch, vocab] -> [batch].
     """
 
@@ -89,7 +90,7 @@ class RefusalScore:
         self.token_ids = list(token_ids)
 
     def __call__(self, logits: Tensor) -> Tensor:
-        logits = logits.float()
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         refusal = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         refusal[self.token_ids] = True
         return torch.logsumexp(logits[:, refusal], -1) - torch.logsumexp(logits[:, ~refusal], -1)

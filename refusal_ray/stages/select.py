@@ -80,7 +80,7 @@ def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]]
         edits = _edits([(rows[r][0], rows[r][1]) for r in idx], n_layers, d_model)
         with row_edits(lm.sites, edits):
             logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
-        yield idx, logits.double().cpu()
+        yield idx, logits.double()                                           # [chunk, vocab], on the device
         if progress is not None:
             progress(len(idx))
 
@@ -108,31 +108,33 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
     seqs = {0: harmful, 1: harmless, 2: harmless}      # by kind: bypass, kl, induce
     base_rows = [(0, None, i) for i in range(len(harmful))] + [(1, None, i) for i in range(len(harmless))]
     base_score = np.zeros(len(base_rows))
-    base_lp = torch.zeros(0)
+    base_lp: torch.Tensor | None = None                                       # [n_harmless, vocab] float64
     for idx, logits in _passes(lm, base_rows, seqs, batch_size, progress):
-        base_score[idx] = metric(logits).numpy()
+        base_score[idx] = metric(logits).cpu().numpy()
         lp = torch.log_softmax(logits, -1)
-        if base_lp.numel() == 0:
-            base_lp = torch.zeros(len(harmless), lp.shape[-1], dtype=torch.float64)
+        if base_lp is None:
+            base_lp = torch.zeros(len(harmless), lp.shape[-1], dtype=torch.float64, device=lp.device)
         for j, r in enumerate(idx):
             if base_rows[r][0] == 1:
                 base_lp[base_rows[r][2]] = lp[j]
+    base_p = base_lp.exp()
     nh, ns, nc = len(harmful), len(harmless), len(candidates)
     rows = [(k, c, i) for c in candidates for k in range(3) for i in range(len(seqs[k]))]
     cand_of = [ci for ci in range(nc) for k in range(3) for _ in range(len(seqs[k]))]
     out = {"bypass_scores": np.zeros((nc, nh)), "induce_scores": np.zeros((nc, ns)), "kl_rows": np.zeros((nc, ns))}
     for idx, logits in _passes(lm, rows, seqs, batch_size, progress):
-        score = metric(logits).numpy()
-        lp = torch.log_softmax(logits, -1)
+        score = metric(logits).cpu().numpy()
+        kinds = np.array([rows[r][0] for r in idx])
+        prompt = np.array([rows[r][2] for r in idx])
+        kl = np.full(len(idx), np.nan)
+        if (kinds == 1).any():   # KL(baseline || ablated) of the first generated token, vectorised
+            j, i = np.flatnonzero(kinds == 1), torch.as_tensor(prompt[kinds == 1], device=logits.device)
+            lp = torch.log_softmax(logits[torch.as_tensor(j, device=logits.device)], -1)
+            kl[j] = (base_p[i] * (base_lp[i] - lp)).sum(-1).cpu().numpy()
         for j, r in enumerate(idx):
             kind, _, i = rows[r]
-            ci = cand_of[r]
-            if kind == 0:
-                out["bypass_scores"][ci, i] = score[j]
-            elif kind == 2:
-                out["induce_scores"][ci, i] = score[j]
-            else:   # KL(baseline || ablated) of the first generated token
-                out["kl_rows"][ci, i] = float((base_lp[i].exp() * (base_lp[i] - lp[j])).sum())
+            target = ("bypass_scores", "kl_rows", "induce_scores")[kind]
+            out[target][cand_of[r], i] = kl[j] if kind == 1 else score[j]
     return {"bypass": out["bypass_scores"].mean(1), "induce": out["induce_scores"].mean(1),
             "kl": out["kl_rows"].mean(1), "bypass_scores": out["bypass_scores"],
             "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:nh],

@@ -193,7 +193,8 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
 
 # -- the declaration ---------------------------------------------------------------------------
 def steer_params(spec, n_layers: int) -> list[dict]:
-    """Every steering arm of one (model, seed): baseline, addition and ablation, with controls."""
+    """Every steering arm of one (model, seed): baseline, addition and ablation, with controls.
+    Arms that ablate the selected direction carry stage select's settings (part of their ids only)."""
     steer = spec.stages.steer
     controls = [False, True] if steer.controls else [False]
     arms: list[dict] = [{"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0,
@@ -208,6 +209,8 @@ def steer_params(spec, n_layers: int) -> list[dict]:
     if steer.ablation is not None:
         extra = {} if steer.ablation.direction_position is None else {
             "direction_position": steer.ablation.direction_position}
+        if steer.ablation.direction_layer == "selected" and spec.stages.select is not None:
+            extra["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
         for a in steer.ablation.alphas:
             arms += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a),
                       "direction_layer": steer.ablation.direction_layer, "control": ctl, **extra}
@@ -260,9 +263,7 @@ def _run(session, cells, payload) -> dict:
 
 def _id_key(spec) -> dict:
     return directions_key(spec) | {"generation": spec.generation.model_dump(mode="json"),
-                                   "judge": spec.judge.model_dump(mode="json"), "position": spec.stages.steer.position,
-                                   **({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
-                                      if spec.stages.select is not None else {})}
+                                   "judge": spec.judge.model_dump(mode="json"), "position": spec.stages.steer.position}
 
 
 def _describe(plan) -> list[str]:
