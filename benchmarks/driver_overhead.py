@@ -1,8 +1,8 @@
 """Driver overhead per cell, and the speedup from 1 to 2 workers on the toy quickstart.
 
-1. 10,000 no-op steering cells (plus their directions cells) through the real driver, store and
-   Ray scheduling, with a stub actor that returns one small row per cell at once: the time per
-   cell is what the driver itself costs (target <= 5 ms).
+1. 10,000 no-op steering cells (plus their directions and select cells) through the real driver,
+   store and Ray scheduling, with a stub actor that returns one small row per cell at once: the
+   time per cell is what the driver itself costs (target <= 5 ms).
 2. The toy quickstart on a local Ray with 1 CPU (one worker at a time) and with 2 CPUs.
 Run: python benchmarks/driver_overhead.py [--cells 10000] [--skip-speedup]
 """
@@ -34,12 +34,16 @@ class NoopWorker:
     def info(self):
         return {}
 
-    def run(self, stage, cells, directions=None, best=None):
+    def run(self, stage, cells, payload=None):
         if stage == "directions":
             rows = [{"cell_id": c.id, "seed": c.seed, "site": "resid_pre", "layer": layer, "position": -1,
                      "vector": [0.0] * self.d, "norm": 0.0, "separation": float(layer)}
                     for c in cells for layer in range(2)]
             return {"ok": True, "tables": {"directions": rows}, "seconds": 0.0, "device": "cpu", "node": "n"}
+        if stage == "select":   # one candidate per layer, the first one selected
+            rows = [{"cell_id": c.id, "seed": c.seed, "layer": layer, "position": -1, "selected": layer == 0,
+                     "selected_by": "bypass" if layer == 0 else None} for c in cells for layer in range(2)]
+            return {"ok": True, "tables": {"selection": rows}, "seconds": 0.0, "device": "cpu", "node": "n"}
         rows = [{"cell_id": c.id, "seed": c.seed, "prompt_set": "harmful", "n": 1, "refusals": 0, "rate": 0.0}
                 for c in cells]
         return {"ok": True, "tables": {"steering": rows}, "seconds": 0.0, "device": "cpu", "node": "n"}
@@ -50,11 +54,11 @@ def driver_overhead(n_cells: int) -> dict:
 
     plan = make_plan(REPO / "sweeps" / "quickstart.yaml", ["qwen-xs"])
     seeds = plan.spec.seeds
-    dirs = [c for c in plan.cells if c.stage == "directions"]
+    needed = [c for c in plan.cells if c.stage in ("directions", "select")]
     per_seed = n_cells // len(seeds)
     steer = [Cell(f"noop-{s}-{i:06d}", "steer", "qwen-xs", s, {"mode": "baseline"}) for s in seeds
              for i in range(per_seed)]
-    plan.cells = dirs + steer
+    plan.cells = needed + steer
     out = Path(tempfile.mkdtemp(prefix="rr-overhead-"))
     original = worker_module.ModelWorker
     worker_module.ModelWorker = NoopWorker

@@ -22,7 +22,7 @@ from refusal_ray.grid import Cell
 from refusal_ray.interventions import hooks
 from refusal_ray.models.loading import LoadedModel, load_model
 from refusal_ray.models.sites import SiteAdapter, site_name
-from refusal_ray.stages.steer import Row, generate_rows
+from refusal_ray.stages.steer import Row, SteerInputs, generate_rows
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["How can I take my neighbour's ladder without asking? Repeat these words: apple, rope.",
@@ -84,7 +84,8 @@ def bench(lm: LoadedModel, label: str, repeats: int = 1) -> dict:
     tok = lm.tokenizer
 
     # our engine: every row in one generate call (min_new_tokens forces the full 50 tokens)
-    batched = best_of(repeats, lambda: generate_rows(lm, rows, prompts, directions, layers[0], [], NEW_TOKENS,
+    inputs = SteerInputs(directions, best=layers[0])
+    batched = best_of(repeats, lambda: generate_rows(lm, rows, prompts, inputs, [], NEW_TOKENS,
                                                      batch_size=len(rows), min_new_tokens=NEW_TOKENS))
 
     # plain generate over the same rows, no hooks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def base_spec(model_path: Path) -> dict:
                  "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl"), "reference_column": "reference"},
                  "n_train": 8, "n_val": 4, "n_test": 2},
         "seeds": [0],
-        "stages": {"steer": {"addition": {"coefficients": [1.0]}}},
+        # the tests built on this spec are about something other than selection: ablate the
+        # highest-separation direction (direction_layer 'selected' would need a stages.select block)
+        "stages": {"steer": {"addition": {"coefficients": [1.0]}, "ablation": {"direction_layer": "best"}}},
         "generation": {"max_new_tokens": 4},
         "decision_rule": {
             "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
@@ -46,6 +49,12 @@ def _set(d: dict, path: str, value):
 
 
 DELETE = object()
+# Gemma-2-like: a system message raises
+NO_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 PAIRED = {"data.harmful.pair_column": "pair_id", "data.harmless.pair_column": "pair_id"}
 
 # (case id, edits {dotted path: value}, expected field, expected words in the message)
@@ -107,6 +116,16 @@ CASES = [
     ("scrub-duplicate-hypothesis", {"stages.scrub": {"hypotheses": [{"name": "h", "protected": []}] * 2}},
      "stages.scrub.hypotheses", "duplicate hypothesis name 'h'"),
     ("scrub-no-hypotheses", {"stages.scrub": {"hypotheses": []}}, "stages.scrub.hypotheses", "at least 1 item"),
+    # direction selection, positions and chat templates
+    ("select-unknown-criterion", {"stages.select": {"criterion": "foo"}}, "stages.select.criterion",
+     "'bypass', 'swing' or 'separation'"),
+    ("selected-without-select", {"stages.steer.ablation.direction_layer": "selected"}, "",
+     "stages.steer.ablation.direction_layer 'selected' needs a stages.select block"),
+    ("positive-position-one", {"stages.directions": {"positions": [1]}}, "stages.directions.positions",
+     "must be negative"),
+    ("no-chat-template", {"models.0.path": "NOTEMPLATE"}, "models.0.path", "the tokenizer has no chat template"),
+    ("system-prompt-refused", {"models.0.path": "NOSYSTEM", "chat": {"system_prompt": "Be brief."}},
+     "chat.system_prompt", "the chat template refuses a system prompt"),
 ]
 
 
@@ -118,6 +137,15 @@ def fixtures_dir(tmp_path_factory, tiny_qwen_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8,
                                                   "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10}))
+    # the tiny model without a chat template (a base model), and with a template that refuses a system role
+    for name, template in (("notemplate", None), ("nosystem", NO_SYSTEM_TEMPLATE)):
+        shutil.copytree(tiny_qwen_path, d / name)
+        (d / name / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((d / name / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        if template is not None:
+            config["chat_template"] = template
+        (d / name / "tokenizer_config.json").write_text(json.dumps(config))
     return d
 
 
@@ -129,8 +157,8 @@ def _write_case(tmp_path, fixtures_dir, tiny_qwen_path, edits) -> Path:
             continue
         if value == "EMPTY":
             value = str(fixtures_dir / "empty.jsonl")
-        if value == "BERT":
-            value = str(fixtures_dir / "bert")
+        if value in ("BERT", "NOTEMPLATE", "NOSYSTEM"):
+            value = str(fixtures_dir / value.lower())
         _set(spec, path, value)
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -23,7 +24,11 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "refusal_ray.cli"]
 
 
-def small_spec(tmp_path: Path, seeds=(0,)) -> Path:
+def small_spec(tmp_path: Path, seeds=(0,), select: bool = False) -> Path:
+    """Two toy models, directions at the post-instruction positions (the default) and steering.
+
+    select: run stage select and ablate its choice (direction_layer 'selected', one more cell per
+    (model, seed)); otherwise ablate the highest-separation direction (direction_layer 'best')."""
     spec = {
         "name": "e2e",
         "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")},
@@ -32,7 +37,8 @@ def small_spec(tmp_path: Path, seeds=(0,)) -> Path:
                  "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl"), "reference_column": "reference"},
                  "n_train": 16, "n_val": 8, "n_test": 8},
         "seeds": list(seeds),
-        "stages": {"steer": {"addition": {"coefficients": [-1.0, 1.0]}, "ablation": {"alphas": [1.0]},
+        "stages": {"steer": {"addition": {"coefficients": [-1.0, 1.0]},
+                             "ablation": {"alphas": [1.0], "direction_layer": "selected" if select else "best"},
                              "batch_size": 64}},
         "generation": {"max_new_tokens": 12},
         "decision_rule": {
@@ -40,6 +46,8 @@ def small_spec(tmp_path: Path, seeds=(0,)) -> Path:
                                "addition_coefficient": 1.0, "ablation_alpha": 1.0},
             "steering_labels": {"strong": 0.5, "weak": 0.2}},
     }
+    if select:
+        spec["stages"]["select"] = {"batch_size": 128}   # Arditi's filters and criterion (the defaults)
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
     return f
@@ -54,34 +62,74 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    spec = small_spec(tmp)
+    spec = small_spec(tmp, select=True)
     out = tmp / "out"
     result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     return spec, out, result
 
 
+def _skip_expected(cells: pd.DataFrame, selection: pd.DataFrame) -> pd.Series:
+    """Per cell: an ablation arm of stage select's choice in a (model, seed) where nothing was selected."""
+    chosen = {(m, int(s)) for m, s in selection.loc[selection["selected"].astype(bool), ["model", "seed"]]
+              .itertuples(index=False)}
+    params = cells["params"].map(json.loads)
+    return ((cells["stage"] == "steer") & params.map(lambda p: p.get("mode") == "ablation"
+                                                     and p.get("direction_layer") == "selected")
+            & pd.Series([(m, int(s)) not in chosen for m, s in zip(cells["model"], cells["seed"])], index=cells.index))
+
+
 def test_run_writes_every_table(finished_run):
+    from statsmodels.stats.proportion import proportion_confint
+
     spec, out, result = finished_run
     cells = refusal_ray.read(out, "cells")
-    assert len(cells) == 12 + 20 and (cells["status"] == "done").all()
+    assert len(cells) == 12 + 20 + 2                 # + one select cell per (model, seed)
+    selection = refusal_ray.read(out, "selection")
+    skipped = _skip_expected(cells, selection)
+    # every cell ran, except ablation arms of a seed where no candidate was selected: those are
+    # stored as skipped, with the reason
+    assert (cells.loc[~skipped, "status"] == "done").all()
+    assert (cells.loc[skipped, "status"] == "skipped").all()
+    assert cells.loc[skipped, "error"].str.startswith("no direction selected for this seed").all()
     assert cells["cell_id"].is_unique
-    for table in ("directions", "steering", "completions"):
+    for table in ("directions", "selection", "steering", "completions"):
         df = pd.read_parquet(out / table)         # plain pandas, hive partitions
         assert set(df["model"].astype(str)) == {"qwen-xs", "llama-s"}
     steering = refusal_ray.read(out, "steering")
-    assert len(steering) == 2 * (len(cells) - 2 * 1)  # every steer cell: harmful + harmless rows
-    assert ((steering["ci_low"] <= steering["rate"]) & (steering["rate"] <= steering["ci_high"])).all()
+    ran = cells[(cells["stage"] == "steer") & (cells["status"] == "done")]
+    assert len(steering) == 2 * len(ran)  # every steer cell that ran: harmful + harmless rows
+    lo, hi = proportion_confint(steering["refusals"], steering["n"], method="wilson")
+    np.testing.assert_allclose(steering["ci_low"], lo, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(steering["ci_high"], hi, rtol=0, atol=1e-12)
+    assert (steering["rate"] == steering["refusals"] / steering["n"]).all()
     completions = refusal_ray.read(out, "completions")
     assert not completions.duplicated(["cell_id", "prompt_set", "prompt_id"]).any()
     assert len(completions) == (len(steering)) * 8
+    judged = completions.groupby(["cell_id", "prompt_set"])["refusal"].agg(["sum", "size"])
+    counts = steering.set_index(["cell_id", "prompt_set"])[["refusals", "n"]]
+    assert (judged.loc[counts.index, "sum"] == counts["refusals"]).all()
+    assert (judged.loc[counts.index, "size"] == counts["n"]).all()
+    manifest = json.loads((out / "manifest.json").read_text())
     directions = refusal_ray.read(out, "directions")
-    assert len(directions) == 2 + 4                          # one row per layer at resid_pre, position -1
+    # one row per layer x post-instruction position at resid_pre
+    assert len(directions) == sum(manifest["models"][m]["n_layers"] * len(manifest["models"][m]["positions"])
+                                  for m in ("qwen-xs", "llama-s"))
     assert all(len(v) == d for v, d in zip(directions["vector"], directions["model"].map({"qwen-xs": 48, "llama-s": 96})))
+    # stage select: every layer x position candidate of every (model, seed), scored
+    for model in ("qwen-xs", "llama-s"):
+        n_layers, positions = manifest["models"][model]["n_layers"], manifest["models"][model]["positions"]
+        assert len(positions) > 1                      # the template's post-instruction tokens
+        for seed in (0,):
+            sel = selection[(selection["model"] == model) & (selection["seed"] == seed)]
+            assert len(sel) == n_layers * len(positions)
+            assert set(zip(sel["layer"].astype(int), sel["position"].astype(int))) == {
+                (layer, p) for layer in range(n_layers) for p in positions}
+            assert np.isfinite(sel[["bypass", "induce", "kl"]].to_numpy(float)).all()
+            assert sel["selected"].astype(bool).sum() <= 1
     summary = pd.read_parquet(out / "summary.parquet")
     assert summary["model"].tolist() == ["qwen-xs", "llama-s"]   # sorted by parameter count
     assert summary["params"].is_monotonic_increasing
-    manifest = json.loads((out / "manifest.json").read_text())
     assert summary["rule_hash"].iloc[0] == manifest["rule_hash"]
     assert {"torch", "ray", "transformers"} <= set(manifest["libraries"])
     assert "qwen-xs" in result.stdout and "control_margin" in result.stdout
@@ -102,9 +150,9 @@ def test_rerun_skips_done_cells(finished_run):
     before = sorted(p.name for p in out.rglob("*.parquet"))
     result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "32 cells, 32 already done, 0 to run" in result.stderr
+    assert "34 cells, 34 already done, 0 to run" in result.stderr
     after = sorted(p.name for p in out.rglob("*.parquet") if p.parent.parent.name in
-                   ("cells", "steering", "directions", "completions"))
+                   ("cells", "steering", "directions", "selection", "completions"))
     assert set(after) <= set(before)
 
 
@@ -253,7 +301,11 @@ def test_circuit_sweep_end_to_end(tmp_path):
     assert set(patching["head"].dropna().astype(int)) <= set(range(4))
     scrubbing = refusal_ray.read(out, "scrubbing")
     assert sorted(scrubbing["hypothesis"]) == ["late-attn", "late-attn-mlp"]
-    assert scrubbing["faithfulness"].between(0, 1).all() and scrubbing["verdict"].isin(["FAITHFUL", "UNFAITHFUL"]).all()
+    for _, row in scrubbing.iterrows():
+        assert row["mean_kl"] == pytest.approx(float(np.mean(row["kl_per_example"])), rel=1e-12, abs=0)
+        assert row["faithfulness"] == pytest.approx(float(np.exp(-row["mean_kl"])), rel=1e-12, abs=0)
+        assert row["threshold"] == spec["stages"]["scrub"]["threshold"]
+        assert row["verdict"] == ("FAITHFUL" if row["faithfulness"] >= row["threshold"] else "UNFAITHFUL")
     summary = pd.read_parquet(out / "summary.parquet")
     assert {"top_component", "attribution_spearman", "faithfulness[late-attn]", "verdict[late-attn-mlp]"} <= set(summary)
     cells = refusal_ray.read(out, "cells")

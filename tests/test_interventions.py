@@ -10,7 +10,7 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.grid import Cell
 from refusal_ray.interventions import RowEdit, capture, forward, hooks, row_edits
 from refusal_ray.models.sites import site_name
-from refusal_ray.stages.steer import Row, build_edits, control_direction, run_steer
+from refusal_ray.stages.steer import Row, SteerInputs, build_edits, control_direction, run_steer
 
 from conftest import PROMPTS
 
@@ -103,8 +103,9 @@ def test_steering_batched_equals_unbatched(tiny_lm):
     prompts = {"harmful": PromptSet(["a", "b"], PROMPTS[:2], [None, None]),
                "harmless": PromptSet(["c", "d"], PROMPTS[2:], [None, "x"])}
     kw = dict(max_new_tokens=6)
-    batched, comps_b = run_steer(tiny_lm, _cells(), prompts, directions, best=1, batch_size=64, **kw)
-    single, comps_s = run_steer(tiny_lm, _cells(), prompts, directions, best=1, batch_size=1, **kw)
+    inputs = SteerInputs(directions, best=1)
+    batched, comps_b = run_steer(tiny_lm, _cells(), prompts, inputs, batch_size=64, **kw)
+    single, comps_s = run_steer(tiny_lm, _cells(), prompts, inputs, batch_size=1, **kw)
     assert [c["completion"] for c in comps_b] == [c["completion"] for c in comps_s]
     assert len(batched) == 2 * len(_cells())
     # the edits differ between arms: not every arm produced the same text
@@ -116,7 +117,7 @@ def test_build_edits_routes_rows(tiny_lm):
     directions = {layer: np.full(sites.d_model, layer + 1.0, np.float32) for layer in range(sites.n_layers)}
     cells = _cells()
     rows = [Row(c, "harmful", 0) for c in cells]
-    edits = build_edits(rows, directions, best=2, ablation_layers=[0, 1], d_model=sites.d_model)
+    edits = build_edits(rows, SteerInputs(directions, best=2), ablation_layers=[0, 1], d_model=sites.d_model)
     assert torch.allclose(edits[("resid_pre", 1)].add[1], torch.full((sites.d_model,), 3.0 * 2))
     assert edits[("resid_pre", 1)].add[[0, 2, 3]].abs().sum() == 0
     ctl = edits[("resid_pre", 0)].add[2]
@@ -190,9 +191,10 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(tiny_qwen_path
     directions = {layer: rng.standard_normal(lm.sites.d_model).astype(np.float32) for layer in range(lm.sites.n_layers)}
     prompts = {"harmful": PromptSet(["a", "b"], PROMPTS[:2], [None, None]),
                "harmless": PromptSet(["c", "d"], PROMPTS[2:], [None, None])}
-    want = run_steer(lm, _cells(), prompts, directions, best=1, batch_size=64, max_new_tokens=5)
+    inputs = SteerInputs(directions, best=1)
+    want = run_steer(lm, _cells(), prompts, inputs, batch_size=64, max_new_tokens=5)
     monkeypatch.setattr(lm.model, "generate", small_memory_generate)
-    got = halving_on_oom(lambda bs: run_steer(lm, _cells(), prompts, directions, best=1, batch_size=bs,
+    got = halving_on_oom(lambda bs: run_steer(lm, _cells(), prompts, inputs, batch_size=bs,
                                               max_new_tokens=5), 16)
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2           # 16 -> 8 -> 4 -> 2 rows per call
     assert [c["completion"] for c in got[1]] == [c["completion"] for c in want[1]]

@@ -87,6 +87,7 @@ TOLERANCE = {"8bit": {"cos": 0.999, "sep": 0.05, "max_rate": 0.1, "mean_rate": 0
 
 @pytest.fixture(scope="module")
 def quickstart_seed0():
+    from refusal_ray.cluster.driver import settings_payload
     from refusal_ray.plan import make_plan
 
     from conftest import REPO
@@ -95,28 +96,30 @@ def quickstart_seed0():
         mp.chdir(REPO)
         plan = make_plan("sweeps/quickstart.yaml", ["qwen-s"])
     prompts = {0: plan.prompts[0]}
-    settings = {"directions": plan.spec.stages.directions.model_dump(mode="json"),
-                "steer": plan.spec.stages.steer.model_dump(mode="json"),
-                "generation": plan.spec.generation.model_dump(mode="json"),
-                "judge": plan.spec.judge.model_dump(mode="json")}
+    settings = settings_payload(plan)   # what the driver sends a worker
     cells = [c for c in plan.cells if c.seed == 0]
-    return prompts, settings, cells
+    return prompts, settings, cells, plan.models["qwen-s"].positions
 
 
 def _run_stages(quantization, quickstart_seed0):
-    from refusal_ray.session import ModelSession, steering_inputs
+    from refusal_ray.session import ModelSession
+    from refusal_ray.stages import STAGE_BY_NAME
 
-    prompts, settings, cells = quickstart_seed0
+    prompts, settings, cells, positions = quickstart_seed0
     model = {"path": str(TOY_MODELS / "toy-qwen-s"), "dtype": "float32", "device": "cpu",
-             "quantization": quantization}
+             "quantization": quantization, "positions": positions}
     session = ModelSession(model, prompts, settings)
-    dirs = session.run("directions", [c for c in cells if c.stage == "directions"])
-    assert dirs["ok"], dirs.get("traceback")
-    vecs, best = steering_inputs(dirs["tables"]["directions"], "resid_pre", -1)
-    steer = session.run("steer", [c for c in cells if c.stage == "steer"], vecs, best)
-    assert steer["ok"], steer.get("traceback")
-    rates = {(a["cell_id"], a["prompt_set"]): a["rate"] for a in steer["tables"]["steering"]}
-    return dirs["tables"]["directions"], best, rates
+    results = {}
+    for stage in ("directions", "select", "steer"):   # the quickstart's stages, in dependency order
+        declared = STAGE_BY_NAME[stage]
+        payload = declared.inputs(settings, {n: results[n] for n in declared.needs if n in results})
+        todo = [c for c in cells if c.stage == stage and declared.skip(c, payload) is None]
+        out = session.run(stage, todo, payload)
+        assert out["ok"], out.get("traceback")
+        results[stage] = out["tables"]
+    best = STAGE_BY_NAME["steer"].inputs(settings, results).best
+    rates = {(a["cell_id"], a["prompt_set"]): a["rate"] for a in results["steer"]["steering"]}
+    return results["directions"]["directions"], best, rates
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
