@@ -68,3 +68,30 @@ class Stage:
     def settings(self, spec) -> dict | None:
         block = getattr(spec.stages, self.name)
         return None if block is None else block.model_dump(mode="json")
+
+
+# -- plan-time helpers shared by declarations ---------------------------------------------------
+def draw_test_pairs(plan, stage: str) -> None:
+    """Draw each seed's harmful/harmless pairs (`stages.<stage>.n_pairs`) from the test split into
+    `plan.prompts[seed][stage]`. Raises SpecError naming the field when too few pairs exist."""
+    from refusal_ray.data import draw_pairs
+    from refusal_ray.errors import SpecError
+
+    n, data = getattr(plan.spec.stages, stage).n_pairs, plan.spec.data
+    for seed in plan.spec.seeds:
+        try:
+            plan.prompts[seed][stage] = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0],
+                                                   data.harmful, data.harmless, n, seed)
+        except ValueError as e:
+            raise SpecError(plan.spec_file, f"stages.{stage}.n_pairs", str(e)) from None
+
+
+def check_layers(plan, field: str, layers) -> None:
+    """Every listed layer exists in every model ('all' always does). Raises SpecError naming `field`."""
+    from refusal_ray.errors import SpecError
+
+    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
+    for layer in ([] if layers == "all" else layers):
+        if not 0 <= layer < shallow.n_layers:
+            raise SpecError(plan.spec_file, field, f"layer {layer} out of range: model {shallow.name!r} has "
+                                                   f"{shallow.n_layers} layers (0..{shallow.n_layers - 1})")

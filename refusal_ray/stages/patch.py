@@ -42,7 +42,7 @@ from refusal_ray.grid import Cell, layer_list
 from refusal_ray.interventions import forward, hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.sites import SiteAdapter, site_name
-from refusal_ray.stages.base import Stage
+from refusal_ray.stages.base import Stage, check_layers, draw_test_pairs
 
 
 @dataclass(frozen=True)
@@ -327,28 +327,11 @@ def _finite(x: Tensor) -> float | None:
 
 # -- the declaration ---------------------------------------------------------------------------
 def _prepare(plan) -> None:
-    """Draw each seed's clean/corrupted pairs from the test split (stored in the plan)."""
-    from refusal_ray.data import draw_pairs
-    from refusal_ray.errors import SpecError
-
-    cfg, data = plan.spec.stages.patch, plan.spec.data
-    for seed in plan.spec.seeds:
-        try:
-            plan.prompts[seed]["patch"] = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0],
-                                                     data.harmful, data.harmless, cfg.n_pairs, seed)
-        except ValueError as e:
-            raise SpecError(plan.spec_file, "stages.patch.n_pairs", str(e)) from None
+    draw_test_pairs(plan, "patch")      # clean = harmful, corrupted = its harmless twin
 
 
 def _check(plan) -> None:
-    from refusal_ray.errors import SpecError
-
-    layers = plan.spec.stages.patch.layers
-    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
-    for layer in ([] if layers == "all" else layers):
-        if not 0 <= layer < shallow.n_layers:
-            raise SpecError(plan.spec_file, "stages.patch.layers", f"layer {layer} out of range: model "
-                            f"{shallow.name!r} has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
+    check_layers(plan, "stages.patch.layers", plan.spec.stages.patch.layers)
 
 
 def _run(session, cells, payload) -> dict:

@@ -49,7 +49,7 @@ from refusal_ray.interventions import hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.patterns import Selection, expand
 from refusal_ray.models.sites import SiteAdapter, parse_site
-from refusal_ray.stages.base import Stage
+from refusal_ray.stages.base import Stage, draw_test_pairs
 
 QUANTILES = (0.5, 0.9)
 
@@ -244,17 +244,7 @@ def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed:
 
 # -- the declaration ---------------------------------------------------------------------------
 def _prepare(plan) -> None:
-    """Draw each seed's harmful examples and harmless sources from the test split (in the plan)."""
-    from refusal_ray.data import draw_pairs
-    from refusal_ray.errors import SpecError
-
-    cfg, data = plan.spec.stages.scrub, plan.spec.data
-    for seed in plan.spec.seeds:
-        try:
-            plan.prompts[seed]["scrub"] = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0],
-                                                     data.harmful, data.harmless, cfg.n_pairs, seed)
-        except ValueError as e:
-            raise SpecError(plan.spec_file, "stages.scrub.n_pairs", str(e)) from None
+    draw_test_pairs(plan, "scrub")      # harmful examples and harmless sources
 
 
 def _check(plan) -> None:

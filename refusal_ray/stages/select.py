@@ -32,7 +32,7 @@ import torch
 from refusal_ray.data import PromptSet, left_pad, prompt_tokens
 from refusal_ray.interventions import RowEdit, forward, row_edits
 from refusal_ray.models.loading import LoadedModel
-from refusal_ray.stages.base import Stage
+from refusal_ray.stages.base import Stage, check_layers
 from refusal_ray.stages.directions import directions_key
 from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
 
@@ -246,14 +246,7 @@ def _describe(plan) -> list[str]:
 
 
 def _check(plan) -> None:
-    from refusal_ray.errors import SpecError
-
-    layers = plan.spec.stages.select.layers
-    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
-    for layer in ([] if layers == "all" else layers):
-        if not 0 <= layer < shallow.n_layers:
-            raise SpecError(plan.spec_file, "stages.select.layers", f"layer {layer} out of range: model "
-                            f"{shallow.name!r} has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
+    check_layers(plan, "stages.select.layers", plan.spec.stages.select.layers)
 
 
 STAGE = Stage(name="select", tables=("selection",), needs=("directions",), cells=lambda spec, mp: [{}],
