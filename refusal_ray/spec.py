@@ -114,6 +114,15 @@ class DirectionsStage(Strict):
                                                   "counts as refusing); the counts are stored.")
     batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
 
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _positions(cls, v):
+        if isinstance(v, list) and v and all(isinstance(p, int) for p in v):
+            return _negative(v)
+        if v != "post_instruction":
+            raise ValueError("positions: 'post_instruction' or a list of negative offsets (e.g. [-1])")
+        return v
+
 
 class SelectStage(Strict):
     """Causal direction selection (Arditi et al. 2024, Sec. 2.3 and App. C), every candidate as batch rows.
