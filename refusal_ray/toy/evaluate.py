@@ -7,7 +7,7 @@ from pathlib import Path
 from refusal_ray.data import PromptSet
 from refusal_ray.grid import Cell
 from refusal_ray.models.loading import load_model
-from refusal_ray.stages.steer import run_steer
+from refusal_ray.stages.steer import SteerInputs, run_steer
 from refusal_ray.toy.dataset import ToyRow
 
 BASELINE = Cell("baseline", "steer", "toy", 0, {"mode": "baseline", "layer": None, "coefficient": 0.0,
@@ -24,7 +24,7 @@ def evaluate(model_dir: Path, harmful: list[ToyRow], harmless: list[ToyRow], spl
     """Greedy decoding on `split`: harmful/harmless refusal rate (substring judge), task exact match."""
     lm = load_model(str(model_dir))
     prompts = {"harmful": prompt_set(harmful, split), "harmless": prompt_set(harmless, split)}
-    arms, _ = run_steer(lm, [BASELINE], prompts, {}, 0, max_new_tokens=max_new_tokens, batch_size=200)
+    arms, _ = run_steer(lm, [BASELINE], prompts, SteerInputs({}, 0), max_new_tokens=max_new_tokens, batch_size=200)
     by_set = {a["prompt_set"]: a for a in arms}
     return {"n": len(prompts["harmful"]), "harmful_refusal": by_set["harmful"]["rate"],
             "harmless_refusal": by_set["harmless"]["rate"],
