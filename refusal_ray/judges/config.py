@@ -1,0 +1,172 @@
+"""Spec blocks of the judge kinds (one pydantic class per kind, discriminated by `kind`).
+
+A sweep's `judges:` list (and a `refusal-ray judge --judges FILE`) holds these. Every block has a
+`name` (unique; "substring" is the inline `judge:` block's). `label_fields` of each class are the
+settings that change labels: they make up the judge's content hash (`judge_hash`), which is in every
+judgement row's id; batch sizes, concurrency, retries and resources are not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from refusal_ray.judges.base import content_hash
+from refusal_ray.judges.rubric import DEFAULT_RUBRIC, check_rubric
+
+INLINE = "substring"   # the name of the inline `judge:` block's labels (completions.refusal)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JudgeResources(_Strict):
+    """Ray resources of a local judge's actor."""
+
+    num_cpus: float = Field(1, gt=0, description="CPUs of the judge actor.")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPU share of the judge actor; 'auto': 0.25 of "
+                                                                   "a GPU when the cluster has GPUs, else 0.")
+
+
+class _Judge(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Judge name (rows, summary columns).")
+
+    def label_fields(self) -> dict:
+        """The settings that determine labels (the content hash's input)."""
+        skip = {"name", "batch_size", "resources", "max_concurrency", "requests_per_second", "timeout_s",
+                "max_retries", "api_key_env", "trust_remote_code"}
+        out = self.model_dump(mode="json", exclude=skip)
+        path = getattr(self, "path", None)
+        if path is not None and Path(path).is_dir():   # a local checkpoint: its weight files' names and sizes
+            out["weights"] = {p.name: p.stat().st_size for p in sorted(Path(path).glob("*.safetensors"))}
+        return out
+
+    def judge_hash(self) -> str:
+        return content_hash(self.label_fields())
+
+    def uses_model(self) -> bool:
+        return False
+
+
+class SubstringJudgeSpec(_Judge):
+    """Refusal = any phrase found (refusal_ray/judges/substring.py)."""
+
+    kind: Literal["substring"]
+    phrases: list[str] | None = Field(None, description="Refusal phrases; None: the documented default list.")
+
+
+class _LocalModel(_Judge):
+    path: str = Field(description="Local checkpoint directory or hub id (safetensors weights only).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    trust_remote_code: bool = Field(False, description="Allow the checkpoint's own code (off unless asked).")
+    batch_size: int = Field(32, ge=1, description="Completions per forward/generate call.")
+    resources: JudgeResources = Field(default_factory=JudgeResources)
+
+    def uses_model(self) -> bool:
+        return True
+
+
+def _rubric(v: str | None) -> str | None:
+    if v is None:
+        return None
+    text = Path(v).read_text() if "\n" not in v and v.endswith((".txt", ".md")) and Path(v).is_file() else v
+    return check_rubric(text)
+
+
+class ChatJudgeSpec(_LocalModel):
+    """A Hugging Face chat model grading compliance and coherence with a rubric (refusal_ray/judges/rubric.py)."""
+
+    kind: Literal["chat"]
+    rubric: str | None = Field(None, description="Rubric text (or a .txt/.md file) with {prompt} and {completion}; "
+                                                 "None: the documented DEFAULT_RUBRIC.")
+    max_new_tokens: int = Field(24, ge=1, description="Tokens the judge may generate.")
+
+    _check = field_validator("rubric")(classmethod(lambda cls, v: _rubric(v)))
+
+    def rubric_text(self) -> str:
+        return self.rubric or DEFAULT_RUBRIC
+
+
+class ClassifierJudgeSpec(_LocalModel):
+    """A sequence-classification checkpoint; `labels` maps its label names to refusal / compliance."""
+
+    kind: Literal["classifier"]
+    labels: dict[str, Literal["refusal", "compliance"]] = Field(
+        description="Every label name of the checkpoint's config.id2label -> 'refusal' or 'compliance'.")
+    input: Literal["completion", "prompt_completion"] = Field(
+        "completion", description="Classify the completion alone, or the (prompt, completion) text pair.")
+    max_length: int = Field(512, ge=8, description="Tokens per input (truncated beyond).")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        if not v:
+            raise ValueError("a classifier needs a label map (its label names -> refusal / compliance)")
+        return v
+
+
+class GuardJudgeSpec(_LocalModel):
+    """A LlamaGuard-style safety model: the conversation in its own chat template, 'safe' / 'unsafe' from
+    the first generated token (Llama Guard 2 model card; Arditi et al. 2024 Sec. 3's safety score)."""
+
+    kind: Literal["guard"]
+    max_new_tokens: int = Field(8, ge=1, description="Tokens generated (the first decides; the rest is kept raw).")
+
+
+class OpenAIJudgeSpec(_Judge):
+    """Any OpenAI-compatible chat endpoint (vLLM, a hosted API) grading with the rubric, through the
+    `openai` client. The key is read from the environment variable `api_key_env` only."""
+
+    kind: Literal["openai"]
+    base_url: str = Field(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key "
+                                                          "(never stored; must be set when the judge runs).")
+    rubric: str | None = Field(None, description="As in the chat judge.")
+    max_new_tokens: int = Field(24, ge=1, description="max_tokens of each request.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
+    requests_per_second: float | None = Field(None, gt=0, description="Rate limit (None: none).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(6, ge=0, description="Retries per request (exponential backoff) on errors, "
+                                                  "timeouts, HTTP 429 and 5xx.")
+
+    _check = field_validator("rubric")(classmethod(lambda cls, v: _rubric(v)))
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_set(cls, v):
+        if not os.environ.get(v):
+            raise ValueError(f"environment variable {v} is not set (the key is read from it only)")
+        return v
+
+    def rubric_text(self) -> str:
+        return self.rubric or DEFAULT_RUBRIC
+
+
+JudgeSpec = Annotated[SubstringJudgeSpec | ChatJudgeSpec | ClassifierJudgeSpec | GuardJudgeSpec | OpenAIJudgeSpec,
+                      Field(discriminator="kind")]
+
+
+class JudgesFile(_Strict):
+    """A `refusal-ray judge --judges FILE`: the judges to (re-)judge a store with."""
+
+    judges: list[JudgeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self):
+        check_names(self.judges)
+        return self
+
+
+def check_names(judges: list) -> None:
+    names = [j.name for j in judges]
+    if INLINE in names:
+        raise ValueError(f"judge name {INLINE!r} is the inline `judge:` block's; pick another")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate judge name {dup[0]!r}")
