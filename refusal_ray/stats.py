@@ -100,3 +100,54 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     if pooled == 0:
         return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
     return float(diff / pooled)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Two judges' binary labels on the same items: Cohen's kappa with a 95% interval, and counts."""
+
+    n: int                # items both judges labelled (malformed / failed items are left out)
+    agree: float          # observed agreement p_o
+    kappa: float          # (p_o - p_e) / (1 - p_e); nan when p_e = 1 (both judges constant and equal)
+    ci_low: float
+    ci_high: float
+    both: int             # a True, b True
+    a_only: int           # a True, b False
+    b_only: int           # a False, b True
+    neither: int          # a False, b False
+
+
+def cohen_kappa(a: Iterable, b: Iterable, confidence: float = 0.95) -> Agreement:
+    """Cohen's kappa (Cohen 1960) of two binary label sequences, pairs with a None/nan dropped.
+
+    The interval is kappa +- z * ASE, the large-sample standard error of Fleiss, Cohen and Everitt
+    (1969) as statsmodels' `cohens_kappa` computes it (`std_kappa`; its own kappa_low/upp at 95%).
+    Raises ValueError if the sequences differ in length.
+    """
+    from statsmodels.stats.inter_rater import cohens_kappa as _sm_kappa
+
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"cohen_kappa: label sequences differ in length ({len(a)} vs {len(b)})")
+
+    def missing(x) -> bool:
+        return x is None or (isinstance(x, float) and math.isnan(x))
+
+    pairs = [(bool(x), bool(y)) for x, y in zip(a, b) if not missing(x) and not missing(y)]
+    t = np.zeros((2, 2))
+    for x, y in pairs:
+        t[int(not x), int(not y)] += 1            # row/column 0 = True
+    n = len(pairs)
+    nan = float("nan")
+    if n == 0:
+        return Agreement(0, nan, nan, nan, nan, 0, 0, 0, 0)
+    p_o = float(np.trace(t)) / n
+    p_e = float((t.sum(1) / n) @ (t.sum(0) / n))
+    if p_e >= 1.0 - 1e-12:
+        kappa, lo, hi = nan, nan, nan
+    else:
+        r = _sm_kappa(t)
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        kappa = float(r.kappa)
+        lo, hi = kappa - z * float(r.std_kappa), kappa + z * float(r.std_kappa)
+    return Agreement(n, p_o, kappa, lo, hi, int(t[0, 0]), int(t[0, 1]), int(t[1, 0]), int(t[1, 1]))
