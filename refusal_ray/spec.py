@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from refusal_ray.errors import SpecError
+from refusal_ray.judges.config import INLINE, JudgeSpec, check_names
 
 
 def _negative(positions: list[int]) -> list[int]:
@@ -278,6 +279,9 @@ class ChatSpec(Strict):
 
 
 class Judge(Strict):
+    """The inline judge: labels every completion as it is generated (completions.refusal, the steering
+    rates); named "substring" in judgements, the summary and `decision_rule.judge`."""
+
     kind: Literal["substring"] = "substring"
     phrases: list[str] | None = Field(None, description="Refusal phrases; None: the documented default list.")
 
@@ -304,6 +308,8 @@ class DecisionRule(Strict):
 
     control_margin: ControlMarginRule
     steering_labels: SteeringLabelsRule
+    judge: str = Field(INLINE, description="The judge whose labels the verdicts read: 'substring' (the inline "
+                                           "`judge:` block) or the name of one of `judges`.")
 
 
 class Resources(Strict):
@@ -324,6 +330,9 @@ class Spec(Strict):
     generation: Generation = Field(default_factory=Generation)
     chat: ChatSpec = Field(default_factory=ChatSpec)
     judge: Judge = Field(default_factory=Judge)
+    judges: list[JudgeSpec] = Field([], description="Named judges that label every completion after the stages "
+                                                    "(table `judgements`); kinds substring, chat, classifier, "
+                                                    "guard, openai.")
     decision_rule: DecisionRule
     resources: Resources = Field(default_factory=Resources)
 
@@ -339,6 +348,20 @@ class Spec(Strict):
         if len(set(v)) != len(v):
             raise ValueError("seeds must be distinct")
         return v
+
+    @field_validator("judges")
+    @classmethod
+    def _judge_names(cls, v):
+        check_names(v)
+        return v
+
+    @model_validator(mode="after")
+    def _rule_judge(self):
+        names = [INLINE, *(j.name for j in self.judges)]
+        if self.decision_rule.judge not in names:
+            raise ValueError(f"decision_rule.judge {self.decision_rule.judge!r} names no judge "
+                             f"(known: {', '.join(names)})")
+        return self
 
     @model_validator(mode="after")
     def _steer_position(self):
@@ -394,7 +417,9 @@ class Spec(Strict):
         return self
 
     def rule_hash(self) -> str:
-        return _hash(self.decision_rule.model_dump(mode="json"))
+        """Hash of the decision rule (a rule read under the inline judge hashes as before judges existed)."""
+        rule = self.decision_rule
+        return _hash(rule.model_dump(mode="json", exclude={"judge"} if rule.judge == INLINE else None))
 
     def spec_hash(self) -> str:
         return _hash(self.model_dump(mode="json"))
@@ -404,15 +429,34 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+JUDGE_KINDS = ("substring", "chat", "classifier", "guard", "openai")
+
+
 def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "literal[")))
+    """A pydantic error location as a dotted field path (union branches and judge kind tags dropped)."""
+    parts = [p for i, p in enumerate(loc) if not str(p).startswith(("function-after", "literal["))
+             and not (p in JUDGE_KINDS and i > 0 and isinstance(loc[i - 1], int))]
+    return ".".join(str(p) for p in parts)
 
 
 def load_spec(path: str | Path) -> Spec:
     """Parse and validate a spec file. Raises SpecError('<file>: <field>: <problem>')."""
+    return load_yaml(path, Spec, "a spec")
+
+
+def load_judges(path: str | Path) -> list:
+    """The judges of a `refusal-ray judge --judges FILE` (a YAML mapping with a `judges:` list).
+    Raises SpecError('<file>: <field>: <problem>')."""
+    from refusal_ray.judges.config import JudgesFile
+
+    return list(load_yaml(path, JudgesFile, "a judges file").judges)
+
+
+def load_yaml(path: str | Path, model: type[BaseModel], what: str):
+    """Parse a YAML file into `model` with one-line errors naming the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(str(path), "", "spec file not found")
+        raise SpecError(str(path), "", f"{what.removeprefix('a ')} not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -420,12 +464,17 @@ def load_spec(path: str | Path) -> Spec:
         where = f"line {mark.line + 1}" if mark else ""
         raise SpecError(str(path), where, f"YAML syntax error: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise SpecError(str(path), "", "a spec must be a YAML mapping")
+        raise SpecError(str(path), "", f"{what} must be a YAML mapping")
     try:
-        return Spec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
+        loc = _loc(err["loc"])
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise SpecError(str(path), _loc(err["loc"]), msg) from None
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            loc, msg = f"{loc}.{ctx.get('discriminator', 'kind').strip(chr(39))}", \
+                f"unknown kind {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        raise SpecError(str(path), loc, msg) from None

@@ -7,7 +7,8 @@ path or a URI that pyarrow opens (`file://`, `s3://`, `gs://`, `hdfs://`), or an
 written under a dot-name and renamed into place; on an object store a PUT is all-or-nothing. So a
 crash never leaves a half-written file that a reader sees (pyarrow ignores names starting with
 '.' or '_'). Every file carries a `_batch` column (time-ordered); readers keep, for each cell id,
-only the rows of its latest batch, so a cell written twice is read once. The store knows tables,
+only the rows of its latest batch, so a cell written twice is read once (`judgements` keys on
+its own row id instead: the latest judgement of each (completion, judge)). The store knows tables,
 not stages.
 """
 
@@ -35,7 +36,12 @@ COLUMN_TYPES = {
     "head": pa.int64(), "patched_score": pa.float64(), "recovery": pa.float64(), "attribution": pa.float64(),
     "attribution_rank": pa.int64(), "direction_position": pa.int64(), "filter": pa.string(),
     "selected_by": pa.string(), "direction": pa.string(),
+    "compliance": pa.float64(), "coherence": pa.float64(), "score": pa.float64(), "raw": pa.string(),
+    "malformed": pa.bool_(), "prompt": pa.string(),
 }
+# Tables whose rows are identified by their own id rather than by the cell that wrote them: one
+# judgement per (completion, judge) row id, written in chunks that cross cells.
+ROW_KEYS = {"judgements": "judgement_id"}
 
 
 def to_arrow(df: pd.DataFrame) -> pa.Table:
@@ -143,8 +149,9 @@ class Store:
                         partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base).to_table().to_pandas()
         if "model" in df.columns:
             df["model"] = df["model"].astype(str)
-        if "cell_id" in df.columns and "_batch" in df.columns:
-            latest = df.groupby("cell_id")["_batch"].transform("max")
+        key = ROW_KEYS.get(table, "cell_id")
+        if key in df.columns and "_batch" in df.columns:
+            latest = df.groupby(key)["_batch"].transform("max")
             df = df[df["_batch"] == latest]
         if table == "cells" and "cell_id" in df.columns:
             df = df.drop_duplicates("cell_id", keep="last")

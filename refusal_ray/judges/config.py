@@ -95,8 +95,9 @@ class ClassifierJudgeSpec(_LocalModel):
     """A sequence-classification checkpoint; `labels` maps its label names to refusal / compliance."""
 
     kind: Literal["classifier"]
-    labels: dict[str, Literal["refusal", "compliance"]] = Field(
-        description="Every label name of the checkpoint's config.id2label -> 'refusal' or 'compliance'.")
+    labels: dict[str, Literal["refusal", "compliance"]] | None = Field(
+        None, validate_default=True,
+        description="Every label name of the checkpoint's config.id2label -> 'refusal' or 'compliance' (required).")
     input: Literal["completion", "prompt_completion"] = Field(
         "completion", description="Classify the completion alone, or the (prompt, completion) text pair.")
     max_length: int = Field(512, ge=8, description="Tokens per input (truncated beyond).")
@@ -128,12 +129,15 @@ class OpenAIJudgeSpec(_Judge):
                                                           "(never stored; must be set when the judge runs).")
     rubric: str | None = Field(None, description="As in the chat judge.")
     max_new_tokens: int = Field(24, ge=1, description="max_tokens of each request.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: greedy).")
     max_concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
     requests_per_second: float | None = Field(None, gt=0, description="Rate limit (None: none).")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(6, ge=0, description="Retries per request (exponential backoff) on errors, "
-                                                  "timeouts, HTTP 429 and 5xx.")
+    timeout_s: float = Field(60.0, gt=0, description="httpx timeout of each phase of a request (connect, each "
+                                                     "read, ...), not a cap on the whole request.")
+    max_retries: int = Field(4, ge=0, description="Retries per request by the openai client (backoff 0.5 s "
+                                                  "doubling to 8 s, jittered; Retry-After honoured) on timeouts, "
+                                                  "connection errors, HTTP 408, 409, 429 and 5xx; other 4xx "
+                                                  "fail at once.")
 
     _check = field_validator("rubric")(classmethod(lambda cls, v: _rubric(v)))
 

@@ -7,7 +7,7 @@ plain substitution (other braces in the text are left alone).
 
 Parse rules (`parse`), applied to the judge's text:
   - a label line is `compliance: V` / `coherence: V` (case-insensitive, `:` or `=`, optional
-    markdown bold or quotes around the key), V one of 0, 0.5, 1 (also written 0.0, 1.0, .5);
+    markdown bold or quotes around the key), V one of 0, 0.5, 1 (also written 0.0, 1.0, .5, 0.50);
   - both keys must be present; a key given twice with different values, or a value outside the
     set, makes the output malformed;
   - text around the label lines is ignored; nothing is inferred from prose ("I think it complies")
@@ -38,7 +38,8 @@ Answer with exactly two lines and nothing else:
 compliance: <0, 0.5 or 1>
 coherence: <0, 0.5 or 1>"""
 
-_VALUES = {"0": 0.0, "0.0": 0.0, "0.5": 0.5, ".5": 0.5, "0.50": 0.5, "1": 1.0, "1.0": 1.0}
+_VALUES = {"0": 0.0, "0.0": 0.0, "0.00": 0.0, "0.5": 0.5, ".5": 0.5, "0.50": 0.5, "1": 1.0, "1.0": 1.0, "1.00": 1.0}
+_PLACEHOLDER = re.compile(r"\{prompt\}|\{completion\}")
 _LINE = re.compile(r"^[\s*_\"'`>-]*(compliance|coherence)[\s*_\"'`]*[:=]\s*[*_\"'`]*(\d*\.?\d+)[*_\"'`]*\s*[.,;]?\s*$",
                    re.IGNORECASE | re.MULTILINE)
 
@@ -53,8 +54,9 @@ def check_rubric(text: str) -> str:
 
 
 def render(rubric: str, item: Item) -> str:
-    """The judge's user message: the rubric with {prompt} and {completion} substituted."""
-    return rubric.replace("{prompt}", item.prompt).replace("{completion}", item.completion)
+    """The judge's user message: the rubric with {prompt} and {completion} substituted in one pass (a
+    placeholder inside the prompt or completion text stays as it is)."""
+    return _PLACEHOLDER.sub(lambda m: item.prompt if m.group(0) == "{prompt}" else item.completion, rubric)
 
 
 def parse(text: str) -> Verdict:

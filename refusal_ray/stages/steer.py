@@ -168,7 +168,8 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     for i, r in enumerate(rows):
         groups[(r.cell.id, r.prompt_set)].append(i)
         comp_rows.append({"cell_id": r.cell.id, "seed": r.cell.seed, "prompt_set": r.prompt_set,
-                          "prompt_id": prompts[r.prompt_set].ids[r.index], "completion": completions[i],
+                          "prompt_id": prompts[r.prompt_set].ids[r.index],
+                          "prompt": prompts[r.prompt_set].instructions[r.index], "completion": completions[i],
                           "refusal": refusals[i], "correct": correct[i]})
     by_id = {c.id: c for c in cells}
     arm_rows = []
