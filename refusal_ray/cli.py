@@ -80,13 +80,9 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         models: Annotated[str | None, typer.Option(help="Comma-separated subset of model names.")] = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True):
     """Run a sweep, resuming by default; prints the summary table at the end."""
-    from refusal_ray.plan import make_plan
-    from refusal_ray.report import write_report
-    from refusal_ray.runner import run as run_plan
-    from refusal_ray.store import read
-    from refusal_ray.summary import render
-
     from refusal_ray.cluster.security import check_address
+    from refusal_ray.plan import make_plan
+    from refusal_ray.runner import run as run_plan
 
     try:
         check_address(address or os.environ.get("RAY_ADDRESS"))
@@ -98,21 +94,103 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
                           log=lambda m: typer.echo(m, err=True))
     except SpecError as e:
         _bad_input(e)
-    report = write_report(out)  # also writes summary.parquet
-    typer.echo(render(read(out, "summary")))
-    typer.echo(f"store: {out}  report: {report}")
+    _print_summary(out)
     if failed:
-        typer.echo(f"{failed} cell(s) failed; see the cells table (status == 'failed')", err=True)
+        typer.echo(f"{failed} cell(s) failed or completion(s) unjudged; see the cells table (status == 'failed') and "
+                   f"the judgements table (error is not null)", err=True)
         raise typer.Exit(1)
 
 
 @app.command()
-def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")]):
+def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) whose completions to judge.")] = None,
+          judges: Annotated[Path | None, typer.Option("--judges", help="YAML file with a `judges:` list "
+                                                      "(default: the store's spec's judges).")] = None,
+          calibrate: Annotated[Path | None, typer.Option("--calibrate", help="Labelled CSV/JSONL (prompt, completion, "
+                                                         "refusal; see data/judges/README.md): report each judge's "
+                                                         "agreement with it instead of judging a store.")] = None,
+          verdict_judge: Annotated[str | None, typer.Option("--verdict-judge", help="Recompute the summary's verdicts "
+                                                            "under this judge (recorded in the manifest).")] = None,
+          address: Annotated[str | None, typer.Option(help="Ray address for local model judges (default: "
+                                                           "RAY_ADDRESS, else a local Ray).")] = None,
+          progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True):
+    """(Re-)judge stored completions without regenerating them (resumable: each (completion, judge)
+    is judged once), or calibrate judges against human labels."""
+    from refusal_ray.spec import load_judges
+
+    try:
+        chosen = load_judges(judges) if judges is not None else None
+        if calibrate is not None:
+            _calibrate(calibrate, chosen)
+            return
+        if out is None:
+            raise SpecError("STORE", "", "give a store to judge (or --calibrate FILE)")
+        _require_store(out)
+        from refusal_ray.cluster.judging import judge_store
+        from refusal_ray.store import Store
+
+        store = Store(out)
+        manifest = store.read_json("manifest.json")
+        source = str(judges) if judges is not None else f"{out}/manifest.json"
+        if chosen is None:
+            from refusal_ray.spec import Spec
+
+            chosen = list(Spec.model_validate(manifest["spec"]).judges)
+            if not chosen:
+                raise SpecError(source, "spec.judges", "the store's spec names no judges; give --judges FILE")
+        else:
+            from refusal_ray.plan import check_judges
+
+            check_judges(chosen, source)
+        known = {"substring", *(manifest.get("judges") or {}), *(j.name for j in chosen)}
+        if verdict_judge is not None and verdict_judge not in known:
+            raise SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(sorted(known))}")
+        result = judge_store(store, chosen, source=source, address=address, progress=progress,
+                             log=lambda m: typer.echo(m, err=True))
+    except SpecError as e:
+        _bad_input(e)
+    if result.total_written or verdict_judge is not None:
+        _print_summary(out, verdict_judge)
+    if result.total_failed:
+        typer.echo(f"{result.total_failed} completion(s) could not be judged; see the judgements table "
+                   f"(error is not null); rerun to retry them", err=True)
+        raise typer.Exit(1)
+
+
+def _calibrate(path: Path, judges: list | None) -> None:
+    from refusal_ray.judges import SubstringJudge, make_judge
+    from refusal_ray.judges.calibrate import calibrate, load_labelled, render_calibration
+
+    labelled = load_labelled(path)
+    for j in ([SubstringJudge()] if judges is None else [make_judge(c) for c in judges]):
+        typer.echo(render_calibration(calibrate(j, labelled)))
+
+
+def _print_summary(out: str, verdict_judge: str | None = None) -> None:
+    from refusal_ray.report import write_report
+    from refusal_ray.store import read
+    from refusal_ray.summary import render, render_judges, summarize_judges
+
+    report = write_report(out, verdict_judge)  # also writes summary.parquet
+    typer.echo(render(read(out, "summary")))
+    judges_text = render_judges(*summarize_judges(out))
+    if judges_text:
+        typer.echo(judges_text)
+    typer.echo(f"store: {out}  report: {report}")
+
+
+@app.command()
+def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
+              verdict_judge: Annotated[str | None, typer.Option("--verdict-judge", help="The judge whose labels the "
+                                                                "verdicts read (default: the last chosen, else the "
+                                                                "decision rule's).")] = None):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
-    from refusal_ray.summary import render, write_summary
+    from refusal_ray.summary import render, render_judges, summarize_judges, write_summary
 
     _require_store(out)
-    typer.echo(render(write_summary(out)))
+    typer.echo(render(write_summary(out, verdict_judge)))
+    judges_text = render_judges(*summarize_judges(out))
+    if judges_text:
+        typer.echo(judges_text)
 
 
 @app.command()

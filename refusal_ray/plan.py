@@ -183,6 +183,37 @@ def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) ->
     return h.hexdigest()[:16]
 
 
+def check_judges(judges: list, source: str, where: str = "judges") -> None:
+    """Checks of local judge checkpoints that need the file system: a directory with config.json and
+    safetensors weights, a chat template for chat and guard judges, a classifier's label map
+    naming every label of its config. Hub ids are checked when the judge loads. Raises SpecError."""
+    import json
+
+    for i, j in enumerate(judges):
+        path = getattr(j, "path", None)
+        if path is None or not (Path(path).is_dir() or path.startswith((".", "/")) or path.count("/") != 1):
+            continue  # substring / openai, or a hub id ("org/name")
+        field_ = f"{where}.{i}.path"
+        if not Path(path, "config.json").is_file():
+            raise SpecError(source, field_, f"{'no config.json in' if Path(path).is_dir() else 'directory not found:'}"
+                                            f" {path}")
+        if not any(Path(path).glob("*.safetensors")):
+            raise SpecError(source, field_, f"no *.safetensors weights in {path} (judges load safetensors only; "
+                                            f"convert pytorch_model.bin with transformers' save_pretrained)")
+        if j.kind in ("chat", "guard"):
+            cfg = Path(path, "tokenizer_config.json")
+            has = Path(path, "chat_template.jinja").is_file() or (
+                cfg.is_file() and json.loads(cfg.read_text()).get("chat_template"))
+            if not has:
+                raise SpecError(source, field_, f"the judge's tokenizer has no chat template: {path}")
+        if j.kind == "classifier":
+            id2label = json.loads(Path(path, "config.json").read_text()).get("id2label") or {}
+            unmapped = [n for n in id2label.values() if n not in j.labels]
+            if unmapped:
+                raise SpecError(source, f"{where}.{i}.labels", f"label {unmapped[0]!r} of the checkpoint is not "
+                                f"mapped (its labels: {', '.join(id2label.values())})")
+
+
 def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Plan:
     """Load, check and expand a spec. Raises SpecError (exit 2) on any bad input."""
     spec_file = str(spec_file)
@@ -207,6 +238,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
                for seed in spec.seeds}
     models = {m.name: _model_plan(spec, spec_file, i) for i, m in enumerate(spec.models)}
     _check_layers(spec, spec_file, models)
+    check_judges(spec.judges, spec_file)
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
     tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)}
@@ -276,6 +308,11 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
         lines.append(f"  {name}: direction positions {mp.positions}; stop tokens {c.get('stop_tokens')}; "
                      f"system prompt {plan.spec.chat.system_prompt!r} (template default: "
                      f"{c.get('default_system_prompt')!r}); example {c.get('example_prompt')!r}")
+    if plan.spec.judges:
+        lines.append(f"judges (table judgements; verdicts read {plan.spec.decision_rule.judge!r}):")
+        for j in plan.spec.judges:
+            lines.append(f"  {j.name}: {j.kind}" + (f" {j.path}" if getattr(j, "path", None) else "")
+                         + (f" {j.model} at {j.base_url}" if j.kind == "openai" else "") + f" (hash {j.judge_hash()})")
     lines.append("placement (refusal_ray/cluster/placement.py):")
     for line in placement_lines(plan):
         lines.append(f"  {line}")

@@ -13,7 +13,8 @@ import pandas as pd  # noqa: E402
 
 from refusal_ray.stages.directions import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
-from refusal_ray.summary import nearest_steered, pooled_arms, render, write_summary  # noqa: E402
+from refusal_ray.summary import (nearest_steered, pooled_arms, render, render_judges, summarize_judges,  # noqa: E402
+                                 write_summary)
 
 
 def _png(fig) -> bytes:
@@ -147,10 +148,11 @@ def plot_scale_trend(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def write_report(out_dir) -> str:
-    """Write summary files, figures/*.png and report.md into the store; returns the report's path."""
+def write_report(out_dir, judge: str | None = None) -> str:
+    """Write summary files, figures/*.png and report.md into the store; returns the report's path.
+    `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`)."""
     store = Store(out_dir)
-    summary = write_summary(out_dir)
+    summary = write_summary(out_dir, judge)
     dirs, steering = store.read("directions"), store.read("steering")
     models = list(summary["model"]) if not summary.empty else []
     figures: dict[str, bytes] = {}
@@ -182,6 +184,10 @@ def write_report(out_dir) -> str:
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
+    judges_text = render_judges(*summarize_judges(out_dir))
+    if judges_text:
+        lines += ["## Judges", "", f"Verdicts above read judge `{summary['judge'].iloc[0]}`; "
+                  f"the steering figure uses the inline substring judge.", "", "```", judges_text, "```", ""]
     if not selection.empty:
         lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", "",
                   *rs.selection_table(selection), ""]

@@ -71,22 +71,33 @@ def freeze_manifest(plan: Plan, store: Store) -> None:
     if old is not None:
         new["created"] = old.get("created", new["created"])
         new["models"] = old.get("models", {}) | new["models"]
+        for key in ("judges", "verdicts"):   # written by judging and the summary, kept across runs
+            if key in old:
+                new[key] = old[key]
     store.write_json("manifest.json", new)
 
 
 def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool = True, log=print) -> int:
-    """Run the plan's missing cells. Returns the number of failed cells."""
+    """Run the plan's missing cells, then its judges over every stored completion not yet judged
+    (`refusal_ray.cluster.judging`). Returns the number of failed cells plus completions that could
+    not be judged."""
     from refusal_ray.cluster.driver import Driver, connect, placements
+    from refusal_ray.cluster.judging import judge_store
     from refusal_ray.cluster.placement import PlacementError
 
     store = Store(out)
     check_frozen_rule(plan, store)
     done = store.done_cells()
     todo = [c for c in plan.cells if c.id not in done]
+
+    def judge() -> int:
+        return judge_store(store, list(plan.spec.judges), source=plan.spec_file, address=address,
+                           progress=progress, log=log).total_failed
+
     if not todo:
         freeze_manifest(plan, store)
         log(f"{len(plan.cells)} cells, {len(plan.cells)} already done, 0 to run")
-        return 0
+        return judge()
     import ray
 
     started_here = connect(address)
@@ -100,7 +111,8 @@ def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool 
         log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
         for name in sorted({c.model for c in todo}):
             log(f"  {name}: {where[name].describe()}")
-        return Driver(plan, store, where, cluster, progress=progress, log=log).run(todo)
+        failed = Driver(plan, store, where, cluster, progress=progress, log=log).run(todo)
+        return failed + judge()
     finally:
         if started_here:
             ray.shutdown()

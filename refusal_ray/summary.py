@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
+from refusal_ray.judgements import agreement, judge_labels, judges_in, render_agreement, steering_under
+from refusal_ray.judges.config import INLINE
 from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
@@ -210,19 +212,34 @@ def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
 
 
-def summarize(out_dir) -> pd.DataFrame:
-    """Build the summary table from a store (manifest, directions, steering, completions)."""
-    store = Store(out_dir)
-    manifest = store.read_json("manifest.json") or {}
-    rule = manifest.get("decision_rule", {})
+def verdict_judge(manifest: dict) -> str:
+    """The judge whose labels the verdicts read: the last one chosen with `--verdict-judge`
+    (manifest `verdicts.judge`), else the decision rule's (`decision_rule.judge`, default substring)."""
+    return (manifest.get("verdicts") or {}).get("judge") or (manifest.get("decision_rule") or {}).get("judge") or INLINE
+
+
+def _load(store: Store) -> dict:
+    t = {name: store.read(name) for name in ("directions", "steering", "completions", "judgements", "patching",
+                                              "scrubbing", "selection")}
+    t["manifest"] = store.read_json("manifest.json") or {}
+    t["labels"] = judge_labels(t["completions"], t["judgements"]) if not t["steering"].empty else \
+        judge_labels(pd.DataFrame(), pd.DataFrame())
+    return t
+
+
+def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
+    """The summary table (one row per model) with steering rates and verdicts from `judge`'s labels."""
+    manifest = t["manifest"]
+    rule = {k: v for k, v in manifest.get("decision_rule", {}).items() if k != "judge"}
     models = manifest.get("models", {})
     position = manifest.get("steer_position", -1)
     has_steer = (manifest.get("spec") or {}).get("stages", {}).get("steer") is not None
-    dirs = store.read("directions")
-    steering = store.read("steering")
-    arms = pooled_arms(steering, store.read("completions") if not steering.empty else None)
-    sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
-    selection = store.read("selection")
+    dirs, steering, completions = t["directions"], t["steering"], t["completions"]
+    if judge != INLINE:
+        steering, completions = steering_under(steering, t["labels"], judge)
+    arms = pooled_arms(steering, completions if not steering.empty else None)
+    sites, verdicts = site_recovery(t["patching"]), scrub_verdicts(t["scrubbing"])
+    selection = t["selection"]
     has_select = (manifest.get("spec") or {}).get("stages", {}).get("select") is not None
     rows = []
     for name, info in models.items():
@@ -243,20 +260,58 @@ def summarize(out_dir) -> pd.DataFrame:
             row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
             if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
                 row["verdict_control_margin"] = "NO-SELECTION"
+            labelled = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
+            row["unjudged"] = int(labelled["refusal"].isna().sum())
         rows.append(row | circuit)
     df = pd.DataFrame(rows)
     if not df.empty:
+        df["judge"] = judge
         df["rule_hash"] = manifest.get("rule_hash")
         df = df.sort_values("params", kind="stable").reset_index(drop=True)
     return df
 
 
-def write_summary(out_dir) -> pd.DataFrame:
-    """Compute the summary and write summary.parquet and summary.csv into the store."""
+def summarize(out_dir, judge: str | None = None) -> pd.DataFrame:
+    """Build the summary table from a store (manifest, directions, steering, completions, judgements),
+    verdicts under `judge` (default: `verdict_judge` of the manifest). Column `judge` names it."""
+    t = _load(Store(out_dir))
+    return _summary_rows(t, judge or verdict_judge(t["manifest"]))
+
+
+def summarize_judges(out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the summary under every judge with labels in the store, one row per (model, judge); the
+    agreement table, `refusal_ray.judgements.agreement`)."""
+    t = _load(Store(out_dir))
+    names = judges_in(t["labels"])
+    per = [_summary_rows(t, j) for j in names]
+    per = [p for p in per if not p.empty]
+    return (pd.concat(per, ignore_index=True) if per else pd.DataFrame()), agreement(t["labels"])
+
+
+def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
+    """Compute the summary and write summary.parquet and summary.csv into the store; with more than
+    one judge, also summary_by_judge.parquet and agreement.parquet / agreement.csv. The manifest's
+    `verdicts` records the judge behind the verdicts (its hash, and whether it is the rule's)."""
     store = Store(out_dir)
-    df = summarize(out_dir)
+    t = _load(store)
+    manifest = t["manifest"]
+    judge = judge or verdict_judge(manifest)
+    df = _summary_rows(t, judge)
     store.write_frame("summary.parquet", df)
     store.write_file("summary.csv", df.to_csv(index=False).encode())
+    names = judges_in(t["labels"])
+    if len(names) > 1:
+        per = pd.concat([p for p in (_summary_rows(t, j) for j in names) if not p.empty], ignore_index=True)
+        agree = agreement(t["labels"])
+        store.write_frame("summary_by_judge.parquet", per)
+        store.write_frame("agreement.parquet", agree)
+        store.write_file("agreement.csv", agree.to_csv(index=False).encode())
+    rule_judge = (manifest.get("decision_rule") or {}).get("judge") or INLINE
+    record = {"judge": judge, "judge_hash": (manifest.get("judges") or {}).get(judge, {}).get("hash", "inline"),
+              "rule_judge": rule_judge, "pre_registered": judge == rule_judge}
+    if manifest and manifest.get("verdicts") != record:
+        manifest["verdicts"] = record
+        store.write_json("manifest.json", manifest)
     return df
 
 
@@ -272,13 +327,8 @@ DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers",
            ("attribution_spearman", "AtP rho", "{:.2f}")]
 
 
-def render(df: pd.DataFrame) -> str:
-    """The summary as a fixed-width text table (also used in the Markdown report)."""
-    if df.empty:
-        return "(no results)"
-    cols = [(k, h, f) for k, h, f in DISPLAY if k in df.columns]
-    cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
-    cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
+def _table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
+    """Fixed-width lines: a header, a rule, one line per row; '-' for missing values."""
     cells = [[h for _, h, _ in cols]]
     for _, r in df.iterrows():
         cells.append(["-" if (v := r[k]) is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)
@@ -286,6 +336,36 @@ def render(df: pd.DataFrame) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def render(df: pd.DataFrame) -> str:
+    """The summary as a fixed-width text table (also used in the Markdown report)."""
+    if df.empty:
+        return "(no results)"
+    cols = [(k, h, f) for k, h, f in DISPLAY if k in df.columns]
+    cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
+    cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
+    lines = _table(df, cols)
     if "rule_hash" in df.columns:
         lines.append(f"decision rule hash: {df['rule_hash'].iloc[0]}")
+    if "judge" in df.columns:
+        lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
     return "\n".join(lines)
+
+
+JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_harmful_refusal", "base", "{:.2f}"),
+                 ("ablation_suppression", "abl-base", "{:+.2f}"), ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"),
+                 ("addition_induction", "add-base", "{:+.2f}"), ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
+                 ("unjudged", "unjudged", "{:.0f}"), ("verdict_control_margin", "control_margin", "{}"),
+                 ("verdict_steering_labels", "steering_labels", "{}")]
+
+
+def render_judges(by_judge: pd.DataFrame, agree: pd.DataFrame) -> str:
+    """Rates and verdicts per (model, judge), then the agreement lines ('' with one judge only)."""
+    if by_judge.empty or by_judge["judge"].nunique() < 2:
+        return ""
+    df = by_judge.sort_values(["params", "model", "judge"], kind="stable")
+    lines = ["rates and verdicts per judge:"] + ["  " + line for line in _table(df, [
+        (k, h, f) for k, h, f in JUDGE_DISPLAY if k in df.columns])]
+    return "\n".join(lines + [render_agreement(agree)])

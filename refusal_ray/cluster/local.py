@@ -65,4 +65,8 @@ def run_local(plan: Plan, store=None, torch_threads: int | None = None, log=prin
                     if store is not None:
                         store.write(table, m.name, rows)
                     out[table] += [{"model": m.name, **r} for r in rows]
+    if store is not None and plan.spec.judges:   # the spec's judges, in this process
+        from refusal_ray.cluster.judging import judge_store
+
+        judge_store(store, list(plan.spec.judges), source=plan.spec_file, use_ray=False, progress=False, log=log)
     return dict(out)
