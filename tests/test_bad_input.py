@@ -126,6 +126,28 @@ CASES = [
     ("no-chat-template", {"models.0.path": "NOTEMPLATE"}, "models.0.path", "the tokenizer has no chat template"),
     ("system-prompt-refused", {"models.0.path": "NOSYSTEM", "chat": {"system_prompt": "Be brief."}},
      "chat.system_prompt", "the chat template refuses a system prompt"),
+    # judges
+    ("judge-unknown-kind", {"judges": [{"name": "j", "kind": "oracle"}]}, "judges.0.kind",
+     "unknown kind 'oracle'; expected one of 'substring', 'chat', 'classifier', 'guard', 'openai'"),
+    ("judge-missing-endpoint-variable", {"judges": [{"name": "j", "kind": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                     "model": "m", "api_key_env": "REFUSAL_RAY_TEST_NO_SUCH_KEY"}]},
+     "judges.0.api_key_env", "environment variable REFUSAL_RAY_TEST_NO_SUCH_KEY is not set"),
+    ("judge-rubric-without-placeholder", {"judges": [{"name": "j", "kind": "chat", "path": "TINY",
+                                                      "rubric": "Grade this: {completion}"}]},
+     "judges.0.rubric", "rubric lacks the placeholder {prompt} (the rubric needs both {prompt} and {completion})"),
+    ("judge-classifier-without-labels", {"judges": [{"name": "j", "kind": "classifier", "path": "TINY"}]},
+     "judges.0.labels", "a classifier needs a label map (its label names -> refusal / compliance)"),
+    ("judge-classifier-unmapped-label", {"judges": [{"name": "j", "kind": "classifier", "path": "CLASSIFIER",
+                                                     "labels": {"LABEL_0": "compliance"}}]},
+     "judges.0.labels", "label 'LABEL_1' of the checkpoint is not mapped (its labels: LABEL_0, LABEL_1)"),
+    ("judge-bin-weights-only", {"judges": [{"name": "j", "kind": "chat", "path": "BINONLY"}]}, "judges.0.path",
+     "no *.safetensors weights in"),
+    ("judge-reserved-name", {"judges": [{"name": "substring", "kind": "substring"}]}, "judges",
+     "judge name 'substring' is the inline `judge:` block's; pick another"),
+    ("judge-duplicate-name", {"judges": [{"name": "j", "kind": "substring"}] * 2}, "judges",
+     "duplicate judge name 'j'"),
+    ("rule-judge-unknown", {"decision_rule.judge": "gpt"}, "",
+     "decision_rule.judge 'gpt' names no judge (known: substring)"),
 ]
 
 
@@ -146,6 +168,15 @@ def fixtures_dir(tmp_path_factory, tiny_qwen_path):
         if template is not None:
             config["chat_template"] = template
         (d / name / "tokenizer_config.json").write_text(json.dumps(config))
+    # a judge directory with pytorch_model.bin only, and a classifier config with two labels
+    binonly = d / "binonly"
+    shutil.copytree(tiny_qwen_path, binonly)
+    for f in binonly.glob("*.safetensors"):
+        f.rename(binonly / "pytorch_model.bin")
+    classifier = d / "classifier"
+    shutil.copytree(tiny_qwen_path, classifier)
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps(config | {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}))
     return d
 
 
@@ -159,6 +190,9 @@ def _write_case(tmp_path, fixtures_dir, tiny_qwen_path, edits) -> Path:
             value = str(fixtures_dir / "empty.jsonl")
         if value in ("BERT", "NOTEMPLATE", "NOSYSTEM"):
             value = str(fixtures_dir / value.lower())
+        if path == "judges":
+            value = [{k: (str(tiny_qwen_path) if v == "TINY" else str(fixtures_dir / v.lower())
+                          if v in ("BINONLY", "CLASSIFIER") else v) for k, v in j.items()} for j in value]
         _set(spec, path, value)
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
