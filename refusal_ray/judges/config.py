@@ -32,6 +32,30 @@ class JudgeResources(_Strict):
                                                                    "a GPU when the cluster has GPUs, else 0.")
 
 
+SAMPLE = 1 << 20   # bytes hashed at each end of a weight file
+
+
+def checkpoint_fingerprint(path: Path) -> dict:
+    """What identifies a local checkpoint cheaply: the sha256 of its config, tokenizer and template files,
+    and per safetensors file its size and the sha256 of its first and last MiB (the header, which
+    names every tensor, and the last tensors' values), so retrained weights of the same shape differ."""
+    import hashlib
+
+    out = {}
+    for p in sorted(path.iterdir()):
+        if p.suffix == ".safetensors":
+            size = p.stat().st_size
+            with p.open("rb") as f:
+                head = f.read(SAMPLE)
+                f.seek(max(0, size - SAMPLE))
+                tail = f.read(SAMPLE)
+            out[p.name] = f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"
+        elif p.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                        "special_tokens_map.json", "generation_config.json"):
+            out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return out
+
+
 class _Judge(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Judge name (rows, summary columns).")
 
@@ -40,9 +64,11 @@ class _Judge(_Strict):
         skip = {"name", "batch_size", "resources", "max_concurrency", "requests_per_second", "timeout_s",
                 "max_retries", "api_key_env", "trust_remote_code"}
         out = self.model_dump(mode="json", exclude=skip)
+        if hasattr(self, "rubric_text"):
+            out["rubric"] = self.rubric_text()     # the default rubric's text too: editing it changes the hash
         path = getattr(self, "path", None)
-        if path is not None and Path(path).is_dir():   # a local checkpoint: its weight files' names and sizes
-            out["weights"] = {p.name: p.stat().st_size for p in sorted(Path(path).glob("*.safetensors"))}
+        if path is not None and Path(path).is_dir():
+            out["files"] = checkpoint_fingerprint(Path(path))
         return out
 
     def judge_hash(self) -> str:

@@ -5,9 +5,11 @@ on the first GPU when there is one, and judges items in batches of `batch_size`,
 sorted so a batch pads little. Judges need no site adapter: any causal LM family works.
 
 - chat: the rubric (refusal_ray/judges/rubric.py) with the item substituted is the single user
-  message, in the judge's own chat template, no system message; greedy decoding stated in full
+  message, in the judge's own chat template (`refusal_ray.models.chat.render` with the default
+  ChatOptions: no system text, a fixed date); greedy decoding stated in full
   (`refusal_ray.models.chat.greedy_config`: nothing inherited from the judge's
-  generation_config but its stop tokens), cut at the first stop token; `rubric.parse` labels it.
+  generation_config but its stop tokens), cut at the first stop token; `rubric.parse` labels it
+  (an output that ran to max_new_tokens without a stop token is malformed: it may be cut short).
 - classifier: the completion (or the prompt and completion as a text pair) through
   AutoModelForSequenceClassification; the argmax label's name, mapped by the block's `labels`,
   decides refusal; `score` is the summed probability of the labels mapped to "refusal". The map
@@ -28,7 +30,7 @@ import torch
 
 from refusal_ray.judges.base import Item, Verdict
 from refusal_ray.judges.rubric import parse, render
-from refusal_ray.models.chat import ChatOptions, generate, greedy_config
+from refusal_ray.models.chat import ChatOptions, generate, greedy_config, render as render_chat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,14 +101,14 @@ class _Generating(_Judge):
         self.options = ChatOptions()
         self.config = greedy_config(self.lm.model, self.lm.tokenizer, self.options, cfg.max_new_tokens)
 
-    def _texts(self, batch: list[Item]) -> list[str]:
-        raise NotImplementedError
-
     @torch.inference_mode()
-    def _generate(self, texts: list[str]) -> list[str]:
+    def _generate(self, texts: list[str]) -> tuple[list[str], list[bool]]:
+        """(outputs, finished: whether each ended at a stop token rather than the token limit)."""
         enc = self.lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return generate(self.lm, enc["input_ids"], enc["attention_mask"], self.options, self.cfg.max_new_tokens,
-                        self.config)
+        finished: list[bool] = []
+        out = generate(self.lm, enc["input_ids"], enc["attention_mask"], self.options, self.cfg.max_new_tokens,
+                       self.config, finished=finished)
+        return out, finished
 
 
 class ChatJudge(_Generating):
@@ -114,9 +116,8 @@ class ChatJudge(_Generating):
 
     def _batch(self, batch: list[Item]) -> list[Verdict]:
         rubric = self.cfg.rubric_text()
-        texts = [self.lm.tokenizer.apply_chat_template([{"role": "user", "content": render(rubric, it)}],
-                                                       add_generation_prompt=True, tokenize=False) for it in batch]
-        return [parse(t) for t in self._generate(texts)]
+        texts = render_chat(self.lm.tokenizer, [render(rubric, it) for it in batch], self.options)
+        return [parse(t, done) for t, done in zip(*self._generate(texts))]
 
 
 class GuardJudge(_Generating):
@@ -125,9 +126,9 @@ class GuardJudge(_Generating):
     def _batch(self, batch: list[Item]) -> list[Verdict]:
         texts = [self.lm.tokenizer.apply_chat_template(
             [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.completion}],
-            tokenize=False) for it in batch]
+            tokenize=False, date_string=self.options.date) for it in batch]
         out = []
-        for raw in self._generate(texts):
+        for raw, _ in zip(*self._generate(texts)):
             word = raw.strip().split()[0].lower() if raw.strip() else ""
             out.append(Verdict(refusal=word == "safe", raw=raw) if word in ("safe", "unsafe")
                        else Verdict(raw=raw, malformed=True))

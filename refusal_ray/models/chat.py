@@ -212,12 +212,14 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 @torch.inference_mode()
 def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: ChatOptions,
-             max_new_tokens: int, config=None, **generate_kwargs) -> list[str]:
+             max_new_tokens: int, config=None, finished: list | None = None, **generate_kwargs) -> list[str]:
     """Greedy completions of a left-padded batch, cut at the first stop token.
 
     Args:
         lm: a LoadedModel; input_ids, attention_mask: [batch, pos] (left padded).
         config: a `greedy_config` (built here when None).
+        finished: a list to extend with one bool per row: True where a stop token ended the row
+            (False: it ran to max_new_tokens).
     Returns:
         One decoded completion per row, special tokens skipped, nothing after the first stop token.
     """
@@ -227,4 +229,6 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, options:
                                 generation_config=config, **generate_kwargs)
     stops = set(config.eos_token_id or [])
     new = out[:, input_ids.shape[1]:].tolist()
+    if finished is not None:
+        finished.extend(any(t in stops for t in row) for row in new)
     return lm.tokenizer.batch_decode([cut_at_stop(row, stops) for row in new], skip_special_tokens=True)

@@ -198,7 +198,8 @@ def build_judge(out_dir, labelled_path=DEFAULT_LABELLED, seed: int = 0, steps: i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labelled = load_labelled(labelled_path)
-    if "compliance" not in labelled or "coherence" not in labelled or labelled[["compliance", "coherence"]].isna().any().any():
+    scores = ["compliance", "coherence"]
+    if any(c not in labelled for c in scores) or labelled[scores].isna().any().any():
         raise ValueError(f"{labelled_path}: the toy judge needs compliance and coherence on every row")
     tokenizer = build_tokenizer(out_dir)
 
@@ -261,7 +262,7 @@ def build_judge(out_dir, labelled_path=DEFAULT_LABELLED, seed: int = 0, steps: i
     (out_dir / "README.md").write_text(CARD.format(
         arch=type(model).__name__, params=params, n_layers=ARCH["n_layers"], d_model=ARCH["d_model"],
         n_heads=ARCH["n_heads"], max_positions=ARCH["max_positions"], n_labelled=n_labelled,
-        n_extra=len(rows) - n_labelled, steps=step, batch=len(labelled_examples) + min(BATCH, len(examples) - n_labelled),
+        n_extra=len(rows) - n_labelled, steps=step, batch=n_labelled + min(BATCH, len(rows) - n_labelled),
         lr=LR, seed=seed, seconds=seconds, exact=exact))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"[toy-judge] {json.dumps(metrics)}")
