@@ -24,11 +24,12 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "refusal_ray.cli"]
 
 
-def small_spec(tmp_path: Path, seeds=(0,), select: bool = False) -> Path:
+def small_spec(tmp_path: Path, seeds=(0,), select: bool = False, judge: bool = False) -> Path:
     """Two toy models, directions at the post-instruction positions (the default) and steering.
 
     select: run stage select and ablate its choice (direction_layer 'selected', one more cell per
-    (model, seed)); otherwise ablate the highest-separation direction (direction_layer 'best')."""
+    (model, seed)); otherwise ablate the highest-separation direction (direction_layer 'best').
+    judge: add the toy chat judge (a Ray actor of its own) as judge 'rubric'."""
     spec = {
         "name": "e2e",
         "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")},
@@ -48,6 +49,11 @@ def small_spec(tmp_path: Path, seeds=(0,), select: bool = False) -> Path:
     }
     if select:
         spec["stages"]["select"] = {"batch_size": 128}   # Arditi's filters and criterion (the defaults)
+    if judge:
+        from refusal_ray.toy.judge import TOY_RUBRIC
+
+        spec["judges"] = [{"name": "rubric", "kind": "chat", "path": str(TOY_MODELS / "toy-judge"),
+                           "rubric": TOY_RUBRIC, "batch_size": 64}]
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
     return f
@@ -62,7 +68,7 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    spec = small_spec(tmp, select=True)
+    spec = small_spec(tmp, select=True, judge=True)
     out = tmp / "out"
     result = run_cli("run", str(spec), "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -133,6 +139,17 @@ def test_run_writes_every_table(finished_run):
     assert summary["rule_hash"].iloc[0] == manifest["rule_hash"]
     assert {"torch", "ray", "transformers"} <= set(manifest["libraries"])
     assert "qwen-xs" in result.stdout and "control_margin" in result.stdout
+    # the chat judge (its own Ray actor) labelled every completion once; refusal = compliance 0
+    judgements = refusal_ray.read(out, "judgements")
+    key = ["model", "cell_id", "prompt_set", "prompt_id"]
+    assert len(judgements) == len(completions) and set(judgements["judge"]) == {"rubric"}
+    assert set(map(tuple, judgements[key].astype(str).values)) == set(map(tuple, completions[key].astype(str).values))
+    assert judgements["error"].isna().all()
+    ok = judgements[~judgements["malformed"].astype(bool)]
+    assert len(ok) and (ok["refusal"].astype(bool) == (ok["compliance"] == 0)).all()
+    assert set(pd.read_parquet(out / "agreement.parquet")["model"]) == {"qwen-xs", "llama-s", "ALL"}
+    assert manifest["judges"]["rubric"]["kind"] == "chat" and summary["judge"].iloc[0] == "substring"
+    assert "substring ~ rubric: kappa" in result.stdout
     for fig in ("steering.png", "separation.png", "cosines.png", "scale_trend.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
 
