@@ -67,8 +67,9 @@ class _Judge(_Strict):
         if hasattr(self, "rubric_text"):
             out["rubric"] = self.rubric_text()     # the default rubric's text too: editing it changes the hash
         path = getattr(self, "path", None)
-        if path is not None and Path(path).is_dir():
+        if path is not None and Path(path).is_dir():   # a local checkpoint: its files, wherever it lies
             out["files"] = checkpoint_fingerprint(Path(path))
+            out.pop("path")
         return out
 
     def judge_hash(self) -> str:
