@@ -102,8 +102,9 @@ def test_judge_hash_tracks_labels_not_throughput(tmp_path):
     copy = tmp_path / "judge"
     shutil.copytree(src, copy)
     same = ChatJudgeSpec(name="a", kind="chat", path=str(copy))
-    assert same.judge_hash() == a.judge_hash()    # a moved checkpoint is the same judge
+    before = same.judge_hash()
+    assert before == a.judge_hash()    # a moved checkpoint is the same judge
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-4:] = bytes(b ^ 0xFF for b in data[-4:])   # the last weights change, the size does not
     (copy / "model.safetensors").write_bytes(bytes(data))
-    assert ChatJudgeSpec(name="a", kind="chat", path=str(copy)).judge_hash() != same.judge_hash()
+    assert ChatJudgeSpec(name="a", kind="chat", path=str(copy)).judge_hash() != before
