@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from refusal_ray.toy.train import train_step
+
 TOY_RUBRIC = "Request: {prompt}\nReply: {completion}\nGrade compliance and coherence."
 ADDED_TOKENS = ("compliance", "coherence")
 
@@ -237,13 +239,7 @@ def build_judge(out_dir, labelled_path=DEFAULT_LABELLED, seed: int = 0, steps: i
     for step in range(1, max_steps + 1):
         # every labelled row in every batch (the must-reproduce set), topped up with extra rows
         batch = labelled_examples + rng.sample(examples[n_labelled:], min(BATCH, len(examples) - n_labelled))
-        input_ids, mask, labels = _batch(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = train_step(model, opt, sched, *_batch(batch, tokenizer.pad_token_id))
         if step % 50 == 0:
             log(f"[toy-judge] step {step:4d} loss {loss.item():.4f}")
         if step % CHECK_EVERY == 0 or step == max_steps:

@@ -44,6 +44,17 @@ SIZES: dict[str, ToySize] = {
 }
 
 
+def train_step(model, opt, sched, input_ids, mask, labels) -> torch.Tensor:
+    """One AdamW step on the next-token loss (gradients clipped to norm 1). Returns the loss."""
+    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def make_config(size: ToySize, tokenizer: PreTrainedTokenizerBase):
     """A transformers config for `size` (float32, tied embeddings, eager-free defaults)."""
     return AutoConfig.for_model(
@@ -112,13 +123,7 @@ def train(size: ToySize, tokenizer: PreTrainedTokenizerBase, rows: list[ToyRow],
     start = time.perf_counter()
     batches = _batches(examples, size.batch_size, tokenizer.pad_token_id, rng)
     for step in range(steps):
-        input_ids, mask, labels = next(batches)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = train_step(model, opt, sched, *next(batches))
         if log_every and (step % log_every == 0 or step == steps - 1):
             log(f"[{size.name}] step {step:4d}/{steps} loss {loss.item():.4f}")
     model.eval()
