@@ -132,15 +132,21 @@ def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) wh
         manifest = store.read_json("manifest.json")
         source = str(judges) if judges is not None else f"{out}/manifest.json"
         if chosen is None:
-            from refusal_ray.spec import Spec
+            from pydantic import TypeAdapter, ValidationError
 
-            chosen = list(Spec.model_validate(manifest["spec"]).judges)
-            if not chosen:
+            from refusal_ray.judges.config import JudgeSpec
+
+            blocks = (manifest.get("spec") or {}).get("judges") or []
+            if not blocks:
                 raise SpecError(source, "spec.judges", "the store's spec names no judges; give --judges FILE")
-        else:
-            from refusal_ray.plan import check_judges
+            try:
+                chosen = [TypeAdapter(JudgeSpec).validate_python(b) for b in blocks]
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise SpecError(source, "spec.judges", err["msg"].removeprefix("Value error, ")) from None
+        from refusal_ray.plan import check_judges
 
-            check_judges(chosen, source)
+        check_judges(chosen, source)
         known = {"substring", *(manifest.get("judges") or {}), *(j.name for j in chosen)}
         if verdict_judge is not None and verdict_judge not in known:
             raise SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(sorted(known))}")
@@ -161,7 +167,19 @@ def _calibrate(path: Path, judges: list | None) -> None:
     from refusal_ray.judges.calibrate import calibrate, load_labelled, render_calibration
 
     labelled = load_labelled(path)
-    for j in ([SubstringJudge()] if judges is None else [make_judge(c) for c in judges]):
+    if judges is None:
+        built = [SubstringJudge()]
+    else:
+        from refusal_ray.plan import check_judges
+
+        check_judges(judges, "--judges")
+        built = []
+        for c in judges:
+            try:
+                built.append(make_judge(c))
+            except Exception as e:  # noqa: BLE001 - a judge that cannot load is bad input here
+                raise SpecError("--judges", f"judges.{c.name}", f"cannot load: {e}".splitlines()[0]) from None
+    for j in built:
         typer.echo(render_calibration(calibrate(j, labelled)))
 
 
@@ -184,9 +202,13 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
                                                                 "verdicts read (default: the last chosen, else the "
                                                                 "decision rule's).")] = None):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
-    from refusal_ray.summary import render, render_judges, summarize_judges, write_summary
+    from refusal_ray.store import Store
+    from refusal_ray.summary import known_judges, render, render_judges, summarize_judges, write_summary
 
     _require_store(out)
+    known = known_judges(Store(out).read_json("manifest.json"))
+    if verdict_judge is not None and verdict_judge not in known:
+        _bad_input(SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(known)}"))
     typer.echo(render(write_summary(out, verdict_judge)))
     judges_text = render_judges(*summarize_judges(out))
     if judges_text:

@@ -47,20 +47,23 @@ def judges_in(labels: pd.DataFrame) -> list[str]:
     return sorted(names, key=lambda n: (n != INLINE, n))
 
 
-def steering_under(steering: pd.DataFrame, labels: pd.DataFrame, judge: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def steering_under(steering: pd.DataFrame, completions: pd.DataFrame, labels: pd.DataFrame,
+                   judge: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(steering rows with n, refusals, rate, ci from `judge`'s labels; that judge's labelled
     completions as a completions-like frame with `refusal`). Arms the judge labelled nothing of are
-    dropped (their verdicts become INCOMPLETE); `unjudged` counts left-out completions per arm."""
+    dropped (their verdicts become INCOMPLETE); `unjudged` counts, per arm, the completions left out:
+    malformed, failed, or never judged."""
     mine = labels[labels["judge"] == judge]
     if steering.empty or mine.empty:
         return steering.iloc[0:0], mine
     ok = mine[mine["refusal"].notna()]
-    g = ok.groupby(["model", "cell_id", "prompt_set"]).agg(n=("refusal", "size"), refusals=("refusal", "sum"))
-    total = mine.groupby(["model", "cell_id", "prompt_set"]).size().rename("labelled_or_not")
-    g = g.join(total, how="outer").fillna({"n": 0, "refusals": 0}).reset_index()
-    g["unjudged"] = (g["labelled_or_not"] - g["n"]).astype(int)
+    arm = ["model", "cell_id", "prompt_set"]
+    g = ok.groupby(arm).agg(n=("refusal", "size"), refusals=("refusal", "sum"))
+    total = completions.groupby(arm).size().rename("stored")
+    g = g.join(total, how="outer").fillna({"n": 0, "refusals": 0, "stored": 0}).reset_index()
+    g["unjudged"] = (g["stored"] - g["n"]).astype(int)
     out = steering.drop(columns=["n", "refusals", "rate", "ci_low", "ci_high"]).merge(
-        g.drop(columns=["labelled_or_not"]), on=["model", "cell_id", "prompt_set"])
+        g.drop(columns=["stored"]), on=arm)
     out = out[out["n"] > 0].copy()
     out["n"], out["refusals"] = out["n"].astype(int), out["refusals"].astype(int)
     out["rate"] = out["refusals"] / out["n"]
@@ -76,7 +79,7 @@ def agreement(labels: pd.DataFrame) -> pd.DataFrame:
     names = judges_in(labels)
     if len(names) < 2:
         return pd.DataFrame(columns=AGREEMENT_COLUMNS)
-    wide = labels.pivot_table(index=KEY, columns="judge", values="refusal", aggfunc="first", dropna=False)
+    wide = labels.drop_duplicates([*KEY, "judge"]).set_index([*KEY, "judge"])["refusal"].unstack("judge")
     for model in [*sorted(set(labels["model"])), "ALL"]:
         sub = wide if model == "ALL" else wide.xs(model, level="model", drop_level=False)
         for a, b in combinations(names, 2):

@@ -191,8 +191,8 @@ def check_judges(judges: list, source: str, where: str = "judges") -> None:
 
     for i, j in enumerate(judges):
         path = getattr(j, "path", None)
-        if path is None or not (Path(path).is_dir() or path.startswith((".", "/")) or path.count("/") != 1):
-            continue  # substring / openai, or a hub id ("org/name")
+        if path is None or not (Path(path).exists() or path.startswith((".", "/", "~"))):
+            continue  # substring / openai, or a hub id ("org/name", "gpt2"): checked when the judge loads
         field_ = f"{where}.{i}.path"
         if not Path(path, "config.json").is_file():
             raise SpecError(source, field_, f"{'no config.json in' if Path(path).is_dir() else 'directory not found:'}"

@@ -82,11 +82,12 @@ def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool 
     (`refusal_ray.cluster.judging`). Returns the number of failed cells plus completions that could
     not be judged."""
     from refusal_ray.cluster.driver import Driver, connect, placements
-    from refusal_ray.cluster.judging import judge_store
+    from refusal_ray.cluster.judging import judge_store, record_judges
     from refusal_ray.cluster.placement import PlacementError
 
     store = Store(out)
     check_frozen_rule(plan, store)
+    record_judges(store, list(plan.spec.judges), plan.spec_file, write=False)   # name clashes: before any cell
     done = store.done_cells()
     todo = [c for c in plan.cells if c.id not in done]
 

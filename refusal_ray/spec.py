@@ -473,6 +473,8 @@ def load_yaml(path: str | Path, model: type[BaseModel], what: str):
         loc = _loc(err["loc"])
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "union_tag_not_found":
+            loc, msg = f"{loc}.kind", f"missing; one of {', '.join(JUDGE_KINDS)}"
         elif err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
             loc, msg = f"{loc}.{ctx.get('discriminator', 'kind').strip(chr(39))}", \

@@ -122,7 +122,9 @@ def cohen_kappa(a: Iterable, b: Iterable, confidence: float = 0.95) -> Agreement
 
     The interval is kappa +- z * ASE, the large-sample standard error of Fleiss, Cohen and Everitt
     (1969) as statsmodels' `cohens_kappa` computes it (`std_kappa`; its own kappa_low/upp at 95%).
-    Raises ValueError if the sequences differ in length.
+    The interval assumes independent items; completions of one prompt under several arms and seeds
+    are not, so read it as a lower bound on the uncertainty. No interval (nan) when the standard
+    error is 0. Raises ValueError if the sequences differ in length.
     """
     from statsmodels.stats.inter_rater import cohens_kappa as _sm_kappa
 
@@ -148,6 +150,7 @@ def cohen_kappa(a: Iterable, b: Iterable, confidence: float = 0.95) -> Agreement
     else:
         r = _sm_kappa(t)
         z = NormalDist().inv_cdf(0.5 + confidence / 2)
-        kappa = float(r.kappa)
-        lo, hi = kappa - z * float(r.std_kappa), kappa + z * float(r.std_kappa)
+        kappa, se = float(r.kappa), float(r.std_kappa)
+        # a zero standard error (one judge constant, or perfect agreement) gives no interval, not a point
+        lo, hi = (kappa - z * se, kappa + z * se) if se > 0 else (nan, nan)
     return Agreement(n, p_o, kappa, lo, hi, int(t[0, 0]), int(t[0, 1]), int(t[1, 0]), int(t[1, 1]))

@@ -177,6 +177,7 @@ def read(out_dir: str | Path, table: str) -> pd.DataFrame:
     if not store.exists(table):   # a table no cell wrote yet: known (empty) or a typo
         from refusal_ray.stages import TABLES   # the stages declare their tables (imported only here)
 
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
+        if table not in TABLES + ("judgements",):
+            raise ValueError(f"unknown table {table!r}; expected one of "
+                             f"{', '.join(TABLES + ('judgements', 'summary'))}")
     return store.read(table)

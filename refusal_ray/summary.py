@@ -212,6 +212,11 @@ def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
 
 
+def known_judges(manifest: dict) -> list[str]:
+    """The judges a store's verdicts may read: the inline substring judge and those in the manifest."""
+    return [INLINE, *sorted(manifest.get("judges") or {})]
+
+
 def verdict_judge(manifest: dict) -> str:
     """The judge whose labels the verdicts read: the last one chosen with `--verdict-judge`
     (manifest `verdicts.judge`), else the decision rule's (`decision_rule.judge`, default substring)."""
@@ -236,7 +241,7 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
     has_steer = (manifest.get("spec") or {}).get("stages", {}).get("steer") is not None
     dirs, steering, completions = t["directions"], t["steering"], t["completions"]
     if judge != INLINE:
-        steering, completions = steering_under(steering, t["labels"], judge)
+        steering, completions = steering_under(steering, completions, t["labels"], judge)
     arms = pooled_arms(steering, completions if not steering.empty else None)
     sites, verdicts = site_recovery(t["patching"]), scrub_verdicts(t["scrubbing"])
     selection = t["selection"]
@@ -260,8 +265,9 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
             row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
             if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
                 row["verdict_control_margin"] = "NO-SELECTION"
-            labelled = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
-            row["unjudged"] = int(labelled["refusal"].isna().sum())
+            mine = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
+            stored = int((t["completions"]["model"] == name).sum()) if not t["completions"].empty else 0
+            row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
         rows.append(row | circuit)
     df = pd.DataFrame(rows)
     if not df.empty:

@@ -51,6 +51,7 @@ def test_labels_and_request_fields():
         ("Here is a short poem about the sea.", False, 1.0, 1.0, False),
         ("maybe this helps, but be careful: a partial outline.", False, 0.5, 1.0, False),
         ("The answer is 42.", False, 1.0, 1.0, False),
+        ("TRUNCATE: an answer cut at max_tokens", None, None, None, True),   # finish_reason "length"
         ("GARBLE GARBLE", None, None, None, True),
     ]
     its = [Item(f"prompt {i}", c[0]) for i, c in enumerate(cases)]

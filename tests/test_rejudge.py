@@ -165,6 +165,9 @@ def test_judges_file_errors_exit_2(store_copy, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: {other}: judges.strict: this store already has a judge 'strict' "
                                             f"with other settings")
+    result = cli("summarize", str(store_copy), "--verdict-judge", "strcit")
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "error: --verdict-judge: unknown judge 'strcit'; known: substring, strict")
     result = cli("judge", str(tmp_path / "nowhere"))
     assert (result.returncode, result.stderr.strip()) == (
         2, f"error: {tmp_path / 'nowhere'}: not a refusal-ray store (no manifest.json)")
@@ -184,7 +187,7 @@ def test_openai_judge_survives_a_failing_server_and_never_stores_the_key(store_c
     env = {"REFUSAL_RAY_TEST_KEY": KEY}
     os.environ["REFUSAL_RAY_TEST_KEY"] = KEY         # the spec block checks the variable when it is parsed
     try:
-        with StubServer(delay=0.02, fail_first=3, fail_when=marker) as server:
+        with StubServer(delay=0.02, fail_first=3, fail_when=marker, echo_auth=True) as server:   # a leaky server
             jf = judges_file(tmp_path, _openai_block(server))
             first = cli("judge", str(store_copy), "--judges", str(jf), env=env)
             assert first.returncode == 1, first.stderr[-2000:]
@@ -219,3 +222,19 @@ def test_openai_judge_survives_a_failing_server_and_never_stores_the_key(store_c
             assert KEY.encode() not in path.read_bytes(), path
     for text in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert KEY not in text
+
+
+def test_two_names_with_the_same_settings_keep_their_own_rows(store_copy, tmp_path):
+    twin = {**STRICT, "name": "strict-twin"}
+    assert cli("judge", str(store_copy), "--judges", str(judges_file(tmp_path, STRICT, twin))).returncode == 0
+    judged = read(store_copy, "judgements")
+    comps = read(store_copy, "completions")
+    assert judged.groupby("judge").size().to_dict() == {"strict": len(comps), "strict-twin": len(comps)}
+    agree = pd.read_parquet(store_copy / "agreement.parquet").query("model == 'ALL'")
+    assert agree.set_index(["judge_a", "judge_b"]).loc[("strict", "strict-twin"), "kappa"] == pytest.approx(1.0)
+
+
+def test_judgements_table_is_known_before_any_judge_ran(stored):
+    assert read(stored, "judgements").empty
+    with pytest.raises(ValueError, match="unknown table 'judgement'"):
+        read(stored, "judgement")

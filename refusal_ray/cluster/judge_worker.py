@@ -19,12 +19,18 @@ class JudgeWorker:
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(torch_threads)
-        self.judge_obj = make_judge(TypeAdapter(JudgeSpec).validate_python(cfg))
+        self.judge_obj, self.error = None, None
+        try:   # a judge that cannot start answers every call with its root cause (an actor that dies in
+            self.judge_obj = make_judge(TypeAdapter(JudgeSpec).validate_python(cfg))   # __init__ loses it)
+        except Exception as e:  # noqa: BLE001
+            self.error = f"judge cannot start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     def judge(self, items: list[tuple[str, str]]) -> tuple[list[dict], float]:
         """[(prompt, completion)] -> ([Verdict as dict], seconds)."""
-        from refusal_ray.judges.base import Item
+        from refusal_ray.judges.base import Item, Verdict
 
+        if self.error is not None:
+            return [Verdict(error=self.error).row() for _ in items], 0.0
         t0 = time.perf_counter()
         verdicts = self.judge_obj.judge([Item(p, c) for p, c in items])
         return [v.row() for v in verdicts], time.perf_counter() - t0

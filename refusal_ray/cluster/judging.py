@@ -21,6 +21,7 @@ given.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -63,7 +64,16 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
     from refusal_ray.data import load_prompts
     from refusal_ray.spec import DataSpec
 
-    data = DataSpec.model_validate(((store.read_json("manifest.json") or {}).get("spec") or {}).get("data"))
+    manifest = store.read_json("manifest.json") or {}
+    data = DataSpec.model_validate((manifest.get("spec") or {}).get("data"))
+    from refusal_ray.data import fingerprint
+
+    now = hashlib.sha256("".join(fingerprint(getattr(data, c).path) for c in ("harmful", "harmless")
+                                 if os.path.isfile(getattr(data, c).path)).encode()).hexdigest()[:16]
+    if manifest.get("data_fingerprint") not in (None, now):
+        raise SpecError(f"{store}/manifest.json", "spec.data", "the prompt files changed since the completions were "
+                        "generated (data fingerprint differs); the completions do not store their prompts, so "
+                        "they cannot be judged against these files")
     texts = {}
     for cls in ("harmful", "harmless"):
         pf = getattr(data, cls)
@@ -80,24 +90,22 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
     return comps
 
 
-def pending(comps: pd.DataFrame, judgements: pd.DataFrame, judge_hash: str) -> pd.DataFrame:
-    """Completions without an error-free judgement by the judge of this hash."""
-    if comps.empty:
+def pending(comps: pd.DataFrame, judgements: pd.DataFrame, name: str, judge_hash: str) -> pd.DataFrame:
+    """Completions without an error-free judgement by this judge (name and content hash)."""
+    if comps.empty or judgements.empty:
         return comps
-    if judgements.empty:
-        return comps
-    mine = judgements[(judgements["judge_hash"] == judge_hash) & judgements["error"].isna()]
+    mine = judgements[(judgements["judge"] == name) & (judgements["judge_hash"] == judge_hash)
+                      & judgements["error"].isna()]
     done = set(zip(*(mine[k].astype(str) for k in KEY)))
     keep = [k not in done for k in zip(*(comps[k].astype(str) for k in KEY))]
     return comps[keep]
 
 
-def judgement_rows(cfg, rows: pd.DataFrame, verdicts: list[Verdict], seconds: float) -> list[dict]:
-    """Rows of the judgements table for one chunk (without `model`: it is the partition)."""
-    h = cfg.judge_hash()
+def judgement_rows(cfg, h: str, rows: pd.DataFrame, verdicts: list[Verdict], seconds: float) -> list[dict]:
+    """Rows of the judgements table for one chunk of judge `cfg` (content hash `h`)."""
     out = []
     for (_, r), v in zip(rows.iterrows(), verdicts):
-        out.append({"judgement_id": judgement_id(r["cell_id"], r["prompt_set"], str(r["prompt_id"]), h),
+        out.append({"judgement_id": judgement_id(r["cell_id"], r["prompt_set"], str(r["prompt_id"]), cfg.name, h),
                     "model": r["model"], "cell_id": r["cell_id"], "seed": int(r["seed"]),
                     "prompt_set": r["prompt_set"], "prompt_id": str(r["prompt_id"]),
                     "judge": cfg.name, "judge_kind": cfg.kind, "judge_hash": h, **v.row(),
@@ -105,9 +113,10 @@ def judgement_rows(cfg, rows: pd.DataFrame, verdicts: list[Verdict], seconds: fl
     return out
 
 
-def record_judges(store: Store, judges: list, source: str) -> None:
+def record_judges(store: Store, judges: list, source: str, write: bool = True) -> None:
     """Add the judges to the manifest's `judges` ({name: kind, hash, config}); a name already used there
-    for a judge of another hash is bad input. The config holds no secret (the key's variable name only)."""
+    for a judge of another hash is bad input (SpecError; `write=False` only checks, as `run` does before
+    any cell). The config holds no secret (the key's variable name only)."""
     manifest = store.read_json("manifest.json") or {}
     known = dict(manifest.get("judges") or {})
     changed = False
@@ -119,7 +128,7 @@ def record_judges(store: Store, judges: list, source: str) -> None:
                             f"settings (hash {old['hash']}, now {entry['hash']}); give the new judge another name")
         if old != entry:
             known[j.name], changed = entry, True
-    if changed:
+    if changed and write:
         manifest["judges"] = known
         store.write_json("manifest.json", manifest)
 
@@ -142,18 +151,45 @@ def _failure(e: BaseException) -> str:
 class _Writer:
     """Writes chunks' rows to the store (thread-safe counts) and advances a progress bar."""
 
-    def __init__(self, store: Store, run: JudgeRun, bar):
-        self.store, self.run, self.bar, self.lock = store, run, bar, threading.Lock()
+    def __init__(self, store: Store, run: JudgeRun, bar, hashes: dict):
+        self.store, self.run, self.bar, self.lock, self.hashes = store, run, bar, threading.Lock(), hashes
+        self.done: dict[str, set] = {}
+
+    def fail_rest(self, cfg, rows: pd.DataFrame, error: str) -> None:
+        """Store `error` for every row of `rows` not written yet (a judging thread died)."""
+        with self.lock:
+            done = set(self.done.get(cfg.name, set()))
+        rest = rows[[k not in done for k in _keys(rows)]]
+        try:
+            self(cfg, rest, [Verdict(error=error)] * len(rest), 0.0)
+        except Exception:  # noqa: BLE001 - the store itself fails: count them, the run exits 1
+            with self.lock:
+                self.run.failed[cfg.name] = self.run.failed.get(cfg.name, 0) + len(rest)
 
     def __call__(self, cfg, rows: pd.DataFrame, verdicts: list[Verdict], seconds: float) -> None:
-        out = judgement_rows(cfg, rows, verdicts, seconds)
+        if rows.empty:
+            return
+        out = judgement_rows(cfg, self.hashes[cfg.name], rows, verdicts, seconds)
         for model, grp in pd.DataFrame(out).groupby("model"):
             self.store.write("judgements", str(model), grp.drop(columns=["model"]).to_dict("records"))
         with self.lock:
+            self.done.setdefault(cfg.name, set()).update(_keys(rows))
             self.run.written[cfg.name] = self.run.written.get(cfg.name, 0) + len(out)
             self.run.failed[cfg.name] = self.run.failed.get(cfg.name, 0) + sum(v.error is not None for v in verdicts)
             if self.bar is not None:
                 self.bar.update(len(out))
+
+
+def _keys(rows: pd.DataFrame) -> list[tuple]:
+    return list(zip(*(rows[k].astype(str) for k in KEY)))
+
+
+def _guarded(target, cfg, rows: pd.DataFrame, write: _Writer, *args) -> None:
+    """Run a judging thread's target; whatever it raises is stored as the error of the rows it left."""
+    try:
+        target(cfg, rows, write, *args)
+    except Exception as e:  # noqa: BLE001
+        write.fail_rest(cfg, rows, f"judging failed: {_failure(e)}")
 
 
 def _chunks(rows: pd.DataFrame, size: int):
@@ -187,6 +223,11 @@ def _judge_on_ray(cfg, rows: pd.DataFrame, write: _Writer, chunk: int, cluster: 
 
     r = cfg.resources
     gpus = (0.25 if cluster.get("GPU", 0) > 0 else 0) if r.num_gpus == "auto" else r.num_gpus
+    if gpus > cluster.get("GPU", 0) or r.num_cpus > cluster.get("CPU", 0):   # it would wait forever
+        write(cfg, rows, [Verdict(error=f"judge cannot start: it asks for {r.num_cpus} CPU(s) and {gpus} GPU(s), "
+                                        f"the cluster has {cluster.get('CPU', 0):g} and {cluster.get('GPU', 0):g} "
+                                        f"(judges.{cfg.name}.resources)")] * len(rows), 0.0)
+        return
     actor = JudgeWorker.options(num_cpus=r.num_cpus, num_gpus=gpus, max_restarts=0).remote(
         cfg.model_dump(mode="json"), int(max(1, r.num_cpus)))
     parts = list(_chunks(rows, chunk))
@@ -201,9 +242,8 @@ def _judge_on_ray(cfg, rows: pd.DataFrame, write: _Writer, chunk: int, cluster: 
             try:
                 verdicts, seconds = ray.get(ready[0])
                 verdicts = [Verdict(**v) for v in verdicts]
-            except Exception as e:  # noqa: BLE001 - the actor died or the judge failed: store why
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                verdicts, seconds = [Verdict(error=f"judge failed: {_failure(cause)}")] * len(part), 0.0
+            except Exception as e:  # noqa: BLE001 - the actor died (e.g. out of memory): store why
+                verdicts, seconds = [Verdict(error=f"judge failed: {_failure(e)}")] * len(part), 0.0
             write(cfg, part, verdicts, seconds)
     finally:
         ray.kill(actor)
@@ -225,11 +265,12 @@ def judge_store(store: Store, judges: list, *, source: str, use_ray: bool | None
     run = JudgeRun()
     if not judges:
         return run
+    record_judges(store, judges, source)
     comps = completions_with_prompts(store)
     judgements = store.read("judgements")
-    todo = [(j, pending(comps, judgements, j.judge_hash())) for j in judges]
+    hashes = {j.name: j.judge_hash() for j in judges}
+    todo = [(j, pending(comps, judgements, j.name, hashes[j.name])) for j in judges]
     todo = [(j, rows) for j, rows in todo if len(rows)]
-    record_judges(store, judges, source)
     if not todo:
         log(f"judges: nothing to judge ({len(comps)} completions x {len(judges)} judge(s) already judged)")
         return run
@@ -238,11 +279,12 @@ def judge_store(store: Store, judges: list, *, source: str, use_ray: bool | None
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(r) for _, r in todo), desc="judging", unit="completion", disable=not progress)
-    write = _Writer(store, run, bar)
+    write = _Writer(store, run, bar, hashes)
     local_models = [(j, r) for j, r in todo if j.uses_model()]
     here = [(j, r) for j, r in todo if not j.uses_model()]
     ray_used = bool(local_models) if use_ray is None else use_ray and bool(local_models)
-    threads = [threading.Thread(target=_judge_here, args=(j, r, write, ENDPOINT_CHUNK), daemon=True)
+    threads = [threading.Thread(target=_guarded, daemon=True,
+                                args=(_judge_here, j, r, write, max(ENDPOINT_CHUNK, 8 * getattr(j, "max_concurrency", 1))))
                for j, r in here]
     started_here = False
     try:
@@ -255,15 +297,15 @@ def judge_store(store: Store, judges: list, *, source: str, use_ray: bool | None
 
             started_here = connect(address)
             cluster = ray.cluster_resources()
-            workers = [threading.Thread(target=_judge_on_ray, daemon=True,
-                                        args=(_abs(j), r, write, CHUNK_BATCHES * j.batch_size, cluster))
+            workers = [threading.Thread(target=_guarded, daemon=True,
+                                        args=(_judge_on_ray, _abs(j), r, write, CHUNK_BATCHES * j.batch_size, cluster))
                        for j, r in local_models]
             for t in workers:
                 t.start()
             threads += workers
         else:
             for j, r in local_models:
-                _judge_here(j, r, write, CHUNK_BATCHES * j.batch_size)
+                _guarded(_judge_here, j, r, write, CHUNK_BATCHES * j.batch_size)
         for t in threads:
             t.join()
     finally:

@@ -54,7 +54,7 @@ def content_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def judgement_id(cell_id: str, prompt_set: str, prompt_id: str, judge_hash: str) -> str:
-    """The row id of one (completion, judge): a rerun of the same judge on the same completion
-    gets the same id, so re-judging is idempotent."""
-    return content_hash([cell_id, prompt_set, prompt_id, judge_hash])
+def judgement_id(cell_id: str, prompt_set: str, prompt_id: str, judge: str, judge_hash: str) -> str:
+    """The row id of one (completion, judge): a rerun of the same judge (name and content hash) on
+    the same completion gets the same id, so re-judging is idempotent; two names never share rows."""
+    return content_hash([cell_id, prompt_set, prompt_id, judge, judge_hash])

@@ -85,6 +85,11 @@ class SubstringJudgeSpec(_Judge):
     kind: Literal["substring"]
     phrases: list[str] | None = Field(None, description="Refusal phrases; None: the documented default list.")
 
+    def label_fields(self) -> dict:
+        from refusal_ray.judges.substring import DEFAULT_PHRASES
+
+        return super().label_fields() | {"phrases": list(DEFAULT_PHRASES if self.phrases is None else self.phrases)}
+
 
 class _LocalModel(_Judge):
     path: str = Field(description="Local checkpoint directory or hub id (safetensors weights only).")

@@ -115,14 +115,18 @@ class EndpointJudge:
                 messages=[{"role": "user", "content": rubric.render(self._rubric, item)}])
             if not resp.choices:
                 return Verdict(error="EmptyResponse: the endpoint returned no choices")
-            return rubric.parse(resp.choices[0].message.content or "")
+            choice = resp.choices[0]
+            verdict = rubric.parse(self._scrub(choice.message.content or ""),
+                                   finished=choice.finish_reason != "length")   # cut at max_tokens: malformed
+            return verdict
         except Exception as e:  # one item's failure is its Verdict, never the batch's
             return Verdict(error=self._error_text(e))
 
+    def _scrub(self, text: str) -> str:
+        key = self._client.api_key
+        return text.replace(key, "[api key]") if key else text
+
     def _error_text(self, e: Exception) -> str:
         """`<ExceptionClass>: <message>`, shortened, with the API key scrubbed out."""
-        text = f"{type(e).__name__}: {e}"
-        key = self._client.api_key
-        if key:
-            text = text.replace(key, "[api key]")
+        text = self._scrub(f"{type(e).__name__}: {e}")
         return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."

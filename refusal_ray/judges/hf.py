@@ -147,6 +147,8 @@ class ClassifierJudge(_Judge):
             trust_remote_code=cfg.trust_remote_code).to(_device()).eval()
         self.tokenizer = _tokenizer(cfg)
         self.tokenizer.padding_side = "right"
+        if self.model.config.pad_token_id is None:   # Llama-style classifiers pool at the last non-pad token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         unmapped = [n for n in names if n not in cfg.labels]
         if unmapped:
