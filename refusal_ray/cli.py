@@ -1,6 +1,7 @@
 """The `refusal-ray` command line (typer).
 
-Exit codes: 0 done; 1 the run finished with failed cells; 2 bad input (spec, paths, flags),
+Exit codes: 0 done; 1 the run finished with failed cells or completions that could not be judged;
+2 bad input (spec, paths, flags),
 reported as one line naming the file and field, with nothing written.
 """
 

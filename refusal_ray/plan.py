@@ -309,7 +309,8 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
                      f"system prompt {plan.spec.chat.system_prompt!r} (template default: "
                      f"{c.get('default_system_prompt')!r}); example {c.get('example_prompt')!r}")
     if plan.spec.judges:
-        lines.append(f"judges (table judgements; verdicts read {plan.spec.decision_rule.judge!r}):")
+        lines.append(f"judges (table judgements; the pre-registered verdict judge is "
+                     f"{plan.spec.decision_rule.judge!r}):")
         for j in plan.spec.judges:
             lines.append(f"  {j.name}: {j.kind}" + (f" {j.path}" if getattr(j, "path", None) else "")
                          + (f" {j.model} at {j.base_url}" if j.kind == "openai" else "") + f" (hash {j.judge_hash()})")
