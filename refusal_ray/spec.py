@@ -456,7 +456,7 @@ def load_yaml(path: str | Path, model: type[BaseModel], what: str):
     """Parse a YAML file into `model` with one-line errors naming the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(str(path), "", f"{what.removeprefix('a ')} not found")
+        raise SpecError(str(path), "", f"{what.removeprefix('a ').removesuffix(' file')} file not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
