@@ -61,6 +61,9 @@ class ModelSpec(Strict):
     max_memory: dict[str, str] | None = Field(None, description="accelerate max_memory per device.")
     offload_folder: str | None = Field(None, description="Folder for accelerate disk offload.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code (off by default).")
+    chat_template: str | None = Field(None, description="Jinja chat template replacing the tokenizer's own: the "
+                                                        "template text, or a .jinja/.txt file. Needed for base models "
+                                                        "(no template); the study specs use the studies' templates.")
     attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="Attention kernel.")
     resources: ModelResources | None = Field(None, description="Override the automatic placement.")
     offload: Literal["auto", "off"] | None = Field(
@@ -174,9 +177,28 @@ class AblationArm(Strict):
                                                                    "(None: steer.position).")
 
 
+class SubspaceArm(Strict):
+    """Subspace ablation x <- x - alpha Q Q^T x at the ablation sites, Q the orthonormal basis (QR, float64)
+    of several difference-of-means directions (the Llama-3.2-1B study: layers 7-10)."""
+
+    layers: list[int] | None = Field(None, min_length=1, description="Stack these layers' resid_pre directions at "
+                                                                      "steer.position.")
+    top_k: int | None = Field(None, ge=1, description="Stack the top-k candidates of stage select (by its "
+                                                      "criterion, among those that passed its filters).")
+    ablation_layers: LayerList = Field("all", description="Layers ablated at ('all', as single-direction ablation).")
+    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.layers is None) == (self.top_k is None):
+            raise ValueError("give exactly one of 'layers' or 'top_k'")
+        return self
+
+
 class SteerStage(Strict):
     addition: AdditionArm | None = Field(default_factory=AdditionArm)
     ablation: AblationArm | None = Field(default_factory=AblationArm)
+    subspace: SubspaceArm | None = Field(None, description="Subspace ablation arms (None: none).")
     controls: bool = Field(True, description="Pair every arm with a norm-matched random-direction arm.")
     position: int = Field(-1, description="Direction position used for steering (one of directions.positions).")
     batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
@@ -380,6 +402,13 @@ class Spec(Strict):
         if abl is not None and abl.direction_position is not None and not isinstance(abl.direction_layer, int):
             raise ValueError("stages.steer.ablation.direction_position needs an integer direction_layer "
                              "(the selected and best directions come with their own position)")
+        return self
+
+    @model_validator(mode="after")
+    def _subspace_top_k_needs_select(self):
+        sub = self.stages.steer.subspace if self.stages.steer is not None else None
+        if sub is not None and sub.top_k is not None and self.stages.select is None:
+            raise ValueError("stages.steer.subspace.top_k needs a stages.select block (or give subspace.layers)")
         return self
 
     @model_validator(mode="after")
