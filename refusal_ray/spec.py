@@ -116,6 +116,15 @@ class DirectionsStage(Strict):
     filter_train: bool = Field(False, description="Arditi's train filtering: drop harmful train prompts the model "
                                                   "does not refuse and harmless ones it does (refusal score > 0 "
                                                   "counts as refusing); the counts are stored.")
+    pairing: Literal["paired", "random"] | None = Field(
+        None, description="Which harmless prompts a seed fits on. None: each class drawn from its train split with "
+                          "the seed (on row-aligned files such as the toy data this draws the harmful prompts' "
+                          "twins); 'paired': the minimal-pair twins of the harmful train prompts (data.*.pair_column); "
+                          "'random': a draw independent of the harmful one (seeded), as in the Qwen-1.8B study's "
+                          "paired vs random comparison.")
+    compare_sequential: bool = Field(False, description="Also refit every direction one prompt at a time (no "
+                                                        "padding) and store its cosine to the batched fit "
+                                                        "(`sequential_cosine`).")
     batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
 
     @field_validator("positions", mode="before")
@@ -434,6 +443,14 @@ class Spec(Strict):
         if steer.ablation is not None and cm.ablation_alpha not in steer.ablation.alphas:
             raise ValueError(f"decision_rule.control_margin.ablation_alpha {cm.ablation_alpha} "
                              f"is not in stages.steer.ablation.alphas")
+        return self
+
+    @model_validator(mode="after")
+    def _paired_needs_pairs(self):
+        if self.stages.directions.pairing == "paired":
+            for cls in ("harmful", "harmless"):
+                if getattr(self.data, cls).pair_column is None:
+                    raise ValueError(f"stages.directions.pairing 'paired' needs data.{cls}.pair_column")
         return self
 
     @model_validator(mode="after")

@@ -8,9 +8,11 @@ Separation is Cohen's d (pooled sd) of held-out projections onto the unit direct
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from refusal_ray.data import PromptSet, encode
@@ -135,10 +137,81 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
 
 
 # -- the declaration ---------------------------------------------------------------------------
+# settings added later, left out of ids at these values, so stores written before them resume
+LATER_DEFAULTS = {"pairing": None, "compare_sequential": False}
+
+
 def directions_key(spec) -> dict:
     """What determines a direction (and everything fitted from it): sample sizes and the stage's settings."""
-    return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test],
-            "directions": spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})}
+    block = spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})
+    block = {k: v for k, v in block.items() if LATER_DEFAULTS.get(k, object()) != v}
+    return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test], "directions": block}
+
+
+def paired_train(plan) -> None:
+    """`pairing: paired`: each seed's harmless train prompts become the minimal-pair twins of its
+    harmful train prompts (by the files' pair columns). Raises SpecError when a twin is missing."""
+    from refusal_ray.data import PromptSet
+    from refusal_ray.errors import SpecError
+
+    df, pf = plan.frames["harmless"]
+    _, pf_harm = plan.frames["harmful"]
+    harm_df = plan.frames["harmful"][0]
+    harm_ids = harm_df[pf_harm.id_column].astype(str) if pf_harm.id_column else \
+        pd.Series(map(str, range(len(harm_df))))
+    pair_of = dict(zip(harm_ids, harm_df[pf_harm.pair_column].astype(str)))
+    ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, range(len(df))))
+    twin = {p: i for i, p in enumerate(df[pf.pair_column].astype(str))}
+    for seed, splits in plan.prompts.items():
+        rows = []
+        for hid in splits["train"]["harmful"].ids:
+            i = twin.get(pair_of[hid])
+            if i is None:
+                raise SpecError(plan.spec_file, "stages.directions.pairing",
+                                f"harmful train prompt {hid!r} has no harmless twin (pair {pair_of[hid]!r})")
+            rows.append(i)
+        refs = [None] * len(rows) if not pf.reference_column else [
+            None if pd.isna(df[pf.reference_column].iloc[i]) else str(df[pf.reference_column].iloc[i]) for i in rows]
+        splits["train"]["harmless"] = PromptSet([ids.iloc[i] for i in rows],
+                                                [str(df[pf.instruction_column].iloc[i]) for i in rows], refs)
+
+
+def random_train(plan) -> None:
+    """`pairing: random`: each seed's harmless train prompts are redrawn from the harmless train split
+    with a stream independent of the harmful draw (seeded by (seed, "random-pairing"))."""
+    from refusal_ray.data import split_prompts
+
+    df, pf = plan.frames["harmless"]
+    for seed, splits in plan.prompts.items():
+        stream = int.from_bytes(hashlib.sha256(f"{seed}:random-pairing".encode()).digest()[:4], "little")
+        splits["train"]["harmless"] = split_prompts(df, pf, plan.spec.data, stream)["train"]
+
+
+def _prepare(plan) -> None:
+    pairing = plan.spec.stages.directions.pairing
+    if pairing == "paired":
+        paired_train(plan)
+    elif pairing == "random":
+        random_train(plan)
+
+
+def sequential_cosines(lm: LoadedModel, train: tuple[PromptSet, PromptSet], batched: list[dict], sites: list[str],
+                       positions: list[int], chat=None) -> list[float]:
+    """Refit every direction one prompt at a time (batch size 1: no padding) and return, per row of
+    `batched` (same order), the cosine between the two fits (the Qwen-1.8B study's batched vs
+    sequential extraction check)."""
+    harm = _activations(lm, train[0], sites, positions, 1, chat)
+    safe = _activations(lm, train[1], sites, positions, 1, chat)
+    diff = harm.mean(0) - safe.mean(0)                       # [sites*layers, pos, d] float64
+    index = {(s, layer): i for i, (s, layer) in enumerate((s, layer) for s in sites
+                                                           for layer in range(lm.sites.n_layers))}
+    out = []
+    for r in batched:
+        seq = diff[index[(r["site"], r["layer"])], positions.index(r["position"])]
+        v = np.asarray(r["vector"], np.float64)
+        denom = np.linalg.norm(v) * np.linalg.norm(seq)
+        out.append(float(v @ seq / denom) if denom > 0 else float("nan"))
+    return out
 
 
 def _run(session, cells, payload) -> dict:
@@ -154,10 +227,14 @@ def _run(session, cells, payload) -> dict:
         fitted = session.halving(lambda bs: fit_directions(
             session.lm, train, (p["val"]["harmful"], p["val"]["harmless"]), cfg["sites"], session.positions, bs,
             session.chat), cfg["batch_size"])
+        cos = [None] * len(fitted)
+        if cfg.get("compare_sequential"):
+            cos = sequential_cosines(session.lm, train, fitted, cfg["sites"], list(session.positions), session.chat)
         rows += [{"cell_id": cell.id, "seed": cell.seed, **r, "n_train_drawn": n_before[0],
-                  "n_train_harmless_drawn": n_before[1]} for r in fitted]
+                  "n_train_harmless_drawn": n_before[1], "pairing": cfg.get("pairing") or "as drawn",
+                  "sequential_cosine": c} for r, c in zip(fitted, cos)]
     return {"directions": rows}
 
 
 STAGE = Stage(name="directions", tables=("directions",), cells=lambda spec, mp: [{}],
-              id_key=directions_key, run=_run)
+              id_key=directions_key, run=_run, prepare=_prepare)
