@@ -17,7 +17,7 @@ import pandas as pd
 from refusal_ray.data import SPLITS, fingerprint, load_prompts, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
-from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config
+from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config, safetensors_problem
 from refusal_ray.models.sites import UnsupportedFamilyError, layout_for
 from refusal_ray.spec import Spec, load_spec
 from refusal_ray.stages import STAGES
@@ -38,6 +38,7 @@ class ModelPlan:
     n_heads: int = 1
     positions: list[int] = field(default_factory=lambda: [-1])   # direction positions, resolved
     chat: dict = field(default_factory=dict)   # rendered example, stop tokens, generation settings
+    chat_template: str | None = None   # the spec's chat_template as text (a file read), None: the tokenizer's
 
 
 @dataclass
@@ -92,6 +93,9 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
     problem = m.quantization == "4bit" and m.device == "cpu" and bnb_4bit_cpu_problem(config)
     if problem:
         raise SpecError(spec_file, f"{field_}.quantization", problem)
+    problem = m.path is not None and safetensors_problem(m.path)   # hub ids: checked when a worker loads them
+    if problem:
+        raise SpecError(spec_file, f"{field_}.path", problem)
     n_layers = text.get("num_hidden_layers") or text.get("n_layer")
     d_model = text.get("hidden_size") or text.get("n_embd")
     n_heads = text.get("num_attention_heads") or text.get("n_head") or 1
@@ -120,34 +124,54 @@ def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> N
 
 
 def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[str]):
-    """Resolve the model's prompts: tokenizer and template, post-instruction positions, stop tokens
-    and generation settings (into `mp.positions` and `mp.chat`); returns the tokenizer.
+    """Resolve the model's prompts: tokenizer and template (the spec's `chat_template` replaces the
+    tokenizer's own), post-instruction positions, stop tokens and generation settings (into
+    `mp.positions`, `mp.chat` and `mp.chat_template`); returns the tokenizer.
     Raises SpecError naming the field."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from refusal_ray.models.chat import (ChatOptions, TemplateError, default_system_prompt, effective_settings,
-                                         end_of_turn_id, greedy_config, post_instruction_positions, render)
+    from refusal_ray.models.chat import (ChatOptions, NoTemplateError, TemplateError, default_system_prompt,
+                                         effective_settings, end_of_turn_id, greedy_config, post_instruction_ids,
+                                         post_instruction_positions, render, resolve_chat_template)
 
     m, field_ = spec.models[i], f"models.{i}.{'path' if spec.models[i].path else 'hub_id'}"
+    template_field = f"models.{i}.chat_template"
     options = ChatOptions(**spec.chat.model_dump())
+    try:
+        template = resolve_chat_template(m.chat_template)
+    except TemplateError as e:   # a template file that does not exist
+        raise SpecError(spec_file, template_field, str(e)) from None
     try:
         tok = AutoTokenizer.from_pretrained(m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
         raise SpecError(spec_file, field_, f"cannot load the tokenizer: {e}".splitlines()[0]) from None
+    if template is not None:
+        tok.chat_template = template
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     try:
         gen = GenerationConfig.from_pretrained(m.source, revision=m.revision)
     except Exception:  # noqa: BLE001 - no generation_config.json: the tokenizer's EOS and the template's
         gen = None
+    where = template_field if template is not None else field_   # whose template it is
     try:
         example = render(tok, instructions[:1], options)[0]
+        post_instruction_ids(tok, options)   # raises when the template leaves out the user's message
         positions = spec.stages.directions.positions
         positions = (post_instruction_positions(tok, options, instructions) if positions == "post_instruction"
                      else list(positions))
+    except NoTemplateError:
+        raise SpecError(spec_file, field_, f"the tokenizer has no chat template (a base model?): set "
+                                           f"{template_field} to the template text or a .jinja/.txt file "
+                                           f"(model {m.name!r})") from None
     except TemplateError as e:
-        where = "chat.system_prompt" if "system prompt" in str(e) else field_
-        raise SpecError(spec_file, where, f"{e} (model {m.name!r})") from None
+        raise SpecError(spec_file, "chat.system_prompt" if "system prompt" in str(e) else where,
+                        f"{e} (model {m.name!r})") from None
+    except Exception as e:  # noqa: BLE001 - Jinja syntax error, undefined variable, a type error in the template
+        line = getattr(e, "lineno", None)
+        raise SpecError(spec_file, where, f"the chat template does not render: {type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''}"
+                                          f"{f' (template line {line})' if line else ''} (model {m.name!r})") from None
     steer = spec.stages.steer
     if steer is not None and steer.position not in positions:
         raise SpecError(spec_file, "stages.steer.position", f"{steer.position} is not among the direction "
@@ -162,11 +186,22 @@ def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[
 
     config = greedy_config(_Shim, tok, options, spec.generation.max_new_tokens)
     mp.positions = positions
-    mp.chat = {"example_prompt": example, "default_system_prompt": default_system_prompt(tok, options),
+    mp.chat_template = template
+    mp.chat = {"chat_template": _template_source(m.chat_template, template), "example_prompt": example,
+               "default_system_prompt": default_system_prompt(tok, options),
                "end_of_turn_id": end_of_turn_id(tok, options),
                "stop_tokens": [tok.convert_ids_to_tokens(t) for t in config.eos_token_id],
                "generation": effective_settings(config), "options": options.as_dict()}
     return tok
+
+
+def _template_source(value: str | None, text: str | None) -> str:
+    """Where a model's chat template comes from, for the manifest and `plan`: 'tokenizer', or the
+    spec's file name or 'spec text', with a hash of the text."""
+    if text is None:
+        return "tokenizer"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{'spec text' if value == text else value} (sha256 {digest})"
 
 
 def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) -> str:
@@ -305,7 +340,8 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
     lines.append("prompts and generation (refusal_ray/models/chat.py):")
     for name, mp in plan.models.items():
         c = mp.chat
-        lines.append(f"  {name}: direction positions {mp.positions}; stop tokens {c.get('stop_tokens')}; "
+        lines.append(f"  {name}: chat template {c.get('chat_template', 'tokenizer')}; "
+                     f"direction positions {mp.positions}; stop tokens {c.get('stop_tokens')}; "
                      f"system prompt {plan.spec.chat.system_prompt!r} (template default: "
                      f"{c.get('default_system_prompt')!r}); example {c.get('example_prompt')!r}")
     if plan.spec.judges:

@@ -55,7 +55,8 @@ class ModelSession:
 
     Args:
         model: ModelSpec as a dict (with `abs_path` and the resolved direction `positions` added by
-            the driver).
+            the driver; `chat_template`, when set, replaces the tokenizer's template in every stage:
+            the text, or a .jinja/.txt file, which the driver has already read).
         prompts: {seed: {"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet},
                   "patch"|"scrub": Pairs}}
         settings: each enabled stage's block, and the generation / judge / chat blocks, as dicts.
@@ -75,7 +76,7 @@ class ModelSession:
                                              **placement_kwargs(model, gpus)},
             max_memory=model.get("max_memory"), quantization=model.get("quantization"), revision=model.get("revision"),
             trust_remote_code=model.get("trust_remote_code", False),
-            attn_implementation=model.get("attn_implementation"))
+            attn_implementation=model.get("attn_implementation"), chat_template=model.get("chat_template"))
         self.load_seconds = time.perf_counter() - started
         self.judge = SubstringJudge(settings["judge"].get("phrases"))
         self.chat = ChatOptions(**settings.get("chat", {}))
@@ -103,6 +104,14 @@ class ModelSession:
         except Exception as e:  # noqa: BLE001 - reported per cell by the driver
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                     "seconds": time.perf_counter() - started, "device": str(self.lm.device)}
+
+
+def start_error(e: BaseException) -> str:
+    """The error stored for every cell of a model whose session cannot start: the root cause's
+    type and the first line of its message (e.g. "worker cannot start: OSError: no safetensors
+    weights in ...")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"worker cannot start: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def halving_on_oom(fn, batch_size: int):

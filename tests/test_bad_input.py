@@ -56,6 +56,7 @@ NO_SYSTEM_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 PAIRED = {"data.harmful.pair_column": "pair_id", "data.harmless.pair_column": "pair_id"}
+BROKEN_TEMPLATE = "{% for message in messages %}{{ message['content'] }"   # Jinja: unexpected '}'
 
 # (case id, edits {dotted path: value}, expected field, expected words in the message)
 CASES = [
@@ -94,6 +95,13 @@ CASES = [
      "4-bit quantisation on CPU needs layer widths divisible by 64"),
     ("unknown-quantization", {"models.0.quantization": "3bit"}, "models.0.quantization", "'8bit' or '4bit'"),
     ("unsupported-family", {"models.0.path": "BERT"}, "models.0.path", "unsupported model family 'bert'"),
+    # weights load from safetensors only: model.safetensors, or model.safetensors.index.json and its shards
+    ("bin-weights-only", {"models.0.path": "BINONLY"}, "models.0.path",
+     "(it has pytorch_model.bin; expected model.safetensors, or model.safetensors.index.json and its shards): "
+     "weights load from safetensors only; convert with transformers' save_pretrained(out_dir, "
+     "safe_serialization=True) or use a safetensors checkpoint"),
+    ("sharded-shard-missing", {"models.0.path": "SHARDMISSING"}, "models.0.path",
+     "shards listed in model.safetensors.index.json are missing from"),
     # circuit stages
     ("patch-without-pairs", {"stages.patch": {}}, "", "stages.patch needs data.harmful.pair_column"),
     ("patch-layer-out-of-range", {"stages.patch": {"layers": [3]}, **PAIRED}, "stages.patch.layers",
@@ -123,7 +131,24 @@ CASES = [
      "stages.steer.ablation.direction_layer 'selected' needs a stages.select block"),
     ("positive-position-one", {"stages.directions": {"positions": [1]}}, "stages.directions.positions",
      "must be negative"),
-    ("no-chat-template", {"models.0.path": "NOTEMPLATE"}, "models.0.path", "the tokenizer has no chat template"),
+    ("no-chat-template", {"models.0.path": "NOTEMPLATE"}, "models.0.path",
+     "the tokenizer has no chat template (a base model?): set models.0.chat_template to the template text or a "
+     ".jinja/.txt file (model 'tiny')"),
+    ("chat-template-file-missing", {"models.0.chat_template": "templates/chatml.jinja"}, "models.0.chat_template",
+     "template file not found: templates/chatml.jinja"),
+    ("chat-template-not-a-file-name", {"models.0.chat_template": "chatml"}, "models.0.chat_template",
+     "'chatml' is neither a Jinja template (no {{ or {%) nor a .jinja/.txt file"),
+    ("chat-template-syntax-error", {"models.0.path": "NOTEMPLATE", "models.0.chat_template": BROKEN_TEMPLATE},
+     "models.0.chat_template",
+     "the chat template does not render: TemplateSyntaxError: unexpected '}' (template line 1) (model 'tiny')"),
+    ("chat-template-type-error", {"models.0.chat_template": "{{ messages[0]['content'] + 1 }}"},
+     "models.0.chat_template", "the chat template does not render: TypeError: can only concatenate str (not \"int\") "
+                               "to str (model 'tiny')"),
+    ("chat-template-drops-message", {"models.0.chat_template": "{{ '<|im_start|>assistant\\n' }}"},
+     "models.0.chat_template",
+     "the chat template leaves out the user's message (no message['content'] in it) (model 'tiny')"),
+    ("checkpoint-template-syntax-error", {"models.0.path": "BADTEMPLATE"}, "models.0.path",
+     "the chat template does not render: TemplateSyntaxError: unexpected '}' (template line 1) (model 'tiny')"),
     ("system-prompt-refused", {"models.0.path": "NOSYSTEM", "chat": {"system_prompt": "Be brief."}},
      "chat.system_prompt", "the chat template refuses a system prompt"),
     # judges
@@ -151,6 +176,17 @@ CASES = [
 ]
 
 
+def sharded_copy(model_path: Path, out: Path) -> Path:
+    """The model saved as a sharded safetensors checkpoint (model.safetensors.index.json + shards)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_path, out)
+    (out / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(model_path).save_pretrained(out, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    return out
+
+
 @pytest.fixture(scope="module")
 def fixtures_dir(tmp_path_factory, tiny_qwen_path):
     d = tmp_path_factory.mktemp("bad")
@@ -160,7 +196,7 @@ def fixtures_dir(tmp_path_factory, tiny_qwen_path):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8,
                                                   "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10}))
     # the tiny model without a chat template (a base model), and with a template that refuses a system role
-    for name, template in (("notemplate", None), ("nosystem", NO_SYSTEM_TEMPLATE)):
+    for name, template in (("notemplate", None), ("nosystem", NO_SYSTEM_TEMPLATE), ("badtemplate", BROKEN_TEMPLATE)):
         shutil.copytree(tiny_qwen_path, d / name)
         (d / name / "chat_template.jinja").unlink(missing_ok=True)
         config = json.loads((d / name / "tokenizer_config.json").read_text())
@@ -168,11 +204,14 @@ def fixtures_dir(tmp_path_factory, tiny_qwen_path):
         if template is not None:
             config["chat_template"] = template
         (d / name / "tokenizer_config.json").write_text(json.dumps(config))
-    # a judge directory with pytorch_model.bin only, and a classifier config with two labels
+    # a model (or judge) directory with pytorch_model.bin only, a sharded checkpoint that lost a shard,
+    # and a classifier config with two labels
     binonly = d / "binonly"
     shutil.copytree(tiny_qwen_path, binonly)
     for f in binonly.glob("*.safetensors"):
         f.rename(binonly / "pytorch_model.bin")
+    shard_missing = sharded_copy(tiny_qwen_path, d / "shardmissing")
+    sorted(shard_missing.glob("model-*.safetensors"))[-1].unlink()
     classifier = d / "classifier"
     shutil.copytree(tiny_qwen_path, classifier)
     config = json.loads((classifier / "config.json").read_text())
@@ -188,7 +227,7 @@ def _write_case(tmp_path, fixtures_dir, tiny_qwen_path, edits) -> Path:
             continue
         if value == "EMPTY":
             value = str(fixtures_dir / "empty.jsonl")
-        if value in ("BERT", "NOTEMPLATE", "NOSYSTEM"):
+        if value in ("BERT", "NOTEMPLATE", "NOSYSTEM", "BADTEMPLATE", "BINONLY", "SHARDMISSING"):
             value = str(fixtures_dir / value.lower())
         if path == "judges":
             value = [{k: (str(tiny_qwen_path) if v == "TINY" else str(fixtures_dir / v.lower())
@@ -245,3 +284,27 @@ def test_quickstart_validates(monkeypatch):
     monkeypatch.chdir(REPO)
     result = CliRunner().invoke(app, ["validate", "sweeps/quickstart.yaml"])
     assert result.exit_code == 0, result.output
+
+
+def test_sharded_safetensors_checkpoint_validates_and_loads(tmp_path, tiny_qwen_path):
+    """model.safetensors.index.json and its shards are safetensors weights: validate passes, load_model loads them."""
+    import torch
+
+    from refusal_ray import load_model
+
+    sharded = sharded_copy(tiny_qwen_path, tmp_path / "sharded")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(base_spec(sharded)))
+    result = CliRunner().invoke(app, ["validate", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    a, b = load_model(str(sharded)).model, load_model(str(tiny_qwen_path)).model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_load_model_names_the_fix_for_bin_weights(fixtures_dir):
+    """A worker loading a .bin-only directory (e.g. one that changed after `plan`) stores why and what to do."""
+    from refusal_ray import load_model
+
+    with pytest.raises(OSError, match=r"no safetensors weights in .*binonly \(it has pytorch_model.bin; .*"
+                                      r"save_pretrained\(out_dir, safe_serialization=True\)"):
+        load_model(str(fixtures_dir / "binonly"))

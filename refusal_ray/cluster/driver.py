@@ -9,7 +9,9 @@ are stored as `skipped` with the reason. At most two batches are in flight per a
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
 their error and the run goes on. After a worker crash its queue waits for a readiness probe
-(Ray restarts the actor; a permanently dead one is replaced). An actor with nothing left to do is
+(Ray restarts the actor; a permanently dead one is replaced). A model that cannot load is not
+restarted: the actor answers the probe with the load's exception, stored as every remaining
+cell's error ("worker cannot start: OSError: ..."). An actor with nothing left to do is
 killed at once, which is the only reliable way to free its memory for the next model.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -107,6 +110,8 @@ def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
         payload["device"] = placement.device
     payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
     payload["positions"] = plan.models[name].positions
+    if plan.models[name].chat_template is not None:   # the text, so no worker needs the template file
+        payload["chat_template"] = plan.models[name].chat_template
     return payload
 
 
@@ -235,27 +240,39 @@ class Driver:
         task.cells = [c for c in task.cells if c.id not in reasons]
 
     def _probe_done(self, st: ModelState, ws: WorkerState, ref) -> None:
-        """The actor answered (ready) or is gone for good (replace it, at most MAX_ATTEMPTS times)."""
+        """The actor answered: ready, or its model cannot load (the answer holds the root cause: the
+        replica is dropped, never restarted); or it is gone for good (replace it, at most
+        MAX_ATTEMPTS times)."""
         ws.probe = None
         try:
-            ray.get(ref)
+            info = ray.get(ref)
         except ray.exceptions.ActorUnavailableError:   # still restarting: ask again
             time.sleep(0.5)
             self._probe(st, ws)
+            return
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
             ws.replacements += 1
             if ws.replacements <= MAX_ATTEMPTS:
                 self.log(f"replacing a worker of {st.name}: {type(e).__name__}")
                 self._spawn(st, ws)
                 return
-            ws.actor = None
-            if not any(w.actor is not None for w in st.workers):  # no replica left: the model's work fails
-                error = {"error": f"worker cannot start: {type(e).__name__}: {e}".splitlines()[0]}
-                for task in [*st.ready, *(t for ts in st.waiting.values() for t in ts)]:
-                    self._fail(st, task, error)
-                    self._bar.update(len(task.cells))
-                st.ready.clear()
-                st.waiting.clear()
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()   # Ray colours the actor's name
+            self._drop(st, ws, f"worker cannot start: {type(e).__name__}" + (f": {message[0]}" if message else ""))
+            return
+        if info.get("error"):   # the load raised (ModelWorker keeps the cause): the same load would fail again
+            self.log(f"a worker of {st.name} {info['error'].removeprefix('worker ')}")
+            ray.kill(ws.actor)
+            self._drop(st, ws, info["error"])
+
+    def _drop(self, st: ModelState, ws: WorkerState, error: str) -> None:
+        """Give up on a replica; with no replica of the model left, its remaining work fails with `error`."""
+        ws.actor = None
+        if not any(w.actor is not None for w in st.workers):  # no replica left: the model's work fails
+            for task in [*st.ready, *(t for ts in st.waiting.values() for t in ts)]:
+                self._fail(st, task, {"error": error})
+                self._bar.update(len(task.cells))
+            st.ready.clear()
+            st.waiting.clear()
 
     def _task_done(self, st: ModelState, ws: WorkerState, task: Task, ref) -> None:
         ws.in_flight -= 1
@@ -265,7 +282,7 @@ class Driver:
             result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
             if ws.probe is None and ws.actor is not None:
                 self._probe(st, ws)  # hold this replica until the restarted (or a new) actor answers
-        if not result["ok"] and task.attempts < MAX_ATTEMPTS:
+        if not result["ok"] and task.attempts < MAX_ATTEMPTS and any(w.actor is not None for w in st.workers):
             self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
                      f"(attempt {task.attempts}): {result['error']}")
             st.ready.appendleft(task)

@@ -6,6 +6,8 @@ tokenizer's EOS (Gemma's `<end_of_turn>`), and sampling settings in `generation_
 (Qwen2.5-1.5B-Instruct ships `repetition_penalty: 1.1`). Everything here makes those explicit:
 
 - `ChatOptions`: the system prompt ("none", "default" or a text) and the fixed date.
+- `resolve_chat_template` / `use_chat_template`: a spec's `chat_template` (template text or a
+  .jinja/.txt file) replacing the tokenizer's own, for base models or to override a checkpoint's.
 - `render`: instructions -> prompt strings through the tokenizer's own chat template.
 - `post_instruction_ids` / `post_instruction_positions`: the tokens the template puts after the
   instruction up to the end of the generation prompt (Arditi et al. 2024, Sec. 2.1 and App. C:
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +34,44 @@ _ANSWER = "Red, green and blue."
 
 class TemplateError(ValueError):
     """The tokenizer's chat template cannot do what the options ask (message names the fix)."""
+
+
+class NoTemplateError(TemplateError):
+    """The tokenizer has no chat template (a base model): the model needs a `chat_template`."""
+
+
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".txt")
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """A `chat_template` value as template text.
+
+    A single line without Jinja markup (`{{` or `{%`) is a file name: a .jinja or .txt file, read
+    (relative paths: against the working directory). Anything else is the template itself.
+
+    Raises:
+        TemplateError: a file name that does not exist, does not end in .jinja/.txt, or an empty file.
+    """
+    if value is None or "{{" in value or "{%" in value or "\n" in value.strip():
+        return value
+    path = Path(value.strip()).expanduser()
+    if path.suffix.lower() not in TEMPLATE_FILE_SUFFIXES:
+        raise TemplateError(f"{value!r} is neither a Jinja template (no {{{{ or {{%) nor a .jinja/.txt file")
+    if not path.is_file():
+        raise TemplateError(f"template file not found: {value}")
+    text = path.read_text()
+    if not text.strip():
+        raise TemplateError(f"template file is empty: {value}")
+    return text
+
+
+def use_chat_template(tokenizer, value: str | None):
+    """Install a `chat_template` (text or a .jinja/.txt file, see `resolve_chat_template`) as the
+    tokenizer's template, replacing its own; None leaves the tokenizer's. Returns the tokenizer."""
+    text = resolve_chat_template(value)
+    if text is not None:
+        tokenizer.chat_template = text
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,7 +94,8 @@ class ChatOptions:
 
 def _apply(tokenizer, messages: list[dict], options: ChatOptions, generation_prompt: bool = True) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TemplateError("the tokenizer has no chat template (a base model?): give the model a chat_template")
+        raise NoTemplateError("the tokenizer has no chat template (a base model?): give the model a chat_template "
+                              "(the template text or a .jinja/.txt file)")
     return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
                                          date_string=options.date)
 
@@ -117,6 +159,8 @@ def post_instruction_ids(tokenizer, options: ChatOptions = ChatOptions()) -> lis
     Arditi et al.'s `eoi_toks`: the template's text after the instruction, tokenized alone.
     """
     text = render(tokenizer, [_SENTINEL], options)[0]
+    if _SENTINEL not in text:
+        raise TemplateError("the chat template leaves out the user's message (no message['content'] in it)")
     return _ids(tokenizer, text[text.rindex(_SENTINEL) + len(_SENTINEL):])
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from refusal_ray.models.chat import resolve_chat_template, use_chat_template
 from refusal_ray.models.sites import SiteAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +47,34 @@ def read_config(path_or_id: str, revision: str | None = None, trust_remote_code:
                                       trust_remote_code=trust_remote_code).to_dict()
 
 
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why the local checkpoint directory `path` has no safetensors weights `load_model` can read
+    (None when it has them, or when `path` is not a local directory, e.g. a hub id). Safetensors
+    weights are `model.safetensors`, or `model.safetensors.index.json` with every shard it lists."""
+    d = Path(path)
+    if not d.is_dir() or (d / "model.safetensors").is_file():
+        return None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"cannot read {index}: {type(e).__name__}: {e}".splitlines()[0]
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            return (f"{len(missing)} of the {len(shards)} shards listed in {index.name} are missing from {path} "
+                    f"(first: {missing[0]})")
+        return None
+    found = sorted(f.name for f in d.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    has = f"it has {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else "it has no weight files"
+    return (f"no safetensors weights in {path} ({has}; expected model.safetensors, or "
+            f"model.safetensors.index.json and its shards): weights load from safetensors only; convert with "
+            f"transformers' save_pretrained(out_dir, safe_serialization=True) or use a safetensors checkpoint")
+
+
 def bnb_4bit_cpu_problem(config: dict) -> str | None:
     """Why bitsandbytes cannot run this config in 4 bits on CPU (None when it can)."""
     cfg = config.get("text_config") or config
@@ -75,7 +104,7 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | None = None, quantization: str | None = None,
                revision: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None, chat_template: str | None = None) -> LoadedModel:
     """Load model, tokenizer and site adapter.
 
     Args:
@@ -84,16 +113,21 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
         device: "cpu" | "cuda" | "cuda:N" | "auto" (ignored when `device_map` is given).
         device_map / max_memory / offload_folder: passed to accelerate via `from_pretrained`.
         quantization: None | "8bit" | "4bit" (nf4), through `BitsAndBytesConfig`.
+        chat_template: a Jinja chat template replacing the tokenizer's own (for base models, or to
+            override a checkpoint's): the template text, or a .jinja/.txt file
+            (`refusal_ray.models.chat.resolve_chat_template`).
     Returns:
         LoadedModel(model, tokenizer, sites); the model is in eval mode with gradients off.
     Raises:
         ValueError: unknown dtype or quantization, or 4-bit on CPU with widths bitsandbytes' CPU
-            kernel cannot pack; UnsupportedFamilyError: unknown family.
+            kernel cannot pack; UnsupportedFamilyError: unknown family; TemplateError: a
+            chat_template file that does not exist; OSError: no safetensors weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    chat_template = resolve_chat_template(chat_template)   # a missing template file fails before any weight
     kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "revision": revision,
                     "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -119,10 +153,14 @@ def load_model(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
         kwargs["device_map"] = "auto"
     elif quantization is None:
         kwargs["device_map"] = {"": device}
+    problem = safetensors_problem(path_or_id)
+    if problem:   # transformers would say only "no file named model.safetensors"
+        raise OSError(problem)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     model.eval().requires_grad_(False)
     contiguous_head_input(model)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
+    use_chat_template(tokenizer, chat_template)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
