@@ -1,17 +1,21 @@
 """Forward hooks that read and edit sites, with a separate edit for every batch row.
 
-One hook per (site, layer) applies, to every row b of the batch, directional ablation then
-activation addition:
+One hook per (site, layer) applies, to every row b of the batch, directional ablation, subspace
+ablation, then activation addition:
 
-    x[b] <- x[b] - alpha[b] * (x[b] . u[b]) u[b] + add[b]          x: [batch, pos, d_model]
+    x[b] <- x[b] - alpha[b] * (x[b] . u[b]) u[b]                    x: [batch, pos, d_model]
+    x[b] <- x[b] - beta[b] * (x[b] Q[b]^T) Q[b]                     Q[b]: [k, d_model], orthonormal rows
+    x[b] <- x[b] + add[b]
 
-Rows that should be untouched carry alpha = 0 and add = 0, so one forward pass (or one
+Rows that should be untouched carry alpha = beta = 0 and add = 0 (a zero row of Q projects
+nothing, so rows of different rank share one basis tensor, zero-padded), so one forward pass (or one
 `generate` call) carries many (prompt x intervention) rows, and row b of a mixed batch equals
 the same row run alone. Hooks never read module weights, so accelerate offloading and
 bitsandbytes modules keep working; injected tensors move to the activation's device and dtype.
 
 Methods: directional ablation and activation addition as in Arditi et al. 2024,
-"Refusal in Language Models Is Mediated by a Single Direction", Sec. 2.3-2.4.
+"Refusal in Language Models Is Mediated by a Single Direction", Sec. 2.3-2.4; subspace ablation
+removes the projection onto several directions' span at once (x <- x - beta Q Q^T x).
 """
 
 from __future__ import annotations
@@ -35,11 +39,17 @@ class RowEdit:
     ablate_dirs: [batch, d_model] unit directions (zero rows: no ablation)
     ablate_alpha: [batch] ablation strengths (1.0 = Arditi's full projection removal)
     add: [batch, d_model] vectors added at every position (already scaled by the coefficient)
+    ablate_basis: [batch, k, d_model] per row an orthonormal basis Q of the subspace to project
+        out, as rows; rows of lower rank (and unedited rows) are padded with zero vectors
+    basis_alpha: [batch] subspace ablation strengths: x <- x - basis_alpha * (x Q^T) Q
+    Applied in this order: directional ablation, subspace ablation, addition.
     """
 
     ablate_dirs: Tensor | None = None
     ablate_alpha: Tensor | None = None
     add: Tensor | None = None
+    ablate_basis: Tensor | None = None
+    basis_alpha: Tensor | None = None
 
     def __call__(self, x: Tensor) -> Tensor:  # x: [batch, pos, d_model]
         if self.ablate_dirs is not None:
@@ -47,6 +57,11 @@ class RowEdit:
             alpha = _like(self.ablate_alpha, x)                 # [batch]
             proj = torch.einsum("bpd,bd->bp", x, u)             # [batch, pos]
             x = x - (alpha[:, None] * proj)[..., None] * u[:, None, :]
+        if self.ablate_basis is not None:
+            q = _like(self.ablate_basis, x)                     # [batch, k, d_model]
+            beta = _like(self.basis_alpha, x)                   # [batch]
+            coef = torch.einsum("bpd,bkd->bpk", x, q)           # [batch, pos, k]
+            x = x - beta[:, None, None] * torch.einsum("bpk,bkd->bpd", coef, q)
         if self.add is not None:
             x = x + _like(self.add, x)[:, None, :]
         return x

@@ -37,7 +37,7 @@ COLUMN_TYPES = {
     "attribution_rank": pa.int64(), "direction_position": pa.int64(), "filter": pa.string(),
     "selected_by": pa.string(), "direction": pa.string(),
     "compliance": pa.float64(), "coherence": pa.float64(), "score": pa.float64(), "raw": pa.string(),
-    "malformed": pa.bool_(), "prompt": pa.string(), "sequential_cosine": pa.float64(),
+    "malformed": pa.bool_(), "prompt": pa.string(), "sequential_cosine": pa.float64(), "subspace_rank": pa.int64(),
 }
 # Tables whose rows are identified by their own id rather than by the cell that wrote them: one
 # judgement per (completion, judge) row id, written in chunks that cross cells.

@@ -16,6 +16,11 @@ control_margin: INCOMPLETE if an arm it needs was not measured; NO-BASELINE-REFU
   lowers harmful refusal by >= baseline_margin from baseline and >= control_margin from its
   random control, and addition (c = addition_coefficient at `addition_layer`) raises harmless
   refusal by the same two margins; otherwise NOT-SUPPORTED naming the arm(s) that fell short.
+subspace (not part of either verdict, which read single-direction ablation): for the subspace most
+  seeds ablated (`subspace`, e.g. "L7,L8,L9,L10/p-1 (2 of 2 seeds)"), at alpha = control_margin's
+  ablation_alpha when it is among the subspace alphas, else the first subspace alpha
+  (`subspace_alpha`): `subspace_harmful_refusal`, `subspace_suppression` (baseline harmful refusal
+  minus it) and `subspace_suppression_vs_control` (its random same-rank subspace's minus it).
 steering_labels, from the addition curve at `label_layer`: induce = max over c > 0 of the rise
   in harmless refusal over baseline; suppress = max over c < 0 of the drop in harmful refusal.
   INCOMPLETE when either is unmeasured (no baseline, no c > 0 or no c < 0 arm, no addition arm);
@@ -37,18 +42,23 @@ from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
 # the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
-# directions (ablation of stage select's choice may differ between seeds); -1 where none
-ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "direction_layer", "direction_position", "prompt_set"]
+# directions (ablation of stage select's choice may differ between seeds); -1 where none. A subspace
+# arm's stacked directions ("L7,L8/p-1", its steering row's `direction`) are its `subspace` key, "" on other arms
+ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "direction_layer", "direction_position", "subspace",
+            "prompt_set"]
 POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low",
                   "ci_high", "ci_basis"]
 
 
 def _arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control."""
+    """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control,
+    `subspace` the stacked directions of a subspace arm ("" on other arms)."""
     df = steering.copy()
     for col in ("layer", "direction_layer", "direction_position"):
         df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
     df["control"] = df["control"].astype(bool)
+    names = df["direction"] if "direction" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    df["subspace"] = [str(n) if m == "subspace" and isinstance(n, str) else "" for m, n in zip(df["mode"], names)]
     return df
 
 
@@ -212,6 +222,31 @@ def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
 
 
+def subspace_columns(a: pd.DataFrame, rule: dict, alphas: list[float] | None = None) -> dict:
+    """Subspace ablation of one model from its pooled arms `a`: the subspace most seeds ablated
+    (ties: the name first in sort order), at alpha = control_margin's ablation_alpha if among
+    `alphas` (the spec's subspace alphas; default: those measured), else the first of them.
+    Baseline harmful refusal minus the subspace arm's, and the random same-rank control's minus it."""
+    sub = a[(a["mode"] == "subspace") & ~a["control"].astype(bool)]
+    alphas = [float(x) for x in (alphas or sorted(set(sub["alpha"])))]
+    want = float((rule.get("control_margin") or {}).get("ablation_alpha", 1.0))
+    alpha = want if any(np.isclose(want, x) for x in alphas) else (alphas[0] if alphas else float("nan"))
+    out = {"subspace": None, "subspace_alpha": alpha, "subspace_harmful_refusal": float("nan"),
+           "subspace_suppression": float("nan"), "subspace_suppression_vs_control": float("nan")}
+    if sub.empty:
+        return out
+    seeds = sub.groupby("subspace")["seeds"].max().reset_index().sort_values(["seeds", "subspace"],
+                                                                            ascending=[False, True])
+    name, k = str(seeds.iloc[0]["subspace"]), int(seeds.iloc[0]["seeds"])
+    total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
+    mine = a[(a["mode"] == "subspace") & (a["subspace"] == name)]
+    base = _rate(a, mode="baseline", prompt_set="harmful")
+    rate = _rate(mine, alpha=alpha, control=False, prompt_set="harmful")
+    ctl = _rate(mine, alpha=alpha, control=True, prompt_set="harmful")
+    return out | {"subspace": f"{name} ({k} of {total} seeds)", "subspace_harmful_refusal": rate,
+                  "subspace_suppression": base - rate, "subspace_suppression_vs_control": ctl - rate}
+
+
 def known_judges(manifest: dict) -> list[str]:
     """The judges a store's verdicts may read: the inline substring judge and those in the manifest."""
     return [INLINE, *sorted(manifest.get("judges") or {})]
@@ -238,7 +273,9 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
     rule = {k: v for k, v in manifest.get("decision_rule", {}).items() if k != "judge"}
     models = manifest.get("models", {})
     position = manifest.get("steer_position", -1)
-    has_steer = (manifest.get("spec") or {}).get("stages", {}).get("steer") is not None
+    steer_spec = (manifest.get("spec") or {}).get("stages", {}).get("steer")
+    has_steer = steer_spec is not None
+    sub_spec = (steer_spec or {}).get("subspace")
     dirs, steering, completions = t["directions"], t["steering"], t["completions"]
     if judge != INLINE:
         steering, completions = steering_under(steering, completions, t["labels"], judge)
@@ -263,6 +300,8 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
         if has_steer:
             a, direction = ablation_direction(arms[arms["model"] == name])
             row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
+            if sub_spec is not None or (a["mode"] == "subspace").any():
+                row |= subspace_columns(a, rule, (sub_spec or {}).get("alphas"))
             if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
                 row["verdict_control_margin"] = "NO-SELECTION"
             mine = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
@@ -328,6 +367,8 @@ DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers",
            ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
            ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"), ("addition_induction", "add-base", "{:+.2f}"),
            ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
+           ("subspace", "subspace", "{}"), ("subspace_suppression", "sub-base", "{:+.2f}"),
+           ("subspace_suppression_vs_control", "sub-ctl", "{:+.2f}"),
            ("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
            ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
            ("attribution_spearman", "AtP rho", "{:.2f}")]

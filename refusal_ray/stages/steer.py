@@ -7,7 +7,13 @@ All arms x prompts of a batch of cells are rows of one `generate` call (chunked 
 Arms (Arditi et al. 2024, Sec. 2.3-2.4):
   addition  x <- x + c * v at resid_pre[L], every position (prompt and generated tokens)
   ablation  x <- x - alpha (x . u) u at resid_pre, attn_out and mlp_out of the ablated layers
-  control   the same arm with a Gaussian direction of the same norm as v, seeded per cell
+  subspace  x <- x - alpha Q Q^T x at the same sites of its own ablation layers, Q the orthonormal
+            basis (QR in float64, linearly dependent directions dropped) of several directions:
+            `stages.steer.subspace.layers` (those layers' resid_pre directions at steer.position)
+            or `top_k` (stage select's top-k candidates that passed its filters, by its criterion)
+  control   the same arm with a Gaussian direction of the same norm as v, seeded per cell; for a
+            subspace arm a random subspace of the same rank (a Gaussian [d_model, rank] matrix
+            seeded per cell, orthonormalised by QR: norm-free, only the projection matters)
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from refusal_ray.interventions import RowEdit, row_edits
 from refusal_ray.judges import SubstringJudge, exact_match
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config
 from refusal_ray.models.loading import LoadedModel
-from refusal_ray.stages.base import Stage
+from refusal_ray.stages.base import Stage, check_layers
 from refusal_ray.stages.directions import best_layer, directions_key
 from refusal_ray.stats import wilson
 
@@ -41,12 +47,74 @@ class Row:
     index: int               # index into that prompt set
 
 
+def _cell_seed(cell_id: str) -> int:
+    return int(hashlib.sha256(cell_id.encode()).hexdigest()[:8], 16)
+
+
 def control_direction(cell_id: str, like: np.ndarray) -> np.ndarray:
     """Gaussian direction with the norm of `like`, seeded by the cell id. [d_model] float32."""
-    seed = int(hashlib.sha256(cell_id.encode()).hexdigest()[:8], 16)
-    g = np.random.default_rng(seed).standard_normal(like.shape[0])
+    g = np.random.default_rng(_cell_seed(cell_id)).standard_normal(like.shape[0])
     norm = float(np.linalg.norm(like))
     return (g / np.linalg.norm(g) * norm).astype(np.float32)
+
+
+RANK_RTOL = 1e-6   # a direction whose part outside the earlier ones' span is below this x the largest norm is dropped
+
+
+def orthonormal_basis(vectors: list[np.ndarray], rtol: float = RANK_RTOL) -> np.ndarray:
+    """Orthonormal basis of the span of `vectors` (each [d_model]), by QR in float64. [rank, d_model] float32.
+
+    Columns are taken in order; a vector whose component orthogonal to the span of the kept ones
+    (|R_ii|) is <= rtol x the largest vector norm is dropped (zero vectors, duplicates), so rank <=
+    len(vectors) and the rows always span exactly the kept vectors. Norms do not matter.
+    """
+    a = np.stack([np.asarray(v, np.float64) for v in vectors], axis=1)          # [d_model, m]
+    scale = float(np.linalg.norm(a, axis=0).max()) if a.size else 0.0
+    keep = list(range(a.shape[1])) if scale > 0 else []
+    q = np.zeros((a.shape[0], 0))
+    while keep:
+        q, r = np.linalg.qr(a[:, keep])                                         # q: [d_model, len(keep)]
+        small = np.flatnonzero(np.abs(np.diag(r)) <= rtol * scale)
+        if not len(small):
+            break
+        del keep[int(small[0])]        # in the span of the columns before it: drop it and redo
+        q = np.zeros((a.shape[0], 0))
+    return np.ascontiguousarray(q.T, dtype=np.float32)
+
+
+def control_subspace(cell_id: str, rank: int, d_model: int) -> np.ndarray:
+    """Random subspace of `rank` dimensions, seeded by the cell id: a standard Gaussian
+    [d_model, rank] matrix orthonormalised by QR in float64. [rank, d_model] float32, orthonormal rows.
+    (For rank 1 it spans `control_direction`'s direction: the same draws.)"""
+    g = np.random.default_rng(_cell_seed(cell_id)).standard_normal((d_model, rank))
+    q, _ = np.linalg.qr(g)
+    return np.ascontiguousarray(q.T, dtype=np.float32)
+
+
+@dataclass
+class SubspaceInputs:
+    """The directions one seed's subspace arms stack (in order), or why there are none.
+
+    directions: [(layer, position)] of each stacked resid_pre direction
+    vectors: the matching differences of means, each [d_model] float32
+    missing: why this seed has no subspace (its subspace cells are skipped with this reason)
+    """
+
+    directions: list[tuple[int, int]]
+    vectors: list[np.ndarray]
+    missing: str | None = None
+
+    @property
+    def name(self) -> str:
+        return subspace_name(self.directions)
+
+
+def subspace_name(directions: list[tuple[int, int]]) -> str:
+    """'L7,L8,L9,L10/p-1' (one position) or 'L3/p-1,L2/p-2' (several), in stacking order."""
+    positions = {p for _, p in directions}
+    if len(positions) == 1:
+        return ",".join(f"L{layer}" for layer, _ in directions) + f"/p{positions.pop()}"
+    return ",".join(f"L{layer}/p{p}" for layer, p in directions)
 
 
 @dataclass
@@ -59,6 +127,8 @@ class SteerInputs:
     selected: stage select's choice {layer, position, selected_by, vector}, or None (not run, or
         nothing passed its filters).
     explicit: {(layer, position): vector} for ablation arms naming a layer and position.
+    subspace: the directions subspace arms stack (`SubspaceInputs`), or None (no subspace block;
+        arms naming `layers` then stack `vectors`).
     """
 
     vectors: dict[int, np.ndarray]
@@ -66,13 +136,14 @@ class SteerInputs:
     position: int = -1
     selected: dict | None = None
     explicit: dict = None
+    subspace: SubspaceInputs | None = None
 
 
 def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, np.ndarray | None]:
     """(direction layer, direction position, vector v) of an arm; control arms get their random
     vector of the same norm. Raises LookupError for a `selected` arm when nothing was selected."""
     p = cell.params
-    if p["mode"] == "baseline":
+    if p["mode"] in ("baseline", "subspace"):
         return None, None, None
     if p["direction_layer"] == "selected":
         if d.selected is None:
@@ -88,15 +159,50 @@ def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, n
     return layer, position, (control_direction(cell.id, v) if p["control"] else v)
 
 
+def arm_subspace(cell: Cell, d: SteerInputs) -> tuple[str, np.ndarray]:
+    """(name of the stacked directions, orthonormal basis [rank, d_model] float32) of a subspace arm;
+    control arms get a random subspace of the same rank. Raises LookupError when the seed has no
+    subspace (top_k beyond the candidates that passed, nothing selected, every direction zero)."""
+    sub = d.subspace
+    if sub is None:
+        layers = cell.params["subspace"].get("layers")
+        if layers is None:
+            raise LookupError("no subspace inputs for this seed (stage select's candidates were not given)")
+        sub = SubspaceInputs([(int(layer), d.position) for layer in layers], [d.vectors[int(layer)] for layer in layers])
+    if sub.missing is not None:
+        raise LookupError(sub.missing)
+    q = orthonormal_basis(sub.vectors)
+    if q.shape[0] == 0:
+        raise LookupError(f"subspace {sub.name} has rank 0: every stacked direction is zero")
+    if cell.params["control"]:
+        q = control_subspace(cell.id, q.shape[0], q.shape[1])
+    return sub.name, q
+
+
 def build_edits(rows: list[Row], directions: SteerInputs,
                 ablation_layers: list[int], d_model: int) -> dict[tuple[str, int], RowEdit]:
-    """Per-row edit tensors for one chunk of rows: {(site kind, layer): RowEdit}."""
+    """Per-row edit tensors for one chunk of rows: {(site kind, layer): RowEdit}.
+
+    Ablation rows use `ablation_layers`; subspace rows their arm's own `ablation_layers` param.
+    Subspace rows share one [rows, k, d_model] basis tensor (k the chunk's largest rank, lower ranks
+    zero-padded) across every site; each site's strengths [rows] are 0 on rows not ablated there."""
     n = len(rows)
     add: dict[int, torch.Tensor] = {}
     dirs: dict[tuple[str, int], torch.Tensor] = {}
     alpha: dict[tuple[str, int], torch.Tensor] = {}
+    bases = {r.cell.id: arm_subspace(r.cell, directions)[1] for r in rows if r.cell.params["mode"] == "subspace"}
+    k = max((q.shape[0] for q in bases.values()), default=0)
+    basis = torch.zeros(n, k, d_model) if bases else None                       # shared by every site
+    beta: dict[tuple[str, int], torch.Tensor] = {}
     for i, row in enumerate(rows):
         p = row.cell.params
+        if p["mode"] == "subspace":
+            q = torch.from_numpy(bases[row.cell.id])                            # [rank, d_model]
+            basis[i, :q.shape[0]] = q
+            for layer in p["ablation_layers"]:
+                for kind in ABLATION_SITES:
+                    beta.setdefault((kind, layer), torch.zeros(n))[i] = p["alpha"]
+            continue
         _, _, v = arm_direction(row.cell, directions)
         if p["mode"] == "addition":
             t = add.setdefault(p["layer"], torch.zeros(n, d_model))
@@ -108,9 +214,27 @@ def build_edits(rows: list[Row], directions: SteerInputs,
                     dirs.setdefault((kind, layer), torch.zeros(n, d_model))[i] = u
                     alpha.setdefault((kind, layer), torch.zeros(n))[i] = p["alpha"]
     edits: dict[tuple[str, int], RowEdit] = {key: RowEdit(dirs[key], alpha[key]) for key in dirs}
+    for key in beta:
+        e = edits.get(key, RowEdit())
+        edits[key] = RowEdit(e.ablate_dirs, e.ablate_alpha, None, basis, beta[key])
     for layer, t in add.items():
         key = ("resid_pre", layer)
-        edits[key] = RowEdit(edits[key].ablate_dirs, edits[key].ablate_alpha, t) if key in edits else RowEdit(add=t)
+        e = edits.get(key, RowEdit())
+        edits[key] = RowEdit(e.ablate_dirs, e.ablate_alpha, t, e.ablate_basis, e.basis_alpha)
+    return edits
+
+
+def _bases_on(edits: dict[tuple[str, int], RowEdit], device: torch.device) -> dict[tuple[str, int], RowEdit]:
+    """Move the subspace basis (one tensor shared by every site) to the model's device once per chunk,
+    not at every hook call of every generated token (hooks still move it where a layer runs elsewhere)."""
+    if device.type == "meta":
+        return edits
+    moved: dict[int, torch.Tensor] = {}
+    for e in edits.values():
+        if e.ablate_basis is not None:
+            if id(e.ablate_basis) not in moved:
+                moved[id(e.ablate_basis)] = e.ablate_basis.to(device)
+            e.ablate_basis = moved[id(e.ablate_basis)]
     return edits
 
 
@@ -134,7 +258,7 @@ def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet
         idx = order[start: start + batch_size]
         chunk = [rows[i] for i in idx]
         ids, mask = encode(lm.tokenizer, [texts[r.prompt_set][r.index] for r in chunk], chat)
-        edits = build_edits(chunk, directions, ablation_layers, lm.sites.d_model)
+        edits = _bases_on(build_edits(chunk, directions, ablation_layers, lm.sites.d_model), lm.device)
         with row_edits(lm.sites, edits):
             texts_out = generate(lm, ids, mask, chat, max_new_tokens, config, **generate_kwargs)
         for i, text in zip(idx, texts_out):
@@ -155,7 +279,9 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         directions: the seed's directions (`SteerInputs`).
     Returns:
         (steering rows: one per (cell, prompt set) with n, refusals, rate, Wilson interval,
-         task accuracy; completion rows: one per (cell, prompt)).
+         task accuracy, and for subspace arms `direction` (the stacked directions, e.g.
+         "L7,L8,L9,L10/p-1") and `subspace_rank` (None on other arms); completion rows: one per
+         (cell, prompt)).
     """
     judge = judge or SubstringJudge()
     layers = layer_list(ablation_layers, lm.sites.n_layers)
@@ -179,10 +305,16 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         lo, hi = wilson(k, n)
         scored = [correct[i] for i in idx if correct[i] is not None]
         resolved, position, v = arm_direction(cell, directions)
+        name, rank = None, None
+        if cell.params["mode"] == "subspace":
+            name, q = arm_subspace(cell, directions)
+            rank = int(q.shape[0])
         arm_rows.append({
             "cell_id": cid, "seed": cell.seed, "mode": cell.params["mode"], "layer": cell.params["layer"],
             "direction_layer": resolved, "direction_position": position,
-            "direction": None if cell.params["direction_layer"] is None else str(cell.params["direction_layer"]),
+            "direction": name if name is not None else
+            None if cell.params["direction_layer"] is None else str(cell.params["direction_layer"]),
+            "subspace_rank": rank,
             "coefficient": cell.params["coefficient"],
             "alpha": cell.params["alpha"], "control": cell.params["control"], "prompt_set": pset,
             "n": n, "refusals": k, "rate": k / n, "ci_low": lo, "ci_high": hi,
@@ -194,8 +326,10 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
 
 # -- the declaration ---------------------------------------------------------------------------
 def steer_params(spec, n_layers: int) -> list[dict]:
-    """Every steering arm of one (model, seed): baseline, addition and ablation, with controls.
-    Arms that ablate the selected direction carry stage select's settings (part of their ids only)."""
+    """Every steering arm of one (model, seed): baseline, addition, ablation and (only when
+    `stages.steer.subspace` is set) subspace ablation, with controls. Arms that ablate the selected
+    direction or select's top-k carry stage select's settings (part of their ids only); subspace arms
+    carry their subspace ({"layers": [...]} or {"top_k": k}) and their ablation layers (resolved)."""
     steer = spec.stages.steer
     controls = [False, True] if steer.controls else [False]
     arms: list[dict] = [{"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0,
@@ -216,7 +350,45 @@ def steer_params(spec, n_layers: int) -> list[dict]:
             arms += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a),
                       "direction_layer": steer.ablation.direction_layer, "control": ctl, **extra}
                      for ctl in controls]
+    sub = steer.subspace
+    if sub is not None:
+        extra = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
+                 "ablation_layers": layer_list(sub.ablation_layers, n_layers)}
+        if sub.top_k is not None and spec.stages.select is not None:
+            extra["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
+        for a in sub.alphas:
+            arms += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a),
+                      "direction_layer": None, "control": ctl, **extra} for ctl in controls]
     return arms
+
+
+def subspace_inputs(settings: dict, needs: dict, vectors: dict[int, np.ndarray], by_key: dict,
+                    position: int) -> SubspaceInputs | None:
+    """The directions a seed's subspace arms stack: `layers` at steer.position, or stage select's
+    top_k candidates among those that passed its filters, best first by its criterion (ties as
+    `choose`: lower layer, then later position). None without a subspace block."""
+    from refusal_ray.stages.select import _rank
+
+    sub = settings["steer"].get("subspace")
+    if not sub:
+        return None
+    if sub.get("layers") is not None:
+        layers = [int(layer) for layer in sub["layers"]]
+        return SubspaceInputs([(layer, position) for layer in layers], [vectors[layer] for layer in layers])
+    k = int(sub["top_k"])
+    rows = (needs.get("select") or {}).get("selection") or []
+    criterion = (settings.get("select") or {}).get("criterion", "bypass")
+    passed = sorted((r for r in rows if bool(r.get("passed"))),
+                    key=lambda r: (_rank(r, criterion), int(r["layer"]), -int(r["position"])))
+    if not passed:
+        return SubspaceInputs([], [], f"no subspace for this seed: no candidate passed the selection filters "
+                                      f"(stages.steer.subspace.top_k {k}; stages.select: loosen kl_max / "
+                                      f"induce_min / max_layer_fraction)")
+    if len(passed) < k:
+        return SubspaceInputs([], [], f"stages.steer.subspace.top_k {k} asks for more candidates than passed "
+                                      f"stage select's filters for this seed ({len(passed)} of {len(rows)})")
+    top = [(int(r["layer"]), int(r["position"])) for r in passed[:k]]
+    return SubspaceInputs(top, [np.asarray(by_key[key]["vector"], np.float32) for key in top])
 
 
 def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
@@ -235,10 +407,17 @@ def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
     if isinstance(abl.get("direction_layer"), int) and abl.get("direction_position") is not None:
         key = (abl["direction_layer"], abl["direction_position"])
         explicit[key] = np.asarray(by_key[key]["vector"], np.float32)
-    return SteerInputs(vecs, best_layer(rows, "resid_pre", position), position, selected, explicit)
+    return SteerInputs(vecs, best_layer(rows, "resid_pre", position), position, selected, explicit,
+                       subspace_inputs(settings, needs, vecs, by_key, position))
 
 
 def _skip(cell: Cell, d: SteerInputs) -> str | None:
+    if cell.params.get("mode") == "subspace":
+        try:
+            arm_subspace(cell, d)
+        except LookupError as e:
+            return str(e)
+        return None
     if cell.params.get("direction_layer") == "selected" and d.selected is None:
         return ("no direction selected for this seed: no candidate passed the selection filters "
                 "(stages.select: loosen kl_max / induce_min / max_layer_fraction, or set a fallback)")
@@ -270,11 +449,39 @@ def _id_key(spec) -> dict:
 def _describe(plan) -> list[str]:
     steer = plan.spec.stages.steer
     add, abl = steer.addition, steer.ablation
-    return [f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
-            f"ablation: alphas {abl.alphas if abl else '-'}, direction {abl.direction_layer if abl else '-'}; "
-            f"controls: {steer.controls}"]
+    lines = [f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
+             f"ablation: alphas {abl.alphas if abl else '-'}, direction {abl.direction_layer if abl else '-'}; "
+             f"controls: {steer.controls}"]
+    sub = steer.subspace
+    if sub is not None:
+        what = (f"layers {sub.layers} at p{steer.position}" if sub.layers is not None
+                else f"top {sub.top_k} of stage select's passing candidates")
+        lines.append(f"subspace ablation: {what}, ablated at layers {sub.ablation_layers}, alphas {sub.alphas}")
+    return lines
+
+
+def _check(plan) -> None:
+    """Plan-time checks of the subspace block: its layers exist in every model, and top_k is not
+    more than the candidates stage select scores (filters can leave fewer: those seeds are skipped)."""
+    from refusal_ray.errors import SpecError
+
+    sub = plan.spec.stages.steer.subspace
+    if sub is None:
+        return
+    if sub.layers is not None:
+        check_layers(plan, "stages.steer.subspace.layers", sub.layers)
+    check_layers(plan, "stages.steer.subspace.ablation_layers", sub.ablation_layers)
+    select = plan.spec.stages.select
+    if sub.top_k is not None and select is not None:
+        for mp in plan.models.values():
+            layers = mp.n_layers if select.layers == "all" else len(select.layers)
+            n = layers * len(mp.positions or [])
+            if sub.top_k > n:
+                raise SpecError(plan.spec_file, "stages.steer.subspace.top_k",
+                                f"{sub.top_k} is more than the {n} candidates stage select scores for "
+                                f"model {mp.name!r} ({layers} layers x {len(mp.positions or [])} positions)")
 
 
 STAGE = Stage(name="steer", tables=("steering", "completions"), needs=("directions", "select"),
               cells=lambda spec, mp: steer_params(spec, mp.n_layers), id_key=_id_key, group=_group,
-              inputs=steering_inputs, skip=_skip, run=_run, describe=_describe)
+              inputs=steering_inputs, skip=_skip, run=_run, check=_check, describe=_describe)
