@@ -145,8 +145,17 @@ class Store:
                        and not i.base_name.startswith((".", "_")))  # sorted: deterministic row order
         if not files:
             return pd.DataFrame()
-        df = ds.dataset(files, filesystem=self.fs, format="parquet",
-                        partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base).to_table().to_pandas()
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet",
+                             partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base)
+        schemas = [f.physical_schema for f in dataset.get_fragments()]
+        if any(not sc.equals(schemas[0]) for sc in schemas[1:]):
+            # files written before a column existed: read with the union of their schemas, not the
+            # first file's (pyarrow's default), so no file's columns are dropped
+            partition = [f for f in dataset.schema if f.name not in schemas[0].names]
+            unified = pa.unify_schemas([*schemas, pa.schema(partition)], promote_options="permissive")
+            dataset = ds.dataset(files, schema=unified, filesystem=self.fs, format="parquet",
+                                 partitioning=ds.partitioning(flavor="hive"), partition_base_dir=base)
+        df = dataset.to_table().to_pandas()
         if "model" in df.columns:
             df["model"] = df["model"].astype(str)
         key = ROW_KEYS.get(table, "cell_id")

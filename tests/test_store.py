@@ -79,3 +79,15 @@ def test_store_on_a_uri(tmp_path, scheme):
     if scheme == "file":
         assert not list(tmp_path.rglob(".*.tmp"))                 # renamed into place
         assert len(pd.read_parquet(tmp_path / "s" / "cells")) == 3  # plain pandas on the same files
+
+
+def test_files_of_different_schemas_read_together(tmp_path):
+    """A column added after a store was first written (e.g. subspace_rank, prompt) is read from the
+    files that have it, whichever file comes first."""
+    store = Store(tmp_path / "out")
+    store.write("steering", "m", [{"cell_id": "a", "rate": 0.5}])
+    store.write("steering", "m", [{"cell_id": "b", "rate": 0.25, "subspace_rank": 2}])
+    store.write("steering", "n", [{"cell_id": "c", "rate": 0.1, "subspace_rank": None}])
+    df = store.read("steering").set_index("cell_id")
+    assert df.loc["b", "subspace_rank"] == 2 and pd.isna(df.loc["a", "subspace_rank"])
+    assert df["model"].tolist() == ["m", "m", "n"] and df["rate"].tolist() == [0.5, 0.25, 0.1]
