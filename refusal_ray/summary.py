@@ -316,6 +316,19 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
     return df
 
 
+def arms_by_judge(t: dict, names: list[str]) -> pd.DataFrame:
+    """Pooled steering arms (rate and prompt-pooled Wilson interval per model, arm and prompt set)
+    under each judge, with a `judge` column: the steering rates of every judge side by side."""
+    frames = []
+    for j in names:
+        steering, completions = t["steering"], t["completions"]
+        if j != INLINE:
+            steering, completions = steering_under(steering, completions, t["labels"], j)
+        if not steering.empty:
+            frames.append(pooled_arms(steering, completions).assign(judge=j))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def summarize(out_dir, judge: str | None = None) -> pd.DataFrame:
     """Build the summary table from a store (manifest, directions, steering, completions, judgements),
     verdicts under `judge` (default: `verdict_judge` of the manifest). Column `judge` names it."""
@@ -349,6 +362,7 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
         per = pd.concat([p for p in (_summary_rows(t, j) for j in names) if not p.empty], ignore_index=True)
         agree = agreement(t["labels"])
         store.write_frame("summary_by_judge.parquet", per)
+        store.write_frame("steering_by_judge.parquet", arms_by_judge(t, names))
         store.write_frame("agreement.parquet", agree)
         store.write_file("agreement.csv", agree.to_csv(index=False).encode())
     rule_judge = (manifest.get("decision_rule") or {}).get("judge") or INLINE

@@ -150,6 +150,11 @@ def test_verdicts_under_another_judge_are_recorded(store_copy, tmp_path):
     judged = read(store_copy, "judgements")
     labels = judged[judged["cell_id"].isin(base) & (judged["prompt_set"] == "harmful")]["refusal"]
     assert row["baseline_harmful_refusal"] == pytest.approx(labels.mean())
+    # steering rates per judge: the strict judge's baseline harmful arm is the same mean, with its interval
+    arms = pd.read_parquet(store_copy / "steering_by_judge.parquet")
+    base = arms[(arms["judge"] == "strict") & (arms["mode"] == "baseline") & (arms["prompt_set"] == "harmful")].iloc[0]
+    assert base["rate"] == pytest.approx(labels.mean()) and base["ci_low"] <= base["rate"] <= base["ci_high"]
+    assert set(arms["judge"]) == {"substring", "strict"}
 
 
 def test_judges_file_errors_exit_2(store_copy, tmp_path):
