@@ -150,7 +150,8 @@ def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) wh
         check_judges(chosen, source)
         known = {"substring", *(manifest.get("judges") or {}), *(j.name for j in chosen)}
         if verdict_judge is not None and verdict_judge not in known:
-            raise SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(sorted(known))}")
+            raise SpecError("--verdict-judge", "",
+                            f"unknown judge {verdict_judge!r}; known: {', '.join(sorted(known))}")
         result = judge_store(store, chosen, source=source, address=address, progress=progress,
                              log=lambda m: typer.echo(m, err=True))
     except SpecError as e:

@@ -98,7 +98,8 @@ def render_agreement(df: pd.DataFrame) -> str:
         return ""
     lines = ["judge agreement (Cohen's kappa, 95% interval; refusal labels, completions both judges labelled):"]
     for _, r in df.iterrows():
-        kappa = "   nan" if np.isnan(r["kappa"]) else f"{r['kappa']:+.2f} [{r['kappa_ci_low']:+.2f}, {r['kappa_ci_high']:+.2f}]"
+        kappa = "   nan" if np.isnan(r["kappa"]) else (
+            f"{r['kappa']:+.2f} [{r['kappa_ci_low']:+.2f}, {r['kappa_ci_high']:+.2f}]")
         lines.append(f"  {r['model']:<12} {r['judge_a']} ~ {r['judge_b']}: kappa {kappa}  agree {r['agree']:.2f}  "
                      f"n {r['n']}  (both refuse {r['both_refuse']}, {r['judge_a']} only {r['a_only']}, "
                      f"{r['judge_b']} only {r['b_only']}, neither {r['neither']})")

@@ -95,8 +95,8 @@ def test_rejudge_writes_only_judgements_and_summary_then_nothing(store_copy, tmp
     after = files(store_copy)
     new = {f for f in after if f not in before}
     changed = {f for f in before if after[f] != before[f]}
-    assert new and all(f.startswith("judgements/") or f in {"summary_by_judge.parquet", "steering_by_judge.parquet", "agreement.parquet",
-                                                            "agreement.csv"} for f in new), new
+    summary_files = {"summary_by_judge.parquet", "steering_by_judge.parquet", "agreement.parquet", "agreement.csv"}
+    assert new and all(f.startswith("judgements/") or f in summary_files for f in new), new
     assert changed <= {"summary.parquet", "summary.csv", "manifest.json", "report.md"} | {
         f for f in before if f.startswith("figures/")}, changed
     assert not any(f.startswith(("completions/", "steering/", "cells/", "directions/")) for f in new | changed)
