@@ -20,8 +20,11 @@ SPLITS = ("train", "val", "test")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a prompt file by extension (.jsonl, .json, .csv, .parquet)."""
-    path = Path(path)
+    """Read a prompt file by extension (.jsonl, .json, .csv, .parquet); the index is the row number."""
+    return _read_table(Path(path)).reset_index(drop=True)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return pd.read_json(path, lines=True, dtype=False)
@@ -70,6 +73,16 @@ def load_prompts(pf: PromptFile, field: str, spec_file: str = "<spec>") -> pd.Da
     return df
 
 
+def row_ids(df: pd.DataFrame, pf: PromptFile) -> pd.Series:
+    """Each row's id as a string: the file's id column, or the row number (the index of the file as read)."""
+    return df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, df.index), index=df.index)
+
+
+def files_fingerprint(paths) -> str:
+    """One hash over the prompt files (the manifest's `data_fingerprint`)."""
+    return hashlib.sha256("".join(fingerprint(p) for p in paths).encode()).hexdigest()[:16]
+
+
 def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -> dict[str, PromptSet]:
     """Draw n_train / n_val / n_test disjoint rows for `seed`.
 
@@ -78,7 +91,7 @@ def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -
     """
     rng = np.random.default_rng(seed)
     want = {"train": data.n_train, "val": data.n_val, "test": data.n_test}
-    ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, range(len(df))))
+    ids = row_ids(df, pf)
     out: dict[str, PromptSet] = {}
     if pf.split_column:
         pools = {s: np.flatnonzero(df[pf.split_column].astype(str).to_numpy() == s) for s in SPLITS}
@@ -145,7 +158,7 @@ def draw_pairs(harmful: pd.DataFrame, harmless: pd.DataFrame, pf_harmful: Prompt
     def rows(df: pd.DataFrame, pf: PromptFile) -> pd.DataFrame:
         if pf.split_column:
             df = df[df[pf.split_column].astype(str) == split]
-        ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, df.index), index=df.index)
+        ids = row_ids(df, pf)
         refs = df[pf.reference_column] if pf.reference_column else pd.Series([None] * len(df), index=df.index)
         out = pd.DataFrame({"id": ids, "instruction": df[pf.instruction_column].astype(str),
                             "reference": [None if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def describe(e: BaseException) -> str:
+    """An exception as one line for a stored error: its type and the first non-empty line of its message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return type(e).__name__ + (f": {lines[0]}" if lines else "")
+
+
 class SpecError(Exception):
     """Bad input: a spec, a path or a flag. Rendered as '<file>: <field>: <problem>'."""
 

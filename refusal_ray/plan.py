@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_ray.data import SPLITS, fingerprint, load_prompts, split_prompts
+from refusal_ray.data import SPLITS, files_fingerprint, load_prompts, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
 from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config, safetensors_problem
@@ -232,9 +232,9 @@ def check_judges(judges: list, source: str, where: str = "judges") -> None:
         if not Path(path, "config.json").is_file():
             raise SpecError(source, field_, f"{'no config.json in' if Path(path).is_dir() else 'directory not found:'}"
                                             f" {path}")
-        if not any(Path(path).glob("*.safetensors")):
-            raise SpecError(source, field_, f"no *.safetensors weights in {path} (judges load safetensors only; "
-                                            f"convert pytorch_model.bin with transformers' save_pretrained)")
+        problem = safetensors_problem(path)
+        if problem:
+            raise SpecError(source, field_, problem)
         if j.kind in ("chat", "guard"):
             cfg = Path(path, "tokenizer_config.json")
             has = Path(path, "chat_template.jinja").is_file() or (
@@ -277,7 +277,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
     tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)}
-    fp = hashlib.sha256("".join(fingerprint(pf.path) for _, pf in frames.values()).encode()).hexdigest()[:16]
+    fp = files_fingerprint(pf.path for _, pf in frames.values())
     plan = Plan(spec, spec_file, models, frames, fp, prompts)
     for stage in STAGES:
         if stage.enabled(spec):

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 
 from refusal_ray.stages.directions import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
-from refusal_ray.summary import (nearest_steered, pooled_arms, render, render_judges, summarize_judges,  # noqa: E402
+from refusal_ray.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
                                  write_summary)
 
 
@@ -184,7 +184,7 @@ def write_report(out_dir, judge: str | None = None) -> str:
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
-    judges_text = render_judges(*summarize_judges(out_dir))
+    judges_text = render_judges(*judge_tables(out_dir))
     if judges_text:
         lines += ["## Judges", "", f"Verdicts above read judge `{summary['judge'].iloc[0]}`; "
                   f"the steering figure uses the inline substring judge.", "", "```", judges_text, "```", ""]

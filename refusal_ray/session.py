@@ -110,8 +110,9 @@ def start_error(e: BaseException) -> str:
     """The error stored for every cell of a model whose session cannot start: the root cause's
     type and the first line of its message (e.g. "worker cannot start: OSError: no safetensors
     weights in ...")."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"worker cannot start: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
+    from refusal_ray.errors import describe
+
+    return f"worker cannot start: {describe(e)}"
 
 
 def halving_on_oom(fn, batch_size: int):

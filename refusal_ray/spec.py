@@ -7,8 +7,6 @@ ranges) live in `refusal_ray.validate`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from refusal_ray.errors import SpecError
+from refusal_ray.judges.base import content_hash
 from refusal_ray.judges.config import INLINE, JudgeSpec, check_names
 
 
@@ -472,7 +471,7 @@ class Spec(Strict):
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(obj)
 
 
 JUDGE_KINDS = ("substring", "chat", "classifier", "guard", "openai")

@@ -30,6 +30,7 @@ steering_labels, from the addition curve at `label_layer`: induce = max over c >
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 
 import numpy as np
@@ -336,14 +337,14 @@ def summarize(out_dir, judge: str | None = None) -> pd.DataFrame:
     return _summary_rows(t, judge or verdict_judge(t["manifest"]))
 
 
-def summarize_judges(out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the summary under every judge with labels in the store, one row per (model, judge); the
-    agreement table, `refusal_ray.judgements.agreement`)."""
-    t = _load(Store(out_dir))
-    names = judges_in(t["labels"])
-    per = [_summary_rows(t, j) for j in names]
-    per = [p for p in per if not p.empty]
-    return (pd.concat(per, ignore_index=True) if per else pd.DataFrame()), agreement(t["labels"])
+def judge_tables(out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary_by_judge, agreement) as `write_summary` last wrote them (empty with fewer than two judges)."""
+    store = Store(out_dir)
+    out = []
+    for name in ("summary_by_judge.parquet", "agreement.parquet"):
+        data = store.read_file(name)
+        out.append(pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame())
+    return out[0], out[1]
 
 
 def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
@@ -354,12 +355,13 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     t = _load(store)
     manifest = t["manifest"]
     judge = judge or verdict_judge(manifest)
-    df = _summary_rows(t, judge)
+    names = judges_in(t["labels"])
+    rows = {j: _summary_rows(t, j) for j in dict.fromkeys([judge, *names])}
+    df = rows[judge]
     store.write_frame("summary.parquet", df)
     store.write_file("summary.csv", df.to_csv(index=False).encode())
-    names = judges_in(t["labels"])
     if len(names) > 1:
-        per = pd.concat([p for p in (_summary_rows(t, j) for j in names) if not p.empty], ignore_index=True)
+        per = pd.concat([rows[j] for j in names if not rows[j].empty], ignore_index=True)
         agree = agreement(t["labels"])
         store.write_frame("summary_by_judge.parquet", per)
         store.write_frame("steering_by_judge.parquet", arms_by_judge(t, names))

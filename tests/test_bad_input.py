@@ -166,7 +166,7 @@ CASES = [
                                                      "labels": {"LABEL_0": "compliance"}}]},
      "judges.0.labels", "label 'LABEL_1' of the checkpoint is not mapped (its labels: LABEL_0, LABEL_1)"),
     ("judge-bin-weights-only", {"judges": [{"name": "j", "kind": "chat", "path": "BINONLY"}]}, "judges.0.path",
-     "no *.safetensors weights in"),
+     "no safetensors weights in"),
     ("judge-reserved-name", {"judges": [{"name": "substring", "kind": "substring"}]}, "judges",
      "judge name 'substring' is the inline `judge:` block's; pick another"),
     ("judge-duplicate-name", {"judges": [{"name": "j", "kind": "substring"}] * 2}, "judges",

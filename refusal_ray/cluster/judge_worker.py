@@ -23,7 +23,9 @@ class JudgeWorker:
         try:   # a judge that cannot start answers every call with its root cause (an actor that dies in
             self.judge_obj = make_judge(TypeAdapter(JudgeSpec).validate_python(cfg))   # __init__ loses it)
         except Exception as e:  # noqa: BLE001
-            self.error = f"judge cannot start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            from refusal_ray.errors import describe
+
+            self.error = f"judge cannot start: {describe(e)}"
 
     def judge(self, items: list[tuple[str, str]]) -> tuple[list[dict], float]:
         """[(prompt, completion)] -> ([Verdict as dict], seconds)."""

@@ -21,7 +21,6 @@ given.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from refusal_ray.errors import SpecError
+from refusal_ray.errors import SpecError, describe
 from refusal_ray.judges.base import Item, Verdict, judgement_id
 from refusal_ray.store import Store
 
@@ -66,10 +65,10 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
 
     manifest = store.read_json("manifest.json") or {}
     data = DataSpec.model_validate((manifest.get("spec") or {}).get("data"))
-    from refusal_ray.data import fingerprint
+    from refusal_ray.data import files_fingerprint, row_ids
 
-    now = hashlib.sha256("".join(fingerprint(getattr(data, c).path) for c in ("harmful", "harmless")
-                                 if os.path.isfile(getattr(data, c).path)).encode()).hexdigest()[:16]
+    now = files_fingerprint(getattr(data, c).path for c in ("harmful", "harmless")
+                            if os.path.isfile(getattr(data, c).path))
     if manifest.get("data_fingerprint") not in (None, now):
         raise SpecError(f"{store}/manifest.json", "spec.data", "the prompt files changed since the completions were "
                         "generated (data fingerprint differs); the completions do not store their prompts, so "
@@ -78,7 +77,7 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
     for cls in ("harmful", "harmless"):
         pf = getattr(data, cls)
         df = load_prompts(pf, f"spec.data.{cls}", f"{store}/manifest.json")
-        ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, range(len(df))))
+        ids = row_ids(df, pf)
         texts[cls] = dict(zip(ids, df[pf.instruction_column].astype(str)))
     have = comps["prompt"] if "prompt" in comps.columns else pd.Series(None, index=comps.index, dtype=object)
     looked = [texts[s].get(str(i)) for s, i in zip(comps["prompt_set"], comps["prompt_id"])]
@@ -96,21 +95,19 @@ def pending(comps: pd.DataFrame, judgements: pd.DataFrame, name: str, judge_hash
         return comps
     mine = judgements[(judgements["judge"] == name) & (judgements["judge_hash"] == judge_hash)
                       & judgements["error"].isna()]
-    done = set(zip(*(mine[k].astype(str) for k in KEY)))
-    keep = [k not in done for k in zip(*(comps[k].astype(str) for k in KEY))]
+    done = set(_keys(mine))
+    keep = [k not in done for k in _keys(comps)]
     return comps[keep]
 
 
 def judgement_rows(cfg, h: str, rows: pd.DataFrame, verdicts: list[Verdict], seconds: float) -> list[dict]:
     """Rows of the judgements table for one chunk of judge `cfg` (content hash `h`)."""
-    out = []
-    for (_, r), v in zip(rows.iterrows(), verdicts):
-        out.append({"judgement_id": judgement_id(r["cell_id"], r["prompt_set"], str(r["prompt_id"]), cfg.name, h),
-                    "model": r["model"], "cell_id": r["cell_id"], "seed": int(r["seed"]),
-                    "prompt_set": r["prompt_set"], "prompt_id": str(r["prompt_id"]),
-                    "judge": cfg.name, "judge_kind": cfg.kind, "judge_hash": h, **v.row(),
-                    "seconds": seconds / max(1, len(rows))})
-    return out
+    each = seconds / max(1, len(rows))
+    return [{"judgement_id": judgement_id(cell, pset, str(pid), cfg.name, h), "model": model, "cell_id": cell,
+             "seed": int(seed), "prompt_set": pset, "prompt_id": str(pid), "judge": cfg.name,
+             "judge_kind": cfg.kind, "judge_hash": h, **v.row(), "seconds": each}
+            for model, cell, seed, pset, pid, v in zip(rows["model"], rows["cell_id"], rows["seed"],
+                                                        rows["prompt_set"], rows["prompt_id"], verdicts)]
 
 
 def record_judges(store: Store, judges: list, source: str, write: bool = True) -> None:
@@ -143,9 +140,6 @@ def _abs(cfg):
         return cfg.model_copy(update={"path": os.path.abspath(path)})
     return cfg
 
-
-def _failure(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
 
 
 class _Writer:
@@ -189,7 +183,7 @@ def _guarded(target, cfg, rows: pd.DataFrame, write: _Writer, *args) -> None:
     try:
         target(cfg, rows, write, *args)
     except Exception as e:  # noqa: BLE001
-        write.fail_rest(cfg, rows, f"judging failed: {_failure(e)}")
+        write.fail_rest(cfg, rows, f"judging failed: {describe(e)}")
 
 
 def _chunks(rows: pd.DataFrame, size: int):
@@ -204,14 +198,14 @@ def _judge_here(cfg, rows: pd.DataFrame, write: _Writer, chunk: int) -> None:
     try:
         judge = make_judge(cfg)
     except Exception as e:  # noqa: BLE001 - stored as the root cause for every completion
-        write(cfg, rows, [Verdict(error=f"judge cannot start: {_failure(e)}")] * len(rows), 0.0)
+        write(cfg, rows, [Verdict(error=f"judge cannot start: {describe(e)}")] * len(rows), 0.0)
         return
     for part in _chunks(rows, chunk):
         t0 = time.perf_counter()
         try:
             verdicts = judge.judge(_items(part))
         except Exception as e:  # noqa: BLE001
-            verdicts = [Verdict(error=_failure(e))] * len(part)
+            verdicts = [Verdict(error=describe(e))] * len(part)
         write(cfg, part, verdicts, time.perf_counter() - t0)
 
 
@@ -243,7 +237,7 @@ def _judge_on_ray(cfg, rows: pd.DataFrame, write: _Writer, chunk: int, cluster: 
                 verdicts, seconds = ray.get(ready[0])
                 verdicts = [Verdict(**v) for v in verdicts]
             except Exception as e:  # noqa: BLE001 - the actor died (e.g. out of memory): store why
-                verdicts, seconds = [Verdict(error=f"judge failed: {_failure(e)}")] * len(part), 0.0
+                verdicts, seconds = [Verdict(error=f"judge failed: {describe(e)}")] * len(part), 0.0
             write(cfg, part, verdicts, seconds)
     finally:
         ray.kill(actor)

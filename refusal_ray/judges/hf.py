@@ -31,8 +31,7 @@ import torch
 from refusal_ray.judges.base import Item, Verdict
 from refusal_ray.judges.rubric import parse, render
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config, render as render_chat
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from refusal_ray.models.loading import DTYPES
 
 
 @dataclass

@@ -151,16 +151,14 @@ def directions_key(spec) -> dict:
 def paired_train(plan) -> None:
     """`pairing: paired`: each seed's harmless train prompts become the minimal-pair twins of its
     harmful train prompts (by the files' pair columns). Raises SpecError when a twin is missing."""
-    from refusal_ray.data import PromptSet
+    from refusal_ray.data import PromptSet, row_ids
     from refusal_ray.errors import SpecError
 
     df, pf = plan.frames["harmless"]
     _, pf_harm = plan.frames["harmful"]
     harm_df = plan.frames["harmful"][0]
-    harm_ids = harm_df[pf_harm.id_column].astype(str) if pf_harm.id_column else \
-        pd.Series(map(str, range(len(harm_df))))
-    pair_of = dict(zip(harm_ids, harm_df[pf_harm.pair_column].astype(str)))
-    ids = df[pf.id_column].astype(str) if pf.id_column else pd.Series(map(str, range(len(df))))
+    pair_of = dict(zip(row_ids(harm_df, pf_harm), harm_df[pf_harm.pair_column].astype(str)))
+    ids = row_ids(df, pf)
     twin = {p: i for i, p in enumerate(df[pf.pair_column].astype(str))}
     for seed, splits in plan.prompts.items():
         rows = []
