@@ -4,8 +4,11 @@ from __future__ import annotations
 
 
 def describe(e: BaseException) -> str:
-    """An exception as one line for a stored error: its type and the first non-empty line of its message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    """An exception as one line for a stored error: its type and the first non-empty line of its message
+    (terminal colour codes, which Ray puts around actor names, removed)."""
+    import re
+
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     return type(e).__name__ + (f": {lines[0]}" if lines else "")
 
 

@@ -372,6 +372,22 @@ def placement_lines(plan: Plan) -> list[str]:
     return out
 
 
+def model_payload(plan: Plan, name: str, placement=None) -> dict:
+    """What a worker needs to load model `name` (its spec block, resolved paths, positions, template
+    text); `placement` resolves `device: auto` (None: the session decides, as `run_local` does)."""
+    m = next(m for m in plan.spec.models if m.name == name)
+    payload = m.model_dump(mode="json")
+    if m.path is not None:
+        payload["abs_path"] = os.path.abspath(m.path)
+    if m.device == "auto" and placement is not None:
+        payload["device"] = placement.device
+    payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
+    payload["positions"] = plan.models[name].positions
+    if plan.models[name].chat_template is not None:   # the text, so no worker needs the template file
+        payload["chat_template"] = plan.models[name].chat_template
+    return payload
+
+
 def offload_mode(model, params: int, threshold: float) -> str:
     """'auto' or 'off': the spec's `offload`, else 'auto' for models of `threshold` parameters or
     more (accelerate device_map auto with a disk folder); an explicit device_map means 'off'."""

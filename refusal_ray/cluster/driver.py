@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from tqdm import tqdm
 
 from refusal_ray.cluster.placement import Placement, place
 from refusal_ray.grid import Cell
-from refusal_ray.plan import Plan, offload_mode, settings_payload  # noqa: F401 - settings_payload re-exported
+from refusal_ray.plan import Plan, model_payload, settings_payload
 from refusal_ray.stages import STAGE_BY_NAME, STAGES
+from refusal_ray.session import start_error
 from refusal_ray.store import Store
 
 MAX_ATTEMPTS = 3
@@ -99,20 +99,6 @@ def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], clust
         counts[name] += 1
         spare -= 1
     return counts
-
-
-def model_payload(plan: Plan, name: str, placement: Placement) -> dict:
-    m = next(m for m in plan.spec.models if m.name == name)
-    payload = m.model_dump(mode="json")
-    if m.path is not None:
-        payload["abs_path"] = os.path.abspath(m.path)
-    if m.device == "auto":
-        payload["device"] = placement.device
-    payload["offload"] = offload_mode(m, plan.models[name].params, plan.spec.resources.highmem_params)
-    payload["positions"] = plan.models[name].positions
-    if plan.models[name].chat_template is not None:   # the text, so no worker needs the template file
-        payload["chat_template"] = plan.models[name].chat_template
-    return payload
 
 
 class Driver:
@@ -256,8 +242,7 @@ class Driver:
                 self.log(f"replacing a worker of {st.name}: {type(e).__name__}")
                 self._spawn(st, ws)
                 return
-            message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()   # Ray colours the actor's name
-            self._drop(st, ws, f"worker cannot start: {type(e).__name__}" + (f": {message[0]}" if message else ""))
+            self._drop(st, ws, start_error(e))
             return
         if info.get("error"):   # the load raised (ModelWorker keeps the cause): the same load would fail again
             self.log(f"a worker of {st.name} {info['error'].removeprefix('worker ')}")

@@ -7,10 +7,9 @@ when one is given (as the driver writes them) and are returned either way.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
-from refusal_ray.plan import Plan, offload_mode, settings_payload
+from refusal_ray.plan import Plan, model_payload, settings_payload
 from refusal_ray.session import ModelSession
 from refusal_ray.stages import STAGE_BY_NAME, STAGES
 
@@ -25,11 +24,7 @@ def run_local(plan: Plan, store=None, torch_threads: int | None = None, log=prin
         mine = [c for c in plan.cells if c.model == m.name]
         if not mine:
             continue
-        payload = m.model_dump(mode="json") | {"positions": plan.models[m.name].positions, "offload": offload_mode(
-            m, plan.models[m.name].params, plan.spec.resources.highmem_params)}
-        if m.path is not None:
-            payload["abs_path"] = os.path.abspath(m.path)
-        session = ModelSession(payload, plan.prompts, settings, torch_threads)
+        session = ModelSession(model_payload(plan, m.name), plan.prompts, settings, torch_threads)
         for seed in plan.spec.seeds:
             results: dict[str, dict] = {}
             for stage in STAGES:

@@ -69,6 +69,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -119,6 +120,30 @@ class Orthogonalized:
     untied: bool = False                  # lm_head was given its own copy for the duration
 
 
+RANK_RTOL = 1e-6   # a direction whose part outside the earlier ones' span is below this x the largest norm is dropped
+
+
+def span_basis(vectors, rtol: float = RANK_RTOL) -> np.ndarray:
+    """Orthonormal basis of the span of `vectors` (each [d_model]), by QR in float64. [rank, d_model] float64.
+
+    Columns are taken in order; a vector whose component orthogonal to the span of the kept ones
+    (|R_ii|) is <= rtol x the largest vector norm is dropped (zero vectors, duplicates), so rank <=
+    len(vectors) and the rows always span exactly the kept vectors. Norms do not matter.
+    """
+    a = np.stack([np.asarray(v, np.float64) for v in vectors], axis=1)          # [d_model, m]
+    scale = float(np.linalg.norm(a, axis=0).max()) if a.size else 0.0
+    keep = list(range(a.shape[1])) if scale > 0 else []
+    q = np.zeros((a.shape[0], 0))
+    while keep:
+        q, r = np.linalg.qr(a[:, keep])                                         # q: [d_model, len(keep)]
+        small = np.flatnonzero(np.abs(np.diag(r)) <= rtol * scale)
+        if not len(small):
+            break
+        del keep[int(small[0])]        # in the span of the columns before it: drop it and redo
+        q = np.zeros((a.shape[0], 0))
+    return np.ascontiguousarray(q.T)
+
+
 def family(model: nn.Module) -> str:
     cfg = model.config
     return (getattr(cfg, "text_config", None) or cfg).model_type
@@ -139,12 +164,10 @@ def orthonormal_basis(directions, d_model: int) -> Tensor:
         raise ValueError("directions contain non-finite values")
     if d.shape[0] > d_model:
         raise ValueError(f"{d.shape[0]} directions in {d_model} dimensions cannot be independent")
-    q, r = torch.linalg.qr(d.T)                    # q: [d_model, k]
-    diag = r.diagonal().abs()
-    scale = d.norm(dim=1).max()
-    if scale == 0 or (diag <= 1e-10 * scale).any():
+    rows = span_basis(list(d.numpy()))             # [rank, d_model], dependent directions dropped
+    if rows.shape[0] < d.shape[0]:
         raise ValueError("directions are zero or linearly dependent; give independent directions")
-    return q
+    return torch.from_numpy(rows.T.copy())         # [d_model, k]
 
 
 def check_orthogonalizable(model: nn.Module) -> Writers:

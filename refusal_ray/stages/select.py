@@ -161,9 +161,14 @@ def choose(rows: list[dict], n_layers: int, cfg: dict) -> list[dict]:
     if not pool and cfg.get("fallback"):
         pool, by, label = rows, cfg["fallback"], f"fallback:{cfg['fallback']}"
     if pool:
-        best = min(pool, key=lambda r: (_rank(r, by), r["layer"], -r["position"]))
+        best = ranked(pool, by)[0]
         best.update(selected=True, selected_by=label)
     return rows
+
+
+def ranked(rows: list[dict], criterion: str) -> list[dict]:
+    """Candidates best first by `criterion` (ties: the lower layer, then the later position)."""
+    return sorted(rows, key=lambda r: (_rank(r, criterion), int(r["layer"]), -int(r["position"])))
 
 
 def _rank(row: dict, criterion: str) -> float:

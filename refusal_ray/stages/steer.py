@@ -31,6 +31,7 @@ from refusal_ray.interventions import RowEdit, row_edits
 from refusal_ray.judges import SubstringJudge, exact_match
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config
 from refusal_ray.models.loading import LoadedModel
+from refusal_ray.models.orthogonalize import RANK_RTOL, span_basis
 from refusal_ray.stages.base import Stage, check_layers
 from refusal_ray.stages.directions import best_layer, directions_key
 from refusal_ray.stats import wilson
@@ -58,28 +59,10 @@ def control_direction(cell_id: str, like: np.ndarray) -> np.ndarray:
     return (g / np.linalg.norm(g) * norm).astype(np.float32)
 
 
-RANK_RTOL = 1e-6   # a direction whose part outside the earlier ones' span is below this x the largest norm is dropped
-
-
 def orthonormal_basis(vectors: list[np.ndarray], rtol: float = RANK_RTOL) -> np.ndarray:
-    """Orthonormal basis of the span of `vectors` (each [d_model]), by QR in float64. [rank, d_model] float32.
-
-    Columns are taken in order; a vector whose component orthogonal to the span of the kept ones
-    (|R_ii|) is <= rtol x the largest vector norm is dropped (zero vectors, duplicates), so rank <=
-    len(vectors) and the rows always span exactly the kept vectors. Norms do not matter.
-    """
-    a = np.stack([np.asarray(v, np.float64) for v in vectors], axis=1)          # [d_model, m]
-    scale = float(np.linalg.norm(a, axis=0).max()) if a.size else 0.0
-    keep = list(range(a.shape[1])) if scale > 0 else []
-    q = np.zeros((a.shape[0], 0))
-    while keep:
-        q, r = np.linalg.qr(a[:, keep])                                         # q: [d_model, len(keep)]
-        small = np.flatnonzero(np.abs(np.diag(r)) <= rtol * scale)
-        if not len(small):
-            break
-        del keep[int(small[0])]        # in the span of the columns before it: drop it and redo
-        q = np.zeros((a.shape[0], 0))
-    return np.ascontiguousarray(q.T, dtype=np.float32)
+    """`refusal_ray.models.orthogonalize.span_basis` as float32 [rank, d_model]: dependent and zero
+    vectors dropped, so a subspace arm's rank can be below its number of directions."""
+    return np.ascontiguousarray(span_basis(vectors, rtol), dtype=np.float32)
 
 
 def control_subspace(cell_id: str, rank: int, d_model: int) -> np.ndarray:
@@ -190,7 +173,8 @@ def build_edits(rows: list[Row], directions: SteerInputs,
     add: dict[int, torch.Tensor] = {}
     dirs: dict[tuple[str, int], torch.Tensor] = {}
     alpha: dict[tuple[str, int], torch.Tensor] = {}
-    bases = {r.cell.id: arm_subspace(r.cell, directions)[1] for r in rows if r.cell.params["mode"] == "subspace"}
+    cells = {r.cell.id: r.cell for r in rows if r.cell.params["mode"] == "subspace"}
+    bases = {cid: arm_subspace(cell, directions)[1] for cid, cell in cells.items()}   # one QR per cell, not per row
     k = max((q.shape[0] for q in bases.values()), default=0)
     basis = torch.zeros(n, k, d_model) if bases else None                       # shared by every site
     beta: dict[tuple[str, int], torch.Tensor] = {}
@@ -367,7 +351,7 @@ def subspace_inputs(settings: dict, needs: dict, vectors: dict[int, np.ndarray],
     """The directions a seed's subspace arms stack: `layers` at steer.position, or stage select's
     top_k candidates among those that passed its filters, best first by its criterion (ties as
     `choose`: lower layer, then later position). None without a subspace block."""
-    from refusal_ray.stages.select import _rank
+    from refusal_ray.stages.select import ranked
 
     sub = settings["steer"].get("subspace")
     if not sub:
@@ -378,8 +362,7 @@ def subspace_inputs(settings: dict, needs: dict, vectors: dict[int, np.ndarray],
     k = int(sub["top_k"])
     rows = (needs.get("select") or {}).get("selection") or []
     criterion = (settings.get("select") or {}).get("criterion", "bypass")
-    passed = sorted((r for r in rows if bool(r.get("passed"))),
-                    key=lambda r: (_rank(r, criterion), int(r["layer"]), -int(r["position"])))
+    passed = ranked([r for r in rows if bool(r.get("passed"))], criterion)
     if not passed:
         return SubspaceInputs([], [], f"no subspace for this seed: no candidate passed the selection filters "
                                       f"(stages.steer.subspace.top_k {k}; stages.select: loosen kl_max / "

@@ -93,18 +93,23 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, instruction: str, respons
     return full[:end], len(prompt)
 
 
+def pad_batch(examples: list[tuple[list[int], int]], pad_id: int):
+    """(input_ids, attention_mask, labels), each [batch, pos], right padded (positions stay arange);
+    labels are -100 except on each example's answer (the ids after its prompt_len)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [batch, pos]
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])
+        mask[i, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
 def _batches(examples: list[tuple[list[int], int]], batch_size: int, pad_id: int, rng: random.Random):
     while True:
-        batch = rng.sample(examples, batch_size)
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)  # [batch, pos]
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for i, (ids, prompt_len) in enumerate(batch):  # right padding: positions stay arange
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])
-            mask[i, : len(ids)] = 1
-        yield input_ids, mask, labels
+        yield pad_batch(rng.sample(examples, batch_size), pad_id)
 
 
 def train(size: ToySize, tokenizer: PreTrainedTokenizerBase, rows: list[ToyRow], seed: int = 0,
