@@ -273,7 +273,15 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the sweep's own progress
-    app()
+    try:
+        app()
+    finally:
+        # Arrow objects collected during interpreter teardown can join pool threads after Arrow's own
+        # state is gone: an intermittent SIGABRT ("terminate called without an active exception") after
+        # the command's work is done (apache/arrow#34314). Collect them while Arrow is still alive.
+        import gc
+
+        gc.collect()
 
 
 if __name__ == "__main__":
