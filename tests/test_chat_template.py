@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -158,9 +157,7 @@ def test_a_worker_that_cannot_start_stores_its_root_cause(tmp_path, tiny_qwen_pa
     plan = make_plan(_spec(tmp_path, model))
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
     logs: list[str] = []
-    started = time.perf_counter()
     assert run(plan, tmp_path / "out", progress=False, log=logs.append) == len(plan.cells)
-    seconds = time.perf_counter() - started
     cells = refusal_ray.read(tmp_path / "out", "cells")
     assert len(cells) == len(plan.cells) and set(cells["status"]) == {"failed"}
     [error] = set(cells["error"])
@@ -169,4 +166,3 @@ def test_a_worker_that_cannot_start_stores_its_root_cause(tmp_path, tiny_qwen_pa
     assert "safe_serialization=True" in error
     assert not any("replacing a worker" in line or "retrying" in line for line in logs), logs
     assert any(line.startswith("a worker of tiny cannot start: OSError: no safetensors") for line in logs), logs
-    assert seconds < 120, seconds
