@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray runs its workers at nice 15 (its `worker_niceness`), so on a machine busy with anything else a
+# test's model workers get a few percent of a core and a 40 s sweep takes many minutes. The tests'
+# Ray (in-process and every CLI subprocess, which inherit this) runs its workers at normal priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parent.parent
