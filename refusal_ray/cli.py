@@ -188,14 +188,21 @@ def _calibrate(path: Path, judges: list | None) -> None:
 def _print_summary(out: str, verdict_judge: str | None = None) -> None:
     from refusal_ray.report import write_report
     from refusal_ray.store import read
-    from refusal_ray.summary import judge_tables, render, render_judges
+    from refusal_ray.summary import render
 
     report = write_report(out, verdict_judge)  # also writes summary.parquet and the per-judge tables
     typer.echo(render(read(out, "summary")))
-    judges_text = render_judges(*judge_tables(out))
-    if judges_text:
-        typer.echo(judges_text)
+    _print_extras(out)
     typer.echo(f"store: {out}  report: {report}")
+
+
+def _print_extras(out: str) -> None:
+    """The per-judge table and the capability-cost table, where the store has them."""
+    from refusal_ray.summary import judge_tables, read_cost, render_cost, render_judges
+
+    for text in (render_judges(*judge_tables(out)), render_cost(read_cost(out))):
+        if text:
+            typer.echo(text)
 
 
 @app.command()
@@ -205,16 +212,14 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
                                                                 "decision rule's).")] = None):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
     from refusal_ray.store import Store
-    from refusal_ray.summary import judge_tables, known_judges, render, render_judges, write_summary
+    from refusal_ray.summary import known_judges, render, write_summary
 
     _require_store(out)
     known = known_judges(Store(out).read_json("manifest.json"))
     if verdict_judge is not None and verdict_judge not in known:
         _bad_input(SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(known)}"))
     typer.echo(render(write_summary(out, verdict_judge)))
-    judges_text = render_judges(*judge_tables(out))
-    if judges_text:
-        typer.echo(judges_text)
+    _print_extras(out)
 
 
 @app.command()

@@ -285,12 +285,70 @@ class ScrubStage(Strict):
         return v
 
 
+CapabilityArmKind = Literal["baseline", "addition", "ablation", "subspace", "orthogonalized"]
+
+
+class TextSet(Strict):
+    """Held-out text for the cross-entropy loss (Arditi et al. 2024, Sec. 4.2 and App. G: CE on held-out
+    text, and on chat completions after their instruction)."""
+
+    path: str = Field("data/prompts/toy/heldout.jsonl", description="A .txt file (one document per line) or a "
+                                                                    "JSONL/CSV/Parquet file (default: the toy "
+                                                                    "family's held-out test conversations).")
+    text_column: str = Field("completion", description="Column holding the scored text (tabular files only).")
+    prompt_column: str | None = Field("prompt", description="Column holding an instruction the text answers: the "
+                                                            "instruction is rendered with the chat template and "
+                                                            "only the text's tokens after it are scored. None "
+                                                            "(and .txt files): plain text, every token after "
+                                                            "the first scored.")
+    n: int = Field(64, ge=1, description="Documents scored (the first n).")
+    max_tokens: int = Field(128, ge=2, description="Tokens per document, prompt included (longer ones are cut).")
+
+
+class LmEvalTasks(Strict):
+    """lm-evaluation-harness tasks run on the loaded model with each arm's intervention active."""
+
+    tasks: list[str] = Field(min_length=1, description="Task names: a YAML task in include_path, or a registry "
+                                                       "task of lm-eval (registry tasks download their data "
+                                                       "from the hub at run time).")
+    include_path: str | None = Field(None, description="Folder of local YAML tasks (their relative data_files "
+                                                       "are read against the YAML's folder).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
+    limit: int | None = Field(None, ge=1, description="Documents per task (None: all).")
+    batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
+
+
+class CapabilityStage(Strict):
+    """What each intervention costs: CE loss on held-out text, first-token KL on harmless prompts, task
+    exact match and refusal on the test prompts, and lm-evaluation-harness tasks, per arm."""
+
+    arms: list[CapabilityArmKind] | None = Field(
+        None, min_length=1, description="Arms measured. None: baseline, addition, ablation, orthogonalized, "
+                                        "and subspace when stages.steer.subspace is set.")
+    direction_layer: Literal["selected", "best"] | int | None = Field(
+        None, description="Direction of the ablation and orthogonalized arms. None: stages.steer.ablation's, "
+                          "else 'selected' with a stages.select block, else 'best'.")
+    addition_layer: Literal["best", "selected"] | int = Field(
+        "best", description="Layer (and direction) of the addition arms: 'best' separation (the decision "
+                            "rule's), 'selected' (stage select's), or a layer.")
+    coefficients: list[float] = Field([1.0], min_length=1, description="Addition coefficients.")
+    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths (orthogonalized weights: "
+                                                                "always 1).")
+    controls: bool = Field(True, description="Also measure each arm with a norm-matched random direction.")
+    text: TextSet = Field(default_factory=TextSet)
+    generate: bool = Field(True, description="Generate on the test prompts: task exact match and refusal rates "
+                                             "(inline judge) per arm.")
+    lm_eval: LmEvalTasks | None = Field(None, description="lm-evaluation-harness tasks (None: none).")
+    batch_size: int = Field(32, ge=1, description="Rows per forward pass / generate call.")
+
+
 class Stages(Strict):
     directions: DirectionsStage = Field(default_factory=DirectionsStage)
     select: SelectStage | None = None
     steer: SteerStage | None = None
     patch: PatchStage | None = None
     scrub: ScrubStage | None = None
+    capability: CapabilityStage | None = None
 
 
 class Generation(Strict):
@@ -450,6 +508,21 @@ class Spec(Strict):
             for cls in ("harmful", "harmless"):
                 if getattr(self.data, cls).pair_column is None:
                     raise ValueError(f"stages.directions.pairing 'paired' needs data.{cls}.pair_column")
+        return self
+
+    @model_validator(mode="after")
+    def _capability_arms(self):
+        cap = self.stages.capability
+        if cap is None:
+            return self
+        steer = self.stages.steer
+        if cap.arms is not None and "subspace" in cap.arms and (steer is None or steer.subspace is None):
+            raise ValueError("stages.capability.arms 'subspace' needs a stages.steer.subspace block (its directions)")
+        if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
+            raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
+        if "resid_pre" not in self.stages.directions.sites:
+            raise ValueError("stages.capability needs 'resid_pre' in stages.directions.sites (its arms use those "
+                             "directions)")
         return self
 
     @model_validator(mode="after")

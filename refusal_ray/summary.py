@@ -26,6 +26,10 @@ steering_labels, from the addition curve at `label_layer`: induce = max over c >
   INCOMPLETE when either is unmeasured (no baseline, no c > 0 or no c < 0 arm, no addition arm);
   works-fully: both >= strong; amplify-only: induce >= weak, suppress < weak; works-partially:
   either >= weak otherwise; fails: neither.
+capability cost (stage capability; not part of either verdict): `cost_ce[arm]` is the arm's CE loss
+  minus the baseline's (nats/token, mean over seeds) and `cost_kl[arm]` its first-token KL against
+  the baseline, for each arm at its first setting (`[arm-ctl]`: its random control); the full
+  table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.capability.cost`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from refusal_ray.capability.cost import SHORT, capability_cost, cost_table
+from refusal_ray.capability.cost import summary_columns as cost_columns
 from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.judgements import agreement, judge_labels, judges_in, render_agreement, steering_under
 from refusal_ray.judges.config import INLINE
@@ -261,7 +267,8 @@ def verdict_judge(manifest: dict) -> str:
 
 def _load(store: Store) -> dict:
     t = {name: store.read(name) for name in ("directions", "steering", "completions", "judgements", "patching",
-                                              "scrubbing", "selection")}
+                                              "scrubbing", "selection", "capability")}
+    t["cost"] = capability_cost(t["capability"])
     t["manifest"] = store.read_json("manifest.json") or {}
     t["labels"] = judge_labels(t["completions"], t["judgements"]) if not t["steering"].empty else \
         judge_labels(pd.DataFrame(), pd.DataFrame())
@@ -308,7 +315,7 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
             mine = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
             stored = int((t["completions"]["model"] == name).sum()) if not t["completions"].empty else 0
             row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
-        rows.append(row | circuit)
+        rows.append(row | circuit | cost_columns(t["cost"], name))
     df = pd.DataFrame(rows)
     if not df.empty:
         df["judge"] = judge
@@ -360,6 +367,9 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     df = rows[judge]
     store.write_frame("summary.parquet", df)
     store.write_file("summary.csv", df.to_csv(index=False).encode())
+    if not t["cost"].empty:
+        store.write_frame("capability_cost.parquet", t["cost"])
+        store.write_file("capability_cost.csv", cost_table(t["cost"]).to_csv(index=False).encode())
     if len(names) > 1:
         per = pd.concat([rows[j] for j in names if not rows[j].empty], ignore_index=True)
         agree = agreement(t["labels"])
@@ -385,6 +395,8 @@ DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers",
            ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
            ("subspace", "subspace", "{}"), ("subspace_suppression", "sub-base", "{:+.2f}"),
            ("subspace_suppression_vs_control", "sub-ctl", "{:+.2f}"),
+           ("cost_ce[ablation]", "abl dCE", "{:+.3f}"), ("cost_kl[ablation]", "abl KL", "{:.3f}"),
+           ("cost_ce[orthogonalized]", "orth dCE", "{:+.3f}"), ("cost_ce[addition]", "add dCE", "{:+.3f}"),
            ("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
            ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
            ("attribution_spearman", "AtP rho", "{:.2f}")]
@@ -415,6 +427,27 @@ def render(df: pd.DataFrame) -> str:
     if "judge" in df.columns:
         lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
     return "\n".join(lines)
+
+
+def read_cost(out_dir) -> pd.DataFrame:
+    """The long capability-cost table as `write_summary` last wrote it (empty without a capability stage)."""
+    data = Store(out_dir).read_file("capability_cost.parquet")
+    return pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame()
+
+
+def render_cost(cost: pd.DataFrame) -> str:
+    """Refusal change against capability cost, one line per (model, arm) ('' without capability rows)."""
+    wide = cost_table(cost)
+    if wide.empty:
+        return ""
+    metrics = [m for m in ("refusal_harmful", "refusal_harmless", "ce_loss", "first_token_kl", "task_exact_match")
+               if m in wide.columns] + sorted(c for c in wide.columns if c.startswith("lm_eval/"))
+    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""))
+    cols = [("model", "model", "{}"), ("arm", "arm", "{}"), ("ctl", "ctl", "{}"), ("coefficient", "coef", "{:g}"),
+            ("alpha", "alpha", "{:g}"), ("direction", "direction", "{}")]
+    cols += [(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}") for m in metrics]
+    return ("capability cost (arm minus baseline, mean over seeds; KL is against the baseline):\n"
+            + "\n".join(_table(wide, cols)))
 
 
 JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_harmful_refusal", "base", "{:.2f}"),

@@ -21,7 +21,7 @@ from refusal_ray.grid import Cell
 from refusal_ray.interventions import RowEdit, forward, hooks, row_edits
 from refusal_ray.models.sites import site_name
 from refusal_ray.spec import Spec
-from refusal_ray.stages.steer import (ABLATION_SITES, Row, SteerInputs, SubspaceInputs, _skip, arm_subspace,
+from refusal_ray.stages.steer import (ABLATION_SITES, Row, SteerInputs, SubspaceInputs, skip_reason, arm_subspace,
                                       build_edits, control_direction, control_subspace, orthonormal_basis,
                                       steer_params, steering_inputs, subspace_name)
 
@@ -202,21 +202,21 @@ def test_top_k_stacks_the_best_passing_candidates_and_skips_when_too_few():
     d = steering_inputs(settings, needs)
     assert d.subspace.directions == [(2, -2), (1, -1)] and d.subspace.missing is None      # lowest bypass first
     assert subspace_name(d.subspace.directions) == "L2/p-2,L1/p-1"
-    assert _skip(_subspace_cell("t", top_k=2), d) is None
+    assert skip_reason(_subspace_cell("t", top_k=2), d) is None
     name, q = arm_subspace(_subspace_cell("t", top_k=2), d)
     assert name == "L2/p-2,L1/p-1" and q.shape == (2, 8)
     few = steering_inputs({**settings, "steer": {**settings["steer"], "subspace": {"top_k": 4}}}, needs)
-    reason = _skip(_subspace_cell("t", top_k=4), few)
+    reason = skip_reason(_subspace_cell("t", top_k=4), few)
     assert "top_k 4" in reason and "3 of 5" in reason
     none = steering_inputs(settings, _needs(_selection([])))
-    assert "no candidate passed" in _skip(_subspace_cell("t", top_k=2), none)
+    assert "no candidate passed" in skip_reason(_subspace_cell("t", top_k=2), none)
     with pytest.raises(LookupError):
         arm_subspace(_subspace_cell("t", top_k=2), none)
     # layers: that layer's direction at steer.position; every direction zero: rank 0, skipped
     layers = steering_inputs({"steer": {"position": -1, "subspace": {"layers": [0, 2]}}}, needs)
     assert layers.subspace.directions == [(0, -1), (2, -1)] and layers.subspace.name == "L0,L2/p-1"
     zero = SteerInputs({0: np.zeros(8, np.float32)}, best=0, subspace=SubspaceInputs([(0, -1)], [np.zeros(8)]))
-    assert "rank 0" in _skip(_subspace_cell("z", layers=(0,)), zero)
+    assert "rank 0" in skip_reason(_subspace_cell("z", layers=(0,)), zero)
 
 
 # -- the declaration: arms, ids, plan-time checks ----------------------------------------------

@@ -46,7 +46,7 @@ def test_shipped_model_behaviour(model_dir):
 
 def test_dataset_files_are_reproducible(tmp_path):
     write_dataset(tmp_path, seed=0)
-    for name in ("harmful.jsonl", "harmless.jsonl", "corpus.txt"):
+    for name in ("harmful.jsonl", "harmless.jsonl", "corpus.txt", "heldout.jsonl"):
         assert (tmp_path / name).read_bytes() == (TOY_PROMPTS / name).read_bytes(), name
 
 

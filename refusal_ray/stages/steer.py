@@ -394,7 +394,8 @@ def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
                        subspace_inputs(settings, needs, vecs, by_key, position))
 
 
-def _skip(cell: Cell, d: SteerInputs) -> str | None:
+def skip_reason(cell: Cell, d: SteerInputs) -> str | None:
+    """Why an arm cannot run on this seed's directions (a subspace it cannot build, nothing selected), or None."""
     if cell.params.get("mode") == "subspace":
         try:
             arm_subspace(cell, d)
@@ -467,4 +468,4 @@ def _check(plan) -> None:
 
 STAGE = Stage(name="steer", tables=("steering", "completions"), needs=("directions", "select"),
               cells=lambda spec, mp: steer_params(spec, mp.n_layers), id_key=_id_key, group=_group,
-              inputs=steering_inputs, skip=_skip, run=_run, check=_check, describe=_describe)
+              inputs=steering_inputs, skip=skip_reason, run=_run, check=_check, describe=_describe)

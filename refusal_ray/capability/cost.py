@@ -1,0 +1,69 @@
+"""Refusal change against capability cost, from the `capability` table.
+
+The cost of an arm on a metric is its value minus the baseline arm's value for the same (model, seed,
+metric), averaged over seeds (first_token_kl is already measured against the baseline: its value is
+its cost). Refusal change is the same difference on the refusal rates of the test prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+ARM_COLUMNS = ["model", "arm", "control", "coefficient", "alpha", "direction"]
+# metrics whose value is already relative to the baseline
+RELATIVE = {"first_token_kl"}
+ORDER = {"baseline": 0, "addition": 1, "ablation": 2, "subspace": 3, "orthogonalized": 4}
+SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal harmless", "ce_loss": "d CE",
+         "first_token_kl": "KL", "task_exact_match": "d task EM"}
+
+
+def capability_cost(capability: pd.DataFrame) -> pd.DataFrame:
+    """Long table: one row per (model, arm settings, metric) with `value` (mean over seeds), `baseline`
+    (the baseline arm's mean over the same seeds), `cost` (mean over seeds of value - baseline;
+    the value itself for first_token_kl) and `seeds`. Empty in, empty out."""
+    if capability.empty:
+        return pd.DataFrame(columns=[*ARM_COLUMNS, "metric", "value", "baseline", "cost", "seeds"])
+    df = capability.copy()
+    df["direction"] = df["direction"].fillna("-")
+    base = (df[df["arm"] == "baseline"][["model", "seed", "metric", "value"]]
+            .rename(columns={"value": "baseline"}))
+    df = df.merge(base, on=["model", "seed", "metric"], how="left")
+    df["cost"] = np.where(df["metric"].isin(RELATIVE), df["value"], df["value"] - df["baseline"])
+    out = (df.groupby([*ARM_COLUMNS, "metric"], dropna=False, sort=False)
+           .agg(value=("value", "mean"), baseline=("baseline", "mean"), cost=("cost", "mean"),
+                seeds=("seed", "nunique")).reset_index())
+    out["_order"] = out["arm"].map(ORDER)
+    return (out.sort_values(["model", "_order", "control", "coefficient", "alpha"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
+
+
+def cost_table(cost: pd.DataFrame) -> pd.DataFrame:
+    """Wide table: one row per (model, arm settings), one column per metric's cost (refusal change,
+    CE change, KL, task exact-match change, each lm-eval metric's change)."""
+    if cost.empty:
+        return pd.DataFrame()
+    wide = cost.set_index([*ARM_COLUMNS, "metric"])["cost"].unstack("metric").reset_index()
+    wide.columns.name = None
+    wide["_order"] = wide["arm"].map(ORDER)
+    return wide.sort_values(["model", "_order", "control"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def summary_columns(cost: pd.DataFrame, model: str) -> dict:
+    """Per model, for the summary table: the CE change and first-token KL of each non-control arm at
+    its first setting (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl])."""
+    out: dict = {}
+    mine = cost[cost["model"] == model] if not cost.empty else cost
+    for arm in ("addition", "ablation", "subspace", "orthogonalized"):
+        for control, suffix in ((False, ""), (True, "-ctl")):
+            rows = mine[(mine["arm"] == arm) & (mine["control"] == control)]
+            if rows.empty:
+                continue
+            first = rows.iloc[0]
+            rows = rows[(rows["coefficient"] == first["coefficient"]) & (rows["alpha"] == first["alpha"])]
+            for metric, name in (("ce_loss", "ce"), ("first_token_kl", "kl")):
+                hit = rows[rows["metric"] == metric]
+                if not hit.empty:
+                    out[f"cost_{name}[{arm}{suffix}]"] = float(hit["cost"].iloc[0])
+    return out
+

@@ -1,0 +1,300 @@
+"""Stage `capability`: what each intervention arm costs, beside what it does to refusal.
+
+Arms (one cell each, with a norm-matched random control when `controls`):
+  baseline        the model as loaded
+  addition        x <- x + c v at resid_pre[L], every position; L and v from `addition_layer`
+  ablation        x <- x - alpha (x . u) u at resid_pre, attn_out, mlp_out of the ablated layers
+  subspace        x <- x - alpha Q Q^T x (stages.steer.subspace's directions and layers)
+  orthogonalized  the ablation direction projected out of the weights that write the residual
+                  stream (embedding, attention and MLP output projections), in memory only
+                  (`refusal_ray.models.orthogonalize`); restored bit-identically afterwards
+
+Metrics per arm (table `capability`, one row per (cell, metric)):
+  ce_loss            mean next-token cross-entropy on held-out text, nats/token (Arditi et al. 2024,
+                     Sec. 4.2); `stages.capability.text` (the toy corpus by default)
+  first_token_kl     KL(P_baseline || P_arm) of the first generated token on the harmless test
+                     prompts, nats, mean over prompts (Arditi et al. 2024, Sec. 4.2); 0 for baseline
+  task_exact_match   greedy completions of the harmless test prompts with a reference, exact match
+  refusal_harmful    refusal rate (inline judge) on the harmful test prompts
+  refusal_harmless   refusal rate (inline judge) on the harmless test prompts
+  lm_eval/<task>/<metric>  lm-evaluation-harness with the arm active (`capability.harness`)
+Each row carries value, n, a 95% interval where one is defined (Wilson for rates; mean +- 1.96
+standard errors over prompts for the KL; lm-eval's stderr for its metrics) and the arm's settings.
+The cost of an arm is its value minus the baseline's for the same (model, seed, metric); the
+summary computes it (`refusal_ray.summary.capability_table`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import numpy as np
+
+from refusal_ray.capability.measures import (cross_entropy, first_token_kl, next_token_logprobs, text_tokens)
+from refusal_ray.data import prompt_tokens
+from refusal_ray.grid import Cell, layer_list
+from refusal_ray.judges import exact_match
+from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
+from refusal_ray.stages.base import Stage
+from refusal_ray.stages.directions import directions_key
+from refusal_ray.stages.steer import (Row, SteerInputs, arm_direction, arm_subspace, build_edits, generate_rows,
+                                      skip_reason, steering_inputs)
+from refusal_ray.stats import wilson
+
+ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized")
+
+
+def direction_layer(spec):
+    """The ablation / orthogonalized arms' direction: the block's, else steer's ablation's, else
+    'selected' with a select block, else 'best'."""
+    cap, steer = spec.stages.capability, spec.stages.steer
+    if cap.direction_layer is not None:
+        return cap.direction_layer
+    if steer is not None and steer.ablation is not None:
+        return steer.ablation.direction_layer
+    return "selected" if spec.stages.select is not None else "best"
+
+
+def arms(spec, family: str | None = None) -> list[str]:
+    """The arms measured on a model of `family`: the block's list, or by default every arm the spec
+    defines (subspace with stages.steer.subspace; orthogonalized where the family supports it)."""
+    cap, steer = spec.stages.capability, spec.stages.steer
+    if cap.arms is not None:
+        return list(dict.fromkeys(cap.arms))
+    out = ["baseline", "addition", "ablation", "orthogonalized"]
+    if steer is not None and steer.subspace is not None:
+        out.insert(3, "subspace")
+    if family in UNSUPPORTED:
+        out.remove("orthogonalized")
+    return out
+
+
+def capability_params(spec, mp) -> list[dict]:
+    """Every capability arm of one (model, seed), in steer's parameter schema (so steer's direction
+    and edit builders serve both); addition arms leave `layer` None until their direction resolves."""
+    cap = spec.stages.capability
+    controls = [False, True] if cap.controls else [False]
+    which = arms(spec, mp.family)
+    out: list[dict] = []
+    if "baseline" in which:
+        out.append({"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0, "direction_layer": None,
+                    "control": False})
+    select = ({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
+              if spec.stages.select is not None else {})
+    if "addition" in which:
+        out += [{"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
+                 "direction_layer": cap.addition_layer, "control": ctl, **select}
+                for c in cap.coefficients if c != 0 for ctl in controls]
+    direction = direction_layer(spec)
+    if "ablation" in which:
+        out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
+                 "control": ctl, **select} for a in cap.alphas for ctl in controls]
+    if "subspace" in which:
+        sub = spec.stages.steer.subspace
+        extra = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
+                 "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **select}
+        out += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
+                 "control": ctl, **extra} for a in sub.alphas for ctl in controls]
+    if "orthogonalized" in which:
+        out += [{"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
+                 "direction_layer": direction, "control": ctl, **select} for ctl in controls]
+    return out
+
+
+def resolved(cell: Cell, d: SteerInputs) -> Cell:
+    """An addition cell with its site layer filled in from its direction ('best' / 'selected' resolve per seed)."""
+    if cell.params["mode"] != "addition" or cell.params["layer"] is not None:
+        return cell
+    layer, _, _ = arm_direction(cell, d)
+    return replace(cell, params={**cell.params, "layer": layer})
+
+
+def broadcast_edits(cell: Cell, d: SteerInputs, ablation_layers: list[int], d_model: int) -> dict:
+    """The arm's hook edits as one-row tensors ([1, d_model]), which broadcast over any batch (the CE
+    loss, KL and lm-eval batches); {} for baseline and orthogonalized arms (the latter edits weights)."""
+    if cell.params["mode"] in ("baseline", "orthogonalized"):
+        return {}
+    return build_edits([Row(cell, "harmless", 0)], d, ablation_layers, d_model)
+
+
+def _rate_row(metric: str, k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"metric": metric, "value": k / n if n else None, "n": n, "ci_low": lo, "ci_high": hi, "stderr": None}
+
+
+def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_size: int) -> list[dict]:
+    """Every metric of one arm. Rows without the arm's columns (`_arm_columns` adds them)."""
+    lm, chat = session.lm, session.chat
+    test = session.prompts[cell.seed]["test"]
+    steer = session.settings.get("steer") or {}
+    ablation_layers = layer_list((steer.get("ablation") or {}).get("layers", "all"), lm.sites.n_layers)
+    cell = resolved(cell, d)
+    edits = broadcast_edits(cell, d, ablation_layers, lm.sites.d_model)
+    texts = text_tokens(lm.tokenizer, extra["text"], cfg["text"]["max_tokens"], chat)
+    harmless = prompt_tokens(lm.tokenizer, test["harmless"].instructions, chat)
+    base_lp = next_token_logprobs(lm, harmless, batch_size)                 # [n_harmless, vocab], unedited
+    weights = contextlib.nullcontext()
+    if cell.params["mode"] == "orthogonalized":
+        _, _, v = arm_direction(cell, d)
+        weights = orthogonalized(lm, v)
+    rows = []
+    with weights:
+        loss, n_tokens = cross_entropy(lm, texts, batch_size, edits)
+        rows.append({"metric": "ce_loss", "value": loss, "n": n_tokens, "ci_low": None, "ci_high": None,
+                     "stderr": None})
+        kl = first_token_kl(base_lp, next_token_logprobs(lm, harmless, batch_size, edits)).numpy()
+        se = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else None
+        mean = float(kl.mean())
+        rows.append({"metric": "first_token_kl", "value": mean, "n": len(kl), "stderr": se,
+                     "ci_low": None if se is None else mean - 1.96 * se,
+                     "ci_high": None if se is None else mean + 1.96 * se})
+        if cfg["generate"]:
+            gen = [Row(cell, s, i) for s in ("harmful", "harmless") for i in range(len(test[s]))]
+            completions = generate_rows(lm, gen, test, d, ablation_layers,
+                                        session.settings["generation"]["max_new_tokens"], batch_size, chat=chat)
+            refused = session.judge(completions)
+            for pset in ("harmful", "harmless"):
+                idx = [i for i, r in enumerate(gen) if r.prompt_set == pset]
+                rows.append(_rate_row(f"refusal_{pset}", sum(bool(refused[i]) for i in idx), len(idx)))
+            idx = [i for i, r in enumerate(gen) if r.prompt_set == "harmless"]
+            correct = [c for c in exact_match([completions[i] for i in idx], test["harmless"].references)
+                       if c is not None]
+            if correct:
+                rows.append(_rate_row("task_exact_match", sum(correct), len(correct)))
+        if extra.get("lm_eval") is not None:
+            from refusal_ray.capability.harness import result_rows, run_tasks
+            from refusal_ray.interventions import row_edits
+
+            le = cfg["lm_eval"]
+            with row_edits(lm.sites, edits):
+                results = run_tasks(lm, extra["lm_eval"], batch_size=le["batch_size"],
+                                    num_fewshot=le["num_fewshot"], limit=le["limit"])
+            for r in result_rows(results):
+                se = r["stderr"]
+                rows.append({**r, "ci_low": None if se is None else r["value"] - 1.96 * se,
+                             "ci_high": None if se is None else r["value"] + 1.96 * se})
+    return [{**r, **_arm_columns(cell, d)} for r in rows]
+
+
+def _arm_columns(cell: Cell, d: SteerInputs) -> dict:
+    p = cell.params
+    layer, position, v = arm_direction(cell, d)
+    name, rank = None, None
+    if p["mode"] == "subspace":
+        name, q = arm_subspace(cell, d)
+        rank = int(q.shape[0])
+    return {"cell_id": cell.id, "seed": cell.seed, "arm": p["mode"], "control": p["control"],
+            "layer": p["layer"], "coefficient": p["coefficient"], "alpha": p["alpha"],
+            "direction": name if name is not None else None if p["direction_layer"] is None
+            else str(p["direction_layer"]), "direction_layer": layer, "direction_position": position,
+            "subspace_rank": rank, "vector_norm": None if v is None else float(np.linalg.norm(v))}
+
+
+# -- the declaration ---------------------------------------------------------------------------
+def _inputs(settings: dict, needs: dict) -> SteerInputs:
+    """Steer's inputs, read with steer's settings (or defaults: position -1, no subspace, when the
+    spec has no steer block) and the capability block's explicit ablation direction."""
+    steer = settings.get("steer") or {"position": -1}
+    cap = settings["capability"]
+    view = {**settings, "steer": {**steer, "ablation": {"direction_layer": cap.get("direction_layer"),
+                                                        "direction_position": None}}}
+    return steering_inputs(view, needs)
+
+
+def _skip(cell: Cell, d: SteerInputs) -> str | None:
+    return skip_reason(cell, d)
+
+
+def _run(session, cells, payload) -> dict:
+    cfg = session.settings["capability"]
+    extra = session.prompts[cells[0].seed]["capability"]
+    rows = []
+    for cell in cells:
+        rows += session.halving(lambda bs, cell=cell: measure(session, cell, payload, extra, cfg, bs),
+                                cfg["batch_size"])
+    return {"capability": rows}
+
+
+def _id_key(spec) -> dict:
+    from refusal_ray.data import fingerprint, files_fingerprint
+
+    cap = spec.stages.capability
+    block = cap.model_dump(mode="json", exclude={"batch_size": True, "lm_eval": {"batch_size"}})
+    steer = spec.stages.steer
+    key = directions_key(spec) | {"capability": block, "generation": spec.generation.model_dump(mode="json"),
+                                  "judge": spec.judge.model_dump(mode="json"),
+                                  "position": steer.position if steer is not None else -1,
+                                  "ablation_layers": steer.ablation.layers if steer and steer.ablation else "all",
+                                  "text": fingerprint(cap.text.path)}
+    if cap.lm_eval is not None and cap.lm_eval.include_path:
+        from pathlib import Path
+
+        key["lm_eval_files"] = files_fingerprint(sorted(p for p in Path(cap.lm_eval.include_path).rglob("*")
+                                                        if p.is_file()))
+    return key
+
+
+def _prepare(plan) -> None:
+    """Read the held-out text and the lm-eval task folder once, into every seed's payload
+    (`plan.prompts[seed]["capability"]`). Raises SpecError naming the field."""
+    from pathlib import Path
+
+    from refusal_ray.capability.harness import ship_tasks
+    from refusal_ray.capability.measures import load_texts
+    from refusal_ray.errors import SpecError
+
+    cap = plan.spec.stages.capability
+    if not Path(cap.text.path).is_file():
+        raise SpecError(plan.spec_file, "stages.capability.text.path", f"file not found: {cap.text.path}")
+    try:
+        texts = load_texts(cap.text.path, cap.text.text_column, cap.text.prompt_column, cap.text.n)
+    except ValueError as e:
+        raise SpecError(plan.spec_file, "stages.capability.text", f"{cap.text.path}: {e}") from None
+    shipped = None
+    if cap.lm_eval is not None:
+        folder = cap.lm_eval.include_path
+        if folder is not None and not Path(folder).is_dir():
+            raise SpecError(plan.spec_file, "stages.capability.lm_eval.include_path", f"folder not found: {folder}")
+        try:
+            shipped = ship_tasks(cap.lm_eval.tasks, folder)
+        except ValueError as e:
+            raise SpecError(plan.spec_file, "stages.capability.lm_eval.tasks", str(e)) from None
+    extra = {"text": texts, "lm_eval": shipped}
+    for seed in plan.spec.seeds:
+        plan.prompts[seed]["capability"] = extra
+
+
+def _check(plan) -> None:
+    """An explicitly listed 'orthogonalized' arm on a model whose weights cannot be orthogonalised
+    (post-norm family, quantised) is exit 2 here, not an error per cell later."""
+    from refusal_ray.errors import SpecError
+
+    cap = plan.spec.stages.capability
+    if cap.arms is None or "orthogonalized" not in cap.arms:
+        return
+    for m in plan.spec.models:
+        mp = plan.models[m.name]
+        why = UNSUPPORTED.get(mp.family) or (f"{m.quantization} quantised weights" if m.quantization else None)
+        if why:
+            raise SpecError(plan.spec_file, "stages.capability.arms",
+                            f"'orthogonalized' cannot run on model {m.name!r} ({why}); drop it from the list "
+                            f"(the default list leaves it out for such models) or measure hook ablation")
+
+
+def _describe(plan) -> list[str]:
+    cap = plan.spec.stages.capability
+    fam = {mp.family for mp in plan.models.values()}
+    listed = sorted({a for f in fam for a in arms(plan.spec, f)}, key=ARMS.index)
+    lines = [f"capability: arms {', '.join(listed)} (controls: {cap.controls}); CE on {cap.text.path} "
+             f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "
+             f"test prompts" + ("; exact match and refusal on the test prompts" if cap.generate else "")]
+    if cap.lm_eval is not None:
+        lines.append(f"lm-eval tasks: {', '.join(cap.lm_eval.tasks)}"
+                     + (f" (limit {cap.lm_eval.limit})" if cap.lm_eval.limit else ""))
+    return lines
+
+
+STAGE = Stage(name="capability", tables=("capability",), needs=("directions", "select"),
+              cells=capability_params, id_key=_id_key, inputs=_inputs, skip=_skip, run=_run,
+              prepare=_prepare, check=_check, describe=_describe)
