@@ -65,6 +65,8 @@ def expand(spec: Spec, model_plans: dict, fingerprints: dict[str, str]) -> list[
 
     cells = []
     for m in spec.models:
+        if m.name not in model_plans:   # validate offline: a hub model it could not read
+            continue
         for seed in spec.seeds:
             for stage in STAGES:
                 if not stage.enabled(spec):

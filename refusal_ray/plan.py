@@ -51,6 +51,7 @@ class Plan:
     prompts: dict = field(default_factory=dict)       # seed -> split -> class -> PromptSet (drawn once)
     cells: list[Cell] = field(default_factory=list)
     fingerprints: dict = field(default_factory=dict)  # model -> seed -> prompt fingerprint (files + rendered ids)
+    unchecked: list[str] = field(default_factory=list)  # what an offline validate could not check
 
     def submission_id(self) -> str:
         """A stable Ray job submission id: the same spec gives the same id, so Ray refuses a double submit."""
@@ -83,8 +84,9 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
     try:
         config = read_config(m.source, m.revision, m.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - unreachable hub id, bad json, ...
-        raise SpecError(spec_file, f"{field_}.{'path' if m.path else 'hub_id'}",
-                        f"cannot read config: {e}".splitlines()[0]) from None
+        cls = HubUnreachable if m.path is None and _unreachable(e) else SpecError
+        raise cls(spec_file, f"{field_}.{'path' if m.path else 'hub_id'}",
+                  f"cannot read config: {e}".splitlines()[0]) from None
     text = config.get("text_config") or config
     try:
         layout_for(text.get("model_type", "?"))
@@ -106,6 +108,20 @@ def _model_plan(spec: Spec, spec_file: str, i: int) -> ModelPlan:
                      n_heads)
 
 
+class HubUnreachable(SpecError):
+    """A hub model's config could not be fetched: no network, or HF_HUB_OFFLINE set."""
+
+
+def _unreachable(e: Exception) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(k in text for k in ("couldn't connect", "offline", "localentrynotfound", "connection",
+                                   "name or service not known", "cached files"))
+
+
+# What validate cannot check for a hub model whose config it cannot fetch
+UNCHECKED_MODEL = "config, layer lists, tokenizer and chat template, weight format, placement"
+
+
 def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> None:
     steer = spec.stages.steer
     checks = []
@@ -116,6 +132,8 @@ def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> N
             checks += [("stages.steer.ablation.layers", layer) for layer in steer.ablation.layers]
         if isinstance(steer.ablation.direction_layer, int):
             checks.append(("stages.steer.ablation.direction_layer", steer.ablation.direction_layer))
+    if not models:   # validate offline, no model reachable
+        return
     shallow = min(models.values(), key=lambda mp: mp.n_layers)
     for where, layer in checks:
         if not 0 <= layer < shallow.n_layers:
@@ -249,8 +267,12 @@ def check_judges(judges: list, source: str, where: str = "judges") -> None:
                                 f"mapped (its labels: {', '.join(id2label.values())})")
 
 
-def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Plan:
-    """Load, check and expand a spec. Raises SpecError (exit 2) on any bad input."""
+def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offline_ok: bool = False) -> Plan:
+    """Load, check and expand a spec. Raises SpecError (exit 2) on any bad input.
+
+    offline_ok (`refusal-ray validate`): a hub model whose config cannot be fetched (no network) is
+    left out instead of failing, and `plan.unchecked` lists what could not be checked for it
+    ("models.N (hub id): ..."); the plan then holds the cells of the other models only."""
     spec_file = str(spec_file)
     spec = load_spec(spec_file)
     if only_models:
@@ -271,14 +293,22 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
                 raise SpecError(spec_file, f"data.{cls}", str(e)) from None
     prompts = {seed: {split: {cls: drawn[(cls, seed)][split] for cls in frames} for split in SPLITS}
                for seed in spec.seeds}
-    models = {m.name: _model_plan(spec, spec_file, i) for i, m in enumerate(spec.models)}
+    models, unchecked = {}, []
+    for i, m in enumerate(spec.models):
+        try:
+            models[m.name] = _model_plan(spec, spec_file, i)
+        except HubUnreachable:
+            if not offline_ok:
+                raise
+            unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
     _check_layers(spec, spec_file, models)
     check_judges(spec.judges, spec_file)
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
-    tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)}
+    tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)
+                  if m.name in models}
     fp = files_fingerprint(pf.path for _, pf in frames.values())
-    plan = Plan(spec, spec_file, models, frames, fp, prompts)
+    plan = Plan(spec, spec_file, models, frames, fp, prompts, unchecked=unchecked)
     for stage in STAGES:
         if stage.enabled(spec):
             stage.prepare(plan)
@@ -288,7 +318,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None) -> Pl
     options = ChatOptions(**spec.chat.model_dump())
     plan.fingerprints = {n: {seed: prompt_fingerprint(fp, tokenizers[n], prompts[seed], options) for seed in prompts}
                          for n in models}
-    cells = expand(spec, models, plan.fingerprints)
+    cells = expand(spec, models, plan.fingerprints) if models else []
     plan.cells = [c for c in cells if not only_models or c.model in only_models]
     return plan
 

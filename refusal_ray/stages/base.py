@@ -90,6 +90,8 @@ def check_layers(plan, field: str, layers) -> None:
     """Every listed layer exists in every model ('all' always does). Raises SpecError naming `field`."""
     from refusal_ray.errors import SpecError
 
+    if not plan.models:   # validate offline, no model reachable
+        return
     shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
     for layer in ([] if layers == "all" else layers):
         if not 0 <= layer < shallow.n_layers:

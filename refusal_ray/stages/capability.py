@@ -260,20 +260,31 @@ def _prepare(plan) -> None:
             shipped = ship_tasks(cap.lm_eval.tasks, folder)
         except ValueError as e:
             raise SpecError(plan.spec_file, "stages.capability.lm_eval.tasks", str(e)) from None
+    registry = [t["name"] for t in (shipped or {}).get("tasks", []) if t["yaml"] is None]
+    if registry:
+        plan.unchecked.append(f"stages.capability.lm_eval.tasks ({', '.join(registry)}): the registry tasks' "
+                              f"data (lm-eval downloads it from the hub at run time)")
     extra = {"text": texts, "lm_eval": shipped}
     for seed in plan.spec.seeds:
         plan.prompts[seed]["capability"] = extra
 
 
 def _check(plan) -> None:
-    """An explicitly listed 'orthogonalized' arm on a model whose weights cannot be orthogonalised
-    (post-norm family, quantised) is exit 2 here, not an error per cell later."""
+    """Explicit layers exist; an explicitly listed 'orthogonalized' arm on a model whose weights cannot
+    be orthogonalised (post-norm family, quantised) is exit 2 here, not an error per cell later."""
     from refusal_ray.errors import SpecError
 
+    from refusal_ray.stages.base import check_layers
+
     cap = plan.spec.stages.capability
+    for name in ("direction_layer", "addition_layer"):
+        if isinstance(getattr(cap, name), int):
+            check_layers(plan, f"stages.capability.{name}", [getattr(cap, name)])
     if cap.arms is None or "orthogonalized" not in cap.arms:
         return
     for m in plan.spec.models:
+        if m.name not in plan.models:   # validate offline: a hub model it could not read
+            continue
         mp = plan.models[m.name]
         why = UNSUPPORTED.get(mp.family) or (f"{m.quantization} quantised weights" if m.quantization else None)
         if why:
