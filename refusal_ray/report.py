@@ -1,4 +1,4 @@
-"""Figures (PNG) and a Markdown report from a store."""
+"""Figures (PNG) and the compiled Markdown report of a store (sections in `refusal_ray.report_stages`)."""
 
 from __future__ import annotations
 
@@ -150,14 +150,27 @@ def plot_scale_trend(summary: pd.DataFrame) -> bytes:
 
 def write_report(out_dir, judge: str | None = None) -> str:
     """Write summary files, figures/*.png and report.md into the store; returns the report's path.
-    `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`)."""
+    `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`).
+
+    report.md is the compiled report of the sweep: provenance, a headline per model under the
+    decision rule, the summary table, then one section per stage (directions and extraction
+    diagnostics, selection, steering with controls, subspace ablation, capability cost, judges,
+    activation patching, causal scrubbing), each saying so when its stage did not run, and the figures."""
+    from refusal_ray import report_circuits as rc
+    from refusal_ray import report_select as rs
+    from refusal_ray import report_stages as st
+    from refusal_ray.circuits import scrub_verdicts, site_recovery
+    from refusal_ray.summary import read_cost, render_cost
+
     store = Store(out_dir)
     summary = write_summary(out_dir, judge)
+    manifest = store.read_json("manifest.json") or {}
+    stages = (manifest.get("spec") or {}).get("stages") or {}
     dirs, steering = store.read("directions"), store.read("steering")
     models = list(summary["model"]) if not summary.empty else []
     figures: dict[str, bytes] = {}
+    arms = pooled_arms(steering, store.read("completions")) if not steering.empty else pd.DataFrame()
     if not steering.empty and "best_layer" in summary.columns and (steering["mode"] == "addition").any():
-        arms = pooled_arms(steering, store.read("completions"))
         figures["steering.png"] = plot_steering_curves(arms, summary.dropna(subset=["best_layer"]))
     with_dirs = [m for m in models if not dirs.empty and (dirs["model"] == m).any()]  # failed models have none
     if with_dirs:
@@ -165,36 +178,57 @@ def write_report(out_dir, judge: str | None = None) -> str:
         figures["cosines.png"] = plot_cosines(dirs, with_dirs)
     if not summary.empty and "separation" in summary.columns:
         figures["scale_trend.png"] = plot_scale_trend(summary)
-    from refusal_ray import report_circuits as rc
-    from refusal_ray import report_select as rs
-
     selection = store.read("selection")
     if not selection.empty:
         figures["selection.png"] = rs.plot_selection(selection)
-    from refusal_ray.circuits import scrub_verdicts, site_recovery
-
     sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
     if not sites.empty:
         figures["patching.png"] = rc.plot_recovery(sites, [m for m in models if (sites["model"] == m).any()])
     if not verdicts.empty:
         figures["scrubbing.png"] = rc.plot_faithfulness(verdicts)
+    cost = read_cost(out_dir)
+    cap_fig = st.plot_capability(cost)
+    if cap_fig is not None:
+        figures["capability.png"] = _png(cap_fig)
     for name, png in figures.items():
         store.write_file(f"figures/{name}", png)
-    manifest = store.read_json("manifest.json") or {}
+
+    def fig(name: str) -> list[str]:
+        return [f"![{name}](figures/{name})", ""] if name in figures else []
+
+    rule = {k: v for k, v in (manifest.get("decision_rule") or {}).items() if k != "judge"}
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
-             f"code `{manifest.get('git_sha')}`.", "", "```", render(summary), "```", ""]
+             f"code `{manifest.get('git_sha')}`"
+             + (f"; verdicts under judge `{summary['judge'].iloc[0]}`" if "judge" in summary.columns else "") + ".",
+             "", "## Headlines", ""]
+    lines += [f"- {st.headline(row, rule)}" for _, row in summary.iterrows()] or ["(no models finished)"]
+    lines += ["", "## Summary", "", "```", render(summary), "```", "", *fig("scale_trend.png"),
+              "## Directions (difference of means, Arditi et al. 2024 Sec. 2.1)", ""]
+    lines += [*st.directions_diagnostics(dirs), "", *fig("separation.png"), *fig("cosines.png")]
+    lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", ""]
+    lines += [*rs.selection_table(selection), "", *fig("selection.png")] if not selection.empty else st.not_run("select")
+    lines += ["## Steering: activation addition and directional ablation, with random controls", ""]
+    lines += [*st.steering_arms_table(arms, summary), "", *fig("steering.png")] if not steering.empty \
+        else st.not_run("steer")
+    lines += ["## Subspace ablation", ""]
+    subspace = not arms.empty and (arms["mode"] == "subspace").any()
+    lines += ([*st.markdown_table(arms[arms["mode"] == "subspace"][[c for c in [
+        "model", "subspace", "alpha", "control", "prompt_set", "rate", "ci_low", "ci_high", "n_prompts"]
+        if c in arms.columns]]), ""] if subspace else
+        ["Not run in this sweep (no `stages.steer.subspace` block)." if "steer" in stages else
+         "Not run in this sweep (no `stages.steer` block).", ""])
+    lines += ["## Capability cost (CE loss, first-token KL, task exact match, lm-eval)", ""]
+    lines += ["```", render_cost(cost), "```", "", *fig("capability.png")] if not cost.empty \
+        else st.not_run("capability")
+    lines += ["## Judges", ""]
     judges_text = render_judges(*judge_tables(out_dir))
-    if judges_text:
-        lines += ["## Judges", "", f"Verdicts above read judge `{summary['judge'].iloc[0]}`; "
-                  f"the steering figure uses the inline substring judge.", "", "```", judges_text, "```", ""]
-    if not selection.empty:
-        lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", "",
-                  *rs.selection_table(selection), ""]
-    if not sites.empty:
-        lines += ["## Activation patching: top components", "", *rc.top_sites_table(sites), ""]
-    if not verdicts.empty:
-        lines += ["## Causal scrubbing (resample ablation of each hypothesis' complement)", "", "```",
-                  verdicts.to_string(index=False, float_format=lambda x: f"{x:.3f}"), "```", ""]
-    lines += [f"![{f}](figures/{f})" for f in figures]
+    lines += (["Verdicts above read the judge named in the provenance line; the steering figure uses the inline "
+               "substring judge.", "", "```", judges_text, "```", ""] if judges_text else
+              ["One judge (the inline substring judge); no agreement to report.", ""])
+    lines += ["## Activation patching: top components", ""]
+    lines += [*rc.top_sites_table(sites), "", *fig("patching.png")] if not sites.empty else st.not_run("patch")
+    lines += ["## Causal scrubbing (resample ablation of each hypothesis' complement)", ""]
+    lines += (["```", verdicts.to_string(index=False, float_format=lambda x: f"{x:.3f}"), "```", "",
+               *fig("scrubbing.png")] if not verdicts.empty else st.not_run("scrub"))
     return store.write_file("report.md", ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,153 @@
+"""Sections of the compiled report (`refusal-ray report DIR`): a headline per model, then one section per
+stage, each present whether or not the stage ran (a stage that did not run says so), as the audit's
+compiled report did. Every number is read from the store's tables and the summary; nothing here
+recomputes a measurement.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _num(v, fmt: str = "{:.2f}") -> str:
+    return "?" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
+
+
+def _has(row: pd.Series, key: str) -> bool:
+    v = row.get(key)
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def headline(row: pd.Series, rule: dict) -> str:
+    """One paragraph per model: verdicts first, then the numbers they rest on (rates are pooled over
+    seeds; costs are arm minus baseline)."""
+    parts = [f"**{row['model']}** ({_num(row.get('params'), '{:,.0f}')} parameters, "
+             f"{_num(row.get('layers'), '{:.0f}')} layers):"]
+    verdicts = [f"control_margin **{row['verdict_control_margin']}**" if _has(row, "verdict_control_margin") else None,
+                f"steering_labels **{row['verdict_steering_labels']}**" if _has(row, "verdict_steering_labels") else None]
+    verdicts = [v for v in verdicts if v]
+    parts.append(("; ".join(verdicts) + ".") if verdicts else "no verdict (steering not run).")
+    if _has(row, "separation"):
+        parts.append(f"Separation peaks at layer {_num(row['best_layer'], '{:.0f}')} (Cohen's d "
+                     f"{_num(row['separation'])}).")
+    if _has(row, "ablation_suppression"):
+        base = row.get("baseline_harmful_refusal")
+        parts.append(f"Ablating {row.get('ablation_direction') or 'the direction'} moves harmful refusal "
+                     f"{_num(base)} -> {_num(row.get('ablation_harmful_refusal'))} "
+                     f"({_num(row.get('ablation_suppression_vs_control'), '{:+.2f}')} beyond its random control).")
+    if _has(row, "addition_induction"):
+        c = rule.get("control_margin", {}).get("addition_coefficient")
+        parts.append(f"Adding it (c = {_num(c, '{:g}')}) at layer {_num(row.get('addition_layer'), '{:.0f}')} moves "
+                     f"harmless refusal {_num(row.get('baseline_harmless_refusal'))} -> "
+                     f"{_num(row.get('addition_harmless_refusal'))} "
+                     f"({_num(row.get('addition_induction_vs_control'), '{:+.2f}')} beyond its control).")
+    if _has(row, "subspace_suppression"):
+        parts.append(f"Subspace ablation ({row.get('subspace')}) lowers harmful refusal by "
+                     f"{_num(row['subspace_suppression'])} ({_num(row.get('subspace_suppression_vs_control'), '{:+.2f}')}"
+                     f" beyond a random subspace of the same rank).")
+    costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"))
+             for arm in ("ablation", "orthogonalized", "subspace", "addition") if _has(row, f"cost_ce[{arm}]")]
+    if costs:
+        parts.append("Capability cost: " + "; ".join(f"{arm} {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
+                                                     for arm, ce, kl in costs) + ".")
+    if _has(row, "top_component"):
+        parts.append(f"Top patched component {row['top_component']} (recovery {_num(row.get('top_recovery'))}).")
+    return " ".join(parts)
+
+
+def markdown_table(df: pd.DataFrame, floats: str = "{:.3f}") -> list[str]:
+    """A pipe table (floats formatted, missing values '-')."""
+    if df.empty:
+        return ["(no rows)"]
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        if isinstance(v, (float, np.floating)):
+            return floats.format(v)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return lines
+
+
+def not_run(stage: str) -> list[str]:
+    return [f"Not run in this sweep (no `stages.{stage}` block).", ""]
+
+
+def directions_diagnostics(dirs: pd.DataFrame) -> list[str]:
+    """Extraction diagnostics of the Qwen-1.8B study: per model and layer, the mean cosine of the
+    sequential refit to the batched fit (when `compare_sequential` ran) and the pairing used."""
+    if dirs.empty:
+        return ["(no directions stored)"]
+    d = dirs[dirs["site"] == "resid_pre"]
+    d = d[d["position"] == d["position"].max()]
+    out = (d.groupby(["model", "layer"]).agg(separation=("separation", "mean"), norm=("norm", "mean"))
+           .reset_index())
+    if "sequential_cosine" in d.columns and d["sequential_cosine"].notna().any():
+        out = out.merge(d.groupby(["model", "layer"])["sequential_cosine"].min().rename("sequential_cosine_min")
+                        .reset_index(), on=["model", "layer"])
+    pairing = sorted({str(p) for p in d.get("pairing", pd.Series(dtype=object)).dropna().unique()})
+    lines = [f"Difference of means at resid_pre, last template position; mean over seeds"
+             + (f"; pairing: {', '.join(pairing)}" if pairing else "") + ".", ""]
+    return lines + markdown_table(out)
+
+
+def steering_arms_table(arms: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """Pooled rates of the arms the verdicts read (baseline, ablation, addition at the rule's layer)
+    beside their random controls, per model and prompt set."""
+    if arms.empty:
+        return ["(no steering arms stored)"]
+    rows = []
+    for _, s in summary.iterrows():
+        a = arms[arms["model"] == s["model"]]
+        layer = s.get("addition_layer")
+        keep = (a["mode"].isin(["baseline", "ablation", "subspace"])
+                | ((a["mode"] == "addition") & (a["layer"] == layer)))
+        rows.append(a[keep])
+    if not rows:
+        return ["(no steering arms stored)"]
+    t = pd.concat(rows)
+    t = t.assign(arm=np.where(t["control"].astype(bool), t["mode"] + " (control)", t["mode"]),
+                 layer=pd.Series([int(x) if x >= 0 else None for x in t["layer"]], index=t.index, dtype=object),
+                 direction=np.where(t["mode"] == "subspace", t.get("subspace", ""),
+                                    [f"L{int(a)}/p{int(b)}" if a >= 0 else "" for a, b in
+                                     zip(t["direction_layer"], t["direction_position"])]))
+    cols = [c for c in ["model", "arm", "layer", "coefficient", "alpha", "direction", "prompt_set", "rate", "ci_low",
+                        "ci_high", "n_prompts"] if c in t.columns]
+    return markdown_table(t[cols].sort_values(["model", "prompt_set", "arm"], kind="stable"))
+
+
+def plot_capability(cost: pd.DataFrame):
+    """Refusal change against capability cost: per model, harmful-refusal change (y) against CE change
+    (x), one point per arm setting, controls hollow. Returns a figure, or None without capability rows."""
+    if cost.empty:
+        return None
+    wide = cost.set_index(["model", "arm", "control", "coefficient", "alpha", "direction", "metric"])["cost"] \
+        .unstack("metric").reset_index()
+    if not {"ce_loss", "refusal_harmful"} <= set(wide.columns):
+        return None
+    models = list(dict.fromkeys(wide["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    colors = {"baseline": "0.4", "addition": "tab:red", "ablation": "tab:blue", "subspace": "tab:purple",
+              "orthogonalized": "tab:green"}
+    for ax, m in zip(axes[0], models):
+        w = wide[wide["model"] == m]
+        for arm, g in w.groupby("arm", sort=False):
+            for control, h in g.groupby("control"):
+                ax.scatter(h["ce_loss"], h["refusal_harmful"], s=30, label=f"{arm}{' control' if control else ''}",
+                           facecolors="none" if control else colors.get(arm, "k"), edgecolors=colors.get(arm, "k"),
+                           marker="s" if arm == "orthogonalized" else "o")
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("CE change (nats/token)")
+        ax.set_ylabel("harmful refusal change")
+        ax.legend(fontsize=6)
+    return fig
