@@ -384,6 +384,7 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
     for line in placement_lines(plan):
         lines.append(f"  {line}")
     lines += memory_warnings(plan)
+    lines += [f"not checked before the run: {line}" for line in plan.unchecked]
     return "\n".join(lines)
 
 
