@@ -294,7 +294,8 @@ class TextSet(Strict):
 
     path: str = Field("data/prompts/toy/heldout.jsonl", description="A .txt file (one document per line) or a "
                                                                     "JSONL/CSV/Parquet file (default: the toy "
-                                                                    "family's held-out test conversations).")
+                                                                    "family's held-out harmless test "
+                                                                    "conversations).")
     text_column: str = Field("completion", description="Column holding the scored text (tabular files only).")
     prompt_column: str | None = Field("prompt", description="Column holding an instruction the text answers: the "
                                                             "instruction is rendered with the chat template and "

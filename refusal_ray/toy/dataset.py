@@ -159,8 +159,9 @@ def write_jsonl(rows: list[ToyRow], path: Path) -> None:
 
 def write_dataset(out_dir: Path, seed: int = 0) -> tuple[list[ToyRow], list[ToyRow]]:
     """Write harmful.jsonl, harmless.jsonl, corpus.txt (held-out test conversations as plain text) and
-    heldout.jsonl (the same conversations as prompt / completion columns: the default text of stage
-    capability's CE loss, scored on the completion after the chat-formatted prompt)."""
+    heldout.jsonl (the harmless test conversations as prompt / completion columns: the default text of
+    stage capability's CE loss, scored on the completion after the chat-formatted prompt; harmless
+    only, so the CE measures the capability an edit costs, not the refusals it removes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     harmful, harmless = generate(seed)
     write_jsonl(harmful, out_dir / "harmful.jsonl")
@@ -168,7 +169,6 @@ def write_dataset(out_dir: Path, seed: int = 0) -> tuple[list[ToyRow], list[ToyR
     corpus = [f"{r.instruction} {r.response}" for pair in zip(harmful, harmless) for r in pair
               if r.split == "test"]
     (out_dir / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-    chats = [{"id": r.id, "prompt": r.instruction, "completion": r.response}
-             for pair in zip(harmful, harmless) for r in pair if r.split == "test"]
+    chats = [{"id": r.id, "prompt": r.instruction, "completion": r.response} for r in harmless if r.split == "test"]
     (out_dir / "heldout.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     return harmful, harmless
