@@ -88,8 +88,9 @@ def directions_diagnostics(dirs: pd.DataFrame) -> list[str]:
         return ["(no directions stored)"]
     d = dirs[dirs["site"] == "resid_pre"]
     d = d[d["position"] == d["position"].max()]
-    out = (d.groupby(["model", "layer"]).agg(separation=("separation", "mean"), norm=("norm", "mean"))
-           .reset_index())
+    means = {c: (c, "mean") for c in ("separation", "norm") if c in d.columns}
+    out = d.groupby(["model", "layer"]).agg(**means).reset_index() if means else \
+        d[["model", "layer"]].drop_duplicates()
     if "sequential_cosine" in d.columns and d["sequential_cosine"].notna().any():
         out = out.merge(d.groupby(["model", "layer"])["sequential_cosine"].min().rename("sequential_cosine_min")
                         .reset_index(), on=["model", "layer"])
