@@ -141,8 +141,14 @@ def run_tasks(lm, shipped: dict, *, batch_size: int = 16, num_fewshot: int | Non
         registry = any(t["yaml"] is None for t in shipped["tasks"])
         manager = TaskManager(verbosity="ERROR", include_path=str(root) if shipped["files"] else None,
                               include_defaults=registry)
+        head = lm.model.get_output_embeddings()
+        head_weight = None if head is None else head.weight
         model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device),
                      softmax_dtype=torch.float32)
+        if head is not None and head.weight is not head_weight:
+            # HFLM.__init__ calls model.tie_weights(): inside `orthogonalized`, which unties lm_head on purpose
+            # (its own copy of the original matrix), that would re-tie it to the edited embedding
+            head.weight = head_weight
         with contextlib.redirect_stdout(None):
             return evaluator.simple_evaluate(model=model, tasks=_task_specs(shipped, root), num_fewshot=num_fewshot,
                                              limit=limit, log_samples=log_samples, task_manager=manager,

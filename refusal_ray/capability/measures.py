@@ -42,7 +42,7 @@ def load_texts(path: str | Path, text_column: str = "completion", prompt_column:
             if col is not None and col not in df.columns:
                 raise ValueError(f"no column {col!r} (columns: {', '.join(map(str, df.columns))})")
         prompts = df[prompt_column] if prompt_column is not None else [None] * len(df)
-        docs = [(None if p is None else str(p), str(t)) for p, t in zip(prompts, df[text_column])
+        docs = [(p if isinstance(p, str) and p.strip() else None, t) for p, t in zip(prompts, df[text_column])
                 if isinstance(t, str) and t.strip()]
     if not docs:
         raise ValueError("no documents")

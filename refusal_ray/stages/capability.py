@@ -45,27 +45,36 @@ from refusal_ray.stats import wilson
 ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized")
 
 
-def direction_layer(spec):
-    """The ablation / orthogonalized arms' direction: the block's, else steer's ablation's, else
-    'selected' with a select block, else 'best'."""
-    cap, steer = spec.stages.capability, spec.stages.steer
-    if cap.direction_layer is not None:
-        return cap.direction_layer
-    if steer is not None and steer.ablation is not None:
-        return steer.ablation.direction_layer
-    return "selected" if spec.stages.select is not None else "best"
+def ablation_direction(settings: dict) -> tuple[str | int, int | None]:
+    """(direction layer, explicit position or None) of the ablation / orthogonalized arms, from the
+    settings payload (every stage block as a dict): the capability block's direction_layer (at
+    steer.position), else steer's ablation direction with its direction_position, else 'selected'
+    with a select block, else 'best'."""
+    cap, steer = settings["capability"], settings.get("steer") or {}
+    if cap.get("direction_layer") is not None:
+        return cap["direction_layer"], None
+    if steer.get("ablation"):
+        return steer["ablation"]["direction_layer"], steer["ablation"].get("direction_position")
+    return ("selected" if settings.get("select") is not None else "best"), None
 
 
-def arms(spec, family: str | None = None) -> list[str]:
+def _settings(spec) -> dict:
+    return {"capability": spec.stages.capability.model_dump(mode="json"),
+            "steer": None if spec.stages.steer is None else spec.stages.steer.model_dump(mode="json"),
+            "select": None if spec.stages.select is None else {}}
+
+
+def arms(spec, family: str | None = None, quantized: bool = False) -> list[str]:
     """The arms measured on a model of `family`: the block's list, or by default every arm the spec
-    defines (subspace with stages.steer.subspace; orthogonalized where the family supports it)."""
+    defines (subspace with stages.steer.subspace; orthogonalized where the weights can be orthogonalised:
+    not post-norm families, not quantised models)."""
     cap, steer = spec.stages.capability, spec.stages.steer
     if cap.arms is not None:
         return list(dict.fromkeys(cap.arms))
     out = ["baseline", "addition", "ablation", "orthogonalized"]
     if steer is not None and steer.subspace is not None:
         out.insert(3, "subspace")
-    if family in UNSUPPORTED:
+    if family in UNSUPPORTED or quantized:
         out.remove("orthogonalized")
     return out
 
@@ -75,7 +84,8 @@ def capability_params(spec, mp) -> list[dict]:
     and edit builders serve both); addition arms leave `layer` None until their direction resolves."""
     cap = spec.stages.capability
     controls = [False, True] if cap.controls else [False]
-    which = arms(spec, mp.family)
+    model = next(m for m in spec.models if m.name == mp.name)
+    which = arms(spec, mp.family, model.quantization is not None)
     out: list[dict] = []
     if "baseline" in which:
         out.append({"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0, "direction_layer": None,
@@ -86,10 +96,11 @@ def capability_params(spec, mp) -> list[dict]:
         out += [{"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
                  "direction_layer": cap.addition_layer, "control": ctl, **select}
                 for c in cap.coefficients if c != 0 for ctl in controls]
-    direction = direction_layer(spec)
+    direction, position = ablation_direction(_settings(spec))
+    explicit = {} if position is None else {"direction_position": position}
     if "ablation" in which:
         out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
-                 "control": ctl, **select} for a in cap.alphas for ctl in controls]
+                 "control": ctl, **select, **explicit} for a in cap.alphas for ctl in controls]
     if "subspace" in which:
         sub = spec.stages.steer.subspace
         extra = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
@@ -98,7 +109,7 @@ def capability_params(spec, mp) -> list[dict]:
                  "control": ctl, **extra} for a in sub.alphas for ctl in controls]
     if "orthogonalized" in which:
         out += [{"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                 "direction_layer": direction, "control": ctl, **select} for ctl in controls]
+                 "direction_layer": direction, "control": ctl, **select, **explicit} for ctl in controls]
     return out
 
 
@@ -196,9 +207,8 @@ def _inputs(settings: dict, needs: dict) -> SteerInputs:
     """Steer's inputs, read with steer's settings (or defaults: position -1, no subspace, when the
     spec has no steer block) and the capability block's explicit ablation direction."""
     steer = settings.get("steer") or {"position": -1}
-    cap = settings["capability"]
-    view = {**settings, "steer": {**steer, "ablation": {"direction_layer": cap.get("direction_layer"),
-                                                        "direction_position": None}}}
+    layer, position = ablation_direction(settings)
+    view = {**settings, "steer": {**steer, "ablation": {"direction_layer": layer, "direction_position": position}}}
     return steering_inputs(view, needs)
 
 
@@ -295,8 +305,9 @@ def _check(plan) -> None:
 
 def _describe(plan) -> list[str]:
     cap = plan.spec.stages.capability
-    fam = {mp.family for mp in plan.models.values()}
-    listed = sorted({a for f in fam for a in arms(plan.spec, f)}, key=ARMS.index)
+    quantized = {m.name: m.quantization is not None for m in plan.spec.models}
+    listed = sorted({a for n, mp in plan.models.items() for a in arms(plan.spec, mp.family, quantized[n])},
+                    key=ARMS.index)
     lines = [f"capability: arms {', '.join(listed)} (controls: {cap.controls}); CE on {cap.text.path} "
              f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "
              f"test prompts" + ("; exact match and refusal on the test prompts" if cap.generate else "")]

@@ -1,0 +1,602 @@
+"""Stage capability: its measures, the lm-eval adapter, the stage end to end, bad input.
+
+The measures against independent computations: the CE loss of one left-padded batch equals Hugging
+Face's per-document loss (plain text, and completions after a chat prompt with the prompt masked),
+batched equals unbatched with and without a broadcast edit, the first-token KL is 0 for the baseline
+and >= 0 otherwise; the lm-eval adapter on a model whose answer is known by construction (accuracy
+3/5 exactly, data files read against the task YAML's folder) and with a hook edit active inside
+lm-eval (its log-likelihoods equal ours under the same hooks); the stage end to end on the toy
+qwen-xs (in-memory orthogonalisation equals hook ablation, baseline KL 0, every metric per arm, the
+cost table, weights unchanged afterwards); bad input through `refusal-ray validate`; and four
+regressions found while writing these tests (lm-eval re-tying the orthogonalised model's unembedding,
+steer's explicit ablation position dropped, quantised models' default arms, missing prompts read as
+"nan").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from refusal_ray import load_model
+from refusal_ray.capability.cost import capability_cost
+from refusal_ray.capability.harness import result_rows, run_tasks, ship_tasks
+from refusal_ray.capability.measures import (cross_entropy, first_token_kl, load_texts, next_token_logprobs,
+                                             text_tokens)
+from refusal_ray.data import prompt_tokens, read_table
+from refusal_ray.interventions import RowEdit, row_edits
+from refusal_ray.models.chat import ChatOptions
+from refusal_ray.stages.steer import ABLATION_SITES
+
+from conftest import REPO, TOY_MODELS, TOY_PROMPTS, make_tiny
+from test_bad_input import base_spec
+
+QWEN_XS = TOY_MODELS / "toy-qwen-xs"
+LMEVAL = REPO / "tests" / "lmeval"
+HELDOUT = TOY_PROMPTS / "heldout.jsonl"
+CLI = Path(sys.executable).with_name("refusal-ray")   # the venv's console script
+RULE = {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                           "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+        "steering_labels": {"strong": 0.5, "weak": 0.2}}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    out = load_model(str(QWEN_XS))                     # float32
+    assert next(out.model.parameters()).dtype == torch.float32
+    return out
+
+
+def _plain_docs(n: int = 6) -> list[tuple[None, str]]:
+    """Plain-text documents of increasing length (prefixes of the toy corpus' lines)."""
+    lines = [ln for ln in (TOY_PROMPTS / "corpus.txt").read_text().splitlines() if ln.strip()][:n]
+    return [(None, " ".join(line.split()[: 3 + 3 * i])) for i, line in enumerate(lines)]
+
+
+def _chat_docs(n: int = 6) -> list[tuple[str, str]]:
+    return load_texts(HELDOUT, "completion", "prompt", n)
+
+
+def _edits(d_model: int, n_layers: int, seed: int = 0) -> dict:
+    """Broadcast edits ([1, ...] rows): a random addition at resid_pre of layer 0 and a random
+    directional ablation at every layer's resid_pre, attn_out and mlp_out."""
+    g = torch.Generator().manual_seed(seed)
+    add = torch.randn(1, d_model, generator=g)
+    u = torch.randn(1, d_model, generator=g)
+    u = u / u.norm()
+    edits = {(kind, layer): RowEdit(u, torch.ones(1)) for layer in range(n_layers) for kind in ABLATION_SITES}
+    edits[("resid_pre", 0)] = RowEdit(u, torch.ones(1), add)
+    return edits
+
+
+# -- 1. CE loss against Hugging Face's loss, document by document ----------------------------------
+
+def test_cross_entropy_of_plain_text_equals_hf_loss_per_document(lm):
+    tok = lm.tokenizer
+    docs = _plain_docs()
+    seqs = text_tokens(tok, docs, max_tokens=128)
+    assert len(seqs) == len(docs)
+    lengths = [len(ids) for ids, _ in seqs]
+    assert len(set(lengths)) == len(lengths), lengths        # every row of the batch is padded differently
+    total, count = 0.0, 0
+    for (ids, first), (_, text) in zip(seqs, docs):
+        assert ids == tok(text)["input_ids"] and first == 1
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            loss = lm.model(input_ids=x, labels=x).loss
+        total += float(loss) * (len(ids) - 1)
+        count += len(ids) - 1
+    got, n = cross_entropy(lm, seqs, batch_size=len(seqs))    # one left-padded batch
+    print(f"\nplain text: CE {got:.6f} over {n} tokens, per-document reference {total / count:.6f}")
+    assert n == count
+    assert abs(got - total / count) <= 1e-5
+
+
+def test_cross_entropy_of_completions_masks_the_prompt(lm):
+    tok = lm.tokenizer
+    docs = _chat_docs()
+    seqs = text_tokens(tok, docs, max_tokens=128, chat=ChatOptions())
+    assert len(seqs) == len(docs)
+    total, count = 0.0, 0
+    for (ids, first), (instruction, text) in zip(seqs, docs):
+        rendered = tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                           add_generation_prompt=True)
+        prompt = tok(rendered, add_special_tokens=False)["input_ids"]
+        completion = tok(text, add_special_tokens=False)["input_ids"]
+        assert (ids, first) == (prompt + completion, len(prompt))
+        x = torch.tensor([prompt + completion])
+        labels = torch.tensor([[-100] * len(prompt) + completion])
+        with torch.no_grad():
+            loss = lm.model(input_ids=x, labels=labels).loss
+        total += float(loss) * len(completion)
+        count += len(completion)
+    got, n = cross_entropy(lm, seqs, batch_size=len(seqs))
+    print(f"\ncompletions: CE {got:.6f} over {n} tokens, per-document reference {total / count:.6f}")
+    assert n == count
+    assert abs(got - total / count) <= 1e-5
+    # the prompt is not scored: scoring it too gives another number
+    everything = [(ids, 1) for ids, _ in seqs]
+    assert abs(cross_entropy(lm, everything, batch_size=len(seqs))[0] - got) > 1e-2
+
+
+# -- 2. batched equals unbatched ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("edited", [False, True], ids=["unedited", "broadcast-edit"])
+def test_cross_entropy_batched_equals_unbatched(lm, edited):
+    seqs = (text_tokens(lm.tokenizer, _plain_docs(), 128)
+            + text_tokens(lm.tokenizer, _chat_docs(8), 128, ChatOptions()))
+    edits = _edits(lm.sites.d_model, lm.sites.n_layers) if edited else None
+    one, n_one = cross_entropy(lm, seqs, batch_size=1, edits=edits)
+    eight, n_eight = cross_entropy(lm, seqs, batch_size=8, edits=edits)
+    assert n_one == n_eight
+    assert abs(one - eight) <= 1e-6, (one, eight)
+    if edited:   # the edit was active
+        assert abs(one - cross_entropy(lm, seqs, batch_size=8)[0]) > 1e-2
+
+
+# -- 3. first-token KL and next-token log-probabilities ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def harmless_prompts(lm):
+    df = read_table(TOY_PROMPTS / "harmless.jsonl")
+    instructions = list(df[df["split"] == "test"]["instruction"][:10])
+    seqs = prompt_tokens(lm.tokenizer, instructions, ChatOptions())
+    assert len({len(s) for s in seqs}) > 1                   # padded batches
+    return seqs
+
+
+def test_first_token_kl_of_baseline_is_zero_and_of_an_edit_positive(lm, harmless_prompts):
+    base = next_token_logprobs(lm, harmless_prompts, batch_size=4)
+    again = next_token_logprobs(lm, harmless_prompts, batch_size=4, edits={})
+    assert base.dtype == torch.float64 and base.shape == (len(harmless_prompts), lm.model.config.vocab_size)
+    assert torch.equal(first_token_kl(base, again), torch.zeros(len(harmless_prompts), dtype=torch.float64))
+    edited = next_token_logprobs(lm, harmless_prompts, batch_size=4,
+                                 edits=_edits(lm.sites.d_model, lm.sites.n_layers))
+    kl = first_token_kl(base, edited)
+    print(f"\nfirst-token KL of the random edit: mean {float(kl.mean()):.4f}, min {float(kl.min()):.2e}")
+    assert (kl >= 0).all() and float(kl.mean()) > 1e-2
+
+
+@pytest.mark.parametrize("edited", [False, True], ids=["unedited", "broadcast-edit"])
+def test_next_token_logprobs_batched_equals_one_prompt_at_a_time(lm, harmless_prompts, edited):
+    edits = _edits(lm.sites.d_model, lm.sites.n_layers, seed=1) if edited else None
+    batched = next_token_logprobs(lm, harmless_prompts, batch_size=8, edits=edits)
+    alone = next_token_logprobs(lm, harmless_prompts, batch_size=1, edits=edits)
+    # probabilities to 1e-6; log-probabilities (about -12 for most tokens) to float32 rounding of the
+    # logits, whose spacing there is 1e-6: a padded batch and a single row round differently
+    print(f"\nbatched vs alone: max |d log p| {float((batched - alone).abs().max()):.2e}, "
+          f"max |d p| {float((batched.exp() - alone.exp()).abs().max()):.2e}")
+    assert (batched.exp() - alone.exp()).abs().max() <= 1e-6
+    assert (batched - alone).abs().max() <= 1e-5
+    assert first_token_kl(alone, batched).abs().max() <= 1e-9
+    # rows come back in the prompts' order (the batches are sorted by length internally)
+    for i, seq in enumerate(harmless_prompts):
+        with row_edits(lm.sites, edits or {}), torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1]
+        assert (torch.log_softmax(logits.double(), -1) - batched[i]).abs().max() <= 1e-5, i
+    np.testing.assert_allclose(batched.exp().sum(-1).numpy(), 1.0, atol=1e-9)
+
+
+# -- 4. lm-eval on a model whose answer is known by construction -------------------------------------
+
+TASK_YAML = """\
+task: always_apple
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/docs.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _constant_model(out, token: int, scale: float = 50.0):
+    """A one-layer llama (untied embeddings) with the toy tokenizer whose next token is `token` after any
+    context: attention and MLP write nothing (o_proj = down_proj = 0), so the final residual is the token's
+    embedding; every embedding row is the same vector e, and lm_head has one non-zero row, `token`'s,
+    scale * e / |e| (logit scale * sqrt(d_model) after the final RMSNorm; every other logit 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (QWEN_XS / f).exists():
+            shutil.copy(QWEN_XS / f, out / f)
+    vocab = json.loads((QWEN_XS / "config.json").read_text())["vocab_size"]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        e = torch.randn(cfg.hidden_size)
+        model.model.embed_tokens.weight.copy_(e.expand(vocab, -1))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = scale * e / e.norm()
+    model.save_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    return out
+
+
+def test_lm_eval_accuracy_known_by_construction(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(QWEN_XS)
+    # lm-eval scores " " + choice (target_delimiter " ") after the context; both are one token here
+    (T,), (U,) = tok(" apple", add_special_tokens=False)["input_ids"], tok(" rope", add_special_tokens=False)["input_ids"]
+    lm = load_model(str(_constant_model(tmp_path / "constant", T)))
+    assert lm.model.get_output_embeddings().weight is not lm.model.get_input_embeddings().weight
+    probe = [tok(t, add_special_tokens=False)["input_ids"] for t in
+             ("Repeat these words: apple, rope. Sure:", "rope rope rope", "How many words are here?")]
+    probe.append(list(range(3, 60)))
+    for ids in probe:
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        assert (lp.argmax(-1) == T).all()
+        assert (lp[:, T] > -1e-6).all() and (lp[:, U] < -100).all()
+
+    # gold is apple (T) in docs 0, 3, 4: accuracy 3/5 by hand
+    docs = [{"question": "Pick a word: apple or rope?", "choices": ["apple", "rope"], "answer": 0},
+            {"question": "Which one is tied in knots?", "choices": ["apple", "rope"], "answer": 1},
+            {"question": "Name a thing to climb with.", "choices": ["rope", "apple"], "answer": 0},
+            {"question": "Name a fruit.", "choices": ["rope", "apple"], "answer": 1},
+            {"question": "What grows on a tree?", "choices": ["apple", "rope"], "answer": 0}]
+    expected = sum(d["choices"][d["answer"]] == "apple" for d in docs) / len(docs)
+    assert expected == 0.6
+    tasks = tmp_path / "tasks"
+    (tasks / "data").mkdir(parents=True)
+    (tasks / "data" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "always_apple.yaml").write_text(TASK_YAML)
+    elsewhere = tmp_path / "elsewhere"          # relative data_files must not be read against the cwd
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    shipped = ship_tasks(["always_apple"], str(tasks))
+    assert shipped["tasks"] == [{"name": "always_apple", "yaml": "always_apple.yaml"}]
+    assert set(shipped["files"]) == {"always_apple.yaml", os.path.join("data", "docs.jsonl")}
+    results = run_tasks(lm, shipped, batch_size=3, log_samples=True)
+    rows = result_rows(results)
+    assert [(r["metric"], r["value"], r["n"]) for r in rows] == [("lm_eval/always_apple/acc", expected, 5)]
+    samples = sorted(results["samples"]["always_apple"], key=lambda s: s["doc_id"])
+    for s, d in zip(samples, docs):
+        assert [cont for _, cont in s["arguments"]] == [" " + c for c in d["choices"]]
+        for ctx, cont in s["arguments"]:   # lm-eval's continuation tokens: those of ctx + cont after ctx's
+            whole, head = tok(ctx + cont, add_special_tokens=False)["input_ids"], tok(ctx, add_special_tokens=False)["input_ids"]
+            assert whole[len(head):] == ([T] if cont == " apple" else [U])
+        lls = [ll for ll, _ in s["filtered_resps"]]
+        for choice, ll in zip(d["choices"], lls):
+            assert (ll > -1e-5) if choice == "apple" else (ll < -100), (choice, ll)
+        assert s["acc"] == float(d["choices"][d["answer"]] == "apple")
+    assert list(elsewhere.iterdir()) == []
+
+
+# -- 5. lm-eval with a hook edit active ----------------------------------------------------------------
+
+def _loglikelihood(lm, context: str, continuation: str, edits: dict) -> float:
+    """log P(continuation | context), tokenised as lm-eval's HF wrapper does (the continuation's tokens
+    are those of context + continuation after the context's), one sequence, no padding."""
+    tok = lm.tokenizer
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    assert whole[:len(ctx)] == ctx and len(whole) > len(ctx)
+    with row_edits(lm.sites, edits), torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+    return float(sum(lp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
+
+
+def _sample_lls(results: dict, task: str = "toy_choice") -> list[tuple[str, str, float]]:
+    out = []
+    for s in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for (ctx, cont), (ll, _) in zip(s["arguments"], s["filtered_resps"]):
+            out.append((ctx, cont, float(ll)))
+    return out
+
+
+def test_lm_eval_runs_with_the_arms_hooks_active(lm):
+    shipped = ship_tasks(["toy_choice"], str(LMEVAL))
+    g = torch.Generator().manual_seed(0)
+    edits = {("resid_pre", 0): RowEdit(add=2.0 * torch.randn(1, lm.sites.d_model, generator=g))}
+    plain = _sample_lls(run_tasks(lm, shipped, batch_size=4, log_samples=True))
+    with row_edits(lm.sites, edits):
+        edited = _sample_lls(run_tasks(lm, shipped, batch_size=4, log_samples=True))
+    assert len(plain) == len(edited) == 10
+    worst = 0.0
+    for (ctx, cont, ll), (ctx2, cont2, ll_edit) in zip(plain, edited):
+        assert (ctx, cont) == (ctx2, cont2)
+        worst = max(worst, abs(ll - _loglikelihood(lm, ctx, cont, {})),
+                    abs(ll_edit - _loglikelihood(lm, ctx, cont, edits)))
+    print(f"\nlm-eval vs own log-likelihoods: max diff {worst:.2e}; "
+          f"edit moved them by up to {max(abs(a[2] - b[2]) for a, b in zip(plain, edited)):.2f}")
+    assert worst <= 1e-4
+    assert max(abs(a[2] - b[2]) for a, b in zip(plain, edited)) > 0.1       # the edit was active inside lm-eval
+
+
+def test_lm_eval_under_orthogonalized_weights_equals_hook_ablation(lm):
+    from refusal_ray.models.orthogonalize import orthogonalized
+
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight   # tied
+    shipped = ship_tasks(["toy_choice"], str(LMEVAL))
+    v = torch.randn(lm.sites.d_model, generator=torch.Generator().manual_seed(3))
+    u = (v / v.norm())[None]
+    edits = {(kind, layer): RowEdit(u, torch.ones(1)) for layer in range(lm.sites.n_layers)
+             for kind in ABLATION_SITES}
+    with row_edits(lm.sites, edits):
+        hooked = _sample_lls(run_tasks(lm, shipped, batch_size=4, log_samples=True))
+    with orthogonalized(lm, v.numpy()):
+        weights = _sample_lls(run_tasks(lm, shipped, batch_size=4, log_samples=True))
+    assert max(abs(a[2] - b[2]) for a, b in zip(hooked, weights)) <= 1e-4
+
+
+# -- 6. the stage end to end ---------------------------------------------------------------------------
+
+def _toy_spec(name: str, stages: dict, n_test: int = 8, max_new_tokens: int = 16) -> dict:
+    return {
+        "name": name,
+        "models": [{"name": "qwen-xs", "path": str(QWEN_XS)}],
+        "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl"), "split_column": "split"},
+                 "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl"), "split_column": "split",
+                              "reference_column": "reference"},
+                 "n_train": 16, "n_val": 8, "n_test": n_test},
+        "seeds": [0],
+        "stages": stages,
+        "generation": {"max_new_tokens": max_new_tokens},
+        "decision_rule": RULE,
+    }
+
+
+def _run_local(spec: dict, folder):
+    """run_local on `spec` (written into `folder`); returns (plan, {table: DataFrame}, the ModelSession)."""
+    from refusal_ray.cluster import local
+    from refusal_ray.plan import make_plan
+
+    f = folder / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    plan = make_plan(str(f))
+    sessions = []
+
+    class Recorded(local.ModelSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local, "ModelSession", Recorded)
+        out = local.run_local(plan, log=lambda m: None)
+    assert len(sessions) == 1
+    return plan, {k: pd.DataFrame(v) for k, v in out.items()}, sessions[0]
+
+
+REQUIRED = {"ce_loss", "first_token_kl", "refusal_harmful", "refusal_harmless", "task_exact_match",
+            "lm_eval/toy_choice/acc"}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    stages = {"directions": {"sites": ["resid_pre"]},
+              "select": {"kl_max": None},
+              "steer": {"addition": None, "ablation": {"alphas": [1.0], "direction_layer": "selected"},
+                        "subspace": {"top_k": 2, "alphas": [1.0]}},
+              "capability": {"text": {"path": str(HELDOUT)},
+                             "lm_eval": {"tasks": ["toy_choice"], "include_path": str(LMEVAL)}}}
+    return _run_local(_toy_spec("capability-e2e", stages), tmp_path_factory.mktemp("capability-e2e"))
+
+
+def _arm(cap: pd.DataFrame, arm: str, control: bool = False) -> pd.DataFrame:
+    rows = cap[(cap["arm"] == arm) & (cap["control"] == control)]
+    assert rows["cell_id"].nunique() == 1, (arm, control)
+    return rows.set_index("metric")
+
+
+def test_toy_run_every_cell_done_and_every_arm_has_every_metric(toy_run):
+    _, out, _ = toy_run
+    assert set(out["cells"]["status"]) == {"done"}, out["cells"][["stage", "status", "error"]]
+    cap = out["capability"]
+    assert set(cap["arm"]) == {"baseline", "addition", "ablation", "subspace", "orthogonalized"}
+    for (arm, control), rows in cap.groupby(["arm", "control"]):
+        assert REQUIRED <= set(rows["metric"]), (arm, control, sorted(rows["metric"]))
+        assert rows["metric"].is_unique
+    assert set(cap.loc[cap["arm"] == "subspace", "subspace_rank"]) == {2}
+
+
+def test_toy_run_orthogonalized_arm_equals_hook_ablation(toy_run):
+    _, out, _ = toy_run
+    cap = out["capability"]
+    orth, abl = _arm(cap, "orthogonalized"), _arm(cap, "ablation")
+    assert abl["alpha"].eq(1.0).all() and abl["direction"].eq("selected").all()
+    for col in ("direction", "direction_layer", "direction_position", "vector_norm"):
+        assert orth[col].iloc[0] == abl[col].iloc[0], col
+    assert set(orth.index) == set(abl.index)
+    diffs = {}
+    for metric in orth.index:
+        assert orth.loc[metric, "n"] == abl.loc[metric, "n"], metric
+        a, b = orth.loc[metric, "value"], abl.loc[metric, "value"]
+        if metric in ("ce_loss", "first_token_kl"):
+            diffs[metric] = abs(a - b)
+            assert abs(a - b) <= 1e-4, (metric, a, b)
+        else:                                                    # rates and lm-eval accuracy: exactly
+            assert a == b, (metric, a, b)
+    base = _arm(cap, "baseline")
+    print(f"\nbaseline CE {base.loc['ce_loss', 'value']:.6f} ({int(base.loc['ce_loss', 'n'])} tokens); ablation CE "
+          f"{abl.loc['ce_loss', 'value']:.6f}, KL {abl.loc['first_token_kl', 'value']:.6f}; |orthogonalized - "
+          f"ablation|: CE {diffs['ce_loss']:.2e}, KL {diffs['first_token_kl']:.2e}")
+    # the arm did something (else equality proves nothing)
+    assert abs(abl.loc["ce_loss", "value"] - base.loc["ce_loss", "value"]) > 1e-2
+    assert abl.loc["first_token_kl", "value"] > 1e-2
+
+
+def test_toy_run_baseline_equals_a_fresh_measurement(toy_run):
+    plan, out, _ = toy_run
+    base = _arm(out["capability"], "baseline")
+    assert base.loc["first_token_kl", "value"] == 0
+    fresh = load_model(str(QWEN_XS))
+    cfg = plan.spec.stages.capability
+    texts = text_tokens(fresh.tokenizer, load_texts(HELDOUT, "completion", "prompt", cfg.text.n), cfg.text.max_tokens,
+                        ChatOptions(**plan.spec.chat.model_dump()))
+    ce, n = cross_entropy(fresh, texts, batch_size=cfg.batch_size)
+    assert base.loc["ce_loss", "n"] == n
+    assert abs(base.loc["ce_loss", "value"] - ce) <= 1e-6
+    assert base.loc["lm_eval/toy_choice/acc", "n"] == 5
+
+
+def test_toy_run_capability_cost(toy_run):
+    _, out, _ = toy_run
+    cap = out["capability"]
+    cost = capability_cost(cap)
+    mine = cost[(cost["arm"] == "baseline")]
+    assert set(mine["metric"]) >= REQUIRED and (mine["cost"] == 0).all()
+    assert (cost["seeds"] == 1).all()
+    base = _arm(cap, "baseline")["value"]
+    abl = _arm(cap, "ablation")["value"]
+    rows = cost[(cost["arm"] == "ablation") & ~cost["control"]].set_index("metric")
+    assert set(rows.index) == set(abl.index)
+    for metric, value in abl.items():
+        want = value if metric == "first_token_kl" else value - base[metric]
+        assert rows.loc[metric, "cost"] == pytest.approx(want, abs=1e-12), metric
+        assert rows.loc[metric, "value"] == value and rows.loc[metric, "baseline"] == base[metric]
+
+
+def test_toy_run_leaves_the_weights_bit_identical(toy_run):
+    _, _, session = toy_run
+    model, fresh = session.lm.model, load_model(str(QWEN_XS)).model
+    after, want = model.state_dict(), fresh.state_dict()
+    assert list(after) == list(want)
+    for k, v in want.items():
+        assert after[k].dtype == v.dtype and after[k].shape == v.shape, k
+        assert torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (fresh.get_output_embeddings().weight is fresh.get_input_embeddings().weight)
+
+
+def test_capability_ablation_uses_steers_explicit_direction(tmp_path):
+    stages = {"directions": {"sites": ["resid_pre"], "positions": [-1, -3]},
+              "steer": {"addition": None, "position": -1, "controls": False,
+                        "ablation": {"alphas": [1.0], "direction_layer": 1, "direction_position": -3}},
+              "capability": {"arms": ["baseline", "ablation"], "controls": False, "generate": False,
+                             "text": {"path": str(HELDOUT), "n": 4}}}
+    _, out, _ = _run_local(_toy_spec("dirpos", stages, n_test=2, max_new_tokens=2), tmp_path)
+    steering = out["steering"]
+    steer_abl = steering[steering["mode"] == "ablation"].iloc[0]
+    assert (steer_abl["direction_layer"], steer_abl["direction_position"]) == (1, -3)
+    cap_abl = _arm(out["capability"], "ablation").iloc[0]
+    assert (cap_abl["direction_layer"], cap_abl["direction_position"]) == (1, -3)
+    assert cap_abl["vector_norm"] == pytest.approx(steer_abl["vector_norm"])
+
+
+def test_default_arms_leave_orthogonalized_out_for_quantised_models(tmp_path):
+    from refusal_ray.plan import make_plan
+
+    spec = base_spec(QWEN_XS)
+    spec["models"][0]["quantization"] = "8bit"
+    spec["stages"]["capability"] = {"controls": False}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    modes = {c.params["mode"] for c in make_plan(str(f)).cells if c.stage == "capability"}
+    assert "baseline" in modes and "orthogonalized" not in modes
+
+
+def test_load_texts_rows_without_a_prompt_are_not_instructed_nan(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi"}) + "\n"
+                 + json.dumps({"completion": "no prompt here"}) + "\n"
+                 + json.dumps({"prompt": None, "completion": "null prompt"}) + "\n")
+    try:
+        docs = load_texts(f, "completion", "prompt")
+    except ValueError:
+        return                                                    # refusing such a file is fine too
+    assert docs[0] == ("Say hi.", "hi")
+    assert [p for p, _ in docs[1:]] == [None, None]
+
+
+# -- 7. bad input through the CLI ----------------------------------------------------------------------
+
+CLI_CASES = ["text-path-missing", "text-column-missing", "include-path-missing", "task-unknown",
+             "subspace-without-steer-subspace", "orthogonalized-on-gemma2"]
+
+
+@pytest.fixture(scope="module")
+def gemma2_path(tmp_path_factory, tokenizer_dir):
+    return make_tiny("gemma2", tokenizer_dir, tmp_path_factory.mktemp("tiny-gemma2"))
+
+
+def _bad_case(case: str, folder, gemma2) -> tuple:
+    """(spec file, the one line `validate` must print) of a broken capability block."""
+    from refusal_ray.models.orthogonalize import UNSUPPORTED
+
+    spec = base_spec(gemma2 if case == "orthogonalized-on-gemma2" else QWEN_XS)
+    spec["name"] = f"capability-bad-{case}"
+    f = folder / "spec.yaml"
+    if case == "text-path-missing":
+        cap = {"text": {"path": "no/such/heldout.jsonl"}}
+        line = f"error: {f}: stages.capability.text.path: file not found: no/such/heldout.jsonl"
+    elif case == "text-column-missing":
+        texts = folder / "texts.jsonl"
+        texts.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi"}) + "\n")
+        cap = {"text": {"path": str(texts), "text_column": "answer"}}
+        line = f"error: {f}: stages.capability.text: {texts}: no column 'answer' (columns: prompt, completion)"
+    elif case == "include-path-missing":
+        cap = {"lm_eval": {"tasks": ["toy_choice"], "include_path": "no/such/lmeval-tasks"}}
+        line = f"error: {f}: stages.capability.lm_eval.include_path: folder not found: no/such/lmeval-tasks"
+    elif case == "task-unknown":   # a local task first: the unknown one is found beside it
+        cap = {"lm_eval": {"tasks": ["toy_choice", "no_such_task_anywhere"], "include_path": str(LMEVAL)}}
+        line = (f"error: {f}: stages.capability.lm_eval.tasks: task 'no_such_task_anywhere' is neither an "
+                f"lm-eval registry task nor a task YAML in {LMEVAL}")
+    elif case == "subspace-without-steer-subspace":
+        cap = {"arms": ["baseline", "subspace"]}
+        line = f"error: {f}: stages.capability.arms 'subspace' needs a stages.steer.subspace block (its directions)"
+    else:
+        cap = {"arms": ["baseline", "orthogonalized"]}
+        line = (f"error: {f}: stages.capability.arms: 'orthogonalized' cannot run on model 'tiny' "
+                f"({UNSUPPORTED['gemma2']}); drop it from the list (the default list leaves it out for such "
+                f"models) or measure hook ablation")
+        assert UNSUPPORTED["gemma2"].startswith("a norm sits after the output projections")
+    spec["stages"]["capability"] = cap
+    f.write_text(yaml.safe_dump(spec))
+    return f, line
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_validate_bad_capability_block_exits_2_naming_file_and_field(case, tmp_path, gemma2_path):
+    f, line = _bad_case(case, tmp_path, gemma2_path)
+    listing = sorted(p.name for p in tmp_path.rglob("*"))
+    assert not (REPO / "outputs" / f"capability-bad-{case}").exists()
+    result = subprocess.run([str(CLI), "validate", str(f)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [line], result.stderr
+    # nothing was written: the spec's folder holds what the test wrote, no outputs folder appeared
+    assert sorted(p.name for p in tmp_path.rglob("*")) == listing
+    assert not (REPO / "outputs" / f"capability-bad-{case}").exists()
+
+
+def test_orthogonalized_default_list_leaves_gemma2_out(tmp_path, gemma2_path):
+    """The other side of the gemma2 case above: without an explicit list the spec is valid, without the arm."""
+    from refusal_ray.plan import make_plan
+
+    spec = base_spec(gemma2_path)
+    spec["stages"]["capability"] = {"controls": False}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    modes = {c.params["mode"] for c in make_plan(str(f)).cells if c.stage == "capability"}
+    assert modes == {"baseline", "addition", "ablation"}
