@@ -44,3 +44,18 @@ def test_ids_depend_on_results_not_on_scheduling(tmp_path):
     assert [c.id for c in a] == [c.id for c in expand(_spec(tmp_path, decision_rule=rule), PLANS, _fp())]
     assert [c.id for c in a] != [c.id for c in expand(_spec(tmp_path), PLANS, _fp("other-data"))]
     assert [c.id for c in a] != [c.id for c in expand(_spec(tmp_path, generation={"max_new_tokens": 9}), PLANS, _fp())]
+
+
+def test_ablation_layers_change_only_the_ablation_arms_ids(tmp_path):
+    """`stages.steer.ablation.layers` determines an ablation arm's result, so it is part of its id; 'all'
+    (the default) leaves the ids as they were before the option was part of them."""
+    def cells(layers):
+        steer = {"addition": {"coefficients": [1.0]}, "ablation": {"alphas": [1.0], "direction_layer": "best",
+                                                                    "layers": layers}}
+        return expand(_spec(tmp_path, stages={"steer": steer}), PLANS, _fp())
+
+    every, some = cells("all"), cells([1, 2])
+    for a, b in zip(every, some):
+        assert (a.id == b.id) == (a.params.get("mode") != "ablation"), a.params
+    assert all("ablation_layers" not in c.params for c in every)
+    assert [c.params["ablation_layers"] for c in some if c.params.get("mode") == "ablation"] == [[1, 2]] * 4

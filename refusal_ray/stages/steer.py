@@ -328,6 +328,8 @@ def steer_params(spec, n_layers: int) -> list[dict]:
     if steer.ablation is not None:
         extra = {} if steer.ablation.direction_position is None else {
             "direction_position": steer.ablation.direction_position}
+        if steer.ablation.layers != "all":   # part of the arm (ids of 'all' arms unchanged from before)
+            extra["ablation_layers"] = layer_list(steer.ablation.layers, n_layers)
         if steer.ablation.direction_layer == "selected" and spec.stages.select is not None:
             extra["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
         for a in steer.ablation.alphas:
