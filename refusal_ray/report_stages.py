@@ -51,7 +51,8 @@ def headline(row: pd.Series, rule: dict) -> str:
                      f"{_num(row['subspace_suppression'])} ({_num(row.get('subspace_suppression_vs_control'), '{:+.2f}')}"
                      f" beyond a random subspace of the same rank).")
     costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"))
-             for arm in ("ablation", "orthogonalized", "subspace", "addition") if _has(row, f"cost_ce[{arm}]")]
+             for arm in ("ablation", "orthogonalized", "subspace", "orthogonalized_subspace", "addition")
+             if _has(row, f"cost_ce[{arm}]")]
     if costs:
         parts.append("Capability cost: " + "; ".join(f"{arm} {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
                                                      for arm, ce, kl in costs) + ".")
@@ -137,14 +138,14 @@ def plot_capability(cost: pd.DataFrame):
     models = list(dict.fromkeys(wide["model"]))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
     colors = {"baseline": "0.4", "addition": "tab:red", "ablation": "tab:blue", "subspace": "tab:purple",
-              "orthogonalized": "tab:green"}
+              "orthogonalized": "tab:green", "orthogonalized_subspace": "tab:olive"}
     for ax, m in zip(axes[0], models):
         w = wide[wide["model"] == m]
         for arm, g in w.groupby("arm", sort=False):
             for control, h in g.groupby("control"):
                 ax.scatter(h["ce_loss"], h["refusal_harmful"], s=30, label=f"{arm}{' control' if control else ''}",
                            facecolors="none" if control else colors.get(arm, "k"), edgecolors=colors.get(arm, "k"),
-                           marker="s" if arm == "orthogonalized" else "o")
+                           marker="s" if arm.startswith("orthogonalized") else "o")
         ax.axhline(0, color="0.8", lw=0.8)
         ax.axvline(0, color="0.8", lw=0.8)
         ax.set_title(m, fontsize=9)

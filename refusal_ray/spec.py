@@ -285,7 +285,8 @@ class ScrubStage(Strict):
         return v
 
 
-CapabilityArmKind = Literal["baseline", "addition", "ablation", "subspace", "orthogonalized"]
+CapabilityArmKind = Literal["baseline", "addition", "ablation", "subspace", "orthogonalized",
+                           "orthogonalized_subspace"]
 
 
 class TextSet(Strict):
@@ -325,7 +326,8 @@ class CapabilityStage(Strict):
 
     arms: list[CapabilityArmKind] | None = Field(
         None, min_length=1, description="Arms measured. None: baseline, addition, ablation, orthogonalized, "
-                                        "and subspace when stages.steer.subspace is set.")
+                                        "and subspace and orthogonalized_subspace when stages.steer.subspace is "
+                                        "set (orthogonalized arms only where the weights can be orthogonalised).")
     direction_layer: Literal["selected", "best"] | int | None = Field(
         None, description="Direction of the ablation and orthogonalized arms. None: stages.steer.ablation's, "
                           "else 'selected' with a stages.select block, else 'best'.")
@@ -517,8 +519,9 @@ class Spec(Strict):
         if cap is None:
             return self
         steer = self.stages.steer
-        if cap.arms is not None and "subspace" in cap.arms and (steer is None or steer.subspace is None):
-            raise ValueError("stages.capability.arms 'subspace' needs a stages.steer.subspace block (its directions)")
+        for arm in ("subspace", "orthogonalized_subspace"):
+            if cap.arms is not None and arm in cap.arms and (steer is None or steer.subspace is None):
+                raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.subspace block (its directions)")
         if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
             raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
         if "resid_pre" not in self.stages.directions.sites:

@@ -412,7 +412,8 @@ def test_toy_run_every_cell_done_and_every_arm_has_every_metric(toy_run):
     _, out, _ = toy_run
     assert set(out["cells"]["status"]) == {"done"}, out["cells"][["stage", "status", "error"]]
     cap = out["capability"]
-    assert set(cap["arm"]) == {"baseline", "addition", "ablation", "subspace", "orthogonalized"}
+    assert set(cap["arm"]) == {"baseline", "addition", "ablation", "subspace", "orthogonalized",
+                               "orthogonalized_subspace"}
     for (arm, control), rows in cap.groupby(["arm", "control"]):
         assert REQUIRED <= set(rows["metric"]), (arm, control, sorted(rows["metric"]))
         assert rows["metric"].is_unique

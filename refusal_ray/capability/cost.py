@@ -13,7 +13,7 @@ import pandas as pd
 ARM_COLUMNS = ["model", "arm", "control", "coefficient", "alpha", "direction"]
 # metrics whose value is already relative to the baseline
 RELATIVE = {"first_token_kl"}
-ORDER = {"baseline": 0, "addition": 1, "ablation": 2, "subspace": 3, "orthogonalized": 4}
+ORDER = {"baseline": 0, "addition": 1, "ablation": 2, "subspace": 3, "orthogonalized": 4, "orthogonalized_subspace": 5}
 SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal harmless", "ce_loss": "d CE",
          "first_token_kl": "KL", "task_exact_match": "d task EM"}
 
@@ -54,7 +54,7 @@ def summary_columns(cost: pd.DataFrame, model: str) -> dict:
     its first setting (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl])."""
     out: dict = {}
     mine = cost[cost["model"] == model] if not cost.empty else cost
-    for arm in ("addition", "ablation", "subspace", "orthogonalized"):
+    for arm in ("addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace"):
         for control, suffix in ((False, ""), (True, "-ctl")):
             rows = mine[(mine["arm"] == arm) & (mine["control"] == control)]
             if rows.empty:

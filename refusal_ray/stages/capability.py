@@ -8,6 +8,8 @@ Arms (one cell each, with a norm-matched random control when `controls`):
   orthogonalized  the ablation direction projected out of the weights that write the residual
                   stream (embedding, attention and MLP output projections), in memory only
                   (`refusal_ray.models.orthogonalize`); restored bit-identically afterwards
+  orthogonalized_subspace  the subspace arm's basis projected out of the same weights (the
+                  Llama-3.2-1B study orthogonalised layers 7-10's span); control: a random subspace
 
 Metrics per arm (table `capability`, one row per (cell, metric)):
   ce_loss            mean next-token cross-entropy on held-out text, nats/token (Arditi et al. 2024,
@@ -38,11 +40,12 @@ from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import (Row, SteerInputs, arm_direction, arm_subspace, build_edits, generate_rows,
-                                      skip_reason, steering_inputs)
+from refusal_ray.stages.steer import (SUBSPACE_MODES, Row, SteerInputs, arm_direction, arm_subspace, build_edits,
+                                      generate_rows, skip_reason, steering_inputs)
 from refusal_ray.stats import wilson
 
-ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized")
+ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace")
+ORTHOGONALIZED = ("orthogonalized", "orthogonalized_subspace")
 
 
 def ablation_direction(settings: dict) -> tuple[str | int, int | None]:
@@ -73,9 +76,10 @@ def arms(spec, family: str | None = None, quantized: bool = False) -> list[str]:
         return list(dict.fromkeys(cap.arms))
     out = ["baseline", "addition", "ablation", "orthogonalized"]
     if steer is not None and steer.subspace is not None:
-        out.insert(3, "subspace")
+        out[3:3] = ["subspace"]
+        out.append("orthogonalized_subspace")
     if family in UNSUPPORTED or quantized:
-        out.remove("orthogonalized")
+        out = [a for a in out if a not in ORTHOGONALIZED]
     return out
 
 
@@ -101,15 +105,19 @@ def capability_params(spec, mp) -> list[dict]:
     if "ablation" in which:
         out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
                  "control": ctl, **select, **explicit} for a in cap.alphas for ctl in controls]
+    sub = spec.stages.steer.subspace if spec.stages.steer is not None else None
+    stacked = None if sub is None else {
+        "subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k}, **select}
     if "subspace" in which:
-        sub = spec.stages.steer.subspace
-        extra = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
-                 "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **select}
         out += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
-                 "control": ctl, **extra} for a in sub.alphas for ctl in controls]
+                 "control": ctl, "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
+                for a in sub.alphas for ctl in controls]
     if "orthogonalized" in which:
         out += [{"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
                  "direction_layer": direction, "control": ctl, **select, **explicit} for ctl in controls]
+    if "orthogonalized_subspace" in which:
+        out += [{"mode": "orthogonalized_subspace", "layer": None, "coefficient": 0.0, "alpha": 1.0,
+                 "direction_layer": None, "control": ctl, **stacked} for ctl in controls]
     return out
 
 
@@ -124,7 +132,7 @@ def resolved(cell: Cell, d: SteerInputs) -> Cell:
 def broadcast_edits(cell: Cell, d: SteerInputs, ablation_layers: list[int], d_model: int) -> dict:
     """The arm's hook edits as one-row tensors ([1, d_model]), which broadcast over any batch (the CE
     loss, KL and lm-eval batches); {} for baseline and orthogonalized arms (the latter edits weights)."""
-    if cell.params["mode"] in ("baseline", "orthogonalized"):
+    if cell.params["mode"] in ("baseline", *ORTHOGONALIZED):
         return {}
     return build_edits([Row(cell, "harmless", 0)], d, ablation_layers, d_model)
 
@@ -149,6 +157,8 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
     if cell.params["mode"] == "orthogonalized":
         _, _, v = arm_direction(cell, d)
         weights = orthogonalized(lm, v)
+    elif cell.params["mode"] == "orthogonalized_subspace":
+        weights = orthogonalized(lm, arm_subspace(cell, d)[1])               # [rank, d_model] orthonormal rows
     rows = []
     with weights:
         loss, n_tokens = cross_entropy(lm, texts, batch_size, edits)
@@ -192,7 +202,7 @@ def _arm_columns(cell: Cell, d: SteerInputs) -> dict:
     p = cell.params
     layer, position, v = arm_direction(cell, d)
     name, rank = None, None
-    if p["mode"] == "subspace":
+    if p["mode"] in SUBSPACE_MODES:
         name, q = arm_subspace(cell, d)
         rank = int(q.shape[0])
     return {"cell_id": cell.id, "seed": cell.seed, "arm": p["mode"], "control": p["control"],
@@ -290,7 +300,8 @@ def _check(plan) -> None:
     for name in ("direction_layer", "addition_layer"):
         if isinstance(getattr(cap, name), int):
             check_layers(plan, f"stages.capability.{name}", [getattr(cap, name)])
-    if cap.arms is None or "orthogonalized" not in cap.arms:
+    listed = [a for a in (cap.arms or []) if a in ORTHOGONALIZED]
+    if not listed:
         return
     for m in plan.spec.models:
         if m.name not in plan.models:   # validate offline: a hub model it could not read
@@ -299,7 +310,7 @@ def _check(plan) -> None:
         why = UNSUPPORTED.get(mp.family) or (f"{m.quantization} quantised weights" if m.quantization else None)
         if why:
             raise SpecError(plan.spec_file, "stages.capability.arms",
-                            f"'orthogonalized' cannot run on model {m.name!r} ({why}); drop it from the list "
+                            f"'{listed[0]}' cannot run on model {m.name!r} ({why}); drop it from the list "
                             f"(the default list leaves it out for such models) or measure hook ablation")
 
 

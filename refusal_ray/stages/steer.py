@@ -37,6 +37,8 @@ from refusal_ray.stages.directions import best_layer, directions_key
 from refusal_ray.stats import wilson
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
+# arms whose edit is a subspace (stage capability's orthogonalized_subspace edits the weights instead of hooks)
+SUBSPACE_MODES = ("subspace", "orthogonalized_subspace")
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, n
     """(direction layer, direction position, vector v) of an arm; control arms get their random
     vector of the same norm. Raises LookupError for a `selected` arm when nothing was selected."""
     p = cell.params
-    if p["mode"] in ("baseline", "subspace"):
+    if p["mode"] in ("baseline", *SUBSPACE_MODES):
         return None, None, None
     if p["direction_layer"] == "selected":
         if d.selected is None:
@@ -398,7 +400,7 @@ def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
 
 def skip_reason(cell: Cell, d: SteerInputs) -> str | None:
     """Why an arm cannot run on this seed's directions (a subspace it cannot build, nothing selected), or None."""
-    if cell.params.get("mode") == "subspace":
+    if cell.params.get("mode") in SUBSPACE_MODES:
         try:
             arm_subspace(cell, d)
         except LookupError as e:
