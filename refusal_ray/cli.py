@@ -195,9 +195,9 @@ def _calibrate(path: Path, judges: list | None) -> None:
 
 
 def _print_summary(out: str, verdict_judge: str | None = None) -> None:
-    from refusal_ray.report import write_report
+    from refusal_ray.analysis.report import write_report
     from refusal_ray.store import read
-    from refusal_ray.summary import render
+    from refusal_ray.analysis.summary import render
 
     report = write_report(out, verdict_judge)  # also writes summary.parquet and the per-judge tables
     typer.echo(render(read(out, "summary")))
@@ -207,7 +207,7 @@ def _print_summary(out: str, verdict_judge: str | None = None) -> None:
 
 def _print_extras(out: str) -> None:
     """The per-judge table and the capability-cost table, where the store has them."""
-    from refusal_ray.summary import judge_tables, read_cost, render_cost, render_judges
+    from refusal_ray.analysis.summary import judge_tables, read_cost, render_cost, render_judges
 
     for text in (render_judges(*judge_tables(out)), render_cost(read_cost(out))):
         if text:
@@ -221,7 +221,7 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
                                                                 "decision rule's).")] = None):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
     from refusal_ray.store import Store
-    from refusal_ray.summary import known_judges, render, write_summary
+    from refusal_ray.analysis.summary import known_judges, render, write_summary
 
     _require_store(out)
     known = known_judges(Store(out).read_json("manifest.json"))
@@ -234,7 +234,7 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
 @app.command()
 def report(out: Annotated[str, typer.Argument(help="Store (path or URI).")]):
     """Write figures/*.png and report.md for a store."""
-    from refusal_ray.report import write_report
+    from refusal_ray.analysis.report import write_report
 
     _require_store(out)
     typer.echo(write_report(out))

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from refusal_ray import load_model
-from refusal_ray.capability.cost import capability_cost
+from refusal_ray.analysis.cost import capability_cost
 from refusal_ray.capability.harness import result_rows, run_tasks, ship_tasks
 from refusal_ray.capability.measures import (cross_entropy, first_token_kl, load_texts, next_token_logprobs,
                                              text_tokens)

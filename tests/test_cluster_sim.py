@@ -15,7 +15,7 @@ import refusal_ray
 from refusal_ray.plan import make_plan
 from refusal_ray.runner import run
 from refusal_ray.store import Store
-from refusal_ray.summary import summarize
+from refusal_ray.analysis.summary import summarize
 
 from conftest import TOY_MODELS
 from test_e2e import small_spec

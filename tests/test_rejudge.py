@@ -46,7 +46,7 @@ def stored(tmp_path_factory) -> Path:
     """A finished store of the toy qwen-xs (steering, 6 test prompts per class), built without Ray."""
     from refusal_ray.cluster.local import run_local
     from refusal_ray.plan import make_plan
-    from refusal_ray.report import write_report
+    from refusal_ray.analysis.report import write_report
     from refusal_ray.runner import freeze_manifest
     from refusal_ray.store import Store
 

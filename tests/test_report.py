@@ -62,7 +62,7 @@ def store_dir(tmp_path_factory):
 
 
 def test_report_has_every_section_in_order(store_dir):
-    from refusal_ray.report import write_report
+    from refusal_ray.analysis.report import write_report
 
     text = open(write_report(store_dir)).read()
     positions = [text.find(h) for h in SECTIONS]
@@ -77,8 +77,8 @@ def test_report_has_every_section_in_order(store_dir):
 
 
 def test_headline_states_the_summary_numbers(store_dir):
-    from refusal_ray.report import write_report
-    from refusal_ray.summary import summarize
+    from refusal_ray.analysis.report import write_report
+    from refusal_ray.analysis.summary import summarize
 
     text = open(write_report(store_dir)).read()
     row = summarize(store_dir).iloc[0]
@@ -92,7 +92,7 @@ def test_headline_states_the_summary_numbers(store_dir):
 
 def test_cost_columns_equal_the_rows_recomputed_by_hand(store_dir):
     from refusal_ray.store import read
-    from refusal_ray.summary import summarize
+    from refusal_ray.analysis.summary import summarize
 
     cap = read(store_dir, "capability")
     row = summarize(store_dir).iloc[0]
@@ -111,7 +111,7 @@ def test_cost_columns_equal_the_rows_recomputed_by_hand(store_dir):
 
 
 def test_cost_table_written_beside_the_summary(store_dir):
-    from refusal_ray.summary import read_cost, render_cost, write_summary
+    from refusal_ray.analysis.summary import read_cost, render_cost, write_summary
 
     write_summary(store_dir)
     cost = read_cost(store_dir)
@@ -124,7 +124,7 @@ def test_cost_table_written_beside_the_summary(store_dir):
 
 
 def test_report_of_a_sweep_without_capability_says_so(tmp_path):
-    from refusal_ray.report import write_report
+    from refusal_ray.analysis.report import write_report
 
     from test_summary import make_store
 

@@ -10,7 +10,7 @@ import pytest
 from statsmodels.stats.proportion import proportion_confint
 
 from refusal_ray.stats import cohens_d, prompt_pooled_rate, wilson
-from refusal_ray.summary import control_margin_verdict, steering_label
+from refusal_ray.analysis.summary import control_margin_verdict, steering_label
 
 
 def test_wilson_reference_values():

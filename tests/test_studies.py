@@ -243,7 +243,7 @@ def _run_twin(study: str, tmp_path: Path, monkeypatch) -> tuple[dict, pd.DataFra
     from refusal_ray.plan import make_plan
     from refusal_ray.runner import freeze_manifest
     from refusal_ray.store import Store
-    from refusal_ray.summary import write_summary
+    from refusal_ray.analysis.summary import write_summary
 
     monkeypatch.chdir(REPO)                        # the twins' paths are relative to the repository
     plan = make_plan(TOY / f"{study}.yaml")

@@ -267,7 +267,8 @@ def test_quickstart_cells_other_than_subspace_are_unchanged(monkeypatch, tmp_pat
     assert spec["stages"]["steer"].get("subspace")
     without = copy.deepcopy(spec)
     del without["stages"]["steer"]["subspace"]
-    with_ids = [c.id for c in make_plan("sweeps/quickstart.yaml").cells if c.params.get("mode") != "subspace"]
+    with_ids = [c.id for c in make_plan("sweeps/quickstart.yaml").cells
+                if c.params.get("mode") not in ("subspace", "orthogonalized_subspace")]
     f = _write(tmp_path, without)
     assert with_ids == [c.id for c in make_plan(str(f)).cells]
 
@@ -316,7 +317,7 @@ def _run(tmp_path, subspace):
     from refusal_ray.plan import make_plan
     from refusal_ray.runner import freeze_manifest
     from refusal_ray.store import Store
-    from refusal_ray.summary import write_summary
+    from refusal_ray.analysis.summary import write_summary
 
     plan = make_plan(_write(tmp_path, _toy_spec(tmp_path, subspace)))
     store = Store(tmp_path / "out")

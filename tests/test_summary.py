@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refusal_ray.report import steering_figure, write_report
+from refusal_ray.analysis.report import steering_figure, write_report
 from refusal_ray.stats import wilson
 from refusal_ray.store import Store
-from refusal_ray.summary import (nearest_steered, per_seed_arms, pooled_arms, steer_columns, summarize,
+from refusal_ray.analysis.summary import (nearest_steered, per_seed_arms, pooled_arms, steer_columns, summarize,
                                  write_summary)
 
 RULE = {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,

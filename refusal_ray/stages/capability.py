@@ -23,7 +23,7 @@ Metrics per arm (table `capability`, one row per (cell, metric)):
 Each row carries value, n, a 95% interval where one is defined (Wilson for rates; mean +- 1.96
 standard errors over prompts for the KL; lm-eval's stderr for its metrics) and the arm's settings.
 The cost of an arm is its value minus the baseline's for the same (model, seed, metric); the
-summary computes it (`refusal_ray.summary.capability_table`).
+summary computes it (`refusal_ray.analysis.summary.capability_table`).
 """
 
 from __future__ import annotations

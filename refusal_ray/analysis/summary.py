@@ -29,7 +29,7 @@ steering_labels, from the addition curve at `label_layer`: induce = max over c >
 capability cost (stage capability; not part of either verdict): `cost_ce[arm]` is the arm's CE loss
   minus the baseline's (nats/token, mean over seeds) and `cost_kl[arm]` its first-token KL against
   the baseline, for each arm at its first setting (`[arm-ctl]`: its random control); the full
-  table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.capability.cost`).
+  table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.analysis.cost`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from refusal_ray.capability.cost import SHORT, capability_cost, cost_table
-from refusal_ray.capability.cost import summary_columns as cost_columns
-from refusal_ray.circuits import circuit_columns, scrub_verdicts, site_recovery
-from refusal_ray.judgements import agreement, judge_labels, judges_in, render_agreement, steering_under
+from refusal_ray.analysis.cost import SHORT, capability_cost, cost_table
+from refusal_ray.analysis.cost import summary_columns as cost_columns
+from refusal_ray.analysis.circuits import circuit_columns, scrub_verdicts, site_recovery
+from refusal_ray.analysis.judgements import agreement, judge_labels, judges_in, render_agreement, steering_under
 from refusal_ray.judges.config import INLINE
 from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store

@@ -1,4 +1,4 @@
-"""Figures (PNG) and the compiled Markdown report of a store (sections in `refusal_ray.report_stages`)."""
+"""Figures (PNG) and the compiled Markdown report of a store (sections in `refusal_ray.analysis.report_stages`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 
 from refusal_ray.stages.directions import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
-from refusal_ray.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
+from refusal_ray.analysis.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
                                  write_summary)
 
 
@@ -156,11 +156,11 @@ def write_report(out_dir, judge: str | None = None) -> str:
     decision rule, the summary table, then one section per stage (directions and extraction
     diagnostics, selection, steering with controls, subspace ablation, capability cost, judges,
     activation patching, causal scrubbing), each saying so when its stage did not run, and the figures."""
-    from refusal_ray import report_circuits as rc
-    from refusal_ray import report_select as rs
-    from refusal_ray import report_stages as st
-    from refusal_ray.circuits import scrub_verdicts, site_recovery
-    from refusal_ray.summary import read_cost, render_cost
+    from refusal_ray.analysis import report_circuits as rc
+    from refusal_ray.analysis import report_select as rs
+    from refusal_ray.analysis import report_stages as st
+    from refusal_ray.analysis.circuits import scrub_verdicts, site_recovery
+    from refusal_ray.analysis.summary import read_cost, render_cost
 
     store = Store(out_dir)
     summary = write_summary(out_dir, judge)
