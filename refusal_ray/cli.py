@@ -42,14 +42,15 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
         plan = make_plan(spec, offline_ok=True)
     except SpecError as e:
         _bad_input(e)
-    if not plan.unchecked:
+    offline = [line for line in plan.unchecked if line.startswith("models.")]
+    if not offline:
         typer.echo(f"{spec}: ok ({len(plan.cells)} cells)")
-        return
-    typer.echo(f"{spec}: ok as far as it can be checked without the hub (schema, prompt and data files, options; "
-               f"{len(plan.cells)} cells of the models it could read)")
+    else:
+        typer.echo(f"{spec}: ok as far as it can be checked without the hub (schema, prompt and data files, "
+                   f"options; {len(plan.cells)} cells of the models it could read)")
     for line in plan.unchecked:
-        typer.echo(f"could not check offline: {line}")
-    if any(line.startswith("models.") for line in plan.unchecked):
+        typer.echo(f"{'could not check offline' if line in offline else 'not checked before the run'}: {line}")
+    if offline:
         typer.echo("(a hub model's config could not be fetched: `refusal-ray plan` with the hub reachable checks it)")
 
 

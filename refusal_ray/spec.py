@@ -527,6 +527,10 @@ class Spec(Strict):
         if "resid_pre" not in self.stages.directions.sites:
             raise ValueError("stages.capability needs 'resid_pre' in stages.directions.sites (its arms use those "
                              "directions)")
+        positions = self.stages.directions.positions
+        if steer is None and positions != "post_instruction" and -1 not in positions:
+            raise ValueError("stages.capability without a stages.steer block uses the directions at position -1: "
+                             "add -1 to stages.directions.positions (or add a stages.steer block with its position)")
         return self
 
     @model_validator(mode="after")

@@ -154,3 +154,11 @@ def cohen_kappa(a: Iterable, b: Iterable, confidence: float = 0.95) -> Agreement
         # a zero standard error (one judge constant, or perfect agreement) gives no interval, not a point
         lo, hi = (kappa - z * se, kappa + z * se) if se > 0 else (nan, nan)
     return Agreement(n, p_o, kappa, lo, hi, int(t[0, 0]), int(t[0, 1]), int(t[1, 0]), int(t[1, 1]))
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity between directions: [n_layers, d_model] -> [n_layers, n_layers] (0 for zero vectors)."""
+    v = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+    return u @ u.T

@@ -516,17 +516,82 @@ def test_default_arms_leave_orthogonalized_out_for_quantised_models(tmp_path):
     assert "baseline" in modes and "orthogonalized" not in modes
 
 
-def test_load_texts_rows_without_a_prompt_are_not_instructed_nan(tmp_path):
-    f = tmp_path / "mixed.jsonl"
-    f.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi"}) + "\n"
-                 + json.dumps({"completion": "no prompt here"}) + "\n"
-                 + json.dumps({"prompt": None, "completion": "null prompt"}) + "\n")
-    try:
-        docs = load_texts(f, "completion", "prompt")
-    except ValueError:
-        return                                                    # refusing such a file is fine too
-    assert docs[0] == ("Say hi.", "hi")
-    assert [p for p, _ in docs[1:]] == [None, None]
+def test_load_texts_refuses_a_row_without_its_instruction(tmp_path):
+    """Scored completions and plain text are different quantities: a row of a prompt/completion file
+    without its prompt is refused (it was once read as the instruction 'nan')."""
+    for bad in ({"completion": "no prompt here"}, {"prompt": None, "completion": "null prompt"},
+                {"prompt": "  ", "completion": "blank prompt"}):
+        f = tmp_path / "mixed.jsonl"
+        f.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi"}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=r"^row 1: empty 'prompt' \(every scored text needs its instruction; "
+                                             r"set prompt_column: null to score plain text\)$"):
+            load_texts(f, "completion", "prompt")
+    assert load_texts(f, "completion", None) == [(None, "hi"), (None, "blank prompt")]
+
+
+def test_first_token_kl_ignores_tokens_the_baseline_rules_out():
+    base = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    other = torch.log(torch.tensor([[0.25, 0.75, 0.0]], dtype=torch.float64))
+    expected = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
+    assert float(first_token_kl(base, other)[0]) == pytest.approx(expected, abs=1e-15)
+    assert float(first_token_kl(base, base)[0]) == 0.0
+
+
+def test_cross_entropy_with_nothing_to_score_says_why(lm):
+    seqs = text_tokens(lm.tokenizer, [("A long instruction that fills the budget entirely.", "ok")], 4)
+    assert seqs == []
+    with pytest.raises(ValueError, match="no token to score: every document was dropped"):
+        cross_entropy(lm, seqs, 4)
+
+
+def _plan_cells(tmp_path, spec) -> list:
+    from refusal_ray.plan import make_plan
+
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return [c for c in make_plan(str(f)).cells if c.stage == "capability"]
+
+
+def test_capability_ids_move_only_with_what_an_arm_measures(tmp_path):
+    """Adding an alpha or the controls adds cells and leaves every other arm's id (and stored result) alone;
+    a different text, generation length or lm-eval setting changes every id; batch sizes change none."""
+    spec = base_spec(QWEN_XS)
+    spec["stages"]["capability"] = {"controls": False, "alphas": [1.0]}
+    before = {(c.params["mode"], c.params["alpha"], c.params["control"]): c.id for c in _plan_cells(tmp_path, spec)}
+    spec["stages"]["capability"] = {"controls": True, "alphas": [1.0, 0.5], "batch_size": 7}
+    after = {(c.params["mode"], c.params["alpha"], c.params["control"]): c.id for c in _plan_cells(tmp_path, spec)}
+    assert set(before) < set(after)
+    assert all(after[k] == v for k, v in before.items())
+    spec["stages"]["capability"]["text"] = {"n": 5}
+    moved = {(c.params["mode"], c.params["alpha"], c.params["control"]): c.id for c in _plan_cells(tmp_path, spec)}
+    assert not set(moved.values()) & set(after.values())
+
+
+def test_default_arms_leave_orthogonalized_out_for_a_device_map_on_cpu(tmp_path):
+    spec = base_spec(QWEN_XS)
+    spec["models"][0]["device_map"] = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                                       "lm_head": "disk"}
+    spec["models"][0]["offload_folder"] = str(tmp_path / "offload")
+    spec["stages"]["capability"] = {"controls": False}
+    modes = {c.params["mode"] for c in _plan_cells(tmp_path, spec)}
+    assert "ablation" in modes and "orthogonalized" not in modes
+
+
+def test_summary_costs_read_the_rules_setting():
+    from refusal_ray.analysis.cost import summary_columns
+
+    rows = [{"model": "m", "seed": 0, "arm": arm, "control": False, "coefficient": c, "alpha": a, "direction": "d",
+             "metric": "ce_loss", "value": v}
+            for arm, c, a, v in [("baseline", 0.0, 0.0, 1.0), ("ablation", 0.0, 0.75, 1.5), ("ablation", 0.0, 1.0, 2.0),
+                                 ("ablation", 0.0, 1.25, 3.0), ("addition", -1.0, 0.0, 4.0),
+                                 ("addition", 1.0, 0.0, 5.0)]]
+    cost = capability_cost(pd.DataFrame(rows))
+    rule = {"control_margin": {"ablation_alpha": 1.0, "addition_coefficient": 1.0}}
+    out = summary_columns(cost, "m", rule)
+    assert out["cost_ce[ablation]"] == 1.0 and out["cost_setting[ablation]"] == "alpha=1"
+    assert out["cost_ce[addition]"] == 4.0 and out["cost_setting[addition]"] == "c=1"
+    first = summary_columns(cost, "m", {"control_margin": {"ablation_alpha": 2.0}})   # not measured: the first
+    assert first["cost_ce[ablation]"] == 0.5 and first["cost_setting[ablation]"] == "alpha=0.75"
 
 
 # -- 7. bad input through the CLI ----------------------------------------------------------------------
@@ -601,3 +666,20 @@ def test_orthogonalized_default_list_leaves_gemma2_out(tmp_path, gemma2_path):
     f.write_text(yaml.safe_dump(spec))
     modes = {c.params["mode"] for c in make_plan(str(f)).cells if c.stage == "capability"}
     assert modes == {"baseline", "addition", "ablation"}
+
+
+def test_capability_without_steer_needs_position_minus_one(tmp_path):
+    from refusal_ray.errors import SpecError
+    from refusal_ray.spec import load_spec
+
+    spec = base_spec(QWEN_XS)
+    spec["stages"] = {"directions": {"positions": [-2]}, "capability": {}}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as e:
+        load_spec(f)
+    assert str(e.value) == (f"{f}: stages.capability without a stages.steer block uses the directions at position "
+                            f"-1: add -1 to stages.directions.positions (or add a stages.steer block with its position)")
+    spec["stages"]["directions"]["positions"] = [-2, -1]
+    f.write_text(yaml.safe_dump(spec))
+    assert load_spec(f).stages.capability is not None

@@ -87,7 +87,7 @@ def test_headline_states_the_summary_numbers(store_dir):
     assert f"steering_labels **{row['verdict_steering_labels']}**" in head
     assert (f"harmful refusal {row['baseline_harmful_refusal']:.2f} -> {row['ablation_harmful_refusal']:.2f}"
             in head)
-    assert f"ablation {row['cost_ce[ablation]']:+.3f} nats CE" in head
+    assert f"ablation (alpha=1) {row['cost_ce[ablation]']:+.3f} nats CE" in head
 
 
 def test_cost_columns_equal_the_rows_recomputed_by_hand(store_dir):

@@ -49,21 +49,26 @@ def cost_table(cost: pd.DataFrame) -> pd.DataFrame:
     return wide.sort_values(["model", "_order", "control"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def summary_columns(cost: pd.DataFrame, model: str) -> dict:
-    """Per model, for the summary table: the CE change and first-token KL of each non-control arm at
-    its first setting (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl])."""
+def summary_columns(cost: pd.DataFrame, model: str, rule: dict | None = None) -> dict:
+    """Per model, for the summary table: the CE change and first-token KL of each non-control arm
+    (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl], ...), at the setting the
+    decision rule reads (control_margin's ablation_alpha for ablation arms, addition_coefficient for
+    addition arms) when it was measured, else at the arm's first setting; `cost_setting[arm]` names it."""
     out: dict = {}
+    cm = (rule or {}).get("control_margin") or {}
     mine = cost[cost["model"] == model] if not cost.empty else cost
     for arm in ("addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace"):
+        rows = mine[mine["arm"] == arm]
+        if rows.empty:
+            continue
+        key, wanted = ("coefficient", cm.get("addition_coefficient")) if arm == "addition" else \
+            ("alpha", cm.get("ablation_alpha"))
+        setting = wanted if wanted is not None and (rows[key] == wanted).any() else rows[key].iloc[0]
+        out[f"cost_setting[{arm}]"] = f"{'c' if key == 'coefficient' else 'alpha'}={setting:g}"
         for control, suffix in ((False, ""), (True, "-ctl")):
-            rows = mine[(mine["arm"] == arm) & (mine["control"] == control)]
-            if rows.empty:
-                continue
-            first = rows.iloc[0]
-            rows = rows[(rows["coefficient"] == first["coefficient"]) & (rows["alpha"] == first["alpha"])]
+            at = rows[(rows["control"] == control) & (rows[key] == setting)]
             for metric, name in (("ce_loss", "ce"), ("first_token_kl", "kl")):
-                hit = rows[rows["metric"] == metric]
+                hit = at[at["metric"] == metric]
                 if not hit.empty:
                     out[f"cost_{name}[{arm}{suffix}]"] = float(hit["cost"].iloc[0])
     return out
-

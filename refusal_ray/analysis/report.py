@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from refusal_ray.stages.directions import cosine_matrix  # noqa: E402
+from refusal_ray.stats import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
 from refusal_ray.analysis.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
                                  write_summary)
@@ -207,10 +207,11 @@ def write_report(out_dir, judge: str | None = None) -> str:
               "## Directions (difference of means, Arditi et al. 2024 Sec. 2.1)", ""]
     lines += [*st.directions_diagnostics(dirs), "", *fig("separation.png"), *fig("cosines.png")]
     lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", ""]
-    lines += [*rs.selection_table(selection), "", *fig("selection.png")] if not selection.empty else st.not_run("select")
+    lines += [*rs.selection_table(selection), "", *fig("selection.png")] if not selection.empty \
+        else st.not_run("select", stages)
     lines += ["## Steering: activation addition and directional ablation, with random controls", ""]
     lines += [*st.steering_arms_table(arms, summary), "", *fig("steering.png")] if not steering.empty \
-        else st.not_run("steer")
+        else st.not_run("steer", stages)
     lines += ["## Subspace ablation", ""]
     subspace = not arms.empty and (arms["mode"] == "subspace").any()
     lines += ([*st.markdown_table(arms[arms["mode"] == "subspace"][[c for c in [
@@ -220,15 +221,16 @@ def write_report(out_dir, judge: str | None = None) -> str:
          "Not run in this sweep (no `stages.steer` block).", ""])
     lines += ["## Capability cost (CE loss, first-token KL, task exact match, lm-eval)", ""]
     lines += ["```", render_cost(cost), "```", "", *fig("capability.png")] if not cost.empty \
-        else st.not_run("capability")
+        else st.not_run("capability", stages)
     lines += ["## Judges", ""]
     judges_text = render_judges(*judge_tables(out_dir))
     lines += (["Verdicts above read the judge named in the provenance line; the steering figure uses the inline "
                "substring judge.", "", "```", judges_text, "```", ""] if judges_text else
               ["One judge (the inline substring judge); no agreement to report.", ""])
     lines += ["## Activation patching: top components", ""]
-    lines += [*rc.top_sites_table(sites), "", *fig("patching.png")] if not sites.empty else st.not_run("patch")
+    lines += [*rc.top_sites_table(sites), "", *fig("patching.png")] if not sites.empty \
+        else st.not_run("patch", stages)
     lines += ["## Causal scrubbing (resample ablation of each hypothesis' complement)", ""]
     lines += (["```", verdicts.to_string(index=False, float_format=lambda x: f"{x:.3f}"), "```", "",
-               *fig("scrubbing.png")] if not verdicts.empty else st.not_run("scrub"))
+               *fig("scrubbing.png")] if not verdicts.empty else st.not_run("scrub", stages))
     return store.write_file("report.md", ("\n".join(lines) + "\n").encode())

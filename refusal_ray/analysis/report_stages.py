@@ -50,12 +50,13 @@ def headline(row: pd.Series, rule: dict) -> str:
         parts.append(f"Subspace ablation ({row.get('subspace')}) lowers harmful refusal by "
                      f"{_num(row['subspace_suppression'])} ({_num(row.get('subspace_suppression_vs_control'), '{:+.2f}')}"
                      f" beyond a random subspace of the same rank).")
-    costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"))
+    costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"), row.get(f"cost_setting[{arm}]"))
              for arm in ("ablation", "orthogonalized", "subspace", "orthogonalized_subspace", "addition")
              if _has(row, f"cost_ce[{arm}]")]
     if costs:
-        parts.append("Capability cost: " + "; ".join(f"{arm} {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
-                                                     for arm, ce, kl in costs) + ".")
+        parts.append("Capability cost: " + "; ".join(
+            f"{arm} ({setting}) {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
+            for arm, ce, kl, setting in costs) + ".")
     if _has(row, "top_component"):
         parts.append(f"Top patched component {row['top_component']} (recovery {_num(row.get('top_recovery'))}).")
     return " ".join(parts)
@@ -78,7 +79,10 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.3f}") -> list[str]:
     return lines
 
 
-def not_run(stage: str) -> list[str]:
+def not_run(stage: str, stages: dict) -> list[str]:
+    """The lines of a stage section without rows: not in the spec, or in it with nothing stored."""
+    if stages.get(stage) is not None:
+        return [f"No rows stored: every `{stage}` cell failed or was skipped (reasons in the `cells` table).", ""]
     return [f"Not run in this sweep (no `stages.{stage}` block).", ""]
 
 

@@ -28,7 +28,8 @@ steering_labels, from the addition curve at `label_layer`: induce = max over c >
   either >= weak otherwise; fails: neither.
 capability cost (stage capability; not part of either verdict): `cost_ce[arm]` is the arm's CE loss
   minus the baseline's (nats/token, mean over seeds) and `cost_kl[arm]` its first-token KL against
-  the baseline, for each arm at its first setting (`[arm-ctl]`: its random control); the full
+  the baseline, at the setting control_margin reads (ablation_alpha, addition_coefficient) when it was
+  measured, else the arm's first (`cost_setting[arm]` names it; `[arm-ctl]`: its random control); the full
   table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.analysis.cost`).
 """
 
@@ -315,7 +316,7 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
             mine = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
             stored = int((t["completions"]["model"] == name).sum()) if not t["completions"].empty else 0
             row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
-        rows.append(row | circuit | cost_columns(t["cost"], name))
+        rows.append(row | circuit | cost_columns(t["cost"], name, rule))
     df = pd.DataFrame(rows)
     if not df.empty:
         df["judge"] = judge

@@ -39,7 +39,7 @@ def local_tasks(include_path: str | Path) -> dict[str, str]:
     unreadable YAML."""
     root = Path(include_path)
     out: dict[str, str] = {}
-    for path in sorted(root.rglob("*.yaml")):
+    for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
         try:
             cfg = _load_yaml(path, resolve=False)
         except Exception as e:  # noqa: BLE001 - any YAML or include problem, reported with the file

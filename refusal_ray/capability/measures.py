@@ -42,8 +42,14 @@ def load_texts(path: str | Path, text_column: str = "completion", prompt_column:
             if col is not None and col not in df.columns:
                 raise ValueError(f"no column {col!r} (columns: {', '.join(map(str, df.columns))})")
         prompts = df[prompt_column] if prompt_column is not None else [None] * len(df)
-        docs = [(p if isinstance(p, str) and p.strip() else None, t) for p, t in zip(prompts, df[text_column])
-                if isinstance(t, str) and t.strip()]
+        docs = []
+        for i, (p, t) in enumerate(zip(prompts, df[text_column])):
+            if not (isinstance(t, str) and t.strip()):
+                continue
+            if prompt_column is not None and not (isinstance(p, str) and p.strip()):
+                raise ValueError(f"row {i}: empty {prompt_column!r} (every scored text needs its instruction; "
+                                 f"set prompt_column: null to score plain text)")
+            docs.append((p if prompt_column is not None else None, t))
     if not docs:
         raise ValueError("no documents")
     return docs[:n] if n is not None else docs
@@ -99,6 +105,9 @@ def cross_entropy(lm: LoadedModel, seqs: list[tuple[list[int], int]], batch_size
             target = ids[b, lo:].to(lp.device)                                           # [n_scored]
             total -= float(lp.gather(-1, target[:, None]).double().sum())
             count += int(target.numel())
+    if count == 0:
+        raise ValueError("no token to score: every document was dropped (its chat prompt fills "
+                         "stages.capability.text.max_tokens; raise it)")
     return total / count, count
 
 
@@ -120,5 +129,6 @@ def next_token_logprobs(lm: LoadedModel, seqs: list[list[int]], batch_size: int,
 
 
 def first_token_kl(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(P_base || P_other) per prompt, from log-probabilities [n, vocab]: [n] nats (0 for equal inputs)."""
-    return (base.exp() * (base - other)).sum(-1)
+    """KL(P_base || P_other) per prompt, from log-probabilities [n, vocab]: [n] nats (0 for equal inputs;
+    tokens the baseline gives probability 0 contribute 0, not 0 * inf)."""
+    return torch.where(base > -torch.inf, base.exp() * (base - other), 0.0).sum(-1)

@@ -23,7 +23,7 @@ Metrics per arm (table `capability`, one row per (cell, metric)):
 Each row carries value, n, a 95% interval where one is defined (Wilson for rates; mean +- 1.96
 standard errors over prompts for the KL; lm-eval's stderr for its metrics) and the arm's settings.
 The cost of an arm is its value minus the baseline's for the same (model, seed, metric); the
-summary computes it (`refusal_ray.analysis.summary.capability_table`).
+summary computes it (`refusal_ray.analysis.cost.capability_cost`).
 """
 
 from __future__ import annotations
@@ -67,10 +67,25 @@ def _settings(spec) -> dict:
             "select": None if spec.stages.select is None else {}}
 
 
-def arms(spec, family: str | None = None, quantized: bool = False) -> list[str]:
-    """The arms measured on a model of `family`: the block's list, or by default every arm the spec
-    defines (subspace with stages.steer.subspace; orthogonalized where the weights can be orthogonalised:
-    not post-norm families, not quantised models)."""
+def not_orthogonalizable(model, family: str) -> str | None:
+    """Why a model's weights cannot be orthogonalised, as far as its spec block and config tell before
+    loading (post-norm family, quantised, placed on CPU/disk by an explicit device_map), or None.
+    Automatic offload (`offload: auto` for large models on CPU workers) is known only at load time:
+    `orthogonalized` refuses it then, with the reason, in the cell's error."""
+    if family in UNSUPPORTED:
+        return UNSUPPORTED[family]
+    if model.quantization:
+        return f"{model.quantization} quantised weights"
+    placed = model.device_map.values() if isinstance(model.device_map, dict) else ()
+    if any(str(v) in ("cpu", "disk") for v in placed):
+        return "layers placed on CPU/disk by its device_map (offloaded)"
+    return None
+
+
+def arms(spec, blocked: str | None = None) -> list[str]:
+    """The arms measured on a model: the block's list, or by default every arm the spec defines
+    (subspace arms with stages.steer.subspace; orthogonalized arms unless `blocked`, the reason from
+    `not_orthogonalizable`)."""
     cap, steer = spec.stages.capability, spec.stages.steer
     if cap.arms is not None:
         return list(dict.fromkeys(cap.arms))
@@ -78,9 +93,11 @@ def arms(spec, family: str | None = None, quantized: bool = False) -> list[str]:
     if steer is not None and steer.subspace is not None:
         out[3:3] = ["subspace"]
         out.append("orthogonalized_subspace")
-    if family in UNSUPPORTED or quantized:
-        out = [a for a in out if a not in ORTHOGONALIZED]
-    return out
+    return [a for a in out if not (blocked and a in ORTHOGONALIZED)]
+
+
+def _blocked(spec, mp) -> str | None:
+    return not_orthogonalizable(next(m for m in spec.models if m.name == mp.name), mp.family)
 
 
 def capability_params(spec, mp) -> list[dict]:
@@ -88,33 +105,40 @@ def capability_params(spec, mp) -> list[dict]:
     and edit builders serve both); addition arms leave `layer` None until their direction resolves."""
     cap = spec.stages.capability
     controls = [False, True] if cap.controls else [False]
-    model = next(m for m in spec.models if m.name == mp.name)
-    which = arms(spec, mp.family, model.quantization is not None)
+    which = arms(spec, _blocked(spec, mp))
     out: list[dict] = []
     if "baseline" in which:
         out.append({"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0, "direction_layer": None,
                     "control": False})
-    select = ({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
-              if spec.stages.select is not None else {})
+    select_block = ({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
+                    if spec.stages.select is not None else {})
+
+    def select(uses: bool) -> dict:   # stage select's settings are part of an arm only when it reads select
+        return select_block if uses else {}
+
     if "addition" in which:
         out += [{"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
-                 "direction_layer": cap.addition_layer, "control": ctl, **select}
+                 "direction_layer": cap.addition_layer, "control": ctl, **select(cap.addition_layer == "selected")}
                 for c in cap.coefficients if c != 0 for ctl in controls]
     direction, position = ablation_direction(_settings(spec))
-    explicit = {} if position is None else {"direction_position": position}
+    explicit = {**select(direction == "selected"), **({} if position is None else {"direction_position": position})}
+    steer = spec.stages.steer
     if "ablation" in which:
+        layers = {} if steer is None or steer.ablation is None or steer.ablation.layers == "all" else {
+            "ablation_layers": layer_list(steer.ablation.layers, mp.n_layers)}
         out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
-                 "control": ctl, **select, **explicit} for a in cap.alphas for ctl in controls]
-    sub = spec.stages.steer.subspace if spec.stages.steer is not None else None
+                 "control": ctl, **explicit, **layers} for a in cap.alphas for ctl in controls]
+    sub = steer.subspace if steer is not None else None
     stacked = None if sub is None else {
-        "subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k}, **select}
+        "subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
+        **select(sub.top_k is not None)}
     if "subspace" in which:
         out += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
                  "control": ctl, "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
                 for a in sub.alphas for ctl in controls]
     if "orthogonalized" in which:
         out += [{"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                 "direction_layer": direction, "control": ctl, **select, **explicit} for ctl in controls]
+                 "direction_layer": direction, "control": ctl, **explicit} for ctl in controls]
     if "orthogonalized_subspace" in which:
         out += [{"mode": "orthogonalized_subspace", "layer": None, "coefficient": 0.0, "alpha": 1.0,
                  "direction_layer": None, "control": ctl, **stacked} for ctl in controls]
@@ -188,8 +212,8 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
             from refusal_ray.interventions import row_edits
 
             le = cfg["lm_eval"]
-            with row_edits(lm.sites, edits):
-                results = run_tasks(lm, extra["lm_eval"], batch_size=le["batch_size"],
+            with row_edits(lm.sites, edits):   # halved with the stage's batch after an out-of-memory error
+                results = run_tasks(lm, extra["lm_eval"], batch_size=min(le["batch_size"], batch_size),
                                     num_fewshot=le["num_fewshot"], limit=le["limit"])
             for r in result_rows(results):
                 se = r["stderr"]
@@ -240,18 +264,23 @@ def _id_key(spec) -> dict:
     from refusal_ray.data import fingerprint, files_fingerprint
 
     cap = spec.stages.capability
-    block = cap.model_dump(mode="json", exclude={"batch_size": True, "lm_eval": {"batch_size"}})
     steer = spec.stages.steer
-    key = directions_key(spec) | {"capability": block, "generation": spec.generation.model_dump(mode="json"),
-                                  "judge": spec.judge.model_dump(mode="json"),
-                                  "position": steer.position if steer is not None else -1,
-                                  "ablation_layers": steer.ablation.layers if steer and steer.ablation else "all",
-                                  "text": fingerprint(cap.text.path)}
-    if cap.lm_eval is not None and cap.lm_eval.include_path:
+    # what every arm's measurements read: the text, generation, lm-eval; the arm's own settings (kind,
+    # coefficient, alpha, direction, control, its ablation layers) are its params, so adding an alpha
+    # or a control leaves the other arms' ids (and stored results) alone
+    key = directions_key(spec) | {"text": cap.text.model_dump(mode="json") | {"bytes": fingerprint(cap.text.path)},
+                                  "position": steer.position if steer is not None else -1}
+    if cap.generate:
+        key |= {"generation": spec.generation.model_dump(mode="json"), "judge": spec.judge.model_dump(mode="json")}
+    if cap.lm_eval is not None:
+        import importlib.metadata as md
         from pathlib import Path
 
-        key["lm_eval_files"] = files_fingerprint(sorted(p for p in Path(cap.lm_eval.include_path).rglob("*")
-                                                        if p.is_file()))
+        key["lm_eval"] = cap.lm_eval.model_dump(mode="json", exclude={"batch_size"}) | {
+            "version": md.version("lm-eval")}      # registry tasks' definitions come with the package
+        if cap.lm_eval.include_path:
+            key["lm_eval"]["files"] = files_fingerprint(sorted(p for p in Path(cap.lm_eval.include_path).rglob("*")
+                                                               if p.is_file()))
     return key
 
 
@@ -278,8 +307,9 @@ def _prepare(plan) -> None:
             raise SpecError(plan.spec_file, "stages.capability.lm_eval.include_path", f"folder not found: {folder}")
         try:
             shipped = ship_tasks(cap.lm_eval.tasks, folder)
-        except ValueError as e:
-            raise SpecError(plan.spec_file, "stages.capability.lm_eval.tasks", str(e)) from None
+        except ValueError as e:   # an unreadable task YAML is the folder's problem, an unknown name the list's
+            where = "include_path" if folder and str(e).startswith(str(Path(folder))) else "tasks"
+            raise SpecError(plan.spec_file, f"stages.capability.lm_eval.{where}", str(e)) from None
     registry = [t["name"] for t in (shipped or {}).get("tasks", []) if t["yaml"] is None]
     if registry:
         plan.unchecked.append(f"stages.capability.lm_eval.tasks ({', '.join(registry)}): the registry tasks' "
@@ -306,8 +336,7 @@ def _check(plan) -> None:
     for m in plan.spec.models:
         if m.name not in plan.models:   # validate offline: a hub model it could not read
             continue
-        mp = plan.models[m.name]
-        why = UNSUPPORTED.get(mp.family) or (f"{m.quantization} quantised weights" if m.quantization else None)
+        why = not_orthogonalizable(m, plan.models[m.name].family)
         if why:
             raise SpecError(plan.spec_file, "stages.capability.arms",
                             f"'{listed[0]}' cannot run on model {m.name!r} ({why}); drop it from the list "
@@ -316,8 +345,7 @@ def _check(plan) -> None:
 
 def _describe(plan) -> list[str]:
     cap = plan.spec.stages.capability
-    quantized = {m.name: m.quantization is not None for m in plan.spec.models}
-    listed = sorted({a for n, mp in plan.models.items() for a in arms(plan.spec, mp.family, quantized[n])},
+    listed = sorted({a for mp in plan.models.values() for a in arms(plan.spec, _blocked(plan.spec, mp))},
                     key=ARMS.index)
     lines = [f"capability: arms {', '.join(listed)} (controls: {cap.controls}); CE on {cap.text.path} "
              f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "

@@ -128,14 +128,6 @@ def best_layer(rows: list[dict], site: str = "resid_pre", position: int = -1) ->
     return max(cands, key=lambda r: (np.nan_to_num(r["separation"], nan=-np.inf), -r["layer"]))["layer"]
 
 
-def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
-    """Cosine similarity between directions: [n_layers, d_model] -> [n_layers, n_layers] (0 for zero vectors)."""
-    v = np.asarray(vectors, np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-    return u @ u.T
-
-
 # -- the declaration ---------------------------------------------------------------------------
 # settings added later, left out of ids at these values, so stores written before them resume
 LATER_DEFAULTS = {"pairing": None, "compare_sequential": False}
