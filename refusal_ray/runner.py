@@ -51,7 +51,14 @@ def manifest(plan: Plan) -> dict:
         "host": {"hostname": socket.gethostname(), "python": platform.python_version(),
                  "platform": platform.platform(), "user": getpass.getuser()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "capability_key": _capability_key(plan),
     }
+
+
+def _capability_key(plan: Plan) -> str | None:
+    from refusal_ray.stages.capability import measure_key
+
+    return measure_key(plan) if plan.spec.stages.capability is not None else None
 
 
 def check_frozen_rule(plan: Plan, store: Store) -> None:

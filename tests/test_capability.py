@@ -683,3 +683,17 @@ def test_capability_without_steer_needs_position_minus_one(tmp_path):
     spec["stages"]["directions"]["positions"] = [-2, -1]
     f.write_text(yaml.safe_dump(spec))
     assert load_spec(f).stages.capability is not None
+
+
+def test_cost_pairs_each_arm_with_the_baseline_of_its_own_settings():
+    """A store rerun under other capability settings holds rows of both: the manifest's key picks the
+    current ones, and without it each arm is still paired with its own settings' baseline."""
+    rows = [{"model": "m", "seed": 0, "arm": arm, "control": False, "coefficient": 0.0, "alpha": a, "direction": "d",
+             "metric": "ce_loss", "value": v, "measure_key": k}
+            for k, arm, a, v in [("old", "baseline", 0.0, 0.5), ("old", "ablation", 1.0, 1.5),
+                                 ("new", "baseline", 0.0, 0.01), ("new", "ablation", 1.0, 0.02)]]
+    df = pd.DataFrame(rows)
+    current = capability_cost(df, "new")
+    assert current[current["arm"] == "ablation"]["cost"].tolist() == pytest.approx([0.01])
+    both = capability_cost(df)
+    assert sorted(both[both["arm"] == "ablation"]["cost"]) == pytest.approx([0.01, 1.0])

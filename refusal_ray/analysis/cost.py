@@ -18,19 +18,28 @@ SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal 
          "first_token_kl": "KL", "task_exact_match": "d task EM"}
 
 
-def capability_cost(capability: pd.DataFrame) -> pd.DataFrame:
+def capability_cost(capability: pd.DataFrame, key: str | None = None) -> pd.DataFrame:
     """Long table: one row per (model, arm settings, metric) with `value` (mean over seeds), `baseline`
     (the baseline arm's mean over the same seeds), `cost` (mean over seeds of value - baseline;
-    the value itself for first_token_kl) and `seeds`. Empty in, empty out."""
+    the value itself for first_token_kl) and `seeds`. Empty in, empty out.
+
+    key: the manifest's `capability_key`: only rows measured under the current settings count (a store
+    rerun with another text set or generation length holds rows of both; each arm is paired with the
+    baseline of its own settings in any case)."""
     if capability.empty:
         return pd.DataFrame(columns=[*ARM_COLUMNS, "metric", "value", "baseline", "cost", "seeds"])
     df = capability.copy()
+    if "measure_key" not in df.columns:
+        df["measure_key"] = ""
+    df["measure_key"] = df["measure_key"].fillna("")
+    if key is not None and (df["measure_key"] == key).any():
+        df = df[df["measure_key"] == key]
     df["direction"] = df["direction"].fillna("-")
-    base = (df[df["arm"] == "baseline"][["model", "seed", "metric", "value"]]
+    base = (df[df["arm"] == "baseline"][["model", "seed", "metric", "measure_key", "value"]]
             .rename(columns={"value": "baseline"}))
-    df = df.merge(base, on=["model", "seed", "metric"], how="left")
+    df = df.merge(base, on=["model", "seed", "metric", "measure_key"], how="left")
     df["cost"] = np.where(df["metric"].isin(RELATIVE), df["value"], df["value"] - df["baseline"])
-    out = (df.groupby([*ARM_COLUMNS, "metric"], dropna=False, sort=False)
+    out = (df.groupby([*ARM_COLUMNS, "metric", "measure_key"], dropna=False, sort=False)
            .agg(value=("value", "mean"), baseline=("baseline", "mean"), cost=("cost", "mean"),
                 seeds=("seed", "nunique")).reset_index())
     out["_order"] = out["arm"].map(ORDER)
@@ -43,7 +52,8 @@ def cost_table(cost: pd.DataFrame) -> pd.DataFrame:
     CE change, KL, task exact-match change, each lm-eval metric's change)."""
     if cost.empty:
         return pd.DataFrame()
-    wide = cost.set_index([*ARM_COLUMNS, "metric"])["cost"].unstack("metric").reset_index()
+    index = [*ARM_COLUMNS, *(["measure_key"] if "measure_key" in cost.columns else []), "metric"]
+    wide = cost.set_index(index)["cost"].unstack("metric").reset_index()
     wide.columns.name = None
     wide["_order"] = wide["arm"].map(ORDER)
     return wide.sort_values(["model", "_order", "control"], kind="stable").drop(columns="_order").reset_index(drop=True)

@@ -135,8 +135,9 @@ def plot_capability(cost: pd.DataFrame):
     (x), one point per arm setting, controls hollow. Returns a figure, or None without capability rows."""
     if cost.empty:
         return None
-    wide = cost.set_index(["model", "arm", "control", "coefficient", "alpha", "direction", "metric"])["cost"] \
-        .unstack("metric").reset_index()
+    from refusal_ray.analysis.cost import cost_table
+
+    wide = cost_table(cost)
     if not {"ce_loss", "refusal_harmful"} <= set(wide.columns):
         return None
     models = list(dict.fromkeys(wide["model"]))

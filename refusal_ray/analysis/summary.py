@@ -269,8 +269,8 @@ def verdict_judge(manifest: dict) -> str:
 def _load(store: Store) -> dict:
     t = {name: store.read(name) for name in ("directions", "steering", "completions", "judgements", "patching",
                                               "scrubbing", "selection", "capability")}
-    t["cost"] = capability_cost(t["capability"])
     t["manifest"] = store.read_json("manifest.json") or {}
+    t["cost"] = capability_cost(t["capability"], t["manifest"].get("capability_key"))
     t["labels"] = judge_labels(t["completions"], t["judgements"]) if not t["steering"].empty else \
         judge_labels(pd.DataFrame(), pd.DataFrame())
     return t

@@ -219,7 +219,7 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
                 se = r["stderr"]
                 rows.append({**r, "ci_low": None if se is None else r["value"] - 1.96 * se,
                              "ci_high": None if se is None else r["value"] + 1.96 * se})
-    return [{**r, **_arm_columns(cell, d)} for r in rows]
+    return [{**r, **_arm_columns(cell, d), "measure_key": extra["key"]} for r in rows]
 
 
 def _arm_columns(cell: Cell, d: SteerInputs) -> dict:
@@ -284,6 +284,15 @@ def _id_key(spec) -> dict:
     return key
 
 
+def measure_key(plan) -> str:
+    """What the capability rows of this plan were measured under (its cell ids' stage settings and the
+    prompt files), stored on every row (`measure_key`) and in the manifest (`capability_key`), so the cost
+    table never pairs an arm with a baseline measured under other settings in the same store."""
+    from refusal_ray.judges.base import content_hash
+
+    return content_hash({**_id_key(plan.spec), "data": plan.data_fingerprint})
+
+
 def _prepare(plan) -> None:
     """Read the held-out text and the lm-eval task folder once, into every seed's payload
     (`plan.prompts[seed]["capability"]`). Raises SpecError naming the field."""
@@ -314,7 +323,7 @@ def _prepare(plan) -> None:
     if registry:
         plan.unchecked.append(f"stages.capability.lm_eval.tasks ({', '.join(registry)}): the registry tasks' "
                               f"data (lm-eval downloads it from the hub at run time)")
-    extra = {"text": texts, "lm_eval": shipped}
+    extra = {"text": texts, "lm_eval": shipped, "key": measure_key(plan)}
     for seed in plan.spec.seeds:
         plan.prompts[seed]["capability"] = extra
 
