@@ -167,7 +167,9 @@ def _rate_row(metric: str, k: int, n: int) -> dict:
 
 
 def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_size: int) -> list[dict]:
-    """Every metric of one arm. Rows without the arm's columns (`_arm_columns` adds them)."""
+    """Every metric of one arm on a loaded model: rows of table `capability` (metric, value, n, ci_low,
+    ci_high, stderr, the arm's columns from `_arm_columns`, measure_key). `batch_size` bounds every
+    forward pass and generate call (and lm-eval's batch)."""
     lm, chat = session.lm, session.chat
     test = session.prompts[cell.seed]["test"]
     steer = session.settings.get("steer") or {}
