@@ -19,8 +19,12 @@ defaults.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
+import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -130,26 +134,45 @@ def run_tasks(lm, shipped: dict, *, batch_size: int = 16, num_fewshot: int | Non
     import torch
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="refusal-ray-lmeval-") as tmp:
-        root = Path(tmp)
+    root, manager = _materialized(shipped)
+    head = lm.model.get_output_embeddings()
+    head_weight = None if head is None else head.weight
+    model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device),
+                 softmax_dtype=torch.float32)
+    if head is not None and head.weight is not head_weight:
+        # HFLM.__init__ calls model.tie_weights(): inside `orthogonalized`, which unties lm_head on purpose
+        # (its own copy of the original matrix), that would re-tie it to the edited embedding
+        head.weight = head_weight
+    with contextlib.redirect_stdout(None):
+        return evaluator.simple_evaluate(model=model, tasks=_task_specs(shipped, root), num_fewshot=num_fewshot,
+                                         limit=limit, log_samples=log_samples, task_manager=manager,
+                                         verbosity="ERROR")
+
+
+# per process: the shipped files written once and lm-eval's task index built once (indexing the registry
+# takes seconds), not once per arm
+_MATERIALIZED: dict[str, tuple[Path, object]] = {}
+
+
+def _materialized(shipped: dict) -> tuple[Path, object]:
+    """(folder holding the shipped files, lm-eval TaskManager over it), cached by the shipped content;
+    the folder is removed at interpreter exit."""
+    from lm_eval.tasks import TaskManager
+
+    digest = hashlib.sha256(json.dumps([t["name"] for t in shipped["tasks"]]).encode())
+    for rel in sorted(shipped["files"]):
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(shipped["files"][rel]).digest())
+    key = digest.hexdigest()
+    if key not in _MATERIALIZED:
+        root = Path(tempfile.mkdtemp(prefix="refusal-ray-lmeval-"))
+        atexit.register(shutil.rmtree, root, True)
         for rel, data in shipped["files"].items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
         registry = any(t["yaml"] is None for t in shipped["tasks"])
         manager = TaskManager(verbosity="ERROR", include_path=str(root) if shipped["files"] else None,
                               include_defaults=registry)
-        head = lm.model.get_output_embeddings()
-        head_weight = None if head is None else head.weight
-        model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device),
-                     softmax_dtype=torch.float32)
-        if head is not None and head.weight is not head_weight:
-            # HFLM.__init__ calls model.tie_weights(): inside `orthogonalized`, which unties lm_head on purpose
-            # (its own copy of the original matrix), that would re-tie it to the edited embedding
-            head.weight = head_weight
-        with contextlib.redirect_stdout(None):
-            return evaluator.simple_evaluate(model=model, tasks=_task_specs(shipped, root), num_fewshot=num_fewshot,
-                                             limit=limit, log_samples=log_samples, task_manager=manager,
-                                             verbosity="ERROR")
+        _MATERIALIZED[key] = (root, manager)
+    return _MATERIALIZED[key]

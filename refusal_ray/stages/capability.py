@@ -40,8 +40,8 @@ from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import (SUBSPACE_MODES, Row, SteerInputs, arm_direction, arm_subspace, build_edits,
-                                      generate_rows, skip_reason, steering_inputs)
+from refusal_ray.stages.steer import (Row, SteerInputs, arm_columns, arm_direction, arm_subspace, build_edits,
+                                      generate_rows, skip_reason, stacked_directions, steering_inputs)
 from refusal_ray.stats import wilson
 
 ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace")
@@ -129,9 +129,7 @@ def capability_params(spec, mp) -> list[dict]:
         out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
                  "control": ctl, **explicit, **layers} for a in cap.alphas for ctl in controls]
     sub = steer.subspace if steer is not None else None
-    stacked = None if sub is None else {
-        "subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
-        **select(sub.top_k is not None)}
+    stacked = None if sub is None else stacked_directions(spec)
     if "subspace" in which:
         out += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
                  "control": ctl, "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
@@ -168,7 +166,7 @@ def _rate_row(metric: str, k: int, n: int) -> dict:
 
 def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_size: int) -> list[dict]:
     """Every metric of one arm on a loaded model: rows of table `capability` (metric, value, n, ci_low,
-    ci_high, stderr, the arm's columns from `_arm_columns`, measure_key). `batch_size` bounds every
+    ci_high, stderr, the arm's columns (`steer.arm_columns`), arm, measure_key). `batch_size` bounds every
     forward pass and generate call (and lm-eval's batch)."""
     lm, chat = session.lm, session.chat
     test = session.prompts[cell.seed]["test"]
@@ -221,21 +219,7 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
                 se = r["stderr"]
                 rows.append({**r, "ci_low": None if se is None else r["value"] - 1.96 * se,
                              "ci_high": None if se is None else r["value"] + 1.96 * se})
-    return [{**r, **_arm_columns(cell, d), "measure_key": extra["key"]} for r in rows]
-
-
-def _arm_columns(cell: Cell, d: SteerInputs) -> dict:
-    p = cell.params
-    layer, position, v = arm_direction(cell, d)
-    name, rank = None, None
-    if p["mode"] in SUBSPACE_MODES:
-        name, q = arm_subspace(cell, d)
-        rank = int(q.shape[0])
-    return {"cell_id": cell.id, "seed": cell.seed, "arm": p["mode"], "control": p["control"],
-            "layer": p["layer"], "coefficient": p["coefficient"], "alpha": p["alpha"],
-            "direction": name if name is not None else None if p["direction_layer"] is None
-            else str(p["direction_layer"]), "direction_layer": layer, "direction_position": position,
-            "subspace_rank": rank, "vector_norm": None if v is None else float(np.linalg.norm(v))}
+    return [{**r, **arm_columns(cell, d), "arm": cell.params["mode"], "measure_key": extra["key"]} for r in rows]
 
 
 # -- the declaration ---------------------------------------------------------------------------
@@ -246,10 +230,6 @@ def _inputs(settings: dict, needs: dict) -> SteerInputs:
     layer, position = ablation_direction(settings)
     view = {**settings, "steer": {**steer, "ablation": {"direction_layer": layer, "direction_position": position}}}
     return steering_inputs(view, needs)
-
-
-def _skip(cell: Cell, d: SteerInputs) -> str | None:
-    return skip_reason(cell, d)
 
 
 def _run(session, cells, payload) -> dict:
@@ -368,5 +348,5 @@ def _describe(plan) -> list[str]:
 
 
 STAGE = Stage(name="capability", tables=("capability",), needs=("directions", "select"),
-              cells=capability_params, id_key=_id_key, inputs=_inputs, skip=_skip, run=_run,
+              cells=capability_params, id_key=_id_key, inputs=_inputs, skip=skip_reason, run=_run,
               prepare=_prepare, check=_check, describe=_describe)

@@ -290,24 +290,30 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         k, n = sum(refusals[i] for i in idx), len(idx)
         lo, hi = wilson(k, n)
         scored = [correct[i] for i in idx if correct[i] is not None]
-        resolved, position, v = arm_direction(cell, directions)
-        name, rank = None, None
-        if cell.params["mode"] == "subspace":
-            name, q = arm_subspace(cell, directions)
-            rank = int(q.shape[0])
         arm_rows.append({
-            "cell_id": cid, "seed": cell.seed, "mode": cell.params["mode"], "layer": cell.params["layer"],
-            "direction_layer": resolved, "direction_position": position,
-            "direction": name if name is not None else
-            None if cell.params["direction_layer"] is None else str(cell.params["direction_layer"]),
-            "subspace_rank": rank,
-            "coefficient": cell.params["coefficient"],
-            "alpha": cell.params["alpha"], "control": cell.params["control"], "prompt_set": pset,
+            **arm_columns(cell, directions), "mode": cell.params["mode"], "prompt_set": pset,
             "n": n, "refusals": k, "rate": k / n, "ci_low": lo, "ci_high": hi,
-            "vector_norm": None if v is None else float(np.linalg.norm(v)),
             "task_n": len(scored), "task_accuracy": (sum(scored) / len(scored)) if scored else None,
         })
     return arm_rows, comp_rows
+
+
+def arm_columns(cell: Cell, d: SteerInputs) -> dict:
+    """An arm's columns in a result row (steering, capability): cell id, seed, layer, resolved direction
+    layer and position, `direction` (the stacked directions' name for subspace arms, else the spec's
+    direction_layer), `subspace_rank`, coefficient, alpha, control, `vector_norm` (of the vector used)."""
+    p = cell.params
+    layer, position, v = arm_direction(cell, d)
+    name, rank = None, None
+    if p["mode"] in SUBSPACE_MODES:
+        name, q = arm_subspace(cell, d)
+        rank = int(q.shape[0])
+    return {"cell_id": cell.id, "seed": cell.seed, "layer": p["layer"], "direction_layer": layer,
+            "direction_position": position,
+            "direction": name if name is not None else None if p["direction_layer"] is None
+            else str(p["direction_layer"]),
+            "subspace_rank": rank, "coefficient": p["coefficient"], "alpha": p["alpha"], "control": p["control"],
+            "vector_norm": None if v is None else float(np.linalg.norm(v))}
 
 
 # -- the declaration ---------------------------------------------------------------------------
@@ -340,14 +346,21 @@ def steer_params(spec, n_layers: int) -> list[dict]:
                      for ctl in controls]
     sub = steer.subspace
     if sub is not None:
-        extra = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k},
-                 "ablation_layers": layer_list(sub.ablation_layers, n_layers)}
-        if sub.top_k is not None and spec.stages.select is not None:
-            extra["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
+        extra = {**stacked_directions(spec), "ablation_layers": layer_list(sub.ablation_layers, n_layers)}
         for a in sub.alphas:
             arms += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a),
                       "direction_layer": None, "control": ctl, **extra} for ctl in controls]
     return arms
+
+
+def stacked_directions(spec) -> dict:
+    """What a subspace arm's params say about its directions: {"subspace": {"layers": [...]} or
+    {"top_k": k}}, plus stage select's settings (batch size aside) when it stacks select's top k."""
+    sub = spec.stages.steer.subspace
+    out = {"subspace": {"layers": list(sub.layers)} if sub.layers is not None else {"top_k": sub.top_k}}
+    if sub.top_k is not None and spec.stages.select is not None:
+        out["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
+    return out
 
 
 def subspace_inputs(settings: dict, needs: dict, vectors: dict[int, np.ndarray], by_key: dict,
