@@ -44,7 +44,8 @@ def manifest(plan: Plan) -> dict:
         "steer_position": spec.stages.steer.position if spec.stages.steer else -1,
         "models": {n: {"params": mp.params, "n_layers": mp.n_layers, "d_model": mp.d_model, "family": mp.family,
                        "estimate_bytes": mp.estimate_bytes, "positions": mp.positions,
-                       "prompt_fingerprint": plan.fingerprints.get(n), **mp.chat}
+                       "prompt_fingerprint": plan.fingerprints.get(n), **mp.chat,
+                       **({"refusal_tokens": mp.refusal_tokens} if mp.refusal_tokens else {})}
                    for n, mp in plan.models.items()},
         "package_version": _version("refusal-ray"), "git_sha": _git_sha(),
         "libraries": {p: _version(p) for p in LIBRARIES},

@@ -12,7 +12,7 @@ from refusal_ray.data import left_pad, prompt_tokens
 from refusal_ray.interventions import forward, hooks
 from refusal_ray.judges import DEFAULT_PHRASES
 from refusal_ray.models.chat import ChatOptions, post_instruction_ids, post_instruction_positions
-from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
+from refusal_ray.stages.patch import refusal_token_ids
 from refusal_ray.stages.select import Candidate, choose, score_candidates, selected_direction
 
 from conftest import PROMPTS, TOY_MODELS
@@ -35,8 +35,11 @@ def _candidates(lm, n_per_layer: int = 1, seed: int = 0) -> list[Candidate]:
 
 
 def _independent(lm, c: Candidate, harmful, harmless, token_ids):
-    """One candidate scored with plain hooks written here (Arditi's loop): bypass, induce, KL."""
-    metric = RefusalScore(token_ids)
+    """One candidate scored with plain hooks written here (Arditi's loop): bypass, induce, KL, with the
+    paper's refusal score log(p + 1e-8) - log(1 - p + 1e-8) written out from the softmax."""
+    def metric(logits):
+        p = logits.softmax(-1)[:, token_ids].sum(-1)
+        return torch.log(p + 1e-8) - torch.log(1 - p + 1e-8)
     v = torch.from_numpy(c.vector).double()
     u = v / v.norm()
 
@@ -96,13 +99,13 @@ CFG = {"criterion": "bypass", "max_layer_fraction": 0.8, "kl_max": 0.1, "induce_
 
 
 def test_filters_drop_by_construction_and_store_the_reason():
-    rows = choose([_row(8, -1, -9.0, 1.0, 0.01),     # layer 8 >= 0.8 * 10: dropped
+    rows = choose([_row(8, -1, -9.0, 1.0, 0.01),     # layer 8 >= int(0.8 * 10): dropped
                    _row(2, -1, -8.0, 1.0, 0.5),      # KL above the limit: dropped
                    _row(3, -2, -7.0, -0.5, 0.01),    # negative induce: dropped
                    _row(4, -1, -1.0, 2.0, 0.05),     # passes
                    _row(5, -3, -2.0, 0.5, 0.09)],    # passes, lowest bypass among those that pass
                   n_layers=10, cfg=CFG)
-    assert [r["filter"] for r in rows] == ["layer>=0.8L", "kl>0.1", "induce<0", None, None]
+    assert [r["filter"] for r in rows] == ["layer>=int(0.8L)", "kl>0.1", "induce<0", None, None]
     assert [r["passed"] for r in rows] == [False, False, False, True, True]
     assert [r["selected"] for r in rows] == [False, False, False, False, True]
     assert rows[4]["selected_by"] == "bypass"

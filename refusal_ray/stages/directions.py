@@ -46,14 +46,15 @@ def _activations(lm: LoadedModel, prompts: PromptSet, sites: list[str], position
     return out
 
 
-def refusal_scores(lm: LoadedModel, prompts: PromptSet, phrases: list[str], batch_size: int,
+def refusal_scores(lm: LoadedModel, prompts: PromptSet, token_ids: list[int], batch_size: int,
                    chat=None) -> np.ndarray:
-    """Refusal score log p - log(1 - p) of the refusal first tokens at the last prompt position,
-    per prompt: float64 [n_prompts] (DESIGN.md; `refusal_ray.stages.patch.RefusalScore`)."""
+    """Refusal score log p - log(1 - p) of the refusal first tokens `token_ids` at the last prompt
+    position, per prompt: float64 [n_prompts] (DESIGN.md; `refusal_ray.stages.patch.RefusalScore`).
+    Only its sign is used (train filtering), which epsilon does not change."""
     from refusal_ray.interventions import forward
-    from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
+    from refusal_ray.stages.patch import RefusalScore
 
-    metric = RefusalScore(refusal_token_ids(lm.tokenizer, phrases))
+    metric = RefusalScore(token_ids)
     out = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
@@ -63,16 +64,17 @@ def refusal_scores(lm: LoadedModel, prompts: PromptSet, phrases: list[str], batc
     return np.concatenate(out)
 
 
-def filter_train(lm: LoadedModel, harmful: PromptSet, harmless: PromptSet, phrases: list[str], batch_size: int,
+def filter_train(lm: LoadedModel, harmful: PromptSet, harmless: PromptSet, token_ids: list[int], batch_size: int,
                  chat=None) -> tuple[PromptSet, PromptSet]:
-    """Arditi et al.'s train filtering (App. B): keep harmful prompts the model refuses (refusal
-    score > 0) and harmless prompts it does not (score < 0).
+    """Arditi et al.'s train filtering (App. B; `filter_data` in run_pipeline.py): keep harmful
+    prompts the model refuses (refusal score > 0) and harmless prompts it does not (score < 0), with
+    the refusal tokens of stage select (`stages.select.refusal_tokens`, default: the family's).
 
     Raises ValueError when a class keeps fewer than 2 prompts (a difference of means needs them).
     """
     keep = []
     for ps, refuse in ((harmful, True), (harmless, False)):
-        s = refusal_scores(lm, ps, phrases, batch_size, chat)
+        s = refusal_scores(lm, ps, token_ids, batch_size, chat)
         idx = np.flatnonzero(s > 0 if refuse else s < 0)
         if len(idx) < 2:
             what = "harmful prompts the model refuses" if refuse else "harmless prompts the model does not refuse"
@@ -133,10 +135,27 @@ def best_layer(rows: list[dict], site: str = "resid_pre", position: int = -1) ->
 LATER_DEFAULTS = {"pairing": None, "compare_sequential": False}
 
 
+def refusal_tokens_setting(select: dict | None) -> object:
+    """The refusal-token setting train filtering uses: stage select's, else the family default."""
+    return (select or {}).get("refusal_tokens", "family")
+
+
+def train_filter_tokens(session) -> list[int]:
+    from refusal_ray.models import refusal_tokens
+    from refusal_ray.stages.select import model_type
+
+    return refusal_tokens.resolve(refusal_tokens_setting(session.settings.get("select")), session.lm.tokenizer,
+                                  model_type(session.lm), session.judge.phrases)
+
+
 def directions_key(spec) -> dict:
-    """What determines a direction (and everything fitted from it): sample sizes and the stage's settings."""
+    """What determines a direction (and everything fitted from it): sample sizes and the stage's settings
+    (with train filtering, also the refusal tokens it reads: `refusal_tokens`)."""
     block = spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})
     block = {k: v for k, v in block.items() if LATER_DEFAULTS.get(k, object()) != v}
+    if block.get("filter_train"):
+        select = spec.stages.select
+        block["refusal_tokens"] = refusal_tokens_setting(None if select is None else select.model_dump(mode="json"))
     return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test], "directions": block}
 
 
@@ -212,8 +231,9 @@ def _run(session, cells, payload) -> dict:
         train = (p["train"]["harmful"], p["train"]["harmless"])
         n_before = (len(train[0]), len(train[1]))
         if cfg.get("filter_train"):
-            train = session.halving(lambda bs, t=train: filter_train(session.lm, *t, session.judge.phrases, bs,
-                                                                     session.chat), cfg["batch_size"])
+            tokens = train_filter_tokens(session)
+            train = session.halving(lambda bs, t=train: filter_train(session.lm, *t, tokens, bs, session.chat),
+                                    cfg["batch_size"])
         fitted = session.halving(lambda bs: fit_directions(
             session.lm, train, (p["val"]["harmful"], p["val"]["harmless"]), cfg["sites"], session.positions, bs,
             session.chat), cfg["batch_size"])

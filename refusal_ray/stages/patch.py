@@ -41,6 +41,7 @@ from refusal_ray.data import Pairs, encode
 from refusal_ray.grid import Cell, layer_list
 from refusal_ray.interventions import forward, hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
+from refusal_ray.models.refusal_tokens import first_tokens
 from refusal_ray.models.sites import SiteAdapter, site_name
 from refusal_ray.stages.base import Stage, check_layers, draw_test_pairs
 
@@ -71,11 +72,8 @@ def targets_for(sites: SiteAdapter, kinds: list[str], layers: list[int]) -> list
 def refusal_token_ids(tokenizer, phrases: list[str]) -> list[int]:
     """The first token of each phrase, tokenized as the start of an answer (no special tokens,
     no leading space: the answer follows the chat template's generation prompt). Sorted, unique.
-    Raises ValueError when no phrase gives a token."""
-    ids = sorted({toks[0] for p in phrases if (toks := tokenizer(p, add_special_tokens=False)["input_ids"])})
-    if not ids:
-        raise ValueError("no refusal phrase gives a token")
-    return ids
+    Raises ValueError when no phrase gives a token. (`refusal_ray.models.refusal_tokens.first_tokens`.)"""
+    return first_tokens(tokenizer, phrases)
 
 
 class RefusalScore:
@@ -83,17 +81,29 @@ class RefusalScore:
 
     Computed stably as logsumexp(logits[refusal]) - logsumexp(logits[other]), in float32 (float64
     when given float64 logits, as stage select and train filtering do).
+
+    With `epsilon` (stage select: Arditi et al.'s `refusal_score`, epsilon 1e-8, in
+    `pipeline/submodules/select_direction.py`): m = log(p + eps) - log(1 - p + eps), which caps a
+    prompt's score near +-log(1/eps) (18.42 for 1e-8), so one prompt with p = 1e-14 cannot dominate a
+    mean over prompts. p and 1 - p are each computed from their own partition of the softmax (no
+    cancellation in 1 - p when p is near 1). The sign of m, and so "refused" (m > 0, i.e. p > 1/2), is
+    the same with and without epsilon.
     Call: logits [batch, vocab] -> [batch].
     """
 
-    def __init__(self, token_ids: list[int]):
+    def __init__(self, token_ids: list[int], epsilon: float | None = None):
         self.token_ids = list(token_ids)
+        self.epsilon = epsilon
 
     def __call__(self, logits: Tensor) -> Tensor:
         logits = logits if logits.dtype == torch.float64 else logits.float()
         refusal = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         refusal[self.token_ids] = True
-        return torch.logsumexp(logits[:, refusal], -1) - torch.logsumexp(logits[:, ~refusal], -1)
+        log_r, log_o = torch.logsumexp(logits[:, refusal], -1), torch.logsumexp(logits[:, ~refusal], -1)
+        if self.epsilon is None:
+            return log_r - log_o
+        total = torch.logaddexp(log_r, log_o)
+        return torch.log((log_r - total).exp() + self.epsilon) - torch.log((log_o - total).exp() + self.epsilon)
 
 
 class _CopyRows:

@@ -1,21 +1,26 @@
-"""Stage `select`: choose the refusal direction causally, as Arditi et al. 2024 do (Sec. 2.3, App. C).
+"""Stage `select`: choose the refusal direction causally, as Arditi et al. 2024 do (Sec. 2.3, App. C),
+with the definitions of their code (andyrdt/refusal_direction, pipeline/submodules/select_direction.py).
 
 Every (layer, position) difference-of-means direction at `resid_pre` is a candidate r. On the
-validation split, with the refusal score m = log p - log(1 - p) of the refusal first tokens at
-the last prompt position (float64):
+validation split, with the refusal score m = log(p + eps) - log(1 - p + eps) (eps = 1e-8, the
+paper's; p = probability of the refusal first tokens at the last prompt position; float64):
 
     bypass(r) = mean m over harmful prompts with r^ ablated at every layer (resid_pre, attn_out,
                 mlp_out; x <- x - (x . r^) r^, every position)
     induce(r) = mean m over harmless prompts with r added at resid_pre[layer(r)], every position
     KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts
 
-Filters (spec values, paper defaults): layer < max_layer_fraction * n_layers, KL <= kl_max,
-induce >= induce_min. Criteria: `bypass` (lowest bypass among the candidates that pass; Arditi),
-`swing` (largest refusal-rate swing, the pre-registered replication's choice: the harmful rate's
-drop under ablation plus the harmless rate's rise under addition), `separation` (highest
-Cohen's d; the old `best`). Where the published method and ours differ: the replication measured
-its swing on generated completions with a judge; here a prompt counts as refused when its
-refusal score is > 0 (first-token proxy), so the whole selection needs forward passes only.
+The refusal tokens are the paper's per family (`refusal_ray.models.refusal_tokens`). `filter_val`
+(the paper's default) scores only the harmful val prompts the unedited model refuses (m > 0) and the
+harmless ones it does not (m < 0). Filters (spec values, paper defaults), as the paper's `filter_fn`:
+a NaN score never passes; layer >= int(max_layer_fraction * n_layers) is pruned; KL <= kl_max;
+induce >= induce_min. Ours in addition: a zero-norm candidate (e.g. layer 0 at a template token) is
+not scored. Criteria: `bypass` (lowest bypass among the candidates that pass; Arditi), `swing`
+(largest refusal-rate swing, the pre-registered replication's choice: the harmful rate's drop under
+ablation plus the harmless rate's rise under addition), `separation` (highest Cohen's d; the old
+`best`). Where the published methods and ours differ: the replication measured its swing on
+generated completions with a judge; here a prompt counts as refused when its refusal score is > 0
+(first-token proxy), so the whole selection needs forward passes only.
 
 Every candidate is a batch row (per-row edit tensors), so one forward pass scores many
 candidates at once; no per-candidate loop. When nothing passes the filters the stage says so:
@@ -24,20 +29,25 @@ no row is `selected` unless a `fallback` criterion is set, and then the row says
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from refusal_ray.capability.measures import first_token_kl
 from refusal_ray.data import PromptSet, left_pad, prompt_tokens
 from refusal_ray.interventions import RowEdit, forward, row_edits
+from refusal_ray.models import refusal_tokens
 from refusal_ray.models.loading import LoadedModel
+from refusal_ray.models.orthogonalize import RANK_RTOL
 from refusal_ray.stages.base import Stage, check_layers
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.patch import RefusalScore, refusal_token_ids
+from refusal_ray.stages.patch import RefusalScore
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 KINDS = ("bypass", "kl", "induce")   # ablate on harmful, ablate on harmless, add on harmless
+EPSILON = 1e-8                        # Arditi et al.'s refusal_score epsilon
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]]
 @torch.inference_mode()
 def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list[list[int]],
                      harmless: list[list[int]], token_ids: list[int], batch_size: int = 256,
-                     progress=None) -> dict[str, np.ndarray]:
+                     progress=None, epsilon: float | None = EPSILON, filter_val: bool = False) -> dict[str, np.ndarray]:
     """Bypass, induce and KL of every candidate, many candidates per forward pass.
 
     One pass over the baseline rows (every val prompt unedited), then one over the candidate rows:
@@ -98,14 +108,21 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
 
     Args:
         harmful, harmless: token ids of the rendered val prompts (unpadded).
-        token_ids: the refusal first tokens (`refusal_token_ids`).
+        token_ids: the refusal first tokens (`refusal_ray.models.refusal_tokens.resolve`).
+        epsilon: the refusal score's epsilon (`RefusalScore`; Arditi et al.: 1e-8; None: unbounded).
+        filter_val: Arditi et al.'s `filter_val`: score candidates only on the harmful prompts whose
+            baseline refusal score is > 0 and the harmless ones whose score is < 0.
     Returns:
         float64 arrays: "bypass", "induce", "kl" [n_candidates]; "bypass_scores", "induce_scores"
-        [n_candidates, n_prompts] (per-prompt refusal scores); "baseline_harmful",
-        "baseline_harmless" [n_prompts].
+        [n_candidates, n_kept] (per-prompt refusal scores); "baseline_harmful", "baseline_harmless"
+        [n_kept] (unedited scores); "kept_harmful", "kept_harmless" (indices into the inputs).
+        KL(P_base || P_ablated) = sum_t P_base(t) (log P_base(t) - log P_ablated(t)) in nats, where
+        tokens with P_base(t) = 0 contribute 0 (not 0 * inf = NaN).
+    Raises:
+        ValueError: filter_val keeps no prompt of a class (the message says which).
     """
-    metric = RefusalScore(token_ids)
-    seqs = {0: harmful, 1: harmless, 2: harmless}      # by kind: bypass, kl, induce
+    metric = RefusalScore(token_ids, epsilon)
+    seqs = {0: harmful, 1: harmless}
     base_rows = [(0, None, i) for i in range(len(harmful))] + [(1, None, i) for i in range(len(harmless))]
     base_score = np.zeros(len(base_rows))
     base_lp: torch.Tensor | None = None                                       # [n_harmless, vocab] float64
@@ -117,7 +134,17 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         for j, r in enumerate(idx):
             if base_rows[r][0] == 1:
                 base_lp[base_rows[r][2]] = lp[j]
-    base_p = base_lp.exp()
+    n_drawn = len(harmful)
+    keep_h, keep_s = np.arange(n_drawn), np.arange(len(harmless))
+    if filter_val:
+        keep_h, keep_s = np.flatnonzero(base_score[:n_drawn] > 0), np.flatnonzero(base_score[n_drawn:] < 0)
+        for kept, n, what in ((keep_h, len(harmful), "harmful val prompts the model refuses"),
+                              (keep_s, len(harmless), "harmless val prompts the model does not refuse")):
+            if not len(kept):
+                raise ValueError(f"filter_val kept 0 {what} (of {n}); set stages.select.filter_val: false")
+    harmful, harmless = [harmful[i] for i in keep_h], [harmless[i] for i in keep_s]
+    base_lp = base_lp[torch.as_tensor(keep_s, device=base_lp.device)]
+    seqs = {0: harmful, 1: harmless, 2: harmless}      # by kind: bypass, kl, induce
     nh, ns, nc = len(harmful), len(harmless), len(candidates)
     rows = [(k, c, i) for c in candidates for k in range(3) for i in range(len(seqs[k]))]
     cand_of = [ci for ci in range(nc) for k in range(3) for _ in range(len(seqs[k]))]
@@ -130,40 +157,76 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         if (kinds == 1).any():   # KL(baseline || ablated) of the first generated token, vectorised
             j, i = np.flatnonzero(kinds == 1), torch.as_tensor(prompt[kinds == 1], device=logits.device)
             lp = torch.log_softmax(logits[torch.as_tensor(j, device=logits.device)], -1)
-            kl[j] = (base_p[i] * (base_lp[i] - lp)).sum(-1).cpu().numpy()
+            kl[j] = first_token_kl(base_lp[i], lp).cpu().numpy()
         for j, r in enumerate(idx):
             kind, _, i = rows[r]
             target = ("bypass_scores", "kl_rows", "induce_scores")[kind]
             out[target][cand_of[r], i] = kl[j] if kind == 1 else score[j]
     return {"bypass": out["bypass_scores"].mean(1), "induce": out["induce_scores"].mean(1),
             "kl": out["kl_rows"].mean(1), "bypass_scores": out["bypass_scores"],
-            "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:nh],
-            "baseline_harmless": base_score[nh:]}
+            "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:n_drawn][keep_h],
+            "baseline_harmless": base_score[n_drawn:][keep_s],
+            "kept_harmful": keep_h, "kept_harmless": keep_s}
+
+
+def layer_cutoff(n_layers: int, max_layer_fraction: float | None) -> int | None:
+    """First pruned layer: candidates at layer >= int(n_layers * max_layer_fraction) are dropped, as
+    Arditi et al.'s `filter_fn` prunes layer >= int(n_layers * (1 - prune_layer_percentage)) with
+    prune_layer_percentage 0.2 (16 layers: 12, 24: 19, 28: 22, 32: 25). None: no layer filter."""
+    return None if max_layer_fraction is None else int(n_layers * max_layer_fraction)
+
+
+def zero_norm(vectors: list[np.ndarray], rtol: float = RANK_RTOL) -> list[bool]:
+    """Which candidates are zero vectors: norm at most `rtol` x the largest norm (e.g. resid_pre of
+    layer 0 at a template token: the same embedding for every prompt, so the difference is 0 up to
+    rounding). Such a candidate has no direction to ablate: it is not scored."""
+    norms = np.array([float(np.linalg.norm(np.asarray(v, np.float64))) for v in vectors])
+    top = norms.max(initial=0.0)
+    return [bool(n <= rtol * top) for n in norms]
 
 
 def choose(rows: list[dict], n_layers: int, cfg: dict) -> list[dict]:
     """Apply the filters and the criterion to candidate rows (in place); returns the rows.
 
-    Each row gets `filter` (None when it passes, else the reasons, e.g. "layer>=0.8L,kl>0.1"),
-    `passed`, `selected` and `selected_by` (the criterion, "fallback:<criterion>", or None).
+    Filters, in the order of Arditi et al.'s `filter_fn`: a NaN bypass, induce or KL score ("nan"),
+    layer >= int(max_layer_fraction * n_layers), KL > kl_max, induce < induce_min; and ours: a
+    zero-norm candidate ("zero-norm", never scored). Each row gets `filter` (None when it passes,
+    else the reasons, e.g. "layer>=int(0.8L),kl>0.1"), `passed`, `selected` and `selected_by` (the
+    criterion, "fallback:<criterion>", or None). A fallback picks among the candidates whose only
+    reasons are the layer, KL and induce filters: a NaN or zero-norm candidate is never selected.
     """
-    frac, kl_max, induce_min = cfg.get("max_layer_fraction"), cfg.get("kl_max"), cfg.get("induce_min")
+    cutoff = layer_cutoff(n_layers, cfg.get("max_layer_fraction"))
+    kl_max, induce_min = cfg.get("kl_max"), cfg.get("induce_min")
+    eligible = []
     for r in rows:
-        why = []
-        if frac is not None and r["layer"] >= frac * n_layers:
-            why.append(f"layer>={frac:g}L")
-        if kl_max is not None and not r["kl"] <= kl_max:
+        why, broken = [], False
+        if r.get("zero_norm"):
+            why.append("zero-norm")
+            broken = True
+        elif any(_nan(r[k]) for k in ("bypass", "induce", "kl")):
+            why.append("nan")
+            broken = True
+        if cutoff is not None and r["layer"] >= cutoff:
+            why.append(f"layer>=int({cfg['max_layer_fraction']:g}L)")
+        if not broken and kl_max is not None and not r["kl"] <= kl_max:
             why.append(f"kl>{kl_max:g}")
-        if induce_min is not None and not r["induce"] >= induce_min:
+        if not broken and induce_min is not None and not r["induce"] >= induce_min:
             why.append(f"induce<{induce_min:g}")
         r.update(filter=",".join(why) or None, passed=not why, selected=False, selected_by=None)
+        if not broken:
+            eligible.append(r)
     pool, by, label = [r for r in rows if r["passed"]], cfg["criterion"], cfg["criterion"]
     if not pool and cfg.get("fallback"):
-        pool, by, label = rows, cfg["fallback"], f"fallback:{cfg['fallback']}"
+        pool, by, label = eligible, cfg["fallback"], f"fallback:{cfg['fallback']}"
+    pool = [r for r in pool if not _nan(_rank_value(r, by))]
     if pool:
         best = ranked(pool, by)[0]
         best.update(selected=True, selected_by=label)
     return rows
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and np.isnan(x))
 
 
 def ranked(rows: list[dict], criterion: str) -> list[dict]:
@@ -171,9 +234,20 @@ def ranked(rows: list[dict], criterion: str) -> list[dict]:
     return sorted(rows, key=lambda r: (_rank(r, criterion), int(r["layer"]), -int(r["position"])))
 
 
+def _rank_value(row: dict, criterion: str):
+    return {"bypass": row["bypass"], "swing": row["swing"], "separation": row["separation"]}[criterion]
+
+
 def _rank(row: dict, criterion: str) -> float:
-    value = {"bypass": row["bypass"], "swing": -row["swing"], "separation": -row["separation"]}[criterion]
-    return np.inf if value is None or np.isnan(value) else value
+    value = _rank_value(row, criterion)
+    if _nan(value):
+        return np.inf
+    return value if criterion == "bypass" else -value
+
+
+def model_type(lm: LoadedModel) -> str:
+    cfg = lm.model.config
+    return (getattr(cfg, "text_config", None) or cfg).model_type
 
 
 def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: list[Candidate],
@@ -182,27 +256,41 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
     """One select cell: every candidate scored on the val split, filtered, one chosen (or none).
 
     Returns one row per candidate: layer, position, bypass, induce, kl, the refusal-rate swing
-    parts, separation, filter, passed, selected, selected_by, and the baselines.
+    parts, separation, filter, passed, selected, selected_by, the baselines, and the val counts
+    (`n_val` / `n_val_harmless`: scored, after filter_val; `n_val_drawn` / `n_val_harmless_drawn`).
+    Zero-norm candidates are not scored (NaN scores, filter "zero-norm").
     """
     tok = lm.tokenizer
     harmful, harmless = prompt_tokens(tok, val["harmful"].instructions, chat), prompt_tokens(
         tok, val["harmless"].instructions, chat)
-    s = score_candidates(lm, candidates, harmful, harmless, refusal_token_ids(tok, phrases), cfg["batch_size"],
-                         progress)
+    token_ids = refusal_tokens.resolve(cfg.get("refusal_tokens", "family"), tok, model_type(lm), phrases)
+    eps = cfg.get("refusal_score_epsilon", EPSILON) or None
+    zero = zero_norm([c.vector for c in candidates])
+    scored = [c for c, z in zip(candidates, zero) if not z]
+    s = score_candidates(lm, scored, harmful, harmless, token_ids, cfg["batch_size"], progress, eps,
+                         bool(cfg.get("filter_val")))
     base_h_rate, base_s_rate = float((s["baseline_harmful"] > 0).mean()), float((s["baseline_harmless"] > 0).mean())
-    rows = []
-    for i, c in enumerate(candidates):
-        bypass_rate, induce_rate = float((s["bypass_scores"][i] > 0).mean()), float((s["induce_scores"][i] > 0).mean())
+    rows, k = [], 0
+    for c, z in zip(candidates, zero):
+        if z:
+            bypass = induce = kl = bypass_rate = induce_rate = float("nan")
+        else:
+            bypass, induce, kl = float(s["bypass"][k]), float(s["induce"][k]), float(s["kl"][k])
+            bypass_rate, induce_rate = float((s["bypass_scores"][k] > 0).mean()), float((s["induce_scores"][k] > 0).mean())
+            k += 1
         rows.append({
             "cell_id": cell.id, "seed": cell.seed, "layer": c.layer, "position": c.position,
-            "bypass": float(s["bypass"][i]), "induce": float(s["induce"][i]), "kl": float(s["kl"][i]),
-            "bypass_rate": bypass_rate, "induce_rate": induce_rate,
+            "bypass": bypass, "induce": induce, "kl": kl, "bypass_rate": bypass_rate, "induce_rate": induce_rate,
             "swing": (base_h_rate - bypass_rate) + (induce_rate - base_s_rate),
             "separation": separations.get((c.layer, c.position), float("nan")),
+            "norm": float(np.linalg.norm(np.asarray(c.vector, np.float64))), "zero_norm": z,
             "baseline_harmful_score": float(s["baseline_harmful"].mean()),
             "baseline_harmless_score": float(s["baseline_harmless"].mean()),
             "baseline_harmful_rate": base_h_rate, "baseline_harmless_rate": base_s_rate,
-            "n_val": len(harmful), "criterion": cfg["criterion"],
+            "n_val": len(s["kept_harmful"]), "n_val_harmless": len(s["kept_harmless"]),
+            "n_val_drawn": len(harmful), "n_val_harmless_drawn": len(harmless),
+            "criterion": cfg["criterion"], "refusal_tokens": json.dumps(token_ids),
+            "refusal_score_epsilon": eps or 0.0,
         })
     return choose(rows, lm.sites.n_layers, cfg)
 
@@ -244,10 +332,17 @@ def _id_key(spec) -> dict:
 
 def _describe(plan) -> list[str]:
     s = plan.spec.stages.select
-    return [f"select: layers {s.layers}, criterion {s.criterion}, filters layer < {s.max_layer_fraction} L, KL <= {s.kl_max}, "
-            f"induce >= {s.induce_min}; fallback {s.fallback}; candidates per seed: "
-            + ", ".join(f"{n} {mp.n_layers if s.layers == 'all' else len(s.layers)}x{len(mp.positions)}"
-                        for n, mp in plan.models.items())]
+    lines = [f"select: layers {s.layers}, criterion {s.criterion}, filters layer < int({s.max_layer_fraction} L), "
+             f"KL <= {s.kl_max}, induce >= {s.induce_min}, filter_val {s.filter_val}; fallback {s.fallback}; "
+             f"refusal score log(p + {s.refusal_score_epsilon:g}) - log(1 - p + {s.refusal_score_epsilon:g}); "
+             "candidates per seed: "
+             + ", ".join(f"{n} {mp.n_layers if s.layers == 'all' else len(s.layers)}x{len(mp.positions)}"
+                         for n, mp in plan.models.items())]
+    for n, mp in plan.models.items():
+        cutoff = layer_cutoff(mp.n_layers, s.max_layer_fraction)
+        lines.append(f"  {n}: refusal tokens ({mp.refusal_tokens.get('setting')}) {mp.refusal_tokens.get('tokens')}; "
+                     f"layers {'all' if cutoff is None else f'0..{cutoff - 1}'} of {mp.n_layers} kept by the layer filter")
+    return lines
 
 
 def _check(plan) -> None:
