@@ -177,6 +177,19 @@ def test_kl_ignores_tokens_the_baseline_rules_out():
     p = base.exp()[0]
     want = float(sum(p[t] * (base[0, t] - other[0, t]) for t in (0, 2)))
     assert not math.isnan(kl) and kl == pytest.approx(want, abs=1e-12)
+    from refusal_ray.stages.select import _kl
+
+    assert float(_kl(base, other, None)[0]) == kl
+    # the paper's smoothing: sum p (log(p + 1e-6) - log(q + 1e-6)), also finite where p = 0
+    q = other.exp()[0]
+    paper = float(sum(p[t] * (math.log(p[t] + 1e-6) - math.log(q[t] + 1e-6)) for t in range(3)))
+    assert float(_kl(base, other, 1e-6)[0]) == pytest.approx(paper, abs=1e-12)
+    # it shrinks the terms of tokens below ~eps: a token at p = 2e-9 that the ablation sends to 4e-18
+    base = torch.log_softmax(torch.tensor([[0.0, -20.0]], dtype=torch.float64), -1)
+    other = torch.log_softmax(torch.tensor([[0.0, -40.0]], dtype=torch.float64), -1)
+    exact, smooth = float(_kl(base, other, None)[0]), float(_kl(base, other, 1e-6)[0])
+    assert exact == pytest.approx(float((base.exp() * (base - other)).sum()), rel=1e-9)
+    assert exact > 3e-8 and smooth < exact / 100
 
 
 class _Tok:

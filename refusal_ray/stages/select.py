@@ -8,7 +8,8 @@ paper's; p = probability of the refusal first tokens at the last prompt position
     bypass(r) = mean m over harmful prompts with r^ ablated at every layer (resid_pre, attn_out,
                 mlp_out; x <- x - (x . r^) r^, every position)
     induce(r) = mean m over harmless prompts with r added at resid_pre[layer(r)], every position
-    KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts
+    KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts, with the paper's
+                smoothing log(P + 1e-6) inside the logs (`kl_epsilon`; 0: the exact KL)
 
 The refusal tokens are the paper's per family (`refusal_ray.models.refusal_tokens`). `filter_val`
 (the paper's default) scores only the harmful val prompts the unedited model refuses (m > 0) and the
@@ -48,6 +49,7 @@ from refusal_ray.stages.patch import RefusalScore
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 KINDS = ("bypass", "kl", "induce")   # ablate on harmful, ablate on harmless, add on harmless
 EPSILON = 1e-8                        # Arditi et al.'s refusal_score epsilon
+KL_EPSILON = 1e-6                     # Arditi et al.'s kl_div_fn epsilon
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]]
 @torch.inference_mode()
 def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list[list[int]],
                      harmless: list[list[int]], token_ids: list[int], batch_size: int = 256,
-                     progress=None, epsilon: float | None = EPSILON, filter_val: bool = False) -> dict[str, np.ndarray]:
+                     progress=None, epsilon: float | None = EPSILON, filter_val: bool = False,
+                     kl_epsilon: float | None = KL_EPSILON) -> dict[str, np.ndarray]:
     """Bypass, induce and KL of every candidate, many candidates per forward pass.
 
     One pass over the baseline rows (every val prompt unedited), then one over the candidate rows:
@@ -112,12 +115,12 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         epsilon: the refusal score's epsilon (`RefusalScore`; Arditi et al.: 1e-8; None: unbounded).
         filter_val: Arditi et al.'s `filter_val`: score candidates only on the harmful prompts whose
             baseline refusal score is > 0 and the harmless ones whose score is < 0.
+        kl_epsilon: Arditi et al.'s `kl_div_fn` smoothing (1e-6; None or 0: the exact KL), see `_kl`.
     Returns:
         float64 arrays: "bypass", "induce", "kl" [n_candidates]; "bypass_scores", "induce_scores"
         [n_candidates, n_kept] (per-prompt refusal scores); "baseline_harmful", "baseline_harmless"
         [n_kept] (unedited scores); "kept_harmful", "kept_harmless" (indices into the inputs).
-        KL(P_base || P_ablated) = sum_t P_base(t) (log P_base(t) - log P_ablated(t)) in nats, where
-        tokens with P_base(t) = 0 contribute 0 (not 0 * inf = NaN).
+        KL in nats per prompt as `_kl` defines it, mean over the kept harmless prompts.
     Raises:
         ValueError: filter_val keeps no prompt of a class (the message says which).
     """
@@ -157,7 +160,7 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         if (kinds == 1).any():   # KL(baseline || ablated) of the first generated token, vectorised
             j, i = np.flatnonzero(kinds == 1), torch.as_tensor(prompt[kinds == 1], device=logits.device)
             lp = torch.log_softmax(logits[torch.as_tensor(j, device=logits.device)], -1)
-            kl[j] = first_token_kl(base_lp[i], lp).cpu().numpy()
+            kl[j] = _kl(base_lp[i], lp, kl_epsilon).cpu().numpy()
         for j, r in enumerate(idx):
             kind, _, i = rows[r]
             target = ("bypass_scores", "kl_rows", "induce_scores")[kind]
@@ -167,6 +170,21 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
             "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:n_drawn][keep_h],
             "baseline_harmless": base_score[n_drawn:][keep_s],
             "kept_harmful": keep_h, "kept_harmless": keep_s}
+
+
+def _kl(base_lp: torch.Tensor, lp: torch.Tensor, epsilon: float | None) -> torch.Tensor:
+    """First-token KL(P_base || P_ablated) per prompt, from float64 log-probabilities [n, vocab]: [n] nats.
+
+    With `epsilon` (Arditi et al.'s `kl_div_fn`, epsilon 1e-6, on float64 softmaxes):
+    sum_t P_base(t) (log(P_base(t) + eps) - log(P_abl(t) + eps)). Without: the exact KL, where a token
+    with P_base(t) = 0 contributes 0 (not 0 * inf = NaN; `capability.measures.first_token_kl`). The
+    smoothing shrinks the terms of tokens below ~eps: on toy-llama-s it lowers a KL of 1.690 to 1.660,
+    and it is what the paper's 0.1 KL filter was set against, so it is the default here.
+    """
+    if not epsilon:
+        return first_token_kl(base_lp, lp)
+    p, q = base_lp.exp(), lp.exp()
+    return (p * (torch.log(p + epsilon) - torch.log(q + epsilon))).sum(-1)
 
 
 def layer_cutoff(n_layers: int, max_layer_fraction: float | None) -> int | None:
@@ -267,8 +285,9 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
     eps = cfg.get("refusal_score_epsilon", EPSILON) or None
     zero = zero_norm([c.vector for c in candidates])
     scored = [c for c, z in zip(candidates, zero) if not z]
+    kl_eps = cfg.get("kl_epsilon", KL_EPSILON) or None
     s = score_candidates(lm, scored, harmful, harmless, token_ids, cfg["batch_size"], progress, eps,
-                         bool(cfg.get("filter_val")))
+                         bool(cfg.get("filter_val")), kl_eps)
     base_h_rate, base_s_rate = float((s["baseline_harmful"] > 0).mean()), float((s["baseline_harmless"] > 0).mean())
     rows, k = [], 0
     for c, z in zip(candidates, zero):
@@ -290,7 +309,7 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
             "n_val": len(s["kept_harmful"]), "n_val_harmless": len(s["kept_harmless"]),
             "n_val_drawn": len(harmful), "n_val_harmless_drawn": len(harmless),
             "criterion": cfg["criterion"], "refusal_tokens": json.dumps(token_ids),
-            "refusal_score_epsilon": eps or 0.0,
+            "refusal_score_epsilon": eps or 0.0, "kl_epsilon": kl_eps or 0.0,
         })
     return choose(rows, lm.sites.n_layers, cfg)
 
