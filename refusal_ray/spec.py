@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import content_hash
@@ -151,14 +152,31 @@ class SelectStage(Strict):
         "bypass", description="'bypass': lowest bypass score (Arditi); 'swing': largest validation refusal-rate "
                               "swing (the pre-registered replication's; rates by refusal score > 0); "
                               "'separation': highest Cohen's d (the old 'best').")
-    max_layer_fraction: float | None = Field(0.8, gt=0, le=1, description="Drop candidates at layers >= this "
-                                                                         "fraction of n_layers (None: keep all).")
+    max_layer_fraction: float | None = Field(0.8, gt=0, le=1, description=(
+        "Drop candidates at layers >= int(max_layer_fraction * n_layers), as Arditi et al.'s code prunes "
+        "layer >= int(n_layers * (1 - 0.2)) (e.g. 16 layers: 0..11 kept; None: keep all)."))
     kl_max: float | None = Field(0.1, ge=0, description="Drop candidates whose ablation KL is above this (None: keep).")
     induce_min: float | None = Field(0.0, description="Drop candidates whose induce score is below this (None: keep).")
     fallback: Literal["bypass", "swing", "separation"] | None = Field(
         None, description="When no candidate passes the filters: None selects nothing (ablation arms that need "
                           "the selected direction are skipped and the verdict says NO-SELECTION); a criterion "
                           "picks among all candidates by it, marked as a fallback in the table and summary.")
+    filter_val: bool = Field(False, description=(
+        "Arditi et al.'s validation filtering (their default): score candidates only on the harmful val "
+        "prompts the model refuses and the harmless ones it does not (refusal score > 0 / < 0, unedited); "
+        "the kept counts are stored. Default true on specs with `reproduces: arditi2024`."))
+    refusal_tokens: Literal["family", "judge_phrases"] | Annotated[list[str | int], Field(min_length=1)] = Field(
+        "family", description=(
+            "The refusal first tokens the refusal score reads. 'family': Arditi et al.'s per-family tokens "
+            "(Llama 'I', Qwen 'I'/'As', Gemma 'I'; 'I' for families the paper has no file for; "
+            "refusal_ray/models/refusal_tokens.py); 'judge_phrases': the first token of each substring-judge "
+            "phrase (this tool's definition before v0.2); or a list of one-token strings and/or token ids."))
+    refusal_score_epsilon: float = Field(1e-8, ge=0, description=(
+        "epsilon of the refusal score log(p + eps) - log(1 - p + eps) (Arditi et al.'s code: 1e-8, which "
+        "caps a prompt's score near +-18.4); 0: the unbounded log p - log(1 - p)."))
+    kl_epsilon: float = Field(1e-6, ge=0, description=(
+        "Smoothing of the selection KL, sum P_base (log(P_base + eps) - log(P_abl + eps)) (Arditi et al.'s "
+        "kl_div_fn: 1e-6, the KL their 0.1 filter was set against); 0: the exact KL."))
     batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
 
 
@@ -203,11 +221,31 @@ class SubspaceArm(Strict):
         return self
 
 
+def _controls(v: bool | int) -> bool | int:
+    """`controls`: true (one draw, the meaning before K existed), false (none) or K >= 2 draws; 1 reads as
+    true and 0 as false."""
+    if isinstance(v, bool):
+        return v
+    if v < 0:
+        raise ValueError("true (one random draw per arm), false (none) or a number of draws K >= 2")
+    return v if v >= 2 else bool(v)
+
+
+Controls = Annotated[bool | int, AfterValidator(_controls)]
+CONTROLS_HELP = ("Norm-matched random-direction controls per arm: true (one draw, seeded by the control cell's "
+                 "id), false (none), or K >= 2 draws (K control cells per arm; draw 0 is the draw of `true`).")
+
+
+def n_draws(controls: bool | int) -> int:
+    """Random control draws per arm of a `controls` value: 0, 1 or K."""
+    return int(controls) if not isinstance(controls, bool) else int(controls)
+
+
 class SteerStage(Strict):
     addition: AdditionArm | None = Field(default_factory=AdditionArm)
     ablation: AblationArm | None = Field(default_factory=AblationArm)
     subspace: SubspaceArm | None = Field(None, description="Subspace ablation arms (None: none).")
-    controls: bool = Field(True, description="Pair every arm with a norm-matched random-direction arm.")
+    controls: "Controls" = Field(True, description=CONTROLS_HELP)
     position: int = Field(-1, description="Direction position used for steering (one of directions.positions).")
     batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
 
@@ -337,7 +375,7 @@ class CapabilityStage(Strict):
     coefficients: list[float] = Field([1.0], min_length=1, description="Addition coefficients.")
     alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths (orthogonalized weights: "
                                                                 "always 1).")
-    controls: bool = Field(True, description="Also measure each arm with a norm-matched random direction.")
+    controls: "Controls" = Field(True, description=CONTROLS_HELP)
     text: TextSet = Field(default_factory=TextSet)
     generate: bool = Field(True, description="Generate on the test prompts: task exact match and refusal rates "
                                              "(inline judge) per arm.")
@@ -385,6 +423,19 @@ class ControlMarginRule(Strict):
     control_margin: float = Field(description="Required shift beyond the random control.")
     addition_coefficient: float = Field(description="Addition arm judged (at the best layer).")
     ablation_alpha: float = Field(description="Ablation arm judged.")
+    control_statistic: Literal["mean", "quantile"] | None = Field(
+        None, description="What an arm's shift is compared with when its random control has several draws "
+                          "(`controls: K`): 'mean' of the draws' shifts, or their 'quantile' (the 0.95 quantile, "
+                          "numpy's linear interpolation; the draws' max for K <= 20 is close to it). None: the "
+                          "mean (with one draw, that draw: the rule's meaning before K existed). Absent from the "
+                          "rule's frozen form and hash when None.")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        out = handler(self)
+        if self.control_statistic is None:   # rules written before the field keep their frozen form and hash
+            out.pop("control_statistic", None)
+        return out
 
 
 class SteeringLabelsRule(Strict):
@@ -414,6 +465,10 @@ class Spec(Strict):
     """A sweep: models x seeds x stages, with a pre-registered decision rule."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    reproduces: Literal["arditi2024"] | None = Field(None, description=(
+        "A published pipeline this spec says it reproduces; its defaults apply where the spec is silent. "
+        "'arditi2024' (Arditi et al. 2024, run_pipeline.py / config.py): stages.directions.filter_train and "
+        "stages.select.filter_val default to true."))
     models: list[ModelSpec] = Field(min_length=1)
     data: DataSpec
     seeds: list[int] = Field([0], min_length=1)
@@ -426,6 +481,19 @@ class Spec(Strict):
                                                     "guard, openai.")
     decision_rule: DecisionRule
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data):
+        """`reproduces: arditi2024`: the paper's filter_train / filter_val where the spec does not set them."""
+        if not isinstance(data, dict) or data.get("reproduces") != "arditi2024":
+            return data
+        stages = dict(data.get("stages") or {})
+        for stage, key in (("directions", "filter_train"), ("select", "filter_val")):
+            block = stages.get(stage, {} if stage == "directions" else None)
+            if isinstance(block, dict) and key not in block:
+                stages[stage] = {**block, key: True}
+        return {**data, "stages": stages}
 
     @field_validator("models")
     @classmethod

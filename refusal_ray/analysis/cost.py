@@ -3,6 +3,12 @@
 The cost of an arm on a metric is its value minus the baseline arm's value for the same (model, seed,
 metric), averaged over seeds (first_token_kl is already measured against the baseline: its value is
 its cost). Refusal change is the same difference on the refusal rates of the test prompts.
+
+Random controls with several draws (`controls: K`; a row's `control_draw`, absent on draw 0): a control
+arm's `cost` is the mean over draws of each draw's cost (itself the mean over seeds); `draws` counts the
+draws, `cost_sd` is their standard deviation (ddof 1; NaN for one draw) and `cost_q95` their 0.95
+quantile (numpy's linear interpolation: with K <= 20 draws it lies between the two largest). One draw:
+cost_q95 is that draw's cost.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import pandas as pd
 ARM_COLUMNS = ["model", "arm", "control", "coefficient", "alpha", "direction"]
 # metrics whose value is already relative to the baseline
 RELATIVE = {"first_token_kl"}
+QUANTILE = 0.95   # the controls' upper quantile (cost_q95; control_margin's `control_statistic: quantile`)
 ORDER = {"baseline": 0, "addition": 1, "ablation": 2, "subspace": 3, "orthogonalized": 4, "orthogonalized_subspace": 5}
 SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal harmless", "ce_loss": "d CE",
          "first_token_kl": "KL", "task_exact_match": "d task EM"}
@@ -21,13 +28,16 @@ SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal 
 def capability_cost(capability: pd.DataFrame, key: str | None = None) -> pd.DataFrame:
     """Long table: one row per (model, arm settings, metric) with `value` (mean over seeds), `baseline`
     (the baseline arm's mean over the same seeds), `cost` (mean over seeds of value - baseline;
-    the value itself for first_token_kl) and `seeds`. Empty in, empty out.
+    the value itself for first_token_kl; for control arms of several draws the mean over draws),
+    `seeds`, and over the control draws `draws`, `cost_sd` and `cost_q95` (module docstring; draws 1,
+    cost_sd NaN, cost_q95 = cost on one-draw and non-control arms). Empty in, empty out.
 
     key: the manifest's `capability_key`: only rows measured under the current settings count (a store
     rerun with another text set or generation length holds rows of both; each arm is paired with the
     baseline of its own settings in any case)."""
     if capability.empty:
-        return pd.DataFrame(columns=[*ARM_COLUMNS, "metric", "value", "baseline", "cost", "seeds"])
+        return pd.DataFrame(columns=[*ARM_COLUMNS, "metric", "value", "baseline", "cost", "seeds", "draws",
+                                     "cost_sd", "cost_q95"])
     df = capability.copy()
     if "measure_key" not in df.columns:
         df["measure_key"] = ""
@@ -39,9 +49,17 @@ def capability_cost(capability: pd.DataFrame, key: str | None = None) -> pd.Data
             .rename(columns={"value": "baseline"}))
     df = df.merge(base, on=["model", "seed", "metric", "measure_key"], how="left")
     df["cost"] = np.where(df["metric"].isin(RELATIVE), df["value"], df["value"] - df["baseline"])
-    out = (df.groupby([*ARM_COLUMNS, "metric", "measure_key"], dropna=False, sort=False)
+    draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(np.nan, index=df.index)
+    df["control_draw"] = draw.fillna(0).astype(int)
+    keys = [*ARM_COLUMNS, "metric", "measure_key"]
+    per_draw = (df.groupby([*keys, "control_draw"], dropna=False, sort=False)
+                .agg(value=("value", "mean"), baseline=("baseline", "mean"), cost=("cost", "mean"),
+                     seeds=("seed", "nunique")).reset_index())
+    out = (per_draw.groupby(keys, dropna=False, sort=False)
            .agg(value=("value", "mean"), baseline=("baseline", "mean"), cost=("cost", "mean"),
-                seeds=("seed", "nunique")).reset_index())
+                seeds=("seeds", "max"), draws=("control_draw", "nunique"),
+                cost_sd=("cost", lambda c: float(np.std(c, ddof=1)) if len(c) > 1 else np.nan),
+                cost_q95=("cost", lambda c: float(np.quantile(c, QUANTILE)))).reset_index())
     out["_order"] = out["arm"].map(ORDER)
     return (out.sort_values(["model", "_order", "control", "coefficient", "alpha"], kind="stable")
             .drop(columns="_order").reset_index(drop=True))
@@ -63,7 +81,9 @@ def summary_columns(cost: pd.DataFrame, model: str, rule: dict | None = None) ->
     """Per model, for the summary table: the CE change and first-token KL of each non-control arm
     (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl], ...), at the setting the
     decision rule reads (control_margin's ablation_alpha for ablation arms, addition_coefficient for
-    addition arms) when it was measured, else at the arm's first setting; `cost_setting[arm]` names it."""
+    addition arms) when it was measured, else at the arm's first setting; `cost_setting[arm]` names it.
+    A control of several draws adds its draws' spread and upper quantile: `cost_ce_sd[arm-ctl]`,
+    `cost_ce_q95[arm-ctl]` (and _kl), and `control_draws[arm]`."""
     out: dict = {}
     cm = (rule or {}).get("control_margin") or {}
     mine = cost[cost["model"] == model] if not cost.empty else cost
@@ -81,4 +101,8 @@ def summary_columns(cost: pd.DataFrame, model: str, rule: dict | None = None) ->
                 hit = at[at["metric"] == metric]
                 if not hit.empty:
                     out[f"cost_{name}[{arm}{suffix}]"] = float(hit["cost"].iloc[0])
+                    if control and "draws" in hit.columns and int(hit["draws"].iloc[0]) > 1:
+                        out[f"control_draws[{arm}]"] = int(hit["draws"].iloc[0])
+                        out[f"cost_{name}_sd[{arm}{suffix}]"] = float(hit["cost_sd"].iloc[0])
+                        out[f"cost_{name}_q95[{arm}{suffix}]"] = float(hit["cost_q95"].iloc[0])
     return out

@@ -164,24 +164,59 @@ def steering_label(induce: float, suppress: float, rule: dict) -> str:
 
 
 def steer_columns(a: pd.DataFrame, best: int, rule: dict) -> dict:
-    """The steering columns and both verdicts of one model, from its pooled arms `a`."""
+    """The steering columns and both verdicts of one model, from its pooled arms `a`.
+
+    Random controls of several draws (`controls: K`; pooled rows per draw where `a` has a
+    `control_draw` column): an arm's shift "vs control" is measured against the controls' `mean` shift
+    or their 0.95 `quantile` (numpy linear; control_margin's `control_statistic`, default mean; one draw:
+    that draw, as before). With K > 1 the summary adds the draws' mean, sd (ddof 1) and 0.95 quantile
+    of the controls' own shifts: `ablation_control_suppression_{mean,sd,q95}` (baseline harmful refusal
+    minus a draw's), `addition_control_induction_{mean,sd,q95}` (a draw's harmless refusal minus
+    baseline), `control_draws` and `control_statistic`."""
     cm, sl = rule.get("control_margin", {}), rule.get("steering_labels", {})
+    statistic = cm.get("control_statistic") or "mean"
+
+    def draws(**where) -> np.ndarray:   # the control's per-draw rates
+        sel = a[a["control"].astype(bool)]
+        for k, v in where.items():
+            if v is None:
+                return np.array([])
+            sel = sel[np.isclose(sel[k], v)] if isinstance(v, float) else sel[sel[k] == v]
+        return sel["rate"].to_numpy(float)
+
+    def control(rates: np.ndarray, q: float) -> float:   # the rate the rule compares with
+        if not len(rates):
+            return float("nan")
+        return float(rates.mean()) if statistic == "mean" else float(np.quantile(rates, q))
+
+    def spread(shifts: np.ndarray) -> tuple[float, float, float]:
+        if not len(shifts):
+            return (float("nan"),) * 3
+        sd = float(np.std(shifts, ddof=1)) if len(shifts) > 1 else float("nan")
+        return float(shifts.mean()), sd, float(np.quantile(shifts, 0.95))
     base_harm = _rate(a, mode="baseline", prompt_set="harmful")
     base_safe = _rate(a, mode="baseline", prompt_set="harmless")
     alpha, coef = float(cm.get("ablation_alpha", 1.0)), float(cm.get("addition_coefficient", 1.0))
     abl = _rate(a, mode="ablation", alpha=alpha, control=False, prompt_set="harmful")
-    abl_ctl = _rate(a, mode="ablation", alpha=alpha, control=True, prompt_set="harmful")
+    abl_draws = draws(mode="ablation", alpha=alpha, prompt_set="harmful")
+    abl_ctl = control(abl_draws, 0.05)   # the draws' 0.95 quantile of suppression is their 0.05 quantile of rate
     direction = a[(a["mode"] == "addition") & ~a["control"].astype(bool)]
     add_layer = nearest_steered(best, direction.loc[np.isclose(direction["coefficient"], coef), "layer"])
     add = _rate(a, mode="addition", layer=add_layer, coefficient=coef, control=False, prompt_set="harmless")
-    add_ctl = _rate(a, mode="addition", layer=add_layer, coefficient=coef, control=True, prompt_set="harmless")
+    add_draws = draws(mode="addition", layer=add_layer, coefficient=coef, prompt_set="harmless")
+    add_ctl = control(add_draws, 0.95)
     label_layer = nearest_steered(best, direction["layer"])
     curve = direction[direction["layer"] == label_layer]
     pos = curve[(curve["coefficient"] > 0) & (curve["prompt_set"] == "harmless")]["rate"]
     neg = curve[(curve["coefficient"] < 0) & (curve["prompt_set"] == "harmful")]["rate"]
     induce = float(pos.max() - base_safe) if len(pos) else float("nan")
     suppress = float(base_harm - neg.min()) if len(neg) else float("nan")
-    return {
+    k = max(len(abl_draws), len(add_draws))
+    stats = {} if k <= 1 else {"control_draws": k, "control_statistic": statistic} | dict(zip(
+        ("ablation_control_suppression_mean", "ablation_control_suppression_sd", "ablation_control_suppression_q95",
+         "addition_control_induction_mean", "addition_control_induction_sd", "addition_control_induction_q95"),
+        (*spread(base_harm - abl_draws), *spread(add_draws - base_safe))))
+    return stats | {
         "baseline_harmful_refusal": base_harm, "baseline_harmless_refusal": base_safe,
         "ablation_harmful_refusal": abl, "ablation_suppression": base_harm - abl,
         "ablation_suppression_vs_control": abl_ctl - abl,

@@ -20,6 +20,14 @@ Metrics per arm (table `capability`, one row per (cell, metric)):
   refusal_harmful    refusal rate (inline judge) on the harmful test prompts
   refusal_harmless   refusal rate (inline judge) on the harmless test prompts
   lm_eval/<task>/<metric>  lm-evaluation-harness with the arm active (`capability.harness`)
+Controls (`controls: true | false | K`): as stage steer's, K control cells per arm (draw j >= 1 with
+`control_draw: j`; draw 0 is the cell of `controls: true`). A weight arm's control draws its hook twin's
+directions: the orthogonalized control draw j uses the ablation control's (alpha 1) draw j, the
+orthogonalized_subspace control the subspace control's (alpha 1), so each pair differs only in hooks vs
+weights (its params carry the twin as `draws_from`; the twin's cell id seeds the draw, whether or not
+that arm is measured). Weight arms edit every layer: beside an ablation or subspace arm restricted to
+some layers they are no twin, so the default arm list leaves them out and an explicit one is exit 2.
+
 Each row carries value, n, a 95% interval where one is defined (Wilson for rates; mean +- 1.96
 standard errors over prompts for the KL; lm-eval's stderr for its metrics) and the arm's settings.
 The cost of an arm is its value minus the baseline's for the same (model, seed, metric); the
@@ -29,6 +37,8 @@ summary computes it (`refusal_ray.analysis.cost.capability_cost`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -40,8 +50,9 @@ from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import (Row, SteerInputs, arm_columns, arm_direction, arm_subspace, build_edits,
-                                      generate_rows, skip_reason, stacked_directions, steering_inputs)
+from refusal_ray.stages.steer import (Row, SteerInputs, _controls_text, arm_columns, arm_direction, arm_subspace,
+                                      build_edits, control_arms, generate_rows, skip_reason, stacked_directions,
+                                      steering_inputs)
 from refusal_ray.stats import wilson
 
 ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace")
@@ -82,10 +93,26 @@ def not_orthogonalizable(model, family: str) -> str | None:
     return None
 
 
-def arms(spec, blocked: str | None = None) -> list[str]:
+def partial_twins(spec, n_layers: int) -> dict[str, tuple[str, list[int]]]:
+    """Weight arms whose hook twin ablates only some of a model's `n_layers` layers: {arm: (the field
+    restricting the twin, its layers)}. Orthogonalisation edits every layer's weights, so such an arm is
+    not the twin's weight version (issue 18, item 8)."""
+    steer, out = spec.stages.steer, {}
+    every = list(range(n_layers))
+    if steer is not None and steer.ablation is not None and steer.ablation.layers != "all" \
+            and sorted(set(steer.ablation.layers)) != every:
+        out["orthogonalized"] = ("stages.steer.ablation.layers", list(steer.ablation.layers))
+    sub = steer.subspace if steer is not None else None
+    if sub is not None and sub.ablation_layers != "all" and sorted(set(sub.ablation_layers)) != every:
+        out["orthogonalized_subspace"] = ("stages.steer.subspace.ablation_layers", list(sub.ablation_layers))
+    return out
+
+
+def arms(spec, blocked: str | None = None, partial=()) -> list[str]:
     """The arms measured on a model: the block's list, or by default every arm the spec defines
     (subspace arms with stages.steer.subspace; orthogonalized arms unless `blocked`, the reason from
-    `not_orthogonalizable`)."""
+    `not_orthogonalizable`, and each unless it is in `partial` (`partial_twins`: its hook twin ablates
+    only some layers))."""
     cap, steer = spec.stages.capability, spec.stages.steer
     if cap.arms is not None:
         return list(dict.fromkeys(cap.arms))
@@ -93,19 +120,29 @@ def arms(spec, blocked: str | None = None) -> list[str]:
     if steer is not None and steer.subspace is not None:
         out[3:3] = ["subspace"]
         out.append("orthogonalized_subspace")
-    return [a for a in out if not (blocked and a in ORTHOGONALIZED)]
+    return [a for a in out if not (blocked and a in ORTHOGONALIZED) and a not in partial]
 
 
 def _blocked(spec, mp) -> str | None:
     return not_orthogonalizable(next(m for m in spec.models if m.name == mp.name), mp.family)
 
 
+def twin_controls(arm: dict, twin: dict, draws: int) -> list[dict]:
+    """A weight arm and its `draws` control arms, each control carrying its hook twin's control params
+    of the same draw (`draws_from`), whose cell id seeds its random direction or subspace."""
+    out = control_arms(arm, draws)
+    return out[:1] + [{**a, "draws_from": t} for a, t in zip(out[1:], control_arms(twin, draws)[1:])]
+
+
 def capability_params(spec, mp) -> list[dict]:
     """Every capability arm of one (model, seed), in steer's parameter schema (so steer's direction
-    and edit builders serve both); addition arms leave `layer` None until their direction resolves."""
+    and edit builders serve both); addition arms leave `layer` None until their direction resolves.
+    `controls: K` gives each arm K control arms; weight arms' controls name their hook twin (`twin_controls`)."""
+    from refusal_ray.spec import n_draws
+
     cap = spec.stages.capability
-    controls = [False, True] if cap.controls else [False]
-    which = arms(spec, _blocked(spec, mp))
+    draws = n_draws(cap.controls)
+    which = arms(spec, _blocked(spec, mp), partial_twins(spec, mp.n_layers))
     out: list[dict] = []
     if "baseline" in which:
         out.append({"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0, "direction_layer": None,
@@ -117,29 +154,67 @@ def capability_params(spec, mp) -> list[dict]:
         return select_block if uses else {}
 
     if "addition" in which:
-        out += [{"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
-                 "direction_layer": cap.addition_layer, "control": ctl, **select(cap.addition_layer == "selected")}
-                for c in cap.coefficients if c != 0 for ctl in controls]
+        for c in cap.coefficients:
+            if c != 0:
+                out += control_arms({"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
+                                     "direction_layer": cap.addition_layer,
+                                     **select(cap.addition_layer == "selected")}, draws)
     direction, position = ablation_direction(_settings(spec))
     explicit = {**select(direction == "selected"), **({} if position is None else {"direction_position": position})}
     steer = spec.stages.steer
-    if "ablation" in which:
-        layers = {} if steer is None or steer.ablation is None or steer.ablation.layers == "all" else {
-            "ablation_layers": layer_list(steer.ablation.layers, mp.n_layers)}
-        out += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
-                 "control": ctl, **explicit, **layers} for a in cap.alphas for ctl in controls]
+    layers = {} if steer is None or steer.ablation is None or steer.ablation.layers == "all" else {
+        "ablation_layers": layer_list(steer.ablation.layers, mp.n_layers)}
+
+    def ablation(a: float) -> dict:
+        return {"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
+                **explicit, **layers}
+
     sub = steer.subspace if steer is not None else None
     stacked = None if sub is None else stacked_directions(spec)
+
+    def subspace(a: float) -> dict:
+        return {"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
+                "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
+
+    if "ablation" in which:
+        out += [arm for a in cap.alphas for arm in control_arms(ablation(a), draws)]
     if "subspace" in which:
-        out += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
-                 "control": ctl, "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
-                for a in sub.alphas for ctl in controls]
+        out += [arm for a in sub.alphas for arm in control_arms(subspace(a), draws)]
     if "orthogonalized" in which:
-        out += [{"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                 "direction_layer": direction, "control": ctl, **explicit} for ctl in controls]
+        out += twin_controls({"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
+                              "direction_layer": direction, **explicit}, ablation(1.0), draws)
     if "orthogonalized_subspace" in which:
-        out += [{"mode": "orthogonalized_subspace", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                 "direction_layer": None, "control": ctl, **stacked} for ctl in controls]
+        out += twin_controls({"mode": "orthogonalized_subspace", "layer": None, "coefficient": 0.0, "alpha": 1.0,
+                              "direction_layer": None, **stacked}, subspace(1.0), draws)
+    return out
+
+
+def _cell_hash(key: dict, params: dict) -> str:
+    """`refusal_ray.grid.cell_id`'s content hash of `params` under the rest of a cell's key."""
+    return hashlib.sha256(json.dumps({**key, "params": params}, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def twin_draw_ids(session, cells: list[Cell], extra: dict) -> dict[str, str]:
+    """{weight-arm control cell id: its hook twin's cell id} for the cells whose params carry `draws_from`.
+
+    The twin's id is `grid.cell_id` of the twin's params under this cell's key (the plan's stage key and
+    model identity from `extra["ids"]`, the prompt fingerprint recomputed from the session's prompts and
+    tokenizer). Raises RuntimeError when this cell's own id does not recompute so (the twin's would be
+    wrong too): never a silent other draw."""
+    wanted = [c for c in cells if "draws_from" in c.params]
+    if not wanted:
+        return {}
+    from refusal_ray.plan import prompt_fingerprint
+
+    ids, out, fps = extra["ids"], {}, {}
+    for c in wanted:
+        if c.seed not in fps:
+            fps[c.seed] = prompt_fingerprint(ids["data"], session.lm.tokenizer, session.prompts[c.seed], session.chat)
+        key = {**ids["key"], "model": ids["models"][c.model], "seed": c.seed, "data": fps[c.seed]}
+        if _cell_hash(key, c.params) != c.id:
+            raise RuntimeError(f"cannot derive the hook twin of {c.params['mode']} control cell {c.id}: its id "
+                               f"does not recompute on this worker (prompts or tokenizer differ from the plan's)")
+        out[c.id] = _cell_hash(key, c.params["draws_from"])
     return out
 
 
@@ -235,6 +310,9 @@ def _inputs(settings: dict, needs: dict) -> SteerInputs:
 def _run(session, cells, payload) -> dict:
     cfg = session.settings["capability"]
     extra = session.prompts[cells[0].seed]["capability"]
+    twins = twin_draw_ids(session, cells, extra)
+    if twins:
+        payload = replace(payload, draw_ids={**(payload.draw_ids or {}), **twins})
     rows = []
     for cell in cells:
         rows += session.halving(lambda bs, cell=cell: measure(session, cell, payload, extra, cfg, bs),
@@ -305,14 +383,19 @@ def _prepare(plan) -> None:
     if registry:
         plan.unchecked.append(f"stages.capability.lm_eval.tasks ({', '.join(registry)}): the registry tasks' "
                               f"data (lm-eval downloads it from the hub at run time)")
-    extra = {"text": texts, "lm_eval": shipped, "key": measure_key(plan)}
+    from refusal_ray.grid import SCHEMA_VERSION, _model_identity
+
+    ids = {"key": {"v": SCHEMA_VERSION, "stage": "capability", **_id_key(plan.spec)}, "data": plan.data_fingerprint,
+           "models": {m.name: _model_identity(plan.spec, m.name) for m in plan.spec.models}}   # `twin_draw_ids`
+    extra = {"text": texts, "lm_eval": shipped, "key": measure_key(plan), "ids": ids}
     for seed in plan.spec.seeds:
         plan.prompts[seed]["capability"] = extra
 
 
 def _check(plan) -> None:
-    """Explicit layers exist; an explicitly listed 'orthogonalized' arm on a model whose weights cannot
-    be orthogonalised (post-norm family, quantised) is exit 2 here, not an error per cell later."""
+    """Explicit layers exist; an explicitly listed weight arm ('orthogonalized', 'orthogonalized_subspace')
+    on a model whose weights cannot be orthogonalised (post-norm family, quantised), or beside a hook twin
+    that ablates only some layers (`partial_twins`), is exit 2 here, not an error per cell later."""
     from refusal_ray.errors import SpecError
 
     from refusal_ray.stages.base import check_layers
@@ -325,6 +408,18 @@ def _check(plan) -> None:
     if not listed:
         return
     for m in plan.spec.models:
+        if m.name not in plan.models:
+            continue
+        partial = partial_twins(plan.spec, plan.models[m.name].n_layers)
+        for arm in listed:
+            if arm in partial:
+                field_, layers = partial[arm]
+                raise SpecError(plan.spec_file, "stages.capability.arms",
+                                f"'{arm}' edits the weights of every layer, but {field_} ablates layers {layers} "
+                                f"only (model {m.name!r} has {plan.models[m.name].n_layers}): it is not that "
+                                f"arm's weight twin; drop it from the list (the default list leaves it out) "
+                                f"or ablate every layer")
+    for m in plan.spec.models:
         if m.name not in plan.models:   # validate offline: a hub model it could not read
             continue
         why = not_orthogonalizable(m, plan.models[m.name].family)
@@ -336,9 +431,10 @@ def _check(plan) -> None:
 
 def _describe(plan) -> list[str]:
     cap = plan.spec.stages.capability
-    listed = sorted({a for mp in plan.models.values() for a in arms(plan.spec, _blocked(plan.spec, mp))},
+    listed = sorted({a for mp in plan.models.values()
+                     for a in arms(plan.spec, _blocked(plan.spec, mp), partial_twins(plan.spec, mp.n_layers))},
                     key=ARMS.index)
-    lines = [f"capability: arms {', '.join(listed)} (controls: {cap.controls}); CE on {cap.text.path} "
+    lines = [f"capability: arms {', '.join(listed)} (controls: {_controls_text(cap.controls)}); CE on {cap.text.path} "
              f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "
              f"test prompts" + ("; exact match and refusal on the test prompts" if cap.generate else "")]
     if cap.lm_eval is not None:

@@ -14,6 +14,12 @@ Arms (Arditi et al. 2024, Sec. 2.3-2.4):
   control   the same arm with a Gaussian direction of the same norm as v, seeded per cell; for a
             subspace arm a random subspace of the same rank (a Gaussian [d_model, rank] matrix
             seeded per cell, orthonormalised by QR: norm-free, only the projection matters)
+
+Control draws (`controls: K`, K >= 2): each arm gets K control cells, draw j's params carrying
+`control_draw: j` for j >= 1 (draw 0 is the cell of `controls: true`, id and rows unchanged), so every
+draw is seeded by its own cell id, and a store measured with K draws reuses the draws it has. The K
+cells are adjacent, so their rows share `generate` calls. Rows of draw j >= 1 carry `control_draw`;
+a control row without it is draw 0.
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ class SteerInputs:
     explicit: {(layer, position): vector} for ablation arms naming a layer and position.
     subspace: the directions subspace arms stack (`SubspaceInputs`), or None (no subspace block;
         arms naming `layers` then stack `vectors`).
+    draw_ids: {control cell id: the cell id seeding its draw} where that is another cell's (stage
+        capability's weight arms draw their hook twin's directions); None: every cell its own.
     """
 
     vectors: dict[int, np.ndarray]
@@ -122,11 +130,19 @@ class SteerInputs:
     selected: dict | None = None
     explicit: dict = None
     subspace: SubspaceInputs | None = None
+    draw_ids: dict | None = None
+
+
+def draw_id(cell: Cell, d: SteerInputs) -> str:
+    """The cell id that seeds a control arm's random draw: its own, or its hook twin's for a weight arm
+    (stage capability fills `SteerInputs.draw_ids`, so the orthogonalized control uses its twin's draw)."""
+    return (d.draw_ids or {}).get(cell.id, cell.id)
 
 
 def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, np.ndarray | None]:
     """(direction layer, direction position, vector v) of an arm; control arms get their random
-    vector of the same norm. Raises LookupError for a `selected` arm when nothing was selected."""
+    vector of the same norm (seeded by `draw_id`). Raises LookupError for a `selected` arm when nothing
+    was selected."""
     p = cell.params
     if p["mode"] in ("baseline", *SUBSPACE_MODES):
         return None, None, None
@@ -141,7 +157,7 @@ def arm_direction(cell: Cell, d: SteerInputs) -> tuple[int | None, int | None, n
         v = d.explicit[(layer, position)]
     else:
         layer, position, v = int(p["direction_layer"]), d.position, d.vectors[int(p["direction_layer"])]
-    return layer, position, (control_direction(cell.id, v) if p["control"] else v)
+    return layer, position, (control_direction(draw_id(cell, d), v) if p["control"] else v)
 
 
 def arm_subspace(cell: Cell, d: SteerInputs) -> tuple[str, np.ndarray]:
@@ -160,7 +176,7 @@ def arm_subspace(cell: Cell, d: SteerInputs) -> tuple[str, np.ndarray]:
     if q.shape[0] == 0:
         raise LookupError(f"subspace {sub.name} has rank 0: every stacked direction is zero")
     if cell.params["control"]:
-        q = control_subspace(cell.id, q.shape[0], q.shape[1])
+        q = control_subspace(draw_id(cell, d), q.shape[0], q.shape[1])
     return sub.name, q
 
 
@@ -282,7 +298,7 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         comp_rows.append({"cell_id": r.cell.id, "seed": r.cell.seed, "prompt_set": r.prompt_set,
                           "prompt_id": prompts[r.prompt_set].ids[r.index],
                           "prompt": prompts[r.prompt_set].instructions[r.index], "completion": completions[i],
-                          "refusal": refusals[i], "correct": correct[i]})
+                          "refusal": refusals[i], "correct": correct[i], **draw_column(r.cell)})
     by_id = {c.id: c for c in cells}
     arm_rows = []
     for (cid, pset), idx in groups.items():
@@ -298,10 +314,24 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     return arm_rows, comp_rows
 
 
+def draw_column(cell: Cell) -> dict:
+    """{"control_draw": j} for a control cell of draw j >= 1, else {} (draw 0's rows are the rows of
+    `controls: true`, byte for byte)."""
+    j = cell.params.get("control_draw", 0)
+    return {"control_draw": int(j)} if j else {}
+
+
+def control_arms(arm: dict, draws: int) -> list[dict]:
+    """An arm and its `draws` control arms (draw j >= 1 with `control_draw: j`), adjacent."""
+    return [{**arm, "control": False}] + [{**arm, "control": True, **({"control_draw": j} if j else {})}
+                                          for j in range(draws)]
+
+
 def arm_columns(cell: Cell, d: SteerInputs) -> dict:
     """An arm's columns in a result row (steering, capability): cell id, seed, layer, resolved direction
     layer and position, `direction` (the stacked directions' name for subspace arms, else the spec's
-    direction_layer), `subspace_rank`, coefficient, alpha, control, `vector_norm` (of the vector used)."""
+    direction_layer), `subspace_rank`, coefficient, alpha, control, `vector_norm` (of the vector used),
+    and `control_draw` on rows of control draw j >= 1 (`draw_column`)."""
     p = cell.params
     layer, position, v = arm_direction(cell, d)
     name, rank = None, None
@@ -313,7 +343,7 @@ def arm_columns(cell: Cell, d: SteerInputs) -> dict:
             "direction": name if name is not None else None if p["direction_layer"] is None
             else str(p["direction_layer"]),
             "subspace_rank": rank, "coefficient": p["coefficient"], "alpha": p["alpha"], "control": p["control"],
-            "vector_norm": None if v is None else float(np.linalg.norm(v))}
+            "vector_norm": None if v is None else float(np.linalg.norm(v)), **draw_column(cell)}
 
 
 # -- the declaration ---------------------------------------------------------------------------
@@ -321,9 +351,12 @@ def steer_params(spec, n_layers: int) -> list[dict]:
     """Every steering arm of one (model, seed): baseline, addition, ablation and (only when
     `stages.steer.subspace` is set) subspace ablation, with controls. Arms that ablate the selected
     direction or select's top-k carry stage select's settings (part of their ids only); subspace arms
-    carry their subspace ({"layers": [...]} or {"top_k": k}) and their ablation layers (resolved)."""
+    carry their subspace ({"layers": [...]} or {"top_k": k}) and their ablation layers (resolved).
+    `controls: K` gives each arm K control arms (`control_arms`)."""
+    from refusal_ray.spec import n_draws
+
     steer = spec.stages.steer
-    controls = [False, True] if steer.controls else [False]
+    draws = n_draws(steer.controls)
     arms: list[dict] = [{"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0,
                          "direction_layer": None, "control": False}]
     if steer.addition is not None:
@@ -331,8 +364,8 @@ def steer_params(spec, n_layers: int) -> list[dict]:
             for c in steer.addition.coefficients:
                 if c == 0:
                     continue  # c = 0 is the shared baseline arm
-                arms += [{"mode": "addition", "layer": layer, "coefficient": float(c), "alpha": 0.0,
-                          "direction_layer": layer, "control": ctl} for ctl in controls]
+                arms += control_arms({"mode": "addition", "layer": layer, "coefficient": float(c), "alpha": 0.0,
+                                      "direction_layer": layer}, draws)
     if steer.ablation is not None:
         extra = {} if steer.ablation.direction_position is None else {
             "direction_position": steer.ablation.direction_position}
@@ -341,15 +374,14 @@ def steer_params(spec, n_layers: int) -> list[dict]:
         if steer.ablation.direction_layer == "selected" and spec.stages.select is not None:
             extra["select"] = spec.stages.select.model_dump(mode="json", exclude={"batch_size"})
         for a in steer.ablation.alphas:
-            arms += [{"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a),
-                      "direction_layer": steer.ablation.direction_layer, "control": ctl, **extra}
-                     for ctl in controls]
+            arms += control_arms({"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a),
+                                  "direction_layer": steer.ablation.direction_layer, **extra}, draws)
     sub = steer.subspace
     if sub is not None:
         extra = {**stacked_directions(spec), "ablation_layers": layer_list(sub.ablation_layers, n_layers)}
         for a in sub.alphas:
-            arms += [{"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a),
-                      "direction_layer": None, "control": ctl, **extra} for ctl in controls]
+            arms += control_arms({"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a),
+                                  "direction_layer": None, **extra}, draws)
     return arms
 
 
@@ -452,13 +484,21 @@ def _describe(plan) -> list[str]:
     add, abl = steer.addition, steer.ablation
     lines = [f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
              f"ablation: alphas {abl.alphas if abl else '-'}, direction {abl.direction_layer if abl else '-'}; "
-             f"controls: {steer.controls}"]
+             f"controls: {_controls_text(steer.controls)}"]
     sub = steer.subspace
     if sub is not None:
         what = (f"layers {sub.layers} at p{steer.position}" if sub.layers is not None
                 else f"top {sub.top_k} of stage select's passing candidates")
         lines.append(f"subspace ablation: {what}, ablated at layers {sub.ablation_layers}, alphas {sub.alphas}")
     return lines
+
+
+def _controls_text(controls) -> str:
+    """How `plan` prints a `controls` value: "none", "1 random draw per arm", "K random draws per arm"."""
+    from refusal_ray.spec import n_draws
+
+    k = n_draws(controls)
+    return "none" if k == 0 else f"{k} random draw{'s' if k > 1 else ''} per arm"
 
 
 def _check(plan) -> None:
