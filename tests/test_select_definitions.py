@@ -219,3 +219,48 @@ def test_family_table_is_the_papers():
         refusal_tokens.resolve([50000], tok, "llama", [])
     with pytest.raises(refusal_tokens.RefusalTokenError, match=r"^no default refusal tokens for family 'mamba'"):
         refusal_tokens.resolve("family", tok, "mamba", [])
+
+
+def _spec(tmp_path, **extra):
+    import yaml
+
+    from conftest import TOY_PROMPTS
+
+    spec = {"name": "tokens", "models": [{"name": "tiny", "path": str(TOY_MODELS / "toy-llama-s")}],
+            "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                     "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, "n_train": 8, "n_val": 4,
+                     "n_test": 2},
+            "decision_rule": {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                                                 "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+                              "steering_labels": {"strong": 0.5, "weak": 0.2}}, **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_reproduces_arditi_turns_both_filters_on_where_the_spec_is_silent(tmp_path):
+    from refusal_ray.spec import load_spec
+
+    on = load_spec(_spec(tmp_path, reproduces="arditi2024", stages={"select": {}}))
+    assert on.stages.directions.filter_train and on.stages.select.filter_val
+    off = load_spec(_spec(tmp_path, reproduces="arditi2024",
+                          stages={"directions": {"filter_train": False}, "select": {"filter_val": False}}))
+    assert not off.stages.directions.filter_train and not off.stages.select.filter_val
+    plain = load_spec(_spec(tmp_path, stages={"select": {}}))
+    assert not plain.stages.directions.filter_train and not plain.stages.select.filter_val
+
+
+def test_plan_prints_the_tokens_and_a_bad_token_is_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from refusal_ray.cli import app
+
+    out = CliRunner().invoke(app, ["plan", str(_spec(tmp_path, stages={"select": {}}))])
+    assert out.exit_code == 0, out.output
+    assert "  tiny: refusal tokens (family) 'I'=43; layers 0..2 of 4 kept by the layer filter" in out.output
+    bad = _spec(tmp_path, stages={"select": {"refusal_tokens": ["Nope"]}})
+    out = CliRunner().invoke(app, ["validate", str(bad)])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines()[-1] == (
+        f"error: {bad}: stages.select.refusal_tokens: 'Nope' is 2 tokens for this tokenizer ([48, 770]), "
+        "not one (model 'tiny')")
