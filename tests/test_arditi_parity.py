@@ -1,0 +1,196 @@
+"""Stage select against an independent re-implementation of Arditi et al.'s (2024) selection.
+
+`arditi_reference` restates the paper's `select_direction` (refusal score with epsilon 1e-8, the
+per-candidate hook loop, `kl_div_fn` with its epsilon 1e-6, `filter_fn`, lowest bypass wins) and
+`filter_val`, with plain forward hooks and the paper's batching (left-padded batches, no
+position_ids). Both sides get the same rendered prompts, refusal tokens and candidate vectors
+(the reference's difference of means), and must agree per candidate to 1e-4, make the same filter
+decisions and select the same candidate, under the paper's filters and with the KL filter off.
+
+Where we differ from the paper on purpose:
+- zero-norm candidates (layer 0 at a template token) are not scored by us; the paper scores them
+  as no-ops, and the test checks that its own filters drop every one of them here;
+- none for the KL: the paper's `kl_div_fn` adds 1e-6 inside both logs, which moves toy-llama-s's
+  KL by up to 0.03 (1.690 vs 1.660), and ours follows it by default (`kl_epsilon` 1e-6);
+  `test_kl_epsilon_zero_is_the_exact_kl` checks the exact KL that `kl_epsilon: 0` gives.
+- position ids: we derive them from the mask, the paper passes none (so positions start at the
+  pad count); under RoPE this changes scores by ~3e-6 only (tests/arditi_reference.py).
+
+Toy tier: toy-llama-s, every post-instruction position x 4 layers. Real tier: SmolLM2-135M-Instruct,
+positions -1 and -2 x all 30 layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from refusal_ray import load_model
+from refusal_ray.data import chat_prompts, prompt_tokens
+from refusal_ray.models.chat import ChatOptions, post_instruction_positions
+from refusal_ray.stages.select import Candidate, choose, score_candidates
+
+import arditi_reference as ref
+from conftest import TOY_MODELS, TOY_PROMPTS
+
+TOL = 1e-4
+N_TRAIN, N_VAL = 32, 8
+REF_BATCH = 4                  # the reference's batches: left padding inside each, as the paper's 32
+PERMISSIVE_KL = None           # the KL filter off (the other filters as the paper's)
+SMOL_LAYERS = [*range(0, 30, 3), 23, 24]   # 12 of SmolLM2's 30 layers; 24 = int(30 * 0.8) is the first pruned
+CHAT = ChatOptions()
+
+
+@dataclass
+class Case:
+    name: str
+    lm: object
+    n_layers: int
+    refusal_toks: list[int]
+    harmful: list[str]            # rendered val prompts the reference's filter_val kept
+    harmless: list[str]
+    harmful_drawn: list[str]      # rendered val prompts before filter_val
+    harmless_drawn: list[str]
+    candidates: dict              # (position, layer) -> float32 vector [d_model]
+    paper: list                   # ref.Scored per candidate, the paper's definitions (and the exact KL)
+
+
+def _toy_prompts():
+    h = pd.read_json(TOY_PROMPTS / "harmful.jsonl", lines=True)
+    s = pd.read_json(TOY_PROMPTS / "harmless.jsonl", lines=True)
+    return ([h[h.split == sp].instruction.tolist() for sp in ("train", "val")],
+            [s[s.split == sp].instruction.tolist() for sp in ("train", "val")])
+
+
+def _build(name: str, path: str, positions: list[int] | None, layers: list[int] | None = None,
+           filter_val: bool = True) -> Case:
+    lm = load_model(path)
+    tok, model = lm.tokenizer, lm.model
+    (h_train, h_val), (s_train, s_val) = _toy_prompts()
+    h_train, s_train = h_train[:N_TRAIN], s_train[:N_TRAIN]
+    positions = positions or post_instruction_positions(tok, CHAT, h_train + s_train)
+    refusal_toks = tok("I", add_special_tokens=False)["input_ids"][:1]     # Llama-3's [40] / Qwen's "I", here
+    render = lambda xs: chat_prompts(tok, xs, CHAT)                         # noqa: E731
+    md = ref.mean_diff(model, tok, render(h_train), render(s_train), positions, batch_size=REF_BATCH * 4)
+    layers = range(md.shape[1]) if layers is None else layers
+    candidates = {(p, layer): md[i, layer].float() for i, p in enumerate(positions) for layer in layers}
+    drawn_h, drawn_s = render(h_val[:N_VAL]), render(s_val[:N_VAL])
+    harmful, harmless = drawn_h, drawn_s
+    if filter_val:
+        harmful, harmless = ref.filter_prompts(model, tok, drawn_h, drawn_s, refusal_toks, batch_size=REF_BATCH)
+    assert len(harmful) >= 2 and len(harmless) >= 2, (len(harmful), len(harmless))
+    paper = ref.score(model, tok, harmful, harmless, candidates, refusal_toks, batch_size=REF_BATCH)
+    return Case(name, lm, md.shape[1], refusal_toks, harmful, harmless, drawn_h, drawn_s, candidates, paper)
+
+
+@pytest.fixture(scope="module", params=["toy-llama-s", pytest.param("smollm2", marks=pytest.mark.real)])
+def case(request) -> Case:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)           # small batches: a second thread on a busy 2-core machine only spins
+    try:
+        if request.param == "smollm2":
+            # SmolLM2 refuses none of the toy prompts (every refusal score < 0), so filter_val would
+            # keep no harmful prompt: scored unfiltered, as the paper's Config(filter_val=False)
+            return _build("smollm2", str(request.getfixturevalue("smollm2_path")), [-2, -1], SMOL_LAYERS,
+                          filter_val=False)
+        return _build("toy-llama-s", str(TOY_MODELS / "toy-llama-s"), None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tokens(case: Case, rendered: list[str]) -> list[list[int]]:
+    return case.lm.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _nonzero(case: Case) -> list[tuple[int, int]]:
+    return [k for k, v in case.candidates.items() if float(v.norm()) > 0]
+
+
+@pytest.fixture(scope="module")
+def ours(case: Case) -> dict:
+    """Our stage's scores (paper definitions: refusal epsilon 1e-8, KL epsilon 1e-6) on the
+    reference's filtered val prompts, for the nonzero candidates (ours never scores zero vectors)."""
+    keys = _nonzero(case)
+    cands = [Candidate(layer, pos, case.candidates[(pos, layer)].numpy()) for pos, layer in keys]
+    s = score_candidates(case.lm, cands, _tokens(case, case.harmful), _tokens(case, case.harmless),
+                         case.refusal_toks, batch_size=48, epsilon=ref.REFUSAL_EPSILON, kl_epsilon=ref.KL_EPSILON)
+    return {k: {"bypass": float(s["bypass"][i]), "induce": float(s["induce"][i]), "kl": float(s["kl"][i])}
+            for i, k in enumerate(keys)}
+
+
+def test_same_prompt_tokens_as_our_renderer(case: Case):
+    """The reference tokenizes the rendered text; the stage gets `prompt_tokens`: the same ids."""
+    (_, h_val), (_, s_val) = _toy_prompts()
+    assert prompt_tokens(case.lm.tokenizer, h_val[:N_VAL], CHAT) == _tokens(case, case.harmful_drawn)
+    assert prompt_tokens(case.lm.tokenizer, s_val[:N_VAL], CHAT) == _tokens(case, case.harmless_drawn)
+
+
+def test_filter_val_keeps_the_papers_prompts(case: Case):
+    """filter_val: ours keeps exactly the harmful val prompts with score > 0 and harmless < 0; when
+    that leaves no harmful prompt (SmolLM2 on the toy prompts) ours says so."""
+    lm, tok, model = case.lm, case.lm.tokenizer, case.lm.model
+    harmful, harmless = ref.filter_prompts(model, tok, case.harmful_drawn, case.harmless_drawn, case.refusal_toks,
+                                           batch_size=REF_BATCH)
+    one = [Candidate(3, -1, case.candidates[(-1, 3)].numpy())]
+    args = (lm, one, _tokens(case, case.harmful_drawn), _tokens(case, case.harmless_drawn), case.refusal_toks)
+    if not harmful:
+        with pytest.raises(ValueError, match=f"filter_val kept 0 harmful val prompts the model refuses \\(of {N_VAL}\\)"):
+            score_candidates(*args, batch_size=48, epsilon=ref.REFUSAL_EPSILON, filter_val=True)
+        return
+    s = score_candidates(*args, batch_size=48, epsilon=ref.REFUSAL_EPSILON, filter_val=True)
+    assert [case.harmful_drawn[i] for i in s["kept_harmful"]] == harmful
+    assert [case.harmless_drawn[i] for i in s["kept_harmless"]] == harmless
+    assert len(harmful) + len(harmless) < 2 * N_VAL     # it dropped some (toy-llama-s: 2 harmless it refuses)
+
+
+def test_every_candidates_scores_match_the_paper(case: Case, ours: dict):
+    paper = {(s.position, s.layer): s for s in case.paper}
+    worst = {k: 0.0 for k in ("bypass", "induce", "kl")}
+    for key, mine in ours.items():
+        for k in worst:
+            worst[k] = max(worst[k], abs(mine[k] - getattr(paper[key], k)))
+    assert all(v <= TOL for v in worst.values()), worst
+    # the candidates differ, so agreement is not between constants
+    assert np.ptp([paper[k].bypass for k in ours]) > 0.1 and np.ptp([paper[k].kl for k in ours]) > 1e-3
+
+
+def test_kl_epsilon_zero_is_the_exact_kl(case: Case):
+    """kl_epsilon 0: our KL is sum p_base (log p_base - log p_abl), exactly (the candidates at
+    position -1, to keep it cheap)."""
+    keys = [k for k in _nonzero(case) if k[0] == -1]
+    exact = {(s.position, s.layer): s.kl_exact for s in case.paper}
+    cands = [Candidate(layer, pos, case.candidates[(pos, layer)].numpy()) for pos, layer in keys]
+    s = score_candidates(case.lm, cands, _tokens(case, case.harmful), _tokens(case, case.harmless),
+                         case.refusal_toks, batch_size=48, epsilon=ref.REFUSAL_EPSILON, kl_epsilon=0.0)
+    diff = max(abs(float(s["kl"][i]) - exact[k]) for i, k in enumerate(keys))
+    assert diff <= TOL, diff
+    assert max(exact[k] for k in keys) > 1e-3
+
+
+@pytest.mark.parametrize("kl_max, max_layer_fraction", [(0.1, 0.8), (PERMISSIVE_KL, 0.8), (PERMISSIVE_KL, None)],
+                         ids=["paper-filters", "kl-off", "kl-and-layer-off"])
+def test_same_filter_decisions_and_selection(case: Case, ours: dict, kl_max, max_layer_fraction):
+    """filter_fn's decisions and the lowest-bypass choice; induce >= 0 throughout. The paper's
+    prune_layer_percentage p is our max_layer_fraction 1 - p (int(n_layers * 0.8) on both sides)."""
+    filters = {**ref.PAPER_FILTERS, "kl_threshold": kl_max,
+               "prune_layer_percentage": {0.8: 0.2, None: None}[max_layer_fraction]}
+    rows = [{"layer": layer, "position": pos, **v, "swing": math.nan, "separation": math.nan, "zero_norm": False}
+            for (pos, layer), v in ours.items()]
+    rows += [{"layer": layer, "position": pos, "bypass": math.nan, "induce": math.nan, "kl": math.nan,
+              "swing": math.nan, "separation": math.nan, "zero_norm": True}
+             for (pos, layer) in case.candidates if (pos, layer) not in ours]
+    choose(rows, case.n_layers, {"criterion": "bypass", "max_layer_fraction": max_layer_fraction, "kl_max": kl_max,
+                                 "induce_min": 0.0, "fallback": None})
+    mine = {(r["position"], r["layer"]): r["passed"] for r in rows}
+    paper = {(s.position, s.layer): not ref.discard(s, case.n_layers, **filters) for s in case.paper}
+    assert mine == paper, {k: (mine[k], paper[k]) for k in paper if mine[k] != paper[k]}
+    chosen = [(r["position"], r["layer"]) for r in rows if r["selected"]]
+    best = ref.select(case.paper, case.n_layers, **filters)
+    assert chosen == ([] if best is None else [(best.position, best.layer)])
+    if kl_max is None:
+        assert best is not None        # with the KL filter off something passes: the equality is not None == None
