@@ -275,8 +275,9 @@ def test_summary_control_statistics_against_numpy(statistic):
     srt = np.sort(ind)
     assert out["addition_control_induction_q95"] == pytest.approx(srt[3] + 0.8 * (srt[4] - srt[3]))
     if statistic == "quantile":      # vs the draws' 0.95 quantile of the controls' shifts
-        assert out["ablation_suppression_vs_control"] == pytest.approx((0.9 - 0.2) - out["ablation_control_suppression_q95"])
-        assert out["addition_induction_vs_control"] == pytest.approx((0.8 - 0.1) - out["addition_control_induction_q95"])
+        q_abl, q_add = out["ablation_control_suppression_q95"], out["addition_control_induction_q95"]
+        assert out["ablation_suppression_vs_control"] == pytest.approx((0.9 - 0.2) - q_abl)
+        assert out["addition_induction_vs_control"] == pytest.approx((0.8 - 0.1) - q_add)
     else:
         assert out["ablation_suppression_vs_control"] == pytest.approx(np.mean(abl_ctl) - 0.2)
         assert out["addition_induction_vs_control"] == pytest.approx(0.8 - np.mean(add_ctl))
@@ -302,7 +303,8 @@ def _cap_spec(controls, arms=("baseline", "ablation", "orthogonalized")) -> dict
                  "n_train": 16, "n_val": 8, "n_test": 4},
         "seeds": [0],
         "stages": {"directions": {"sites": ["resid_pre"]},
-                   "steer": {"addition": None, "controls": False, "ablation": {"alphas": [1.0], "direction_layer": "best"}},
+                   "steer": {"addition": None, "controls": False,
+                             "ablation": {"alphas": [1.0], "direction_layer": "best"}},
                    "capability": {"arms": list(arms), "controls": controls, "alphas": [0.5, 1.0], "generate": False,
                                   "text": {"path": str(HELDOUT), "n": 4}}},
         "generation": {"max_new_tokens": 2},

@@ -50,8 +50,8 @@ from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import (Row, SteerInputs, _controls_text, arm_columns, arm_direction, arm_subspace,
-                                      build_edits, control_arms, generate_rows, skip_reason, stacked_directions,
+from refusal_ray.stages.steer import (Row, SteerInputs, arm_columns, arm_direction, arm_subspace, build_edits,
+                                      control_arms, controls_text, generate_rows, skip_reason, stacked_directions,
                                       steering_inputs)
 from refusal_ray.stats import wilson
 
@@ -434,7 +434,8 @@ def _describe(plan) -> list[str]:
     listed = sorted({a for mp in plan.models.values()
                      for a in arms(plan.spec, _blocked(plan.spec, mp), partial_twins(plan.spec, mp.n_layers))},
                     key=ARMS.index)
-    lines = [f"capability: arms {', '.join(listed)} (controls: {_controls_text(cap.controls)}); CE on {cap.text.path} "
+    lines = [f"capability: arms {', '.join(listed)} (controls: {controls_text(cap.controls)}); "
+             f"CE on {cap.text.path} "
              f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "
              f"test prompts" + ("; exact match and refusal on the test prompts" if cap.generate else "")]
     if cap.lm_eval is not None:

@@ -484,7 +484,7 @@ def _describe(plan) -> list[str]:
     add, abl = steer.addition, steer.ablation
     lines = [f"addition: layers {add.layers if add else '-'}, coefficients {add.coefficients if add else '-'}; "
              f"ablation: alphas {abl.alphas if abl else '-'}, direction {abl.direction_layer if abl else '-'}; "
-             f"controls: {_controls_text(steer.controls)}"]
+             f"controls: {controls_text(steer.controls)}"]
     sub = steer.subspace
     if sub is not None:
         what = (f"layers {sub.layers} at p{steer.position}" if sub.layers is not None
@@ -493,7 +493,7 @@ def _describe(plan) -> list[str]:
     return lines
 
 
-def _controls_text(controls) -> str:
+def controls_text(controls) -> str:
     """How `plan` prints a `controls` value: "none", "1 random draw per arm", "K random draws per arm"."""
     from refusal_ray.spec import n_draws
 
