@@ -264,3 +264,18 @@ def test_plan_prints_the_tokens_and_a_bad_token_is_exit_2(tmp_path):
     assert out.output.strip().splitlines()[-1] == (
         f"error: {bad}: stages.select.refusal_tokens: 'Nope' is 2 tokens for this tokenizer ([48, 770]), "
         "not one (model 'tiny')")
+
+
+def test_family_strings_a_tokenizer_splits_are_left_out_while_one_remains():
+    class Split(_Tok):
+        vocab = {"I": 40}           # 'As' is two tokens here (characters)
+
+    assert refusal_tokens.resolve("family", Split(), "qwen2", []) == [40]
+
+    class Neither(_Tok):
+        vocab = {"X": 1}            # 'I' is one character token, so make every string two tokens
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2]}
+
+    with pytest.raises(refusal_tokens.RefusalTokenError, match=r"^'I' is 2 tokens for this tokenizer \(\[1, 2\]\), not one$"):
+        refusal_tokens.resolve("family", Neither(), "qwen2", [])

@@ -16,7 +16,8 @@ Families the paper has no model file for (mistral, phi3, olmo2, gpt2) get 'I', t
 uses for every family but Qwen: that row is ours, not the paper's.
 
 A spec chooses with `stages.select.refusal_tokens`:
-- `family` (default): the table above;
+- `family` (default): the table above (a string the model's tokenizer splits into several tokens is
+  left out, as long as one remains: e.g. 'As' on a small custom tokenizer);
 - `judge_phrases`: the first token of each of the substring judge's phrases (this tool's definition
   before the paper-exact issue; it admits non-openers such as 'is' from "is not something I can");
 - a list of strings (each must be exactly one token) and/or token ids.
@@ -69,7 +70,10 @@ def resolve(setting, tokenizer, family: str, phrases: list[str]) -> list[int]:
         if family not in FAMILY_TOKENS:
             raise RefusalTokenError(f"no default refusal tokens for family {family!r}; list them "
                                     f"(e.g. refusal_tokens: [I])")
-        setting = list(FAMILY_TOKENS[family])
+        # a custom tokenizer of a known family (a small test tokenizer) may split one of the table's
+        # strings: the table's one-token strings are used (`plan` prints them); none is an error
+        single = [t for t in FAMILY_TOKENS[family] if len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1]
+        setting = single or list(FAMILY_TOKENS[family])
     vocab = len(tokenizer)
     ids = set()
     for t in setting:
