@@ -394,7 +394,9 @@ REQUIRED = {"ce_loss", "first_token_kl", "refusal_harmful", "refusal_harmless", 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     stages = {"directions": {"sites": ["resid_pre"]},
-              "select": {"kl_max": None},
+              # the paper's layer filter int(0.8 L) keeps only layer 0 of the 2-layer qwen-xs, whose template-position
+              # directions are zero (every prompt has the same embedding there): nothing to select
+              "select": {"kl_max": None, "max_layer_fraction": None},
               "steer": {"addition": None, "ablation": {"alphas": [1.0], "direction_layer": "selected"},
                         "subspace": {"top_k": 2, "alphas": [1.0]}},
               "capability": {"text": {"path": str(HELDOUT)},
@@ -460,21 +462,97 @@ def test_toy_run_baseline_equals_a_fresh_measurement(toy_run):
     assert base.loc["lm_eval/toy_choice/acc", "n"] == 5
 
 
+COST_KEYS = ["model", "arm", "control", "coefficient", "alpha", "direction", "metric"]
+
+
+def cost_by_hand(cap: pd.DataFrame) -> pd.DataFrame:
+    """The capability cost recomputed with plain pandas from the capability rows, by its definition
+    (refusal_ray/analysis/cost.py): per (model, seed, metric) an arm's value minus the baseline arm's
+    (first_token_kl: the value itself, already against the baseline), averaged over the seeds the arm
+    was measured on, then over its control draws; `baseline` is the baseline's mean over the same
+    seeds. Indexed by COST_KEYS, columns value, baseline, cost, seeds, draws."""
+    df = cap.copy()
+    df["direction"] = df["direction"].fillna("-")
+    df["control"] = df["control"].astype(bool)
+    df["draw"] = df["control_draw"].fillna(0).astype(int) if "control_draw" in df else 0
+    base = df[df["arm"] == "baseline"].set_index(["model", "seed", "metric"])["value"]
+    assert base.index.is_unique
+    df["baseline"] = [base.get((m, s, k), np.nan) for m, s, k in zip(df["model"], df["seed"], df["metric"])]
+    df["cost"] = np.where(df["metric"] == "first_token_kl", df["value"], df["value"] - df["baseline"])
+    per_draw = df.groupby([*COST_KEYS, "draw"]).agg(value=("value", "mean"), baseline=("baseline", "mean"),
+                                                    cost=("cost", "mean"), seeds=("seed", "nunique"))
+    out = per_draw.groupby(COST_KEYS).agg(value=("value", "mean"), baseline=("baseline", "mean"),
+                                          cost=("cost", "mean"), seeds=("seeds", "max"))
+    out["draws"] = per_draw.reset_index().groupby(COST_KEYS)["draw"].nunique()
+    return out
+
+
+def assert_cost_equals_by_hand(cost: pd.DataFrame, cap: pd.DataFrame) -> pd.DataFrame:
+    """capability_cost's table row for row against `cost_by_hand` (same settings, same values)."""
+    want = cost_by_hand(cap)
+    got = cost.assign(control=cost["control"].astype(bool)).set_index(COST_KEYS)
+    assert got.index.is_unique and set(got.index) == set(want.index), set(got.index) ^ set(want.index)
+    got = got.loc[want.index]
+    for col in ("value", "baseline", "cost"):
+        np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=0, atol=1e-12,
+                                   err_msg=col)
+    assert (got["seeds"].to_numpy() == want["seeds"].to_numpy()).all()
+    assert (got["draws"].to_numpy() == want["draws"].to_numpy()).all()
+    return want
+
+
 def test_toy_run_capability_cost(toy_run):
     _, out, _ = toy_run
     cap = out["capability"]
+    want = assert_cost_equals_by_hand(capability_cost(cap), cap)
+    assert set(want.index.get_level_values("arm")) == {"baseline", "addition", "ablation", "subspace",
+                                                       "orthogonalized", "orthogonalized_subspace"}
+    base = want.xs("baseline", level="arm")
+    assert set(base.index.get_level_values("metric")) >= REQUIRED and (base["cost"] == 0).all()
+    # the arms did something: a cost of 0 everywhere would equal any wrong pairing with itself
+    ce = want.xs("ce_loss", level="metric")
+    assert (ce.xs("ablation", level="arm")["cost"].abs() > 1e-3).all()
+
+
+def test_capability_cost_is_the_mean_over_seeds_of_arm_minus_baseline():
+    """Synthetic rows, 3 seeds, 2 arms, a random control of 2 draws and an arm measured on 2 of the
+    3 seeds: each cost equals the by-hand recomputation, and differs from any one seed's difference
+    (so the mean over seeds, and the pairing per seed, are what is checked)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1, 2):
+        for metric in ("ce_loss", "first_token_kl", "refusal_harmful"):
+            base = float(rng.uniform(1, 2)) if metric != "first_token_kl" else 0.0
+            rows.append({"model": "m", "seed": seed, "arm": "baseline", "control": False, "coefficient": 0.0,
+                         "alpha": 0.0, "direction": None, "metric": metric, "value": base})
+            for arm, c, a, control, draw in (("ablation", 0.0, 1.0, False, None), ("ablation", 0.0, 1.0, True, None),
+                                             ("ablation", 0.0, 1.0, True, 1), ("addition", 1.0, 0.0, False, None)):
+                if arm == "addition" and seed == 2:
+                    continue                      # measured on seeds 0 and 1 only
+                rows.append({"model": "m", "seed": seed, "arm": arm, "control": control, "coefficient": c, "alpha": a,
+                             "direction": "L1/p-1", "metric": metric, "value": base + float(rng.uniform(0, 3)),
+                             "control_draw": draw})
+    cap = pd.DataFrame(rows)
     cost = capability_cost(cap)
-    mine = cost[(cost["arm"] == "baseline")]
-    assert set(mine["metric"]) >= REQUIRED and (mine["cost"] == 0).all()
-    assert (cost["seeds"] == 1).all()
-    base = _arm(cap, "baseline")["value"]
-    abl = _arm(cap, "ablation")["value"]
-    rows = cost[(cost["arm"] == "ablation") & ~cost["control"]].set_index("metric")
-    assert set(rows.index) == set(abl.index)
-    for metric, value in abl.items():
-        want = value if metric == "first_token_kl" else value - base[metric]
-        assert rows.loc[metric, "cost"] == pytest.approx(want, abs=1e-12), metric
-        assert rows.loc[metric, "value"] == value and rows.loc[metric, "baseline"] == base[metric]
+    want = assert_cost_equals_by_hand(cost, cap)
+    key = ("m", "ablation", False, 0.0, 1.0, "L1/p-1", "ce_loss")
+    assert want.loc[key, "seeds"] == 3 and want.loc[key, "draws"] == 1
+    ctl = ("m", "ablation", True, 0.0, 1.0, "L1/p-1", "ce_loss")
+    assert want.loc[ctl, "draws"] == 2
+    add = ("m", "addition", False, 1.0, 0.0, "L1/p-1", "ce_loss")
+    assert want.loc[add, "seeds"] == 2
+    # the addition arm's baseline is the baseline's mean over seeds 0 and 1, not over all three
+    b = cap[(cap["arm"] == "baseline") & (cap["metric"] == "ce_loss")].set_index("seed")["value"]
+    assert want.loc[add, "baseline"] == pytest.approx(b[[0, 1]].mean(), abs=1e-12)
+    assert b[[0, 1]].mean() != pytest.approx(b.mean(), abs=1e-6)
+    # a mean over seeds, not one seed's difference
+    per_seed = cap[(cap["arm"] == "ablation") & ~cap["control"] & (cap["metric"] == "ce_loss")].set_index("seed")["value"] - b
+    assert want.loc[key, "cost"] == pytest.approx(per_seed.mean(), abs=1e-12)
+    assert all(abs(want.loc[key, "cost"] - d) > 1e-3 for d in per_seed)
+    # first_token_kl: the value, not minus the baseline row's 0
+    kl = ("m", "ablation", False, 0.0, 1.0, "L1/p-1", "first_token_kl")
+    assert want.loc[kl, "cost"] == pytest.approx(cap[(cap["arm"] == "ablation") & ~cap["control"] &
+                                                     (cap["metric"] == "first_token_kl")]["value"].mean(), abs=1e-12)
 
 
 def test_toy_run_leaves_the_weights_bit_identical(toy_run):

@@ -301,7 +301,8 @@ def _toy_spec(tmp_path, subspace: dict) -> dict:
                  "n_train": 32, "n_val": 16, "n_test": 8},
         "seeds": [0],
         "stages": {"directions": {"sites": ["resid_pre"]},
-                   "select": {"kl_max": None, "induce_min": 0.0},
+                   # int(0.8 L) keeps only layer 0 of the 2-layer qwen-xs, zero at template positions
+                   "select": {"kl_max": None, "induce_min": 0.0, "max_layer_fraction": None},
                    "steer": {"addition": None, "ablation": {"alphas": [1.0], "direction_layer": "selected"},
                              "subspace": subspace, "batch_size": 128}},
         "generation": {"max_new_tokens": 12},
