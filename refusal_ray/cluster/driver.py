@@ -5,7 +5,11 @@ Cells are grouped by (model, seed) and by stage into tasks, as each stage declar
 serving any of its seeds. A task waits until the stages it needs have finished for its
 (model, seed) (directions -> select -> steer); their rows, reduced by the stage's `inputs`, travel
 with each task, so replicas hold no state. Cells a stage cannot run on those inputs (its `skip`)
-are stored as `skipped` with the reason. At most two batches are in flight per actor; results are
+are stored as `skipped` with the reason. A task of a stage that declares `shards`/`merge` (select)
+is split across the model's live replicas when it has more than one: each shard runs on whichever
+replica is free, a failed shard is retried alone (up to `MAX_ATTEMPTS`), and only when every shard
+is in are they merged and the task's rows written, once; a shard that keeps failing fails the task
+as a whole, so no partial rows are ever stored. At most two batches are in flight per actor; results are
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
 their error and the run goes on. After a worker crash its queue waits for a readiness probe
@@ -44,6 +48,18 @@ class Task:
     cells: list[Cell]
     attempts: int = 0
     started: float = field(default_factory=time.time)
+    parts: list | None = None     # split into shards: each shard's result, None until it is in
+    over: bool = False            # split: finished (merged or failed); later shard results are dropped
+
+
+@dataclass
+class Shard:
+    """One piece of a split task: `run(stage, task.cells, payload)` on any replica of the model."""
+
+    task: Task
+    index: int
+    payload: object
+    attempts: int = 0
 
 
 @dataclass
@@ -54,6 +70,7 @@ class WorkerState:
     in_flight: int = 0
     probe: object | None = None       # pending readiness check; no batch is sent while set
     replacements: int = 0
+    shards: int = 0                   # shards in flight (at most one: the next goes to another replica)
 
     def can_take(self) -> bool:
         return self.actor is not None and self.probe is None and self.in_flight < MAX_IN_FLIGHT
@@ -83,9 +100,12 @@ def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
                           res.highmem_params) for m in plan.spec.models}
 
 
-def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], cluster: dict[str, float]) -> dict[str, int]:
+def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], cluster: dict[str, float],
+                   shardable: dict[str, bool] | None = None) -> dict[str, int]:
     """Actors per model: one each, plus spare concurrent slots given to the models with the most
-    batches per replica (never fewer than two batches per replica)."""
+    batches per replica (never fewer than two batches per replica). Slots that rule leaves idle go
+    to the models with a task that splits across replicas (`shardable`; a stage's `shards`), fewest
+    replicas first: a one-model sweep's select then runs on every free slot."""
     counts = {name: 1 for name in placement}
     slots = []
     for p in placement.values():
@@ -95,7 +115,10 @@ def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], clust
     while spare > 0:
         name = max(counts, key=lambda n: tasks.get(n, 0) / counts[n])
         if tasks.get(name, 0) / (counts[name] + 1) < 2:
-            break
+            wide = [n for n in counts if (shardable or {}).get(n)]
+            if not wide:
+                break
+            name = min(wide, key=lambda n: counts[n])
         counts[name] += 1
         spare -= 1
     return counts
@@ -105,12 +128,16 @@ class Driver:
     """Runs the not-yet-done cells of a plan on Ray and writes everything to the store."""
 
     def __init__(self, plan: Plan, store: Store, placement: dict[str, Placement], cluster: dict | None = None,
-                 progress: bool = True, log=print):
+                 progress: bool = True, log=print, shard: bool = True):
+        """shard: split tasks of stages that declare `shards` across a model's replicas (False: one
+        task, one replica, as before; for benchmarks)."""
         self.plan, self.store, self.log, self.placement = plan, store, log, placement
         self.cluster = cluster or {}
         self.progress = progress
+        self.shard = shard
         self.failed: list[str] = []
         self.skipped = 0
+        self.shards_run: dict[str, int] = defaultdict(int)   # stage -> shard results merged
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _record(self, task: Task, status: str, result: dict, error: str | None = None) -> None:
@@ -195,7 +222,14 @@ class Driver:
     def _submit(self, st: ModelState) -> None:
         for ws in st.workers:
             while st.ready and ws.can_take():
+                head = st.ready[0]
+                if isinstance(head, Shard) and ws.shards and not head.task.over:
+                    break   # one shard per replica at a time, so a free replica takes the next one
                 task = st.ready.popleft()
+                if isinstance(task, Shard):
+                    if not task.task.over:
+                        self._send(st, ws, task)
+                    continue
                 try:
                     payload = self._payload(st, task)
                 except Exception as e:  # noqa: BLE001 - stored rows the stage cannot use: its cells fail
@@ -207,10 +241,35 @@ class Driver:
                     if not task.cells:
                         self._finish(st, task, {"ok": True, "tables": {}}, final=True)
                         continue
-                task.attempts += 1
                 task.started = time.time()
+                if self._split(st, task, payload):
+                    continue
+                task.attempts += 1
                 self._in_flight[ws.actor.run.remote(task.stage, task.cells, payload)] = (st, ws, task)
                 ws.in_flight += 1
+
+    def _split(self, st: ModelState, task: Task, payload) -> bool:
+        """Queue a task's shards first in line, when its stage splits and the model has more than one
+        live replica; False: run it whole."""
+        stage = STAGE_BY_NAME[task.stage]
+        n = sum(w.actor is not None for w in st.workers)
+        if not (self.shard and stage.shardable and n > 1):
+            return False
+        try:
+            pieces = stage.shards(self._settings, payload, n)
+        except Exception as e:  # noqa: BLE001 - a stage that cannot split these inputs: its cells fail
+            self._finish(st, task, {"ok": False, "error": f"shards: {type(e).__name__}: {e}"}, final=True)
+            return True
+        task.parts = [None] * len(pieces)
+        st.ready.extendleft(reversed([Shard(task, i, p) for i, p in enumerate(pieces)]))
+        return True
+
+    def _send(self, st: ModelState, ws: WorkerState, shard: Shard) -> None:
+        shard.attempts += 1
+        shard.task.attempts = max(shard.task.attempts, shard.attempts)
+        ws.shards += 1
+        self._in_flight[ws.actor.run.remote(shard.task.stage, shard.task.cells, shard.payload)] = (st, ws, shard)
+        ws.in_flight += 1
 
     def _skip(self, st: ModelState, task: Task, reasons: dict[str, str]) -> None:
         """Store cells that cannot run on their inputs as `skipped`, with the reason; drop them from the task."""
@@ -253,20 +312,59 @@ class Driver:
         """Give up on a replica; with no replica of the model left, its remaining work fails with `error`."""
         ws.actor = None
         if not any(w.actor is not None for w in st.workers):  # no replica left: the model's work fails
-            for task in [*st.ready, *(t for ts in st.waiting.values() for t in ts)]:
+            tasks = {id(t): t for t in (q.task if isinstance(q, Shard) else q for q in st.ready) if not t.over}
+            for task in [*tasks.values(), *(t for ts in st.waiting.values() for t in ts)]:
+                task.over = True
                 self._fail(st, task, {"error": error})
                 self._bar.update(len(task.cells))
             st.ready.clear()
             st.waiting.clear()
 
-    def _task_done(self, st: ModelState, ws: WorkerState, task: Task, ref) -> None:
+    def _result(self, st: ModelState, ws: WorkerState, ref) -> dict:
         ws.in_flight -= 1
         try:
-            result = ray.get(ref)
+            return ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-            result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
             if ws.probe is None and ws.actor is not None:
                 self._probe(st, ws)  # hold this replica until the restarted (or a new) actor answers
+            return {"ok": False, "error": f"worker died: {type(e).__name__}"}
+
+    def _shard_done(self, st: ModelState, ws: WorkerState, shard: Shard, ref) -> None:
+        """A shard is back: keep it; with every shard in, merge and finish the task once. A failed
+        shard is retried alone; when it cannot be, the whole task fails (nothing of it is stored)."""
+        result, task = self._result(st, ws, ref), shard.task
+        ws.shards -= 1
+        if task.over:
+            return
+        n = len(task.parts)
+        if result["ok"]:
+            task.parts[shard.index] = result
+            if any(p is None for p in task.parts):
+                return
+            task.over = True
+            parts = task.parts
+            try:
+                tables = STAGE_BY_NAME[task.stage].merge(self._settings, task.cells, self._payload(st, task),
+                                                         [p["tables"] for p in parts])
+                merged = {"ok": True, "tables": tables, "seconds": sum(p.get("seconds") or 0.0 for p in parts),
+                          "device": parts[0].get("device")}
+                for key in ("node", "worker"):   # every replica that ran a shard
+                    merged[key] = ",".join(dict.fromkeys(str(p.get(key)) for p in parts))
+            except Exception as e:  # noqa: BLE001 - shards that do not fit together: the task fails
+                merged = {"ok": False, "error": f"merge: {type(e).__name__}: {e}"}
+            self.shards_run[task.stage] += n if merged["ok"] else 0
+            self._finish(st, task, merged, final=True)
+            return
+        if shard.attempts < MAX_ATTEMPTS and any(w.actor is not None for w in st.workers):
+            self.log(f"retrying {task.stage} shard {shard.index + 1}/{n} of {st.name} seed {task.seed} "
+                     f"(attempt {shard.attempts}): {result['error']}")
+            st.ready.appendleft(shard)
+            return
+        task.over = True
+        self._finish(st, task, {**result, "error": f"shard {shard.index + 1}/{n}: {result['error']}"}, final=True)
+
+    def _task_done(self, st: ModelState, ws: WorkerState, task: Task, ref) -> None:
+        result = self._result(st, ws, ref)
         if not result["ok"] and task.attempts < MAX_ATTEMPTS and any(w.actor is not None for w in st.workers):
             self.log(f"retrying {task.stage} batch of {st.name} seed {task.seed} "
                      f"(attempt {task.attempts}): {result['error']}")
@@ -325,8 +423,11 @@ class Driver:
         self._prompts = plan.prompts
         self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
         self._in_flight: dict = {}
+        shardable = {n: self.shard and any(STAGE_BY_NAME[t.stage].shardable
+                                           for t in [*st.ready, *(t for ts in st.waiting.values() for t in ts)])
+                     for n, st in states.items()}
         counts = replica_counts({n: self.placement[n] for n in states}, {n: st.task_count() for n, st in states.items()},
-                                self.cluster)
+                                self.cluster, shardable)
         # largest models first, so big actors get their resources before the cluster fragments
         for name in sorted(states, key=lambda n: -plan.models[n].params):
             states[name].workers = [WorkerState() for _ in range(counts[name])]
@@ -337,6 +438,8 @@ class Driver:
             st, ws, task = self._in_flight.pop(done[0])
             if task is None:
                 self._probe_done(st, ws, done[0])
+            elif isinstance(task, Shard):
+                self._shard_done(st, ws, task, done[0])
             else:
                 self._task_done(st, ws, task, done[0])
             self._submit(st)

@@ -19,6 +19,12 @@ A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(..
 - `tables`: the store tables its rows go to.
 - `prepare(plan)`, `check(plan)`, `describe(plan)`: plan-time prompt draws, checks (raise
   SpecError naming the field) and the lines `refusal-ray plan` prints.
+- `shards(settings, payload, n) -> [payload_i]` and `merge(settings, cells, payload, parts) ->
+  {table: rows}` (optional, both or neither): a task that can be split across a model's n replicas.
+  The driver runs `run(session, cells, payload_i)` for each shard (their results are never stored),
+  then `merge` of the shards' `tables` (in shard order) gives the task's rows, exactly as one
+  unsharded `run` would; a shard that fails fails the task as a whole. Without a cluster
+  (`run_local`) a task is never split.
 """
 
 from __future__ import annotations
@@ -61,9 +67,15 @@ class Stage:
     prepare: Callable = _nothing
     check: Callable = _nothing
     describe: Callable = _no_lines
+    shards: Callable | None = None
+    merge: Callable | None = None
 
     def enabled(self, spec) -> bool:
         return getattr(spec.stages, self.name) is not None
+
+    @property
+    def shardable(self) -> bool:
+        return self.shards is not None and self.merge is not None
 
     def settings(self, spec) -> dict | None:
         block = getattr(spec.stages, self.name)

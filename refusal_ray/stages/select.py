@@ -81,27 +81,38 @@ def _edits(rows: list[tuple[int, Candidate | None]], n_layers: int, d_model: int
     return edits
 
 
-def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]], batch_size: int, progress=None):
+def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]], batch_size: int, progress=None,
+            shard: tuple[int, int] | None = None, chunk: int | None = None):
     """Yield (row indices, float64 last-position logits [chunk, vocab]) for rows (kind, candidate,
-    prompt index), sorted by prompt length so each chunk pads little."""
+    prompt index), sorted by prompt length so each chunk pads little.
+
+    The sorted rows are cut into chunks of `chunk` rows (default `batch_size`); `shard` (i, n) keeps
+    the chunks i, i + n, i + 2n, ... only, so n shards together run exactly the unsharded passes (the
+    same rows in the same batches: bit-identical logits). Each chunk runs in passes of `batch_size`
+    rows, which is the chunk itself unless an out-of-memory halving made `batch_size` smaller."""
     n_layers, d_model = lm.sites.n_layers, lm.sites.d_model
     order = sorted(range(len(rows)), key=lambda r: len(seqs[rows[r][0]][rows[r][2]]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        ids, mask = left_pad([seqs[rows[r][0]][rows[r][2]] for r in idx], lm.tokenizer.pad_token_id)
-        edits = _edits([(rows[r][0], rows[r][1]) for r in idx], n_layers, d_model)
-        with row_edits(lm.sites, edits):
-            logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
-        yield idx, logits.double()                                           # [chunk, vocab], on the device
-        if progress is not None:
-            progress(len(idx))
+    chunk = chunk or batch_size
+    first, step = shard or (0, 1)
+    for c0 in range(first * chunk, len(order), step * chunk):
+        part = order[c0: c0 + chunk]
+        for start in range(0, len(part), batch_size):
+            idx = part[start: start + batch_size]
+            ids, mask = left_pad([seqs[rows[r][0]][rows[r][2]] for r in idx], lm.tokenizer.pad_token_id)
+            edits = _edits([(rows[r][0], rows[r][1]) for r in idx], n_layers, d_model)
+            with row_edits(lm.sites, edits):
+                logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
+            yield idx, logits.double()                                       # [chunk, vocab], on the device
+            if progress is not None:
+                progress(len(idx))
 
 
 @torch.inference_mode()
 def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list[list[int]],
                      harmless: list[list[int]], token_ids: list[int], batch_size: int = 256,
                      progress=None, epsilon: float | None = EPSILON, filter_val: bool = False,
-                     kl_epsilon: float | None = KL_EPSILON) -> dict[str, np.ndarray]:
+                     kl_epsilon: float | None = KL_EPSILON, shard: tuple[int, int] | None = None,
+                     chunk: int | None = None) -> dict:
     """Bypass, induce and KL of every candidate, many candidates per forward pass.
 
     One pass over the baseline rows (every val prompt unedited), then one over the candidate rows:
@@ -116,11 +127,18 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         filter_val: Arditi et al.'s `filter_val`: score candidates only on the harmful prompts whose
             baseline refusal score is > 0 and the harmless ones whose score is < 0.
         kl_epsilon: Arditi et al.'s `kl_div_fn` smoothing (1e-6; None or 0: the exact KL), see `_kl`.
+        shard: (i, n): run only shard i of n of the candidate passes (`_passes`: chunks i, i + n, ...
+            of `chunk` rows, default `batch_size`; the baseline pass runs whole in every shard) and
+            return that shard's partial scores; `merge_scores` of all n partials equals the unsharded
+            result exactly (the same batches, so bit-identical).
     Returns:
         float64 arrays: "bypass", "induce", "kl" [n_candidates]; "bypass_scores", "induce_scores"
         [n_candidates, n_kept] (per-prompt refusal scores); "baseline_harmful", "baseline_harmless"
         [n_kept] (unedited scores); "kept_harmful", "kept_harmless" (indices into the inputs).
         KL in nats per prompt as `_kl` defines it, mean over the kept harmless prompts.
+        With `shard`: a partial instead, {"values": [n_rows] per-row scores (NaN where not run),
+        "done": [n_rows] bool, "shape": (n_candidates, n_kept_harmful, n_kept_harmless), the
+        baseline and kept arrays}, rows ordered per candidate: bypass, KL, induce prompts.
     Raises:
         ValueError: filter_val keeps no prompt of a class (the message says which).
     """
@@ -129,7 +147,7 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
     base_rows = [(0, None, i) for i in range(len(harmful))] + [(1, None, i) for i in range(len(harmless))]
     base_score = np.zeros(len(base_rows))
     base_lp: torch.Tensor | None = None                                       # [n_harmless, vocab] float64
-    for idx, logits in _passes(lm, base_rows, seqs, batch_size, progress):
+    for idx, logits in _passes(lm, base_rows, seqs, batch_size, progress, chunk=chunk):
         base_score[idx] = metric(logits).cpu().numpy()
         lp = torch.log_softmax(logits, -1)
         if base_lp is None:
@@ -150,9 +168,8 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
     seqs = {0: harmful, 1: harmless, 2: harmless}      # by kind: bypass, kl, induce
     nh, ns, nc = len(harmful), len(harmless), len(candidates)
     rows = [(k, c, i) for c in candidates for k in range(3) for i in range(len(seqs[k]))]
-    cand_of = [ci for ci in range(nc) for k in range(3) for _ in range(len(seqs[k]))]
-    out = {"bypass_scores": np.zeros((nc, nh)), "induce_scores": np.zeros((nc, ns)), "kl_rows": np.zeros((nc, ns))}
-    for idx, logits in _passes(lm, rows, seqs, batch_size, progress):
+    values, done = np.full(len(rows), np.nan), np.zeros(len(rows), bool)
+    for idx, logits in _passes(lm, rows, seqs, batch_size, progress, shard or (0, 1), chunk):
         score = metric(logits).cpu().numpy()
         kinds = np.array([rows[r][0] for r in idx])
         prompt = np.array([rows[r][2] for r in idx])
@@ -161,15 +178,41 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
             j, i = np.flatnonzero(kinds == 1), torch.as_tensor(prompt[kinds == 1], device=logits.device)
             lp = torch.log_softmax(logits[torch.as_tensor(j, device=logits.device)], -1)
             kl[j] = _kl(base_lp[i], lp, kl_epsilon).cpu().numpy()
-        for j, r in enumerate(idx):
-            kind, _, i = rows[r]
-            target = ("bypass_scores", "kl_rows", "induce_scores")[kind]
-            out[target][cand_of[r], i] = kl[j] if kind == 1 else score[j]
-    return {"bypass": out["bypass_scores"].mean(1), "induce": out["induce_scores"].mean(1),
-            "kl": out["kl_rows"].mean(1), "bypass_scores": out["bypass_scores"],
-            "induce_scores": out["induce_scores"], "baseline_harmful": base_score[:n_drawn][keep_h],
-            "baseline_harmless": base_score[n_drawn:][keep_s],
-            "kept_harmful": keep_h, "kept_harmless": keep_s}
+        values[idx] = np.where(kinds == 1, kl, score)
+        done[idx] = True
+    part = {"values": values, "done": done, "shape": (nc, nh, ns), "baseline_harmful": base_score[:n_drawn][keep_h],
+            "baseline_harmless": base_score[n_drawn:][keep_s], "kept_harmful": keep_h, "kept_harmless": keep_s}
+    return part if shard is not None else merge_scores([part])
+
+
+def merge_scores(parts: list[dict]) -> dict:
+    """The full `score_candidates` result from the partials of shards 0..n-1 (`shard=(i, n)`).
+
+    Every row must have been run by exactly one shard, and all shards must have kept the same val
+    prompts (their baseline passes are the same batches). The per-prompt matrices are assembled
+    before any mean is taken, so the result equals the unsharded run bit for bit.
+    Raises:
+        ValueError: the shards disagree on the shape or the kept prompts, or a row was run by no
+            shard or by more than one.
+    """
+    first = parts[0]
+    for p in parts[1:]:
+        if p["shape"] != first["shape"] or not all(np.array_equal(p[k], first[k]) for k in ("kept_harmful", "kept_harmless")):
+            raise ValueError("select shards disagree on the candidates or the kept val prompts")
+    runs = np.sum([p["done"] for p in parts], axis=0)
+    if (runs != 1).any():
+        raise ValueError(f"select shards ran {int((runs == 0).sum())} rows never and {int((runs > 1).sum())} "
+                         "rows more than once")
+    values = first["values"].copy()
+    for p in parts[1:]:
+        values[p["done"]] = p["values"][p["done"]]
+    nc, nh, ns = first["shape"]
+    per = values.reshape(nc, nh + 2 * ns)            # per candidate: bypass, KL, induce prompts
+    bypass, kl, induce = (np.ascontiguousarray(per[:, a:b]) for a, b in ((0, nh), (nh, nh + ns), (nh + ns, nh + 2 * ns)))
+    return {"bypass": bypass.mean(1), "induce": induce.mean(1), "kl": kl.mean(1), "bypass_scores": bypass,
+            "induce_scores": induce, "baseline_harmful": first["baseline_harmful"],
+            "baseline_harmless": first["baseline_harmless"],
+            "kept_harmful": first["kept_harmful"], "kept_harmless": first["kept_harmless"]}
 
 
 def _kl(base_lp: torch.Tensor, lp: torch.Tensor, epsilon: float | None) -> torch.Tensor:
@@ -278,6 +321,16 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
     (`n_val` / `n_val_harmless`: scored, after filter_val; `n_val_drawn` / `n_val_harmless_drawn`).
     Zero-norm candidates are not scored (NaN scores, filter "zero-norm").
     """
+    return selection_rows(cell, candidates, separations, cfg,
+                          score_select(lm, val, candidates, cfg, phrases, chat, progress))
+
+
+def score_select(lm: LoadedModel, val: dict[str, PromptSet], candidates: list[Candidate], cfg: dict,
+                 phrases: list[str], chat=None, progress=None, shard: tuple[int, int] | None = None,
+                 chunk: int | None = None) -> dict:
+    """`run_select`'s model half: {"scores": `score_candidates` of the non-zero-norm candidates (with
+    `shard`, that shard's partial; `chunk`: the shards' unit, see `_passes`), "zero": [n_candidates]
+    bool, "token_ids", "eps", "kl_eps", "n_drawn", "n_harmless_drawn", "n_layers"}."""
     tok = lm.tokenizer
     harmful, harmless = prompt_tokens(tok, val["harmful"].instructions, chat), prompt_tokens(
         tok, val["harmless"].instructions, chat)
@@ -287,7 +340,16 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
     scored = [c for c, z in zip(candidates, zero) if not z]
     kl_eps = cfg.get("kl_epsilon", KL_EPSILON) or None
     s = score_candidates(lm, scored, harmful, harmless, token_ids, cfg["batch_size"], progress, eps,
-                         bool(cfg.get("filter_val")), kl_eps)
+                         bool(cfg.get("filter_val")), kl_eps, shard, chunk)
+    return {"scores": s, "zero": zero, "token_ids": token_ids, "eps": eps, "kl_eps": kl_eps,
+            "n_drawn": len(harmful), "n_harmless_drawn": len(harmless), "n_layers": lm.sites.n_layers}
+
+
+def selection_rows(cell, candidates: list[Candidate], separations: dict[tuple[int, int], float], cfg: dict,
+                   scored: dict) -> list[dict]:
+    """`run_select`'s rows from `score_select`'s result (no model needed): one per candidate, filtered
+    and chosen (`choose`)."""
+    s, zero, token_ids, eps, kl_eps = (scored[k] for k in ("scores", "zero", "token_ids", "eps", "kl_eps"))
     base_h_rate, base_s_rate = float((s["baseline_harmful"] > 0).mean()), float((s["baseline_harmless"] > 0).mean())
     rows, k = [], 0
     for c, z in zip(candidates, zero):
@@ -307,11 +369,11 @@ def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: lis
             "baseline_harmless_score": float(s["baseline_harmless"].mean()),
             "baseline_harmful_rate": base_h_rate, "baseline_harmless_rate": base_s_rate,
             "n_val": len(s["kept_harmful"]), "n_val_harmless": len(s["kept_harmless"]),
-            "n_val_drawn": len(harmful), "n_val_harmless_drawn": len(harmless),
+            "n_val_drawn": scored["n_drawn"], "n_val_harmless_drawn": scored["n_harmless_drawn"],
             "criterion": cfg["criterion"], "refusal_tokens": json.dumps(token_ids),
             "refusal_score_epsilon": eps or 0.0, "kl_epsilon": kl_eps or 0.0,
         })
-    return choose(rows, lm.sites.n_layers, cfg)
+    return choose(rows, scored["n_layers"], cfg)
 
 
 def selected_direction(selection_rows: list[dict]) -> dict | None:
@@ -334,13 +396,37 @@ def _inputs(settings: dict, needs: dict) -> dict:
 
 
 def _run(session, cells, payload) -> dict:
+    """Select cells; with payload["shard"] (i, n) (`_shards`), shard i's partial scores per cell
+    ({"select_shard": [{"cell_id", ...score_select}]}, never stored: `_merge` turns the n partials
+    into the selection rows)."""
     cfg = session.settings["select"]
     val = session.prompts[cells[0].seed]["val"]
+    if payload.get("shard") is not None:
+        return {"select_shard": [{"cell_id": cell.id, **session.halving(lambda bs: score_select(
+            session.lm, val, payload["candidates"], {**cfg, "batch_size": bs}, session.judge.phrases, session.chat,
+            shard=tuple(payload["shard"]), chunk=cfg["batch_size"]), cfg["batch_size"])} for cell in cells]}
     rows = []
     for cell in cells:
         rows += session.halving(lambda bs, cell=cell: run_select(
             session.lm, cell, val, payload["candidates"], payload["separations"], {**cfg, "batch_size": bs},
             session.judge.phrases, session.chat), cfg["batch_size"])
+    return {"selection": rows}
+
+
+def _shards(settings: dict, payload: dict, n: int) -> list[dict]:
+    """n shard payloads of a select task: shard i scores the candidate chunks i, i + n, ... (`_passes`)."""
+    return [{**payload, "shard": (i, n)} for i in range(n)]
+
+
+def _merge(settings: dict, cells, payload: dict, parts: list[dict]) -> dict:
+    """The selection rows from the n shards' results ({"select_shard": [...]} each, in shard order):
+    the per-row scores merged (`merge_scores`), then rows and `choose` once, as one unsharded run.
+    Raises ValueError when the shards do not cover every row exactly once."""
+    cfg, rows = settings["select"], []
+    for cell in cells:
+        pieces = [next(r for r in part["select_shard"] if r["cell_id"] == cell.id) for part in parts]
+        scored = {**pieces[0], "scores": merge_scores([p["scores"] for p in pieces])}
+        rows += selection_rows(cell, payload["candidates"], payload["separations"], cfg, scored)
     return {"selection": rows}
 
 
@@ -369,4 +455,5 @@ def _check(plan) -> None:
 
 
 STAGE = Stage(name="select", tables=("selection",), needs=("directions",), cells=lambda spec, mp: [{}],
-              id_key=_id_key, inputs=_inputs, run=_run, check=_check, describe=_describe)
+              id_key=_id_key, inputs=_inputs, run=_run, check=_check, describe=_describe,
+              shards=_shards, merge=_merge)
