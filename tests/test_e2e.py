@@ -85,6 +85,77 @@ def _skip_expected(cells: pd.DataFrame, selection: pd.DataFrame) -> pd.Series:
             & pd.Series([(m, int(s)) not in chosen for m, s in zip(cells["model"], cells["seed"])], index=cells.index))
 
 
+def check_selection(selection: pd.DataFrame, n_layers: dict[str, int], cfg: dict) -> int:
+    """Assert stage select's rows obey its definitions, recomputed from each row's values and the spec's
+    `stages.select` block (refusal_ray/stages/select.py `choose` and `ranked`; Arditi et al.'s `filter_fn`):
+    a candidate passes when it is not zero-norm, its bypass, induce and KL are not NaN, its layer is below
+    int(n_layers * max_layer_fraction), KL <= kl_max and induce >= induce_min; where any passes, exactly
+    one row of the (model, seed) is selected, the best passing one by the criterion (bypass: lowest;
+    swing, separation: highest; ties: the lower layer, then the later position); where none passes,
+    nothing is selected, or without a fallback nothing at all. Returns the number of (model, seed) where
+    some candidate passed (a caller asserts it is > 0 where its filters let some pass)."""
+    frac = cfg.get("max_layer_fraction", 0.8)
+    kl_max, induce_min = cfg.get("kl_max", 0.1), cfg.get("induce_min", 0.0)
+    criterion, fallback = cfg.get("criterion", "bypass"), cfg.get("fallback")
+    with_pass = 0
+    for (model, seed), g in selection.groupby(["model", "seed"]):
+        scores = g[["bypass", "induce", "kl"]].to_numpy(float)
+        eligible = np.isfinite(scores).all(axis=1) & ~g["zero_norm"].astype(bool).to_numpy()
+        ok = eligible.copy()
+        if frac is not None:
+            ok &= (g["layer"].astype(int) < int(n_layers[model] * frac)).to_numpy()
+        if kl_max is not None:
+            ok &= (g["kl"].astype(float) <= kl_max).to_numpy()          # NaN compares False: never passes
+        if induce_min is not None:
+            ok &= (g["induce"].astype(float) >= induce_min).to_numpy()
+        assert (g["passed"].astype(bool).to_numpy() == ok).all(), (model, seed, g.loc[g["passed"].astype(bool) != ok])
+        assert (g["filter"].isna().to_numpy() == ok).all(), (model, seed)
+        chosen = g[g["selected"].astype(bool)]
+        if ok.any():
+            pool, by, label = g[ok], criterion, criterion
+            with_pass += 1
+        elif fallback is not None and eligible.any():
+            pool, by, label = g[eligible], fallback, f"fallback:{fallback}"
+        else:
+            assert chosen.empty, (model, seed, chosen)
+            continue
+        pool = pool[pool[by].notna()]
+        rank = pool[by].astype(float) * (1 if by == "bypass" else -1)
+        order = pool.assign(_rank=rank, _later=-pool["position"].astype(int), _layer=pool["layer"].astype(int))
+        best = order.sort_values(["_rank", "_layer", "_later"], kind="stable").iloc[0]
+        assert len(chosen) == 1, (model, seed, chosen)
+        assert (int(chosen["layer"].iloc[0]), int(chosen["position"].iloc[0])) == (int(best["layer"]),
+                                                                                  int(best["position"])), (model, seed)
+        assert chosen["selected_by"].iloc[0] == label
+    return with_pass
+
+
+def test_check_selection_sees_what_it_must():
+    """The helper is not vacuous (no model, no Ray): on rows chosen by stage select's own `choose` with
+    16 layers it passes, and it fails on a wrong choice, on layer 12 = int(0.8 * 16) passing, on a NaN
+    score passing and on nothing selected where candidates pass."""
+    from refusal_ray.stages.select import choose
+
+    cfg = {"criterion": "bypass", "max_layer_fraction": 0.8, "kl_max": 0.1, "induce_min": 0.0, "fallback": None}
+    rows = [{"layer": layer, "position": p, "bypass": b, "induce": 1.0, "kl": 0.05, "swing": 0.0, "separation": 0.0,
+             "zero_norm": False} for layer, p, b in ((3, -1, -2.0), (3, -2, -2.0), (2, -1, -2.0), (5, -1, -1.0),
+                                                     (12, -1, -9.0), (11, -1, float("nan")))]
+    good = pd.DataFrame(choose([dict(r) for r in rows], 16, cfg)).assign(model="m", seed=0)
+    assert check_selection(good, {"m": 16}, cfg) == 1
+    chosen = good[good["selected"]].iloc[0]
+    assert (chosen["layer"], chosen["position"]) == (2, -1)          # tie on bypass: the lower layer
+    broken = []
+    wrong = good.assign(selected=(good["layer"] == 3) & (good["position"] == -1))   # the later position of layer 3,
+    broken.append(wrong)                                             # but layer 2 ranks first
+    broken.append(good.assign(passed=good["passed"] | (good["layer"] == 12)))
+    broken.append(good.assign(passed=good["passed"] | good["bypass"].isna()))
+    broken.append(good.assign(selected=False))
+    for df in broken:
+        with pytest.raises(AssertionError):
+            check_selection(df, {"m": 16}, cfg)
+    assert check_selection(good.assign(kl=1.0, passed=False, filter="kl>0.1", selected=False), {"m": 16}, cfg) == 0
+
+
 def test_run_writes_every_table(finished_run):
     from statsmodels.stats.proportion import proportion_confint
 
@@ -131,8 +202,14 @@ def test_run_writes_every_table(finished_run):
             assert len(sel) == n_layers * len(positions)
             assert set(zip(sel["layer"].astype(int), sel["position"].astype(int))) == {
                 (layer, p) for layer in range(n_layers) for p in positions}
-            assert np.isfinite(sel[["bypass", "induce", "kl"]].to_numpy(float)).all()
-            assert sel["selected"].astype(bool).sum() <= 1
+            # scored unless zero-norm (layer 0 at a template token: every prompt embeds it alike)
+            zero = sel["zero_norm"].astype(bool)
+            assert np.isfinite(sel.loc[~zero, ["bypass", "induce", "kl"]].to_numpy(float)).all()
+            assert np.isnan(sel.loc[zero, ["bypass", "induce", "kl"]].to_numpy(float)).all()
+            assert (sel.loc[zero, "norm"] <= 1e-6 * sel["norm"].max()).all()
+    # the filters and the choice, recomputed from the rows and the spec's select block
+    n_layers = {m: manifest["models"][m]["n_layers"] for m in ("qwen-xs", "llama-s")}
+    check_selection(selection, n_layers, manifest["spec"]["stages"]["select"])
     summary = pd.read_parquet(out / "summary.parquet")
     assert summary["model"].tolist() == ["qwen-xs", "llama-s"]   # sorted by parameter count
     assert summary["params"].is_monotonic_increasing
@@ -150,8 +227,8 @@ def test_run_writes_every_table(finished_run):
     assert set(pd.read_parquet(out / "agreement.parquet")["model"]) == {"qwen-xs", "llama-s", "ALL"}
     assert manifest["judges"]["rubric"]["kind"] == "chat" and summary["judge"].iloc[0] == "substring"
     assert "substring ~ rubric: kappa" in result.stdout
-    for fig in ("steering.png", "separation.png", "cosines.png", "scale_trend.png"):
-        assert (out / "figures" / fig).stat().st_size > 1000
+    for fig in ("steering.png", "separation.png", "cosines.png", "scale_trend.png", "selection.png"):
+        assert (out / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig   # content: tests/test_figures.py
 
 
 def test_baseline_rows_match_model_behaviour(finished_run):
