@@ -5,7 +5,9 @@ Rates pooled over seeds count each distinct test prompt once (`pooled_arms`, wit
 judged it; the rate is the mean over prompts, and the Wilson interval takes n = distinct prompts.
 Per-seed rates and intervals are the steering table's own rows (`per_seed_arms`). The best
 layer is the one with the highest mean separation (Cohen's d on val) over seeds. Rules
-(DESIGN.md):
+(DESIGN.md); every ">=" and "<" in them compares a rate or a difference of rates with a threshold
+within MARGIN_TOL = 1e-9 (`meets`: x >= t - MARGIN_TOL), so an exact margin such as 70/100 - 20/100
+= 0.5 meets 0.5 despite rounding:
 
 Steered layer: an addition arm is measured only at the layers the spec steered, which need not
   include the best layer. Each rule below reads its addition arm at the best layer when it was
@@ -137,28 +139,50 @@ def nearest_steered(best: int, layers: Iterable[int]) -> int | None:
     return min(layers, key=lambda x: (abs(x - best), x)) if layers else None
 
 
+MARGIN_TOL = 1e-9   # rate differences within this of a margin meet it (floating-point rounding, not slack)
+
+
+def meets(x: float, threshold: float) -> bool:
+    """Whether a rate (or a difference of rates) `x` reaches `threshold`: x >= threshold - MARGIN_TOL.
+
+    Rates are k/n, or prompt-pooled means with fractional counts (README "Refusal rate"), so their
+    differences carry rounding: 0.7 - 0.2 == 0.49999999999999994. Two rates that truly differ do so
+    by at least 1/(n * seeds), far above MARGIN_TOL (1e-9) for any realistic n, so the tolerance only
+    absorbs rounding. Its negation is the rule's "<": x < threshold - MARGIN_TOL."""
+    return bool(x >= threshold - MARGIN_TOL)
+
+
 def control_margin_verdict(base_harm: float, abl: tuple[float, float], add: tuple[float, float], rule: dict) -> str:
-    """abl = (suppression vs baseline, vs control); add = (induction vs baseline, vs control)."""
+    """The pre-registered control_margin verdict (DESIGN.md "Decision rules"; Arditi et al. 2024, Sec. 3-4).
+
+    base_harm: baseline harmful refusal rate in [0, 1]; abl = (suppression vs baseline, vs control);
+    add = (induction vs baseline, vs control), each a difference of rates. NaN = unmeasured.
+    Every comparison is `meets` (tolerance MARGIN_TOL): NO-BASELINE-REFUSAL when base_harm does not
+    meet baseline_min; an arm falls short unless both its differences meet baseline_margin and
+    control_margin. Returns INCOMPLETE, NO-BASELINE-REFUSAL, SUPPORTED or "NOT-SUPPORTED (<arms>)"."""
     if np.isnan(base_harm):
         return "INCOMPLETE"
-    if base_harm < rule["baseline_min"]:
+    if not meets(base_harm, rule["baseline_min"]):
         return "NO-BASELINE-REFUSAL"
     if any(np.isnan(x) for x in (*abl, *add)):
         return "INCOMPLETE"
     short = [name for name, (vs_base, vs_ctl) in (("ablation", abl), ("addition", add))
-             if not (vs_base >= rule["baseline_margin"] and vs_ctl >= rule["control_margin"])]
+             if not (meets(vs_base, rule["baseline_margin"]) and meets(vs_ctl, rule["control_margin"]))]
     return "SUPPORTED" if not short else f"NOT-SUPPORTED ({', '.join(short)})"
 
 
 def steering_label(induce: float, suppress: float, rule: dict) -> str:
-    """Audit label from the curve's best induction and suppression; INCOMPLETE if either is unmeasured (nan)."""
+    """Audit label from the curve's best induction and suppression (differences of rates; NaN =
+    unmeasured, giving INCOMPLETE). ">= t" is `meets(x, t)` and "< t" its negation (MARGIN_TOL):
+    works-fully: both >= strong; amplify-only: induce >= weak, suppress < weak; works-partially:
+    either >= weak otherwise; fails: neither."""
     if np.isnan(induce) or np.isnan(suppress):
         return "INCOMPLETE"
-    if induce >= rule["strong"] and suppress >= rule["strong"]:
+    if meets(induce, rule["strong"]) and meets(suppress, rule["strong"]):
         return "works-fully"
-    if induce >= rule["weak"] and suppress < rule["weak"]:
+    if meets(induce, rule["weak"]) and not meets(suppress, rule["weak"]):
         return "amplify-only"
-    if induce >= rule["weak"] or suppress >= rule["weak"]:
+    if meets(induce, rule["weak"]) or meets(suppress, rule["weak"]):
         return "works-partially"
     return "fails"
 
