@@ -7,7 +7,8 @@ and >= 0 otherwise; the lm-eval adapter on a model whose answer is known by cons
 3/5 exactly, data files read against the task YAML's folder) and with a hook edit active inside
 lm-eval (its log-likelihoods equal ours under the same hooks); the stage end to end on the toy
 qwen-xs (in-memory orthogonalisation equals hook ablation, baseline KL 0, every metric per arm, the
-cost table, weights unchanged afterwards); bad input through `refusal-ray validate`; and four
+cost table against a plain-pandas recomputation, weights unchanged afterwards); the cost's mean over
+seeds and draws on synthetic rows of three seeds; bad input through `refusal-ray validate`; and four
 regressions found while writing these tests (lm-eval re-tying the orthogonalised model's unembedding,
 steer's explicit ablation position dropped, quantised models' default arms, missing prompts read as
 "nan").
