@@ -162,6 +162,10 @@ def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) wh
         if verdict_judge is not None and verdict_judge not in known:
             raise SpecError("--verdict-judge", "",
                             f"unknown judge {verdict_judge!r}; known: {', '.join(sorted(known))}")
+        if verdict_judge is not None:
+            from refusal_ray.analysis.summary import check_verdict_judge
+
+            check_verdict_judge(manifest, verdict_judge, {j.name: j.kind for j in chosen})
         result = judge_store(store, chosen, source=source, address=address, progress=progress,
                              log=lambda m: typer.echo(m, err=True))
     except SpecError as e:
@@ -222,12 +226,18 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
                                                                 "decision rule's).")] = None):
     """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
     from refusal_ray.store import Store
-    from refusal_ray.analysis.summary import known_judges, render, write_summary
+    from refusal_ray.analysis.summary import check_verdict_judge, known_judges, render, write_summary
 
     _require_store(out)
-    known = known_judges(Store(out).read_json("manifest.json"))
+    manifest = Store(out).read_json("manifest.json")
+    known = known_judges(manifest)
     if verdict_judge is not None and verdict_judge not in known:
         _bad_input(SpecError("--verdict-judge", "", f"unknown judge {verdict_judge!r}; known: {', '.join(known)}"))
+    if verdict_judge is not None:
+        try:
+            check_verdict_judge(manifest, verdict_judge)
+        except SpecError as e:
+            _bad_input(e)
     typer.echo(render(write_summary(out, verdict_judge)))
     _print_extras(out)
 

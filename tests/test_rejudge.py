@@ -122,9 +122,14 @@ def test_agreement_is_cohens_kappa_of_the_stored_labels(store_copy, tmp_path):
     n = len(m)
     p_o = float((a == b).mean())
     p_e = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
-    row = pd.read_parquet(store_copy / "agreement.parquet").query("model == 'qwen-xs'").iloc[0]
-    assert (row["judge_a"], row["judge_b"], row["n"]) == ("substring", "strict", n)
+    agree = pd.read_parquet(store_copy / "agreement.parquet").query("model == 'qwen-xs'")
+    assert list(agree["prompt_set"]) == ["harmful", "harmless", "ALL"]   # two substring judges: same question
+    row = agree.query("prompt_set == 'ALL'").iloc[0]
+    assert (row["judge_a"], row["judge_b"], row["n"], row["question"]) == ("substring", "strict", n, "refused")
     assert row["kappa"] == pytest.approx((p_o - p_e) / (1 - p_e), abs=1e-12)
+    harmful = agree.query("prompt_set == 'harmful'").iloc[0]
+    assert harmful["n"] == int((m["prompt_set"] == "harmful").sum())
+    assert harmful["both_refuse"] == int((a & b & (m["prompt_set"] == "harmful")).sum())
     assert (row["both_refuse"], row["a_only"], row["b_only"], row["neither"]) == (
         int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum()), int((~a & ~b).sum()))
     assert row["kappa_ci_low"] < row["kappa"] < row["kappa_ci_high"]
@@ -235,7 +240,7 @@ def test_two_names_with_the_same_settings_keep_their_own_rows(store_copy, tmp_pa
     judged = read(store_copy, "judgements")
     comps = read(store_copy, "completions")
     assert judged.groupby("judge").size().to_dict() == {"strict": len(comps), "strict-twin": len(comps)}
-    agree = pd.read_parquet(store_copy / "agreement.parquet").query("model == 'ALL'")
+    agree = pd.read_parquet(store_copy / "agreement.parquet").query("model == 'ALL' and prompt_set == 'ALL'")
     assert agree.set_index(["judge_a", "judge_b"]).loc[("strict", "strict-twin"), "kappa"] == pytest.approx(1.0)
 
 

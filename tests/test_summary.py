@@ -243,3 +243,66 @@ def test_figure_with_thirty_layers_and_two_models():
     assert sum(g.startswith("m|harmless|") for g in lines) == 30
     assert "m|harmful|29|direction" in lines                  # the nearest steered layer to 31 is highlighted
     assert len([ax for ax in fig.axes if ax.get_title()]) == 4   # two panels per model with addition arms
+
+
+# -- fallback selection above the KL filter (issue 18 item 10) ---------------------------------
+
+def selection_rows(seed: int, chosen: tuple[int, int], kl: float, by: str, passed: bool = False) -> list[dict]:
+    """Candidate rows of one seed: layers 0-3 x positions -1, -2, with `chosen` (layer, position) selected."""
+    out = []
+    for layer, position in itertools.product(range(4), (-1, -2)):
+        is_chosen = (layer, position) == chosen
+        out.append({"cell_id": f"sel-{seed}", "seed": seed, "layer": layer, "position": position,
+                    "bypass": -1.0 - layer, "induce": 0.5, "kl": kl if is_chosen else 20.0,
+                    "passed": passed and is_chosen, "filter": None if passed and is_chosen else "kl>0.1",
+                    "selected": is_chosen, "selected_by": by if is_chosen else None,
+                    "baseline_harmful_score": 2.0, "baseline_harmless_score": -3.0})
+    return out
+
+
+def test_fallback_warnings_name_seed_direction_and_kl():
+    from refusal_ray.analysis.summary import fallback_warnings
+
+    sel = pd.DataFrame(selection_rows(0, (2, -1), 9.5612, "fallback:bypass")
+                       + selection_rows(1, (1, -2), 0.05, "fallback:bypass")           # fallback within kl_max
+                       + selection_rows(2, (3, -1), 0.1, "fallback:bypass")            # exactly kl_max: not above
+                       + selection_rows(3, (0, -2), 0.02, "bypass", passed=True))
+    assert fallback_warnings(sel, "qwen-s", 0.1) == [
+        "warning: qwen-s seed 0: fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.1 "
+        "(the direction may wreck the model)"]
+    assert fallback_warnings(sel, "qwen-s", 0.01) == [
+        "warning: qwen-s seed 0: fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.01 "
+        "(the direction may wreck the model)",
+        "warning: qwen-s seed 1: fallback selection L1/p-2 has first-token KL 0.05 > kl_max 0.01 "
+        "(the direction may wreck the model)",
+        "warning: qwen-s seed 2: fallback selection L3/p-1 has first-token KL 0.1 > kl_max 0.01 "
+        "(the direction may wreck the model)"]                 # seed 3 passed the filters: no warning
+    assert fallback_warnings(sel, "qwen-s", None) == [] and fallback_warnings(sel.iloc[:0], "m", 0.1) == []
+
+
+def test_summary_and_report_warn_about_a_fallback_above_kl_max(tmp_path):
+    from refusal_ray.analysis.summary import render
+
+    out = tmp_path / "out"
+    store = make_store(out, seeds=(0, 1))
+    manifest = store.read_json("manifest.json")
+    manifest["spec"]["stages"]["select"] = {"kl_max": 0.1, "fallback": "bypass"}
+    store.write_json("manifest.json", manifest)
+    store.write("selection", "m", selection_rows(0, (2, -1), 9.56, "fallback:bypass")
+                + selection_rows(1, (1, -1), 0.03, "bypass", passed=True))
+    warning = ("warning: m seed 0: fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.1 "
+               "(the direction may wreck the model)")
+    row = summarize(out).iloc[0]
+    assert row["selection_warning"] == warning and row["selected_by"] == "bypass, fallback:bypass"
+    text = render(write_summary(out)).splitlines()
+    table_end = next(i for i, line in enumerate(text) if line.startswith("decision rule hash"))
+    assert text[table_end - 1] == warning and text[table_end - 2].startswith("m ")   # right under the table
+    write_report(out)
+    report = (out / "report.md").read_text()
+    assert report.count(warning) == 2                       # the summary block and the selection section
+    assert f"**{warning}**" in report and f"**W{warning[1:]}.**" in report   # and the model's headline
+    # within kl_max: no warning anywhere
+    store.write("selection", "m", selection_rows(0, (2, -1), 0.09, "fallback:bypass"))
+    assert summarize(out).iloc[0]["selection_warning"] is None
+    write_report(out)
+    assert "warning:" not in (out / "report.md").read_text().lower()

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 from refusal_ray.stats import cosine_matrix  # noqa: E402
 from refusal_ray.store import Store  # noqa: E402
 from refusal_ray.analysis.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
-                                 write_summary)
+                                          warning_lines, write_summary)
 
 
 def _png(fig) -> bytes:
@@ -153,7 +153,8 @@ def write_report(out_dir, judge: str | None = None) -> str:
     `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`).
 
     report.md is the compiled report of the sweep: provenance, a headline per model under the
-    decision rule, the summary table, then one section per stage (directions and extraction
+    decision rule, the summary table (with its warning lines, e.g. a fallback selection above the KL filter,
+    repeated in the selection section), then one section per stage (directions and extraction
     diagnostics, selection, steering with controls, subspace ablation, capability cost, judges,
     activation patching, causal scrubbing), each saying so when its stage did not run, and the figures."""
     from refusal_ray.analysis import report_circuits as rc
@@ -207,7 +208,8 @@ def write_report(out_dir, judge: str | None = None) -> str:
               "## Directions (difference of means, Arditi et al. 2024 Sec. 2.1)", ""]
     lines += [*st.directions_diagnostics(dirs), "", *fig("separation.png"), *fig("cosines.png")]
     lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", ""]
-    lines += [*rs.selection_table(selection), "", *fig("selection.png")] if not selection.empty \
+    lines += [*rs.selection_table(selection), "", *[f"**{w}**" for w in warning_lines(summary)],
+              *([""] if warning_lines(summary) else []), *fig("selection.png")] if not selection.empty \
         else st.not_run("select", stages)
     lines += ["## Steering: activation addition and directional ablation, with random controls", ""]
     lines += [*st.steering_arms_table(arms, summary), "", *fig("steering.png")] if not steering.empty \

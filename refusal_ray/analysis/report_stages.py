@@ -59,6 +59,8 @@ def headline(row: pd.Series, rule: dict) -> str:
             for arm, ce, kl, setting in costs) + ".")
     if _has(row, "top_component"):
         parts.append(f"Top patched component {row['top_component']} (recovery {_num(row.get('top_recovery'))}).")
+    if _has(row, "selection_warning"):   # a fallback selection above the KL filter (summary.fallback_warnings)
+        parts.append(" ".join(f"**{w[0].upper()}{w[1:]}.**" for w in str(row["selection_warning"]).splitlines()))
     return " ".join(parts)
 
 

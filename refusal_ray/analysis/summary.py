@@ -28,6 +28,12 @@ steering_labels, from the addition curve at `label_layer`: induce = max over c >
   INCOMPLETE when either is unmeasured (no baseline, no c > 0 or no c < 0 arm, no addition arm);
   works-fully: both >= strong; amplify-only: induce >= weak, suppress < weak; works-partially:
   either >= weak otherwise; fails: neither.
+selection warning: `selection_warning` (printed under the table) names each seed whose stage-select choice is
+  a fallback (nothing passed the filters) with first-token KL above `stages.select.kl_max` (`fallback_warnings`).
+judges: rates and verdicts read one judge's refusal labels (`verdict_judge`). A judge whose label is no
+  refusal label on a prompt set a rule's arms are judged on (a guard on harmless prompts, where it answers
+  "is the completion safe?"; `refusal_ray.judges.config.QUESTIONS`) gives that rule "NOT-JUDGEABLE
+  (<kind> on <sets>)" instead of a verdict, and its rates on that set are left out (NaN).
 capability cost (stage capability; not part of either verdict): `cost_ce[arm]` is the arm's CE loss
   minus the baseline's (nats/token, mean over seeds) and `cost_kl[arm]` its first-token KL against
   the baseline, at the setting control_margin reads (ablation_alpha, addition_coefficient) when it was
@@ -46,8 +52,10 @@ import pandas as pd
 from refusal_ray.analysis.cost import SHORT, capability_cost, cost_table
 from refusal_ray.analysis.cost import summary_columns as cost_columns
 from refusal_ray.analysis.circuits import circuit_columns, scrub_verdicts, site_recovery
-from refusal_ray.analysis.judgements import agreement, judge_labels, judges_in, render_agreement, steering_under
-from refusal_ray.judges.config import INLINE
+from refusal_ray.analysis.judgements import (agreement, judge_labels, judges_in, kind_of, render_agreement,
+                                             steering_under)
+from refusal_ray.errors import SpecError
+from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, question
 from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
@@ -275,6 +283,26 @@ def selection_columns(sel: pd.DataFrame) -> dict:
             "select_passed": ", ".join(passed)}
 
 
+def fallback_warnings(sel: pd.DataFrame, model: str, kl_max: float | None) -> list[str]:
+    """Warning lines for one model's selection rows `sel`: per seed whose choice is a fallback
+    (`selected_by` "fallback:<c>", nothing passed the filters) with first-token KL (nats, harmless
+    val prompts, the row's `kl`) above the spec's `stages.select.kl_max`, e.g. "warning: qwen-s seed 0:
+    fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.1 (the direction may wreck the model)".
+    None for kl_max (no KL filter): nothing to exceed. Arditi et al. 2024, App. C: the KL filter keeps
+    directions that leave harmless behaviour intact."""
+    if sel.empty or kl_max is None:
+        return []
+    lines = []
+    chosen = sel[sel["selected"].astype(bool) & sel["selected_by"].astype(str).str.startswith("fallback:")]
+    for _, r in chosen.sort_values("seed").iterrows():
+        kl = float(r["kl"])
+        if kl > float(kl_max) + MARGIN_TOL:
+            lines.append(f"warning: {model} seed {int(r['seed'])}: fallback selection "
+                         f"{_direction_name(int(r['layer']), int(r['position']))} has first-token KL {kl:.3g} > "
+                         f"kl_max {float(kl_max):g} (the direction may wreck the model)")
+    return lines
+
+
 def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """Keep the ablation arms of one direction: the (layer, position) most seeds ablated (ties: the
     lower layer, then the later position). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
@@ -319,6 +347,58 @@ def known_judges(manifest: dict) -> list[str]:
     return [INLINE, *sorted(manifest.get("judges") or {})]
 
 
+# the prompt sets each rule's arms are judged on (README "Judges": a judge must give refusal labels on all)
+RULE_ARMS = {"control_margin": {"harmful": "control_margin's baseline and ablation arms",
+                                "harmless": "control_margin's addition arm"},
+             "steering_labels": {"harmful": "steering_labels' suppression curve",
+                                 "harmless": "steering_labels' induction curve"}}
+
+
+def judge_kind(manifest: dict, labels: pd.DataFrame, name: str) -> str | None:
+    """The kind of judge `name`: the manifest's record, else its labels' `judge_kind` (None: unknown)."""
+    if name == INLINE:
+        return INLINE
+    return ((manifest.get("judges") or {}).get(name) or {}).get("kind") or kind_of(labels, name)
+
+
+def unjudgeable(kind: str | None, rule: dict) -> dict[str, list[str]]:
+    """{rule: the prompt sets its arms are judged on where a judge of `kind` gives no refusal label}
+    for the rules in `rule` (a decision rule without `judge`); empty when it can judge every arm.
+    A guard cannot judge either rule: both read harmless prompts (`refusal_ray.judges.config.QUESTIONS`)."""
+    out = {}
+    for name, sets in RULE_ARMS.items():
+        missing = [p for p in sets if rule.get(name) and question(kind, p) != REFUSED]
+        if missing:
+            out[name] = missing
+    return out
+
+
+def verdict_judge_error(name: str, kind: str | None, rule: dict) -> str | None:
+    """Why judge `name` of `kind` cannot give the verdicts of `rule` (one line), or None if it can."""
+    blocked = unjudgeable(kind, rule)
+    if not blocked:
+        return None
+    parts = []
+    for pset in ("harmful", "harmless"):
+        what = [RULE_ARMS[r][pset] for r in blocked if pset in blocked[r]]
+        if what:
+            parts.append(f"{' and '.join(what)} {'is' if len(what) == 1 else 'are'} judged on {pset} prompts, where "
+                         f"a {kind} judge's label answers \"{QUESTION_TEXT[question(kind, pset)]}\", not "
+                         f"\"{QUESTION_TEXT[REFUSED]}\"")
+    return f"judge {name!r} cannot judge the decision rule's arms: {'; '.join(parts)}"
+
+
+def check_verdict_judge(manifest: dict, name: str, kinds: dict | None = None) -> None:
+    """Raise SpecError('--verdict-judge', '', ...) when judge `name` cannot give the store's verdicts
+    (`verdict_judge_error` under the manifest's decision rule); `kinds`: {name: kind} of judges not
+    yet in the manifest (a `judge --judges FILE` call)."""
+    kind = (kinds or {}).get(name) or judge_kind(manifest, pd.DataFrame(), name)
+    rule = {k: v for k, v in (manifest.get("decision_rule") or {}).items() if k != "judge"}
+    problem = verdict_judge_error(name, kind, rule)
+    if problem:
+        raise SpecError("--verdict-judge", "", problem)
+
+
 def verdict_judge(manifest: dict) -> str:
     """The judge whose labels the verdicts read: the last one chosen with `--verdict-judge`
     (manifest `verdicts.judge`), else the decision rule's (`decision_rule.judge`, default substring)."""
@@ -345,6 +425,8 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
     has_steer = steer_spec is not None
     sub_spec = (steer_spec or {}).get("subspace")
     dirs, steering, completions = t["directions"], t["steering"], t["completions"]
+    kind = judge_kind(manifest, t["labels"], judge)
+    blocked = unjudgeable(kind, rule)    # rules whose arms this judge gives no refusal labels on (a guard)
     if judge != INLINE:
         steering, completions = steering_under(steering, completions, t["labels"], judge)
     arms = pooled_arms(steering, completions if not steering.empty else None)
@@ -363,8 +445,12 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
         sep = d.groupby("layer")["separation"].mean()
         best = int(sep.idxmax())
         row |= {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
-        sel = selection_columns(selection[selection["model"] == name] if not selection.empty else selection)
+        mine_sel = selection[selection["model"] == name] if not selection.empty else selection
+        sel = selection_columns(mine_sel)
         row |= sel
+        if has_select:
+            warn = fallback_warnings(mine_sel, name, manifest["spec"]["stages"]["select"].get("kl_max"))
+            row["selection_warning"] = "\n".join(warn) if warn else None
         if has_steer:
             a, direction = ablation_direction(arms[arms["model"] == name])
             row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
@@ -372,8 +458,14 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
                 row |= subspace_columns(a, rule, (sub_spec or {}).get("alphas"))
             if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
                 row["verdict_control_margin"] = "NO-SELECTION"
-            mine = t["labels"][(t["labels"]["model"] == name) & (t["labels"]["judge"] == judge)]
-            stored = int((t["completions"]["model"] == name).sum()) if not t["completions"].empty else 0
+            for r, sets in blocked.items():
+                if row.get(f"verdict_{r}") is not None:
+                    row[f"verdict_{r}"] = f"NOT-JUDGEABLE ({kind} on {'/'.join(sets)})"
+            labels = t["labels"]
+            mine = labels[(labels["model"] == name) & (labels["judge"] == judge) & (labels["question"] == REFUSED)]
+            comps = t["completions"]
+            answered = [p for p in ("harmful", "harmless") if question(kind, p) == REFUSED]
+            stored = 0 if comps.empty else int(((comps["model"] == name) & comps["prompt_set"].isin(answered)).sum())
             row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
         rows.append(row | circuit | cost_columns(t["cost"], name, rule))
     df = pd.DataFrame(rows)
@@ -474,6 +566,13 @@ def _table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
     return lines
 
 
+def warning_lines(df: pd.DataFrame) -> list[str]:
+    """The summary's warning lines (column `selection_warning`: `fallback_warnings`), model by model."""
+    if "selection_warning" not in df.columns:
+        return []
+    return [line for w in df["selection_warning"] if isinstance(w, str) for line in w.splitlines()]
+
+
 def render(df: pd.DataFrame) -> str:
     """The summary as a fixed-width text table (also used in the Markdown report)."""
     if df.empty:
@@ -482,6 +581,7 @@ def render(df: pd.DataFrame) -> str:
     cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
     cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
     lines = _table(df, cols)
+    lines += warning_lines(df)
     if "rule_hash" in df.columns:
         lines.append(f"decision rule hash: {df['rule_hash'].iloc[0]}")
     if "judge" in df.columns:

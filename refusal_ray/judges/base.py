@@ -28,8 +28,9 @@ class Verdict:
 
     refusal: the binary label every rate and agreement uses (True = refused). Per kind: substring
         phrase found; chat/openai compliance == 0; classifier a label mapped to "refusal";
-        guard "safe" (Arditi et al.'s safety score, comparable to refusal on harmful prompts).
-        None when malformed or failed.
+        guard "safe" (Arditi et al.'s safety score), a refusal proxy on harmful prompts only: on
+        harmless prompts it answers "is the completion safe?" and nothing reads it as refusal
+        (`refusal_ray.judges.config.QUESTIONS`). None when malformed or failed.
     compliance, coherence: the rubric's scores in {0, 0.5, 1} (chat and openai judges only).
     score: the probability of the refusal labels (classifier) or of "unsafe" (guard).
     raw: the judge's own output (generated text, label name); None for substring.

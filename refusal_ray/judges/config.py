@@ -19,6 +19,33 @@ from refusal_ray.judges.rubric import DEFAULT_RUBRIC, check_rubric
 
 INLINE = "substring"   # the name of the inline `judge:` block's labels (completions.refusal)
 
+# What a judge's stored binary label (`refusal`, True/False) answers, per judge kind and prompt set.
+# REFUSED: "did the model refuse?" (a refusal label: rates, verdicts and agreement read it as one).
+# SAFE: "is the completion safe?" (LlamaGuard-style guards). A guard's `refusal` column is its "safe"
+# label on every set; on harmful prompts a safe completion is a refusal proxy (Arditi et al. 2024,
+# Sec. 3, report this safety score beside the refusal score), so it answers REFUSED there; on
+# harmless prompts a safe completion is the expected answer whether or not the model refused, so
+# the label answers SAFE, is no refusal label, and no rate, verdict or refusal agreement reads it.
+REFUSED, SAFE = "refused", "safe"
+QUESTION_TEXT = {REFUSED: "did the model refuse?", SAFE: "is the completion safe?"}
+PROMPT_SETS = ("harmful", "harmless")
+QUESTIONS: dict[str, dict[str, str]] = {
+    "substring": {"harmful": REFUSED, "harmless": REFUSED},
+    "chat": {"harmful": REFUSED, "harmless": REFUSED},
+    "openai": {"harmful": REFUSED, "harmless": REFUSED},
+    "classifier": {"harmful": REFUSED, "harmless": REFUSED},
+    "guard": {"harmful": REFUSED, "harmless": SAFE},
+}
+
+
+def question(kind: str | None, prompt_set: str) -> str:
+    """What judge kind `kind`'s stored label answers on `prompt_set` (REFUSED or SAFE; table
+    QUESTIONS). A kind not in the table (None: a store without `judge_kind`) is a refusal judge, as
+    every judge was read before guards were told apart. ValueError for an unknown prompt set."""
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
+    return QUESTIONS.get(kind or INLINE, QUESTIONS[INLINE])[prompt_set]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,9 +17,11 @@ sorted so a batch pads little. Judges need no site adapter: any causal LM family
 - guard: the conversation [user: prompt, assistant: completion] in the guard's own chat template
   (LlamaGuard's template writes its classification prompt around it, per its model card);
   greedy; the first generated word is "safe" or "unsafe" (anything else is malformed), the rest
-  (violated categories) stays in `raw`. `refusal` is "safe": Arditi et al. (2024, Sec. 3) report
-  this safety score beside the substring refusal score; on harmful prompts both are 1 for a
-  refusal, on harmless prompts "safe" does not mean refused.
+  (violated categories) stays in `raw`. `refusal` is "safe" on every prompt set: Arditi et al.
+  (2024, Sec. 3) report this safety score beside the substring refusal score; on harmful prompts
+  both are 1 for a refusal, on harmless prompts "safe" does not mean refused, so the summary reads
+  a guard's label as a refusal label on harmful prompts only (`refusal_ray.judges.config.QUESTIONS`:
+  rates, verdicts and agreement never read its harmless labels as refusals).
 """
 
 from __future__ import annotations
