@@ -17,7 +17,7 @@ Where we differ from the paper on purpose:
   pad count); under RoPE this changes scores by ~3e-6 only (tests/arditi_reference.py).
 
 Toy tier: toy-llama-s, every post-instruction position x 4 layers. Real tier: SmolLM2-135M-Instruct,
-positions -1 and -2 x all 30 layers.
+positions -1 and -2 x 6 of its 30 layers.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from conftest import TOY_MODELS, TOY_PROMPTS
 
 TOL = 1e-4
 N_TRAIN, N_VAL = 32, 8
-REF_BATCH = 4                  # the reference's batches: left padding inside each, as the paper's 32
+REF_BATCH = 8                  # the reference's batches: left padded, as the paper's 32
 PERMISSIVE_KL = None           # the KL filter off (the other filters as the paper's)
-SMOL_LAYERS = [*range(0, 30, 3), 23, 24]   # 12 of SmolLM2's 30 layers; 24 = int(30 * 0.8) is the first pruned
+SMOL_LAYERS = [3, 9, 15, 21, 23, 24]   # of 30; 24 = int(30 * 0.8) is the first pruned layer
 CHAT = ChatOptions()
 
 
@@ -88,19 +88,24 @@ def _build(name: str, path: str, positions: list[int] | None, layers: list[int] 
     return Case(name, lm, md.shape[1], refusal_toks, harmful, harmless, drawn_h, drawn_s, candidates, paper)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: these batches are small, and a second thread on a busy 2-core machine
+    spends its time spinning at OpenMP barriers (see tests/test_real_chat.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["toy-llama-s", pytest.param("smollm2", marks=pytest.mark.real)])
 def case(request) -> Case:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)           # small batches: a second thread on a busy 2-core machine only spins
-    try:
-        if request.param == "smollm2":
-            # SmolLM2 refuses none of the toy prompts (every refusal score < 0), so filter_val would
-            # keep no harmful prompt: scored unfiltered, as the paper's Config(filter_val=False)
-            return _build("smollm2", str(request.getfixturevalue("smollm2_path")), [-2, -1], SMOL_LAYERS,
-                          filter_val=False)
-        return _build("toy-llama-s", str(TOY_MODELS / "toy-llama-s"), None)
-    finally:
-        torch.set_num_threads(threads)
+    if request.param == "smollm2":
+        # SmolLM2 refuses none of the toy prompts (every refusal score < 0), so filter_val would keep
+        # no harmful prompt: scored unfiltered, as the paper's Config(filter_val=False)
+        return _build("smollm2", str(request.getfixturevalue("smollm2_path")), [-2, -1], SMOL_LAYERS,
+                      filter_val=False)
+    return _build("toy-llama-s", str(TOY_MODELS / "toy-llama-s"), None)
 
 
 def _tokens(case: Case, rendered: list[str]) -> list[list[int]]:
@@ -172,12 +177,18 @@ def test_kl_epsilon_zero_is_the_exact_kl(case: Case):
     assert max(exact[k] for k in keys) > 1e-3
 
 
-@pytest.mark.parametrize("kl_max, max_layer_fraction", [(0.1, 0.8), (PERMISSIVE_KL, 0.8), (PERMISSIVE_KL, None)],
-                         ids=["paper-filters", "kl-off", "kl-and-layer-off"])
-def test_same_filter_decisions_and_selection(case: Case, ours: dict, kl_max, max_layer_fraction):
-    """filter_fn's decisions and the lowest-bypass choice; induce >= 0 throughout. The paper's
-    prune_layer_percentage p is our max_layer_fraction 1 - p (int(n_layers * 0.8) on both sides)."""
-    filters = {**ref.PAPER_FILTERS, "kl_threshold": kl_max,
+@pytest.mark.parametrize("kl_max, max_layer_fraction, induce_min", [
+    (0.1, 0.8, 0.0), (PERMISSIVE_KL, 0.8, 0.0), (PERMISSIVE_KL, None, None)],
+    ids=["paper-filters", "kl-off", "all-off"])
+def test_same_filter_decisions_and_selection(case: Case, ours: dict, kl_max, max_layer_fraction, induce_min):
+    """filter_fn's decisions and the lowest-bypass choice. The paper's prune_layer_percentage 0.2 is
+    our max_layer_fraction 0.8 (both prune layer >= int(0.8 n_layers)).
+
+    Zero-norm candidates: ours never passes them; the paper scores them as no-ops (bypass and induce
+    at the baselines, KL 0), and its own filters drop them under its defaults (the unedited harmless
+    mean is < 0), so there the decisions are identical; with every filter off it may keep them, and
+    then it must still select the same candidate as ours."""
+    filters = {"kl_threshold": kl_max, "induce_refusal_threshold": induce_min,
                "prune_layer_percentage": {0.8: 0.2, None: None}[max_layer_fraction]}
     rows = [{"layer": layer, "position": pos, **v, "swing": math.nan, "separation": math.nan, "zero_norm": False}
             for (pos, layer), v in ours.items()]
@@ -185,12 +196,19 @@ def test_same_filter_decisions_and_selection(case: Case, ours: dict, kl_max, max
               "swing": math.nan, "separation": math.nan, "zero_norm": True}
              for (pos, layer) in case.candidates if (pos, layer) not in ours]
     choose(rows, case.n_layers, {"criterion": "bypass", "max_layer_fraction": max_layer_fraction, "kl_max": kl_max,
-                                 "induce_min": 0.0, "fallback": None})
+                                 "induce_min": induce_min, "fallback": None})
     mine = {(r["position"], r["layer"]): r["passed"] for r in rows}
     paper = {(s.position, s.layer): not ref.discard(s, case.n_layers, **filters) for s in case.paper}
-    assert mine == paper, {k: (mine[k], paper[k]) for k in paper if mine[k] != paper[k]}
+    zero = set(case.candidates) - set(ours)
+    assert not any(mine[k] for k in zero)
+    if induce_min is not None:
+        assert not any(paper[k] for k in zero)
+    differ = {k: (mine[k], paper[k]) for k in ours if mine[k] != paper[k]}
+    assert not differ, differ
     chosen = [(r["position"], r["layer"]) for r in rows if r["selected"]]
     best = ref.select(case.paper, case.n_layers, **filters)
     assert chosen == ([] if best is None else [(best.position, best.layer)])
-    if kl_max is None:
-        assert best is not None        # with the KL filter off something passes: the equality is not None == None
+    # not None == None: toy-llama-s selects under every setting; SmolLM2 on the toy prompts raises no
+    # harmless prompt's refusal score to >= 0 by addition, so there only "all-off" selects
+    if case.name == "toy-llama-s" or induce_min is None:
+        assert best is not None
