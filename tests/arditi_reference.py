@@ -78,10 +78,17 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden_states, passed positionally (transformers 5.24) or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextmanager
 def attached(pre_hooks: list, hooks: list):
-    """Register (module, fn) forward pre-hooks and forward hooks for the block; remove them after."""
-    handles = [m.register_forward_pre_hook(f) for m, f in pre_hooks] + [m.register_forward_hook(f) for m, f in hooks]
+    """Register (module, fn(module, args, kwargs)) forward pre-hooks and (module, fn(module, args,
+    output)) forward hooks for the block; remove them after. Every hook edits in place."""
+    handles = [m.register_forward_pre_hook(f, with_kwargs=True) for m, f in pre_hooks]
+    handles += [m.register_forward_hook(f) for m, f in hooks]
     try:
         yield
     finally:
@@ -93,8 +100,8 @@ def ablation_hooks(model, direction: torch.Tensor) -> tuple[list, list]:
     """Directional ablation of `direction` [d_model] at every block input and attn/mlp output."""
     unit = _unit(direction)
 
-    def pre(module, args):
-        _ablate_(_first(args), unit)        # edits the block input in place; args unchanged
+    def pre(module, args, kwargs):
+        _ablate_(_block_input(args, kwargs), unit)      # edits the block input in place
 
     def post(module, args, output):
         _ablate_(_first(output), unit)
@@ -106,8 +113,8 @@ def ablation_hooks(model, direction: torch.Tensor) -> tuple[list, list]:
 
 def addition_hooks(model, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> tuple[list, list]:
     """Activation addition x <- x + coeff * vector at block `layer`'s input."""
-    def pre(module, args):
-        x = _first(args)
+    def pre(module, args, kwargs):
+        x = _block_input(args, kwargs)
         x += coeff * vector.to(x)
 
     return [(blocks(model)[layer], pre)], []
@@ -175,8 +182,9 @@ def mean_diff(model, tokenizer, harmful: list[str], harmless: list[str], positio
         acc = torch.zeros(len(positions), len(layers), d_model, dtype=torch.float64)
 
         def reader(layer):
-            def pre(module, args):
-                acc[:, layer] += _first(args)[:, positions].double().cpu().sum(0) / len(prompts)
+            def pre(module, args, kwargs):
+                x = _block_input(args, kwargs)
+                acc[:, layer] += x[:, positions].double().cpu().sum(0) / len(prompts)
             return pre
 
         with attached([(b, reader(i)) for i, b in enumerate(layers)], []):
