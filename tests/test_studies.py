@@ -6,7 +6,10 @@
 - every toy twin has the real spec's stage blocks and options, except models, data, sizes, layer indices
   and a short explicit allow-list (`ALLOWED`, each entry with its reason);
 - every toy twin runs end to end in this process (`run_local`), with no failed or skipped cell, and the
-  tables its study reads are there;
+  tables its study reads are there; what its study reports equals an independent recomputation from the
+  stored rows: both verdicts and the layers they read (exact fractions of the completions' labels,
+  `expected_verdicts`), the selection (filters and criterion, tests/test_e2e.py `check_selection`),
+  scrubbing faithfulness exp(-mean KL), patching recovery and the top component, the subspace columns;
 - `refusal-ray validate` on a real spec without the hub exits 0 and names each model it could not check.
 """
 
@@ -17,13 +20,16 @@ import os
 import re
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO, TOY_PROMPTS, make_tiny
+from test_e2e import check_selection
 
 SWEEPS = REPO / "sweeps"
 TOY = SWEEPS / "toy"
@@ -268,12 +274,181 @@ def _per_model_seed(df: pd.DataFrame, study: str) -> None:
     assert set(map(tuple, df[["model", "seed"]].drop_duplicates().to_numpy())) == want
 
 
+def _pooled(t: dict, model: str, prompt_set: str, **arm) -> Fraction | None:
+    """One arm's refusal rate pooled over seeds, recomputed from the completions as an exact fraction
+    (per prompt the mean label over the seeds that judged it, then the mean over prompts; the
+    summary's definition, refusal_ray.stats.prompt_pooled_rate); None when the arm has no rows."""
+    st = t["steering"]
+    st = st[(st["model"] == model) & (st["prompt_set"] == prompt_set)]
+    for k, v in arm.items():
+        if k == "control":
+            st = st[st[k].astype(bool) == v]
+        elif v is None:
+            st = st[st[k].isna()]
+        elif isinstance(v, str):
+            st = st[st[k] == v]
+        else:
+            st = st[np.isclose(st[k].astype(float), float(v))]
+    c = t["completions"]
+    c = c[(c["model"] == model) & c["cell_id"].isin(set(st["cell_id"])) & (c["prompt_set"] == prompt_set)]
+    if c.empty:
+        return None
+    per_prompt = [Fraction(int(y.astype(bool).sum()), len(y)) for _, y in c.groupby("prompt_id")["refusal"]]
+    return sum(per_prompt, Fraction(0)) / len(per_prompt)
+
+
+def _best_layer(t: dict, model: str, position: int) -> int:
+    """Highest mean separation over seeds at resid_pre and the steering position (ties: the lower layer)."""
+    d = t["directions"]
+    d = d[(d["model"] == model) & (d["site"] == "resid_pre") & (d["position"] == position)]
+    sep = d.groupby("layer")["separation"].mean()
+    return int(sep[sep == sep.max()].index.min())
+
+
+def _nearest(best: int, layers) -> int | None:
+    layers = sorted({int(x) for x in layers})
+    return min(layers, key=lambda x: (abs(x - best), x)) if layers else None
+
+
+def expected_verdicts(t: dict, spec, model: str) -> dict:
+    """Both verdicts of one model recomputed from the stored rows by the rules' definitions
+    (refusal_ray/analysis/summary.py docstring; DESIGN.md), in exact fractions: the steering label from
+    the addition curve at the steered layer nearest the best one, the control margin from the baseline,
+    the ablation arm of the direction most seeds ablated (ties: the lower layer, then the later
+    position) and the addition arm at the rule's coefficient, each against its random control."""
+    rule = spec.decision_rule.model_dump()
+    cm, sl = rule.get("control_margin"), rule.get("steering_labels")
+    best = _best_layer(t, model, spec.stages.steer.position)
+    st = t["steering"][t["steering"]["model"] == model]
+    add = st[(st["mode"] == "addition") & ~st["control"].astype(bool)]
+    base_harm, base_safe = (_pooled(t, model, p, mode="baseline") for p in ("harmful", "harmless"))
+    out = {"best_layer": best}
+    if sl is not None:
+        label_layer = _nearest(best, add["layer"])
+        coefs = sorted(set(add.loc[add["layer"] == label_layer, "coefficient"].astype(float))) if label_layer is not None else []
+        pos = [_pooled(t, model, "harmless", mode="addition", layer=label_layer, coefficient=c, control=False)
+               for c in coefs if c > 0]
+        neg = [_pooled(t, model, "harmful", mode="addition", layer=label_layer, coefficient=c, control=False)
+               for c in coefs if c < 0]
+        strong, weak = Fraction(str(sl["strong"])), Fraction(str(sl["weak"]))
+        if base_harm is None or base_safe is None or not pos or not neg:
+            label = "INCOMPLETE"
+        else:
+            induce, suppress = max(pos) - base_safe, base_harm - min(neg)
+            label = ("works-fully" if induce >= strong and suppress >= strong else
+                     "amplify-only" if induce >= weak and suppress < weak else
+                     "works-partially" if induce >= weak or suppress >= weak else "fails")
+        out |= {"label_layer": label_layer, "verdict_steering_labels": label}
+    if cm is not None:
+        alpha, coef = float(cm["ablation_alpha"]), float(cm["addition_coefficient"])
+        abl = st[(st["mode"] == "ablation") & np.isclose(st["alpha"].astype(float), alpha)]
+        main = abl[~abl["control"].astype(bool)]
+        abl_rate = abl_ctl = None
+        if not main.empty:
+            seeds = main.groupby(["direction_layer", "direction_position"])["seed"].nunique().reset_index()
+            seeds = seeds.sort_values(["seed", "direction_layer", "direction_position"], ascending=[False, True, False])
+            layer, position = seeds.iloc[0][["direction_layer", "direction_position"]]
+            mine = dict(mode="ablation", alpha=alpha, direction_layer=layer, direction_position=position)
+            abl_rate = _pooled(t, model, "harmful", control=False, **mine)
+            abl_ctl = _pooled(t, model, "harmful", control=True, **mine)
+        add_layer = _nearest(best, add.loc[np.isclose(add["coefficient"].astype(float), coef), "layer"])
+        add_rate = add_ctl = None
+        if add_layer is not None:
+            where = dict(mode="addition", layer=add_layer, coefficient=coef)
+            add_rate = _pooled(t, model, "harmless", control=False, **where)
+            add_ctl = _pooled(t, model, "harmless", control=True, **where)
+        if base_harm is None:
+            verdict = "INCOMPLETE"
+        elif base_harm < Fraction(str(cm["baseline_min"])):
+            verdict = "NO-BASELINE-REFUSAL"
+        elif None in (base_safe, abl_rate, abl_ctl, add_rate, add_ctl):
+            verdict = "INCOMPLETE"
+        else:
+            margin, ctl_margin = Fraction(str(cm["baseline_margin"])), Fraction(str(cm["control_margin"]))
+            short = [name for name, vs_base, vs_ctl in (("ablation", base_harm - abl_rate, abl_ctl - abl_rate),
+                                                        ("addition", add_rate - base_safe, add_rate - add_ctl))
+                     if not (vs_base >= margin and vs_ctl >= ctl_margin)]
+            verdict = "SUPPORTED" if not short else f"NOT-SUPPORTED ({', '.join(short)})"
+        sel = t.get("selection")
+        if (verdict == "INCOMPLETE" and spec.stages.select is not None and sel is not None
+                and not sel[(sel["model"] == model) & sel["selected"].astype(bool)].shape[0]):
+            verdict = "NO-SELECTION"
+        out |= {"addition_layer": add_layer, "verdict_control_margin": verdict,
+                "baseline_harmful_refusal": base_harm, "ablation_harmful_refusal": abl_rate}
+    return out
+
+
+def check_verdicts(t: dict, summary: pd.DataFrame, study: str) -> list[dict]:
+    """The summary's verdicts and the layers they read equal `expected_verdicts` for every model."""
+    spec = _load(TOY / f"{study}.yaml")
+    assert set(summary["model"]) == _models(study)
+    found = []
+    for _, row in summary.iterrows():
+        want = expected_verdicts(t, spec, row["model"])
+        for k, v in want.items():
+            got = row[k]
+            if isinstance(v, Fraction):
+                assert got == pytest.approx(float(v), abs=1e-12), (row["model"], k, got, v)
+            elif v is None:
+                assert got is None or pd.isna(got), (row["model"], k, got)
+            else:
+                assert got == v, (row["model"], k, got, v)
+        found.append(want)
+    return found
+
+
+def check_scrubbing(t: dict, summary: pd.DataFrame) -> None:
+    """Per row: mean KL = mean of its per-example KLs, faithfulness = exp(-mean KL), verdict against the
+    threshold; per model and hypothesis the summary's faithfulness is exp(-mean KL over every example
+    of every seed) and its verdict follows."""
+    sc = t["scrubbing"]
+    for _, r in sc.iterrows():
+        kl = np.asarray(r["kl_per_example"], float)
+        assert len(kl) == r["n_examples"] and (kl >= -1e-9).all()
+        assert r["mean_kl"] == pytest.approx(float(kl.mean()), rel=1e-12, abs=1e-15)
+        assert r["faithfulness"] == pytest.approx(float(np.exp(-kl.mean())), rel=1e-12, abs=0)
+        assert r["verdict"] == ("FAITHFUL" if r["faithfulness"] >= r["threshold"] else "UNFAITHFUL")
+    for (model, hyp), g in sc.groupby(["model", "hypothesis"]):
+        faith = float(np.exp(-np.concatenate([np.asarray(v, float) for v in g["kl_per_example"]]).mean()))
+        row = summary[summary["model"] == model].iloc[0]
+        assert row[f"faithfulness[{hyp}]"] == pytest.approx(faith, rel=1e-12, abs=0), (model, hyp)
+        assert row[f"verdict[{hyp}]"] == ("FAITHFUL" if faith >= float(g["threshold"].iloc[0]) else "UNFAITHFUL")
+
+
+def check_patching(t: dict, summary: pd.DataFrame) -> None:
+    """Recovery = (patched - corrupted) / (clean - corrupted) from each row's scores; the summary's top
+    component is the component (attention or MLP output, or a z head) of highest mean recovery over
+    pairs and seeds, and its rank correlation is Spearman's over the site means (scipy)."""
+    from scipy.stats import spearmanr
+
+    p = t["patching"]
+    assert p["patched_score"].notna().all()                     # confirm_top_k null: every site patched
+    want = (p["patched_score"] - p["corrupted_score"]) / (p["clean_score"] - p["corrupted_score"])
+    np.testing.assert_allclose(p["recovery"].astype(float), want, rtol=1e-9, atol=1e-12)
+    assert np.isfinite(p["attribution"].astype(float)).all()
+    for model, g in p.groupby("model"):
+        g = g.assign(head=g["head"].fillna(-1).astype(int))
+        means = g.groupby(["site", "kind", "head"]).agg(recovery=("recovery", "mean"),
+                                                          attribution=("attribution", "mean")).reset_index()
+        comp = means[means["kind"].isin(["attn_out", "mlp_out", "z"])].sort_values("recovery", ascending=False)
+        top = comp.iloc[0]
+        name = top["site"] + ("" if top["head"] < 0 else f"[{int(top['head'])}]")
+        row = summary[summary["model"] == model].iloc[0]
+        assert row["top_component"] == name and row["top_recovery"] == pytest.approx(top["recovery"], abs=1e-12)
+        rho = spearmanr(means["attribution"], means["recovery"]).statistic
+        assert row["attribution_spearman"] == pytest.approx(rho, abs=1e-12), model
+
+
+def _manifest(tmp_path: Path) -> dict:
+    from refusal_ray.store import Store
+
+    return Store(tmp_path / "out").read_json("manifest.json")
+
+
 def test_toy_scale_audit_runs_all_four_stages(tmp_path, monkeypatch):
     t, summary = _run_twin("scale_audit", tmp_path, monkeypatch)
     for table in ("directions", "steering", "patching", "scrubbing"):
         _per_model_seed(t[table], "scale_audit")
-    d = t["directions"]
-    assert d["separation"].notna().any()
     s = t["steering"]
     add = s[s["mode"] == "addition"]
     assert set(add["coefficient"]) == {-3, -2, -1, 1, 2, 3} and set(add["control"]) == {False, True}
@@ -284,13 +459,18 @@ def test_toy_scale_audit_runs_all_four_stages(tmp_path, monkeypatch):
     kinds = {re.sub(r"^blocks\.\d+\.", "", site) for site in p["site"]}
     assert kinds == {"hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z"}
     assert p.loc[p["site"].str.endswith("attn.hook_z"), "head"].notna().all()
-    assert p["recovery"].notna().any() and p["attribution"].notna().any()
+    check_patching(t, summary)
     sc = t["scrubbing"]
     assert set(sc["hypothesis"]) == {"late-attn", "late-attn-mlp", "all-mlp", "nothing"}
-    assert len(sc) == 4 * 3 * 2 and sc["faithfulness"].between(0, 1).all()
-    assert set(summary["model"]) == _models("scale_audit")
-    assert set(summary["verdict_steering_labels"]) <= {"works-fully", "works-partially", "amplify-only", "fails"}
-    assert "faithfulness[late-attn-mlp]" in summary and summary["top_component"].notna().all()
+    assert len(sc) == 4 * 3 * 2
+    check_scrubbing(t, summary)
+    # the best layer, both verdicts and the layers they read, recomputed from the stored rows
+    found = check_verdicts(t, summary, "scale_audit")
+    assert all(f["verdict_steering_labels"] != "INCOMPLETE" for f in found)   # every label is reached
+    for _, row in summary.iterrows():
+        d = t["directions"]
+        d = d[(d["model"] == row["model"]) & (d["position"] == -1)]
+        assert row["separation"] == pytest.approx(d.groupby("layer")["separation"].mean().max(), abs=1e-12)
 
 
 def test_toy_scale_audit_wide_runs(tmp_path, monkeypatch):
@@ -299,8 +479,9 @@ def test_toy_scale_audit_wide_runs(tmp_path, monkeypatch):
     s = t["steering"]
     assert set(s["mode"]) == {"baseline", "addition"}
     assert set(s.loc[s["mode"] == "addition", "coefficient"]) == {-20, -10, 10, 20}
-    assert set(summary["verdict_steering_labels"]) <= {"works-fully", "works-partially", "amplify-only", "fails"}
-    assert set(summary["verdict_control_margin"]) <= {"INCOMPLETE", "NO-BASELINE-REFUSAL"}   # no ablation arm
+    found = check_verdicts(t, summary, "scale_audit_wide")
+    assert all(f["verdict_steering_labels"] != "INCOMPLETE" for f in found)
+    assert {f["verdict_control_margin"] for f in found} <= {"INCOMPLETE", "NO-BASELINE-REFUSAL"}   # no ablation arm
 
 
 def test_toy_qwen1_8b_replication_runs(tmp_path, monkeypatch):
@@ -313,6 +494,9 @@ def test_toy_qwen1_8b_replication_runs(tmp_path, monkeypatch):
     assert d.loc[zero, "sequential_cosine"].isna().all()
     assert d.loc[~zero, "sequential_cosine"].notna().all() and d.loc[~zero, "sequential_cosine"].min() > 0.999
     sel = t["selection"]
+    manifest = _manifest(tmp_path)
+    n_layers = {m: v["n_layers"] for m, v in manifest["models"].items()}
+    check_selection(sel, n_layers, manifest["spec"]["stages"]["select"])
     assert sel.groupby("seed")["selected"].sum().eq(1).all()
     s = t["steering"]
     assert set(s.loc[s["mode"] == "ablation", "alpha"]) == {0.75, 1.0, 1.25}
@@ -323,7 +507,8 @@ def test_toy_qwen1_8b_replication_runs(tmp_path, monkeypatch):
         metrics = set(cap.loc[cap["arm"] == arm, "metric"])
         assert {"ce_loss", "first_token_kl", "refusal_harmful", "refusal_harmless",
                 "lm_eval/toy_choice/acc"} <= metrics, (arm, metrics)
-    assert summary["verdict_control_margin"].notna().all()
+    found = check_verdicts(t, summary, "qwen1_8b_replication")
+    assert all(f["verdict_control_margin"] not in ("INCOMPLETE", "NO-SELECTION") for f in found)
 
 
 def test_toy_llama32_subspace_runs(tmp_path, monkeypatch):
@@ -344,7 +529,21 @@ def test_toy_llama32_subspace_runs(tmp_path, monkeypatch):
     weights = main[main["arm"] == "orthogonalized_subspace"].set_index(["seed", "metric"])["value"]
     assert (hook - weights).abs().max() <= 1e-4
     assert set(cap.loc[cap["metric"] == "lm_eval/toy_choice/acc", "arm"]) == set(cap["arm"])
-    assert summary["subspace"].notna().all() and summary["subspace_harmful_refusal"].notna().all()
+    # the subspace columns recomputed from the completions of the subspace arm (one subspace, every seed)
+    spec = _load(TOY / "llama32_subspace.yaml")
+    alphas = spec.stages.steer.subspace.alphas
+    want_alpha = spec.decision_rule.control_margin.ablation_alpha
+    alpha = want_alpha if want_alpha in alphas else alphas[0]
+    seeds = len(spec.seeds)
+    for _, row in summary.iterrows():
+        rate = _pooled(t, row["model"], "harmful", mode="subspace", alpha=alpha, control=False)
+        ctl = _pooled(t, row["model"], "harmful", mode="subspace", alpha=alpha, control=True)
+        base = _pooled(t, row["model"], "harmful", mode="baseline")
+        assert row["subspace"] == f"L1,L2,L3/p-1 ({seeds} of {seeds} seeds)"
+        assert row["subspace_harmful_refusal"] == pytest.approx(float(rate), abs=1e-12)
+        assert row["subspace_suppression"] == pytest.approx(float(base - rate), abs=1e-12)
+        assert row["subspace_suppression_vs_control"] == pytest.approx(float(ctl - rate), abs=1e-12)
+    check_verdicts(t, summary, "llama32_subspace")
 
 
 def test_toy_preregistered_replication_runs(tmp_path, monkeypatch):
@@ -352,13 +551,17 @@ def test_toy_preregistered_replication_runs(tmp_path, monkeypatch):
     for table in ("directions", "selection", "steering", "capability"):
         _per_model_seed(t[table], "preregistered_replication")
     sel = t["selection"]
+    manifest = _manifest(tmp_path)
+    n_layers = {m: v["n_layers"] for m, v in manifest["models"].items()}
+    assert check_selection(sel, n_layers, manifest["spec"]["stages"]["select"]) == 2 * 2   # swing, every seed
     chosen = sel[sel["selected"]]
     assert len(chosen) == 2 * 2 and set(chosen["selected_by"]) == {"swing"}
     cap = t["capability"]
     assert set(cap["arm"]) == {"baseline", "addition", "ablation", "orthogonalized"}   # the default list
     # the pre-registered verdict is reached on every model; the labels are not pre-registered (c = 1 only)
-    assert not summary["verdict_control_margin"].isin(["INCOMPLETE", "NO-SELECTION"]).any(), summary
-    assert (summary["verdict_steering_labels"] == "INCOMPLETE").all()
+    found = check_verdicts(t, summary, "preregistered_replication")
+    assert all(f["verdict_control_margin"] not in ("INCOMPLETE", "NO-SELECTION") for f in found), found
+    assert all(f["verdict_steering_labels"] == "INCOMPLETE" for f in found)
 
 
 def test_preregistered_default_arms_leave_orthogonalized_out_for_gemma3(tmp_path, tokenizer_dir, monkeypatch):
