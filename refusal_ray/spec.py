@@ -174,9 +174,9 @@ class SelectStage(Strict):
     refusal_score_epsilon: float = Field(1e-8, ge=0, description=(
         "epsilon of the refusal score log(p + eps) - log(1 - p + eps) (Arditi et al.'s code: 1e-8, which "
         "caps a prompt's score near +-18.4); 0: the unbounded log p - log(1 - p)."))
-    kl_epsilon: float = Field(1e-6, ge=0, description=(
-        "Smoothing of the selection KL, sum P_base (log(P_base + eps) - log(P_abl + eps)) (Arditi et al.'s "
-        "kl_div_fn: 1e-6, the KL their 0.1 filter was set against); 0: the exact KL."))
+    kl_epsilon: float = Field(0.0, ge=0, description=(
+        "0: the exact first-token KL. 1e-6: Arditi et al.'s kl_div_fn smoothing, sum P_base (log(P_base + eps) - "
+        "log(P_abl + eps)), which reads 1-3% lower (the paper-compat switch; default with reproduces: arditi2024)."))
     batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
 
 
@@ -468,7 +468,7 @@ class Spec(Strict):
     reproduces: Literal["arditi2024"] | None = Field(None, description=(
         "A published pipeline this spec says it reproduces; its defaults apply where the spec is silent. "
         "'arditi2024' (Arditi et al. 2024, run_pipeline.py / config.py): stages.directions.filter_train and "
-        "stages.select.filter_val default to true."))
+        "stages.select.filter_val default to true, and stages.select.kl_epsilon to the paper's 1e-6."))
     models: list[ModelSpec] = Field(min_length=1)
     data: DataSpec
     seeds: list[int] = Field([0], min_length=1)
@@ -489,10 +489,11 @@ class Spec(Strict):
         if not isinstance(data, dict) or data.get("reproduces") != "arditi2024":
             return data
         stages = dict(data.get("stages") or {})
-        for stage, key in (("directions", "filter_train"), ("select", "filter_val")):
+        for stage, key, value in (("directions", "filter_train", True), ("select", "filter_val", True),
+                                  ("select", "kl_epsilon", 1e-6)):
             block = stages.get(stage, {} if stage == "directions" else None)
             if isinstance(block, dict) and key not in block:
-                stages[stage] = {**block, key: True}
+                stages[stage] = block = {**block, key: value}
         return {**data, "stages": stages}
 
     @field_validator("models")

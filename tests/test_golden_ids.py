@@ -24,13 +24,13 @@ UNCHANGED_SINCE_E97F015 = {
     "capability:addition": (16, "7e0914144531ed17"),
 }
 AS_OF_PAPER_EXACT = {
-    "select:-": (8, "c5369d03ba347628"),
-    "steer:ablation": (16, "0830fc0bf08c07bd"),
-    "steer:subspace": (16, "3e11ff1ca488c0c8"),
-    "capability:ablation": (16, "dd951d95957bb48b"),
-    "capability:subspace": (16, "52bb9dda96f8df1c"),
-    "capability:orthogonalized": (16, "0554cd9ca97c324c"),
-    "capability:orthogonalized_subspace": (16, "c155c2331bc18843"),
+    "select:-": (8, "dc2c716b5f4fc98e"),
+    "steer:ablation": (16, "61135f7fb58d7093"),
+    "steer:subspace": (16, "697c1af698e3a807"),
+    "capability:ablation": (16, "15d8689074a59e17"),
+    "capability:subspace": (16, "4badea6f3ba718f4"),
+    "capability:orthogonalized": (16, "0471e42fab855377"),
+    "capability:orthogonalized_subspace": (16, "eaceb9a5cb90da41"),
 }
 
 

@@ -36,8 +36,8 @@ def _candidates(lm, n_per_layer: int = 1, seed: int = 0) -> list[Candidate]:
 
 def _independent(lm, c: Candidate, harmful, harmless, token_ids):
     """One candidate scored with plain hooks written here (Arditi's loop): bypass, induce, KL, with the
-    paper's refusal score log(p + 1e-8) - log(1 - p + 1e-8) and KL sum p (log(p + 1e-6) - log(q + 1e-6))
-    written out from the softmax."""
+    paper's refusal score log(p + 1e-8) - log(1 - p + 1e-8) written out from the softmax, and the exact
+    KL (the default; the paper's smoothed KL is tests/test_arditi_parity.py's)."""
     def metric(logits):
         p = logits.softmax(-1)[:, token_ids].sum(-1)
         return torch.log(p + 1e-8) - torch.log(1 - p + 1e-8)
@@ -62,7 +62,7 @@ def _independent(lm, c: Candidate, harmful, harmless, token_ids):
     ablated = torch.log_softmax(run(harmless, abl), -1)
     return (float(metric(run(harmful, abl)).mean()),
             float(metric(run(harmless, {f"blocks.{c.layer}.hook_resid_pre": add})).mean()),
-            float((base.exp() * ((base.exp() + 1e-6).log() - (ablated.exp() + 1e-6).log())).sum(-1).mean()))
+            float((base.exp() * (base - ablated)).sum(-1).mean()))
 
 
 def test_candidates_as_rows_equal_each_alone_and_an_independent_loop(toy):

@@ -243,11 +243,13 @@ def test_reproduces_arditi_turns_both_filters_on_where_the_spec_is_silent(tmp_pa
 
     on = load_spec(_spec(tmp_path, reproduces="arditi2024", stages={"select": {}}))
     assert on.stages.directions.filter_train and on.stages.select.filter_val
+    assert on.stages.select.kl_epsilon == 1e-6
     off = load_spec(_spec(tmp_path, reproduces="arditi2024",
                           stages={"directions": {"filter_train": False}, "select": {"filter_val": False}}))
     assert not off.stages.directions.filter_train and not off.stages.select.filter_val
     plain = load_spec(_spec(tmp_path, stages={"select": {}}))
     assert not plain.stages.directions.filter_train and not plain.stages.select.filter_val
+    assert plain.stages.select.kl_epsilon == 0.0
 
 
 def test_plan_prints_the_tokens_and_a_bad_token_is_exit_2(tmp_path):

@@ -9,7 +9,8 @@ paper's; p = probability of the refusal first tokens at the last prompt position
                 mlp_out; x <- x - (x . r^) r^, every position)
     induce(r) = mean m over harmless prompts with r added at resid_pre[layer(r)], every position
     KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts, with the paper's
-                smoothing log(P + 1e-6) inside the logs (`kl_epsilon`; 0: the exact KL)
+                exact by default; `kl_epsilon: 1e-6` is the paper's smoothing log(P + 1e-6) inside the
+                logs (the paper-compat switch, on with `reproduces: arditi2024`)
 
 The refusal tokens are the paper's per family (`refusal_ray.models.refusal_tokens`). `filter_val`
 (the paper's default) scores only the harmful val prompts the unedited model refuses (m > 0) and the
@@ -49,7 +50,7 @@ from refusal_ray.stages.patch import RefusalScore
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 KINDS = ("bypass", "kl", "induce")   # ablate on harmful, ablate on harmless, add on harmless
 EPSILON = 1e-8                        # Arditi et al.'s refusal_score epsilon
-KL_EPSILON = 1e-6                     # Arditi et al.'s kl_div_fn epsilon
+PAPER_KL_EPSILON = 1e-6               # Arditi et al.'s kl_div_fn epsilon (kl_epsilon's paper-compat value)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _passes(lm: LoadedModel, rows: list[tuple], seqs: dict[int, list[list[int]]]
 def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list[list[int]],
                      harmless: list[list[int]], token_ids: list[int], batch_size: int = 256,
                      progress=None, epsilon: float | None = EPSILON, filter_val: bool = False,
-                     kl_epsilon: float | None = KL_EPSILON, shard: tuple[int, int] | None = None,
+                     kl_epsilon: float | None = None, shard: tuple[int, int] | None = None,
                      chunk: int | None = None) -> dict:
     """Bypass, induce and KL of every candidate, many candidates per forward pass.
 
@@ -126,7 +127,7 @@ def score_candidates(lm: LoadedModel, candidates: list[Candidate], harmful: list
         epsilon: the refusal score's epsilon (`RefusalScore`; Arditi et al.: 1e-8; None: unbounded).
         filter_val: Arditi et al.'s `filter_val`: score candidates only on the harmful prompts whose
             baseline refusal score is > 0 and the harmless ones whose score is < 0.
-        kl_epsilon: Arditi et al.'s `kl_div_fn` smoothing (1e-6; None or 0: the exact KL), see `_kl`.
+        kl_epsilon: None or 0: the exact KL; Arditi et al.'s `kl_div_fn` smoothing with 1e-6, see `_kl`.
         shard: (i, n): run only shard i of n of the candidate passes (`_passes`: chunks i, i + n, ...
             of `chunk` rows, default `batch_size`; the baseline pass runs whole in every shard) and
             return that shard's partial scores; `merge_scores` of all n partials equals the unsharded
@@ -221,8 +222,9 @@ def _kl(base_lp: torch.Tensor, lp: torch.Tensor, epsilon: float | None) -> torch
     With `epsilon` (Arditi et al.'s `kl_div_fn`, epsilon 1e-6, on float64 softmaxes):
     sum_t P_base(t) (log(P_base(t) + eps) - log(P_abl(t) + eps)). Without: the exact KL, where a token
     with P_base(t) = 0 contributes 0 (not 0 * inf = NaN; `capability.measures.first_token_kl`). The
-    smoothing shrinks the terms of tokens below ~eps: on toy-llama-s it lowers a KL of 1.690 to 1.660,
-    and it is what the paper's 0.1 KL filter was set against, so it is the default here.
+    smoothing shrinks the terms of tokens below ~eps: it lowers a KL of 1.690 to 1.660 on toy-llama-s
+    and 5.396 to 5.262 on SmolLM2-135M-Instruct (0.2174 to 0.2155 near the filter). The exact KL is
+    the quantity the paper names and the default; the smoothing is the paper-compat setting.
     """
     if not epsilon:
         return first_token_kl(base_lp, lp)
@@ -338,7 +340,7 @@ def score_select(lm: LoadedModel, val: dict[str, PromptSet], candidates: list[Ca
     eps = cfg.get("refusal_score_epsilon", EPSILON) or None
     zero = zero_norm([c.vector for c in candidates])
     scored = [c for c, z in zip(candidates, zero) if not z]
-    kl_eps = cfg.get("kl_epsilon", KL_EPSILON) or None
+    kl_eps = cfg.get("kl_epsilon", 0.0) or None
     s = score_candidates(lm, scored, harmful, harmless, token_ids, cfg["batch_size"], progress, eps,
                          bool(cfg.get("filter_val")), kl_eps, shard, chunk)
     return {"scores": s, "zero": zero, "token_ids": token_ids, "eps": eps, "kl_eps": kl_eps,
