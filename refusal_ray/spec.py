@@ -16,7 +16,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import content_hash
-from refusal_ray.judges.config import INLINE, JudgeSpec, check_names
+from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, JudgeSpec, check_names, question
 
 
 def _negative(positions: list[int]) -> list[int]:
@@ -518,9 +518,16 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _rule_judge(self):
         names = [INLINE, *(j.name for j in self.judges)]
-        if self.decision_rule.judge not in names:
-            raise ValueError(f"decision_rule.judge {self.decision_rule.judge!r} names no judge "
+        name = self.decision_rule.judge
+        if name not in names:
+            raise ValueError(f"decision_rule.judge {name!r} names no judge "
                              f"(known: {', '.join(names)})")
+        kind = {j.name: j.kind for j in self.judges}.get(name)
+        rule = self.decision_rule
+        if question(kind, "harmless") != REFUSED and (rule.control_margin or rule.steering_labels):
+            raise ValueError(f"decision_rule.judge {name!r} is a {kind} judge: its labels on harmless prompts "
+                             f"answer {QUESTION_TEXT[question(kind, 'harmless')]!r}, not 'did the model refuse?', "
+                             f"and the rule's addition arm and induction curve are judged there")
         return self
 
     @model_validator(mode="after")

@@ -223,3 +223,28 @@ def test_judge_refuses_a_new_guard_from_the_judges_file_before_judging(tmp_path,
     result = cli("judge", str(out), "--judges", str(tmp_path / "j.yaml"), "--verdict-judge", "lg", "--no-progress")
     assert result.returncode == 2 and result.stderr.strip() == GUARD_MESSAGE.replace("'guard'", "'lg'")
     assert files(out) == before
+
+
+def test_a_guard_as_the_pre_registered_verdict_judge_is_refused_at_load(tmp_path):
+    import yaml
+
+    from refusal_ray.errors import SpecError
+    from refusal_ray.spec import load_spec
+
+    spec = {"name": "g", "models": [{"name": "m", "path": "x"}],
+            "data": {"harmful": {"path": "h.jsonl"}, "harmless": {"path": "s.jsonl"}},
+            "judges": [{"name": "lg", "kind": "guard", "path": "guard-model"}],
+            "decision_rule": {"judge": "lg",
+                              "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                                                 "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+                              "steering_labels": {"strong": 0.5, "weak": 0.2}}}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as e:
+        load_spec(f)
+    assert str(e.value).endswith(
+        "decision_rule.judge 'lg' is a guard judge: its labels on harmless prompts answer 'is the completion safe?', "
+        "not 'did the model refuse?', and the rule's addition arm and induction curve are judged there")
+    spec["decision_rule"]["judge"] = "substring"          # the guard as a second judge is fine
+    f.write_text(yaml.safe_dump(spec))
+    assert load_spec(f).decision_rule.judge == "substring"

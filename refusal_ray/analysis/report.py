@@ -40,7 +40,7 @@ def steering_figure(arms: pd.DataFrame, summary: pd.DataFrame):
     One row of panels per model with addition arms: harmless prompts (induction) and harmful
     prompts (suppression). Each steered layer is a line coloured by layer (colour bar); the layer
     the steering label was read at (`label_layer`, else the steered layer nearest the best one)
-    is drawn in black with 95% intervals and its random control (dotted). c = 0 is the baseline.
+    is drawn in black with 95% intervals and its random control (dotted; with `controls: K`, draw 0). c = 0 is the baseline.
     With at most 4 steered layers every line has intervals.
     """
     addition = arms[(arms["mode"] == "addition") & ~arms["control"].astype(bool)]
@@ -67,6 +67,8 @@ def steering_figure(arms: pd.DataFrame, summary: pd.DataFrame):
                         continue
                     c = a[(a["mode"] == "addition") & (a["layer"] == layer) &
                           (a["control"].astype(bool) == control) & (a["prompt_set"] == pset)]
+                    if "control_draw" in c.columns:   # controls: K draws the first draw's line
+                        c = c[c["control_draw"] == 0]
                     if c.empty:
                         continue
                     c = pd.concat([c, b]).sort_values("coefficient")

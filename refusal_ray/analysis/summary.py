@@ -62,19 +62,22 @@ from refusal_ray.store import Store
 # the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
 # directions (ablation of stage select's choice may differ between seeds); -1 where none. A subspace
 # arm's stacked directions ("L7,L8/p-1", its steering row's `direction`) are its `subspace` key, "" on other arms
-ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "direction_layer", "direction_position", "subspace",
-            "prompt_set"]
+ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "control_draw", "direction_layer", "direction_position",
+            "subspace", "prompt_set"]
 POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low",
                   "ci_high", "ci_basis"]
 
 
 def _arms(steering: pd.DataFrame) -> pd.DataFrame:
     """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control,
-    `subspace` the stacked directions of a subspace arm ("" on other arms)."""
+    `control_draw` (0 where absent), `subspace` the stacked directions of a subspace arm ("" on other arms)."""
     df = steering.copy()
     for col in ("layer", "direction_layer", "direction_position"):
         df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
     df["control"] = df["control"].astype(bool)
+    # `controls: K`: draws 1..K-1 carry their index; draw 0 (and every K = 1 store) has no column
+    draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(0, index=df.index)
+    df["control_draw"] = draw.fillna(0).astype(int)
     names = df["direction"] if "direction" in df.columns else pd.Series(None, index=df.index, dtype=object)
     df["subspace"] = [str(n) if m == "subspace" and isinstance(n, str) else "" for m, n in zip(df["mode"], names)]
     return df
@@ -321,7 +324,8 @@ def subspace_columns(a: pd.DataFrame, rule: dict, alphas: list[float] | None = N
     """Subspace ablation of one model from its pooled arms `a`: the subspace most seeds ablated
     (ties: the name first in sort order), at alpha = control_margin's ablation_alpha if among
     `alphas` (the spec's subspace alphas; default: those measured), else the first of them.
-    Baseline harmful refusal minus the subspace arm's, and the random same-rank control's minus it."""
+    Baseline harmful refusal minus the subspace arm's, and the random same-rank control's minus it
+    (several control draws: their mean rate)."""
     sub = a[(a["mode"] == "subspace") & ~a["control"].astype(bool)]
     alphas = [float(x) for x in (alphas or sorted(set(sub["alpha"])))]
     want = float((rule.get("control_margin") or {}).get("ablation_alpha", 1.0))
@@ -337,7 +341,8 @@ def subspace_columns(a: pd.DataFrame, rule: dict, alphas: list[float] | None = N
     mine = a[(a["mode"] == "subspace") & (a["subspace"] == name)]
     base = _rate(a, mode="baseline", prompt_set="harmful")
     rate = _rate(mine, alpha=alpha, control=False, prompt_set="harmful")
-    ctl = _rate(mine, alpha=alpha, control=True, prompt_set="harmful")
+    ctl_rows = mine[mine["control"].astype(bool) & np.isclose(mine["alpha"], alpha) & (mine["prompt_set"] == "harmful")]
+    ctl = float(ctl_rows["rate"].mean()) if len(ctl_rows) else float("nan")   # the draws' mean (one draw: it)
     return out | {"subspace": f"{name} ({k} of {total} seeds)", "subspace_harmful_refusal": rate,
                   "subspace_suppression": base - rate, "subspace_suppression_vs_control": ctl - rate}
 
