@@ -10,6 +10,7 @@ Run: python benchmarks/driver_overhead.py [--cells 10000] [--skip-speedup]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ import ray
 from refusal_ray.grid import Cell
 from refusal_ray.plan import make_plan
 from refusal_ray.runner import run
+from refusal_ray.stages import STAGE_BY_NAME
 from refusal_ray.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +64,9 @@ def driver_overhead(n_cells: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="rr-overhead-"))
     original = worker_module.ModelWorker
     worker_module.ModelWorker = NoopWorker
+    # the no-op worker answers select with whole tables, so select is not split across replicas here
+    select = STAGE_BY_NAME["select"]
+    STAGE_BY_NAME["select"] = dataclasses.replace(select, shards=None, merge=None)
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         t = time.perf_counter()
@@ -70,6 +75,7 @@ def driver_overhead(n_cells: int) -> dict:
         assert failed == 0 and len(Store(out).done_cells()) == len(plan.cells)
     finally:
         worker_module.ModelWorker = original
+        STAGE_BY_NAME["select"] = select
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return {"cells": len(plan.cells), "seconds": round(seconds, 2), "ms_per_cell": round(1000 * seconds / len(plan.cells), 3)}
