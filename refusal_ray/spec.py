@@ -160,7 +160,8 @@ class SelectStage(Strict):
     fallback: Literal["bypass", "swing", "separation"] | None = Field(
         None, description="When no candidate passes the filters: None selects nothing (ablation arms that need "
                           "the selected direction are skipped and the verdict says NO-SELECTION); a criterion "
-                          "picks among all candidates by it, marked as a fallback in the table and summary.")
+                          "picks among the scored candidates by it (never a NaN or zero-norm one), marked as a "
+                          "fallback in the table and summary.")
     filter_val: bool = Field(False, description=(
         "Arditi et al.'s validation filtering (their default): score candidates only on the harmful val "
         "prompts the model refuses and the harmless ones it does not (refusal score > 0 / < 0, unedited); "

@@ -10,8 +10,9 @@ decisions and select the same candidate, under the paper's filters and with the 
 Where we differ from the paper on purpose:
 - zero-norm candidates (layer 0 at a template token) are not scored by us; the paper scores them
   as no-ops, and the test checks that its own filters drop every one of them here;
-- none for the KL: the paper's `kl_div_fn` adds 1e-6 inside both logs, which moves toy-llama-s's
-  KL by up to 0.03 (1.690 vs 1.660), and ours follows it by default (`kl_epsilon` 1e-6);
+- the KL: the paper's `kl_div_fn` adds 1e-6 inside both logs, which moves toy-llama-s's KL by up to
+  0.03 (1.690 vs 1.660); ours is exact by default and follows the paper with `kl_epsilon: 1e-6` (the
+  paper-compat switch; `reproduces: arditi2024` sets it), which is what the parity cases pass;
   `test_kl_epsilon_zero_is_the_exact_kl` checks the exact KL that `kl_epsilon: 0` gives.
 - position ids: we derive them from the mask, the paper passes none (so positions start at the
   pad count); under RoPE this changes scores by ~3e-6 only (tests/arditi_reference.py).
@@ -212,3 +213,84 @@ def test_same_filter_decisions_and_selection(case: Case, ours: dict, kl_max, max
     # harmless prompt's refusal score to >= 0 by addition, so there only "all-off" selects
     if case.name == "toy-llama-s" or induce_min is None:
         assert best is not None
+
+
+def test_run_select_under_reproduces_arditi_matches_the_paper(case: Case):
+    """The stage end to end with the settings `reproduces: arditi2024` gives (filter_val on, refusal
+    epsilon 1e-8, KL epsilon 1e-6, the family's refusal tokens, the paper's filters): run_select, not the
+    scoring function with hand-passed settings, picks the paper's candidate with the paper's scores on the
+    prompts the paper's filter_val keeps (toy-llama-s; SmolLM2 refuses none of the toy prompts, so there
+    filter_val keeps nothing and the stage says so)."""
+    from refusal_ray.data import PromptSet
+    from refusal_ray.spec import SelectStage, Spec
+    from refusal_ray.stages.select import run_select
+
+    base = {"name": "p", "reproduces": "arditi2024", "models": [{"name": "m", "path": "x"}],
+            "data": {"harmful": {"path": "h"}, "harmless": {"path": "s"}}, "stages": {"select": {}},
+            "decision_rule": {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                                                 "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+                              "steering_labels": {"strong": 0.5, "weak": 0.2}}}
+    cfg = Spec.model_validate(base).stages.select.model_dump(mode="json")
+    assert cfg["filter_val"] and cfg["kl_epsilon"] == 1e-6 and cfg["refusal_score_epsilon"] == 1e-8
+    assert SelectStage().kl_epsilon == 0.0          # without `reproduces` the KL is exact
+    (_, h_val), (_, s_val) = _toy_prompts()
+    val = {"harmful": PromptSet([f"h{i}" for i in range(N_VAL)], h_val[:N_VAL], [None] * N_VAL),
+           "harmless": PromptSet([f"s{i}" for i in range(N_VAL)], s_val[:N_VAL], [None] * N_VAL)}
+    cands = [Candidate(layer, pos, v.numpy()) for (pos, layer), v in sorted(case.candidates.items())]
+
+    class Cell:
+        id, seed = "parity", 0
+
+    run = lambda: run_select(case.lm, Cell, val, cands, {}, {**cfg, "batch_size": 48}, phrases=[], chat=CHAT)  # noqa: E731
+    if case.name == "smollm2":
+        with pytest.raises(ValueError, match="^filter_val kept 0 harmful val prompts the model refuses"):
+            run()
+        return
+    rows = run()
+    assert json_ids(rows) == case.refusal_toks      # the family table's 'I' is the token the reference used
+    assert rows[0]["n_val"] == len(case.harmful) and rows[0]["n_val_harmless"] == len(case.harmless)
+    paper = {(s.position, s.layer): s for s in case.paper}
+    scored = [r for r in rows if not r["zero_norm"]]
+    assert scored and all(abs(r[k] - getattr(paper[(r["position"], r["layer"])], k)) <= TOL
+                          for r in scored for k in ("bypass", "induce", "kl"))
+    best = ref.select(case.paper, case.n_layers, kl_threshold=0.1, induce_refusal_threshold=0.0,
+                      prune_layer_percentage=0.2)
+    assert best is not None
+    assert [(r["position"], r["layer"]) for r in rows if r["selected"]] == [(best.position, best.layer)]
+
+
+def json_ids(rows) -> list[int]:
+    import json
+
+    ids = {r["refusal_tokens"] for r in rows}
+    assert len(ids) == 1
+    return json.loads(ids.pop())
+
+
+def test_position_ids_under_left_padding_do_not_move_the_scores(case: Case):
+    """Item 6's suspect, measured: the paper passes no position_ids (a left-padded prompt's tokens start
+    at n_pad), ours derives them from the mask. Batch size 1 has no padding, so it is the reference value
+    for both. On these rotary models a constant shift of positions changes nothing but rounding: the
+    refusal scores and the first-token KL of one ablated candidate move by < 1e-5 (measured ~3e-6),
+    far below the 1e-3 at which a paper_compat switch would be warranted."""
+    tok, model = case.lm.tokenizer, case.lm.model
+    prompts = case.harmful_drawn + case.harmless_drawn
+    key = sorted(_nonzero(case))[len(_nonzero(case)) // 2]
+    hooks = ref.ablation_hooks(model, case.candidates[key])
+    runs = {}
+    for name, kw in (("paper", {"batch_size": REF_BATCH}), ("mask", {"batch_size": REF_BATCH, "position_ids_from_mask": True}),
+                     ("unpadded", {"batch_size": 1})):
+        base = ref.last_logits(model, tok, prompts, **kw)
+        abl = ref.last_logits(model, tok, prompts, hooks, **kw)
+        runs[name] = (ref.refusal_score(base, case.refusal_toks), ref.kl_div(base, abl, 0.0))
+    lengths = {len(ids) for ids in _tokens(case, prompts)}
+    assert len(lengths) > 1                          # the batches are padded, so the question is real
+    for name in ("paper", "mask"):
+        for a, b in zip(runs[name], runs["unpadded"]):
+            assert float((a - b).abs().max()) < 1e-5, name
+    # ours (mask-derived positions, left padding, rows sorted by length) equals the unpadded run too
+    s = score_candidates(case.lm, [Candidate(key[1], key[0], case.candidates[key].numpy())],
+                         _tokens(case, case.harmful_drawn), _tokens(case, case.harmless_drawn), case.refusal_toks,
+                         batch_size=REF_BATCH, epsilon=ref.REFUSAL_EPSILON)
+    unpadded = runs["unpadded"][0].numpy()
+    assert np.abs(np.concatenate([s["baseline_harmful"], s["baseline_harmless"]]) - unpadded).max() < 1e-5

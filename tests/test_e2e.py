@@ -48,7 +48,10 @@ def small_spec(tmp_path: Path, seeds=(0,), select: bool = False, judge: bool = F
             "steering_labels": {"strong": 0.5, "weak": 0.2}},
     }
     if select:
-        spec["stages"]["select"] = {"batch_size": 128}   # Arditi's filters and criterion (the defaults)
+        # Arditi's criterion and layer/induce filters; the KL filter off, as the quickstart's (0.1 drops every
+        # toy candidate): llama-s then selects, and the 2-layer qwen-xs cannot (int(0.8 L) keeps only its
+        # zero layer-0 directions), so both the selected and the skipped paths run
+        spec["stages"]["select"] = {"batch_size": 128, "kl_max": None}
     if judge:
         from refusal_ray.toy.judge import TOY_RUBRIC
 
@@ -209,7 +212,8 @@ def test_run_writes_every_table(finished_run):
             assert (sel.loc[zero, "norm"] <= 1e-6 * sel["norm"].max()).all()
     # the filters and the choice, recomputed from the rows and the spec's select block
     n_layers = {m: manifest["models"][m]["n_layers"] for m in ("qwen-xs", "llama-s")}
-    check_selection(selection, n_layers, manifest["spec"]["stages"]["select"])
+    assert check_selection(selection, n_layers, manifest["spec"]["stages"]["select"]) == 1   # llama-s only
+    assert not selection.loc[selection["model"] == "qwen-xs", "selected"].astype(bool).any()
     summary = pd.read_parquet(out / "summary.parquet")
     assert summary["model"].tolist() == ["qwen-xs", "llama-s"]   # sorted by parameter count
     assert summary["params"].is_monotonic_increasing

@@ -122,7 +122,9 @@ def steering_arms_table(arms: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     if not rows:
         return ["(no steering arms stored)"]
     t = pd.concat(rows)
-    t = t.assign(arm=np.where(t["control"].astype(bool), t["mode"] + " (control)", t["mode"]),
+    draw = t["control_draw"] if "control_draw" in t.columns else pd.Series(0, index=t.index)
+    ctl_name = [f" (control {int(d)})" if d else " (control)" for d in draw.fillna(0)]   # controls: K draws
+    t = t.assign(arm=np.where(t["control"].astype(bool), t["mode"] + pd.Series(ctl_name, index=t.index), t["mode"]),
                  layer=pd.Series([int(x) if x >= 0 else None for x in t["layer"]], index=t.index, dtype=object),
                  direction=np.where(t["mode"] == "subspace", t.get("subspace", ""),
                                     [f"L{int(a)}/p{int(b)}" if a >= 0 else "" for a, b in

@@ -155,7 +155,9 @@ def directions_key(spec) -> dict:
     block = {k: v for k, v in block.items() if LATER_DEFAULTS.get(k, object()) != v}
     if block.get("filter_train"):
         select = spec.stages.select
-        block["refusal_tokens"] = refusal_tokens_setting(None if select is None else select.model_dump(mode="json"))
+        tokens = refusal_tokens_setting(None if select is None else select.model_dump(mode="json"))
+        if tokens != "judge_phrases":   # judge_phrases: the tokens before the setting existed, the ids of before
+            block["refusal_tokens"] = tokens
     return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test], "directions": block}
 
 

@@ -8,9 +8,9 @@ paper's; p = probability of the refusal first tokens at the last prompt position
     bypass(r) = mean m over harmful prompts with r^ ablated at every layer (resid_pre, attn_out,
                 mlp_out; x <- x - (x . r^) r^, every position)
     induce(r) = mean m over harmless prompts with r added at resid_pre[layer(r)], every position
-    KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts, with the paper's
-                exact by default; `kl_epsilon: 1e-6` is the paper's smoothing log(P + 1e-6) inside the
-                logs (the paper-compat switch, on with `reproduces: arditi2024`)
+    KL(r)     = mean first-token KL(baseline || ablated) over harmless prompts, exact by default;
+                `kl_epsilon: 1e-6` is the paper's smoothing log(P + 1e-6) inside the logs (the
+                paper-compat switch, on with `reproduces: arditi2024`)
 
 The refusal tokens are the paper's per family (`refusal_ray.models.refusal_tokens`). `filter_val`
 (the paper's default) scores only the harmful val prompts the unedited model refuses (m > 0) and the
@@ -293,7 +293,9 @@ def _nan(x) -> bool:
 
 
 def ranked(rows: list[dict], criterion: str) -> list[dict]:
-    """Candidates best first by `criterion` (ties: the lower layer, then the later position)."""
+    """Candidates best first by `criterion` (ties: the lower layer, then the later position). The
+    paper's loop keeps the first of equal scores in (position, layer) order, earliest position first;
+    the two differ only on exactly equal scores."""
     return sorted(rows, key=lambda r: (_rank(r, criterion), int(r["layer"]), -int(r["position"])))
 
 
