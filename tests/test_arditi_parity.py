@@ -271,8 +271,9 @@ def test_position_ids_under_left_padding_do_not_move_the_scores(case: Case):
     """Item 6's suspect, measured: the paper passes no position_ids (a left-padded prompt's tokens start
     at n_pad), ours derives them from the mask. Batch size 1 has no padding, so it is the reference value
     for both. On these rotary models a constant shift of positions changes nothing but rounding: the
-    refusal scores and the first-token KL of one ablated candidate move by < 1e-5 (measured ~3e-6),
-    far below the 1e-3 at which a paper_compat switch would be warranted."""
+    refusal scores and the first-token KL of one ablated candidate move by < 5e-5 (measured up to 3e-6
+    on toy-llama-s, 1.1e-5 on SmolLM2's scores), far below the 1e-3 at which a paper_compat switch would
+    be warranted."""
     tok, model = case.lm.tokenizer, case.lm.model
     prompts = case.harmful_drawn + case.harmless_drawn
     key = sorted(_nonzero(case))[len(_nonzero(case)) // 2]
@@ -287,10 +288,10 @@ def test_position_ids_under_left_padding_do_not_move_the_scores(case: Case):
     assert len(lengths) > 1                          # the batches are padded, so the question is real
     for name in ("paper", "mask"):
         for a, b in zip(runs[name], runs["unpadded"]):
-            assert float((a - b).abs().max()) < 1e-5, name
+            assert float((a - b).abs().max()) < 5e-5, name
     # ours (mask-derived positions, left padding, rows sorted by length) equals the unpadded run too
     s = score_candidates(case.lm, [Candidate(key[1], key[0], case.candidates[key].numpy())],
                          _tokens(case, case.harmful_drawn), _tokens(case, case.harmless_drawn), case.refusal_toks,
                          batch_size=REF_BATCH, epsilon=ref.REFUSAL_EPSILON)
     unpadded = runs["unpadded"][0].numpy()
-    assert np.abs(np.concatenate([s["baseline_harmful"], s["baseline_harmless"]]) - unpadded).max() < 1e-5
+    assert np.abs(np.concatenate([s["baseline_harmful"], s["baseline_harmless"]]) - unpadded).max() < 5e-5

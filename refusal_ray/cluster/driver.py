@@ -12,7 +12,8 @@ is in are they merged and the task's rows written, once; a shard that keeps fail
 as a whole, so no partial rows are ever stored. At most two batches are in flight per actor; results are
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
-their error and the run goes on. After a worker crash its queue waits for a readiness probe
+their error and the run goes on. A model's work starts once all its first replicas have answered
+their readiness probe (they load in parallel), so it spreads over all of them. After a worker crash its queue waits for a readiness probe
 (Ray restarts the actor; a permanently dead one is replaced). A model that cannot load is not
 restarted: the actor answers the probe with the load's exception, stored as every remaining
 cell's error ("worker cannot start: OSError: ..."). An actor with nothing left to do is
@@ -85,6 +86,7 @@ class ModelState:
     pending: dict = field(default_factory=lambda: defaultdict(int))   # (seed, stage) -> unfinished tasks
     results: dict = field(default_factory=dict)                       # (seed, stage) -> {table: rows}
     payloads: dict = field(default_factory=dict)                      # (seed, stage) -> the stage's inputs
+    warming: bool = True              # until every first replica has answered its probe (or was dropped)
 
     def no_work_left(self) -> bool:
         return not self.ready and not any(self.waiting.values())
@@ -220,6 +222,10 @@ class Driver:
         self._in_flight[ws.probe] = (st, ws, None)
 
     def _submit(self, st: ModelState) -> None:
+        if st.warming:   # the replicas load in parallel; work waits for all of them, so it spreads over all
+            if any(w.actor is not None and w.probe is not None for w in st.workers):
+                return
+            st.warming = False
         for ws in st.workers:
             while st.ready and ws.can_take():
                 head = st.ready[0]
