@@ -3,6 +3,11 @@
 Arditi et al. 2024, Sec. 2.1: r[L, pos] = mean_harmful x[L, pos] - mean_harmless x[L, pos], with x
 the residual stream at a post-instruction position. All layers and sites are read in one
 forward pass per batch; sums are accumulated in float64 and stored as float32 with the norm.
+Each row also stores the two class means it is the difference of (`mean_harmful`,
+`mean_harmless`): affine operators (ACE, Marshall et al. 2024) need the harmless mean as their
+reference point. A store written before these columns existed lacks them; its direction cells keep
+their ids (the columns are outputs, not inputs), so operators that need the means skip with a reason
+(`refusal_ray.ops.ace`) until the directions are refitted (`--fresh`, or a new out dir).
 Separation is Cohen's d (pooled sd) of held-out projections onto the unit direction.
 """
 
@@ -95,13 +100,17 @@ def fit_directions(lm: LoadedModel, train: tuple[PromptSet, PromptSet], val: tup
         chat: ChatOptions for rendering the prompts (None: defaults).
     Returns:
         One row per (site, layer, position): vector (float32 list, length d_model), norm,
-        separation (Cohen's d on val), mean projections of each val class, n_train (harmful
-        prompts fitted on), n_train_harmless, n_val.
+        `mean_harmful` / `mean_harmless` (the per-class means of the train activations the vector
+        is the difference of, float32 lists of length d_model: vector = mean_harmful - mean_harmless
+        up to float32 rounding, all three rounded from the same float64 means; ACE's reference point,
+        Marshall et al. 2024), separation (Cohen's d on val), mean projections of each val class,
+        n_train (harmful prompts fitted on), n_train_harmless, n_val.
     """
     sites, positions = list(sites), list(positions)
     harm = _activations(lm, train[0], sites, positions, batch_size, chat)
     safe = _activations(lm, train[1], sites, positions, batch_size, chat)
-    diff = harm.mean(0) - safe.mean(0)                       # [sites*layers, pos, d] float64
+    mu_harm, mu_safe = harm.mean(0), safe.mean(0)            # [sites*layers, pos, d] float64
+    diff = mu_harm - mu_safe
     v_harm = _activations(lm, val[0], sites, positions, batch_size, chat)
     v_safe = _activations(lm, val[1], sites, positions, batch_size, chat)
     rows = []
@@ -115,6 +124,8 @@ def fit_directions(lm: LoadedModel, train: tuple[PromptSet, PromptSet], val: tup
             rows.append({
                 "site": site, "layer": layer, "position": position,
                 "vector": v.astype(np.float32).tolist(), "norm": norm,
+                "mean_harmful": mu_harm[i, j].astype(np.float32).tolist(),
+                "mean_harmless": mu_safe[i, j].astype(np.float32).tolist(),
                 "separation": cohens_d(p_harm, p_safe),
                 "val_proj_harmful": float(p_harm.mean()), "val_proj_harmless": float(p_safe.mean()),
                 "n_train": len(train[0]), "n_train_harmless": len(train[1]), "n_val": len(val[0]),
