@@ -5,36 +5,19 @@ its result (model identity, seed, stage parameters, the stage's settings, and th
 model sees them: the files' bytes and the rendered prompts' token ids) and nothing that does not
 (batch sizes, resources, the decision rule), so a rerun skips done cells and the store never
 holds a cell twice. Which settings count is each stage's declaration (`Stage.id_key`).
+
+`Cell`, `layer_list`, `SCHEMA_VERSION` and the model identity live in `refusal_ray.core.cells`
+(below the stages, which import them); they are re-exported here for old import paths.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-
+from refusal_ray.core.cells import SCHEMA_VERSION, Cell, key_digest, layer_list, model_identity
 from refusal_ray.spec import Spec
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "Cell", "cell_id", "expand", "layer_list"]
 
-
-@dataclass(frozen=True)
-class Cell:
-    id: str
-    stage: str                  # a stage name (refusal_ray.stages.STAGES)
-    model: str                  # model name in the spec
-    seed: int
-    params: dict = field(default_factory=dict, hash=False)
-
-    def row(self) -> dict:
-        """The cell's columns in the cells table (the model is the table's partition key)."""
-        return {"cell_id": self.id, "stage": self.stage, "seed": self.seed,
-                "params": json.dumps(self.params, sort_keys=True)}
-
-
-def _model_identity(spec: Spec, name: str) -> dict:
-    m = next(m for m in spec.models if m.name == name)
-    return {"source": m.source, "revision": m.revision, "dtype": m.dtype, "quantization": m.quantization}
+_model_identity = model_identity   # old name (stages/capability.py reads it)
 
 
 def cell_id(spec: Spec, stage: str, model: str, seed: int, params: dict, prompt_fingerprint: str) -> str:
@@ -43,19 +26,15 @@ def cell_id(spec: Spec, stage: str, model: str, seed: int, params: dict, prompt_
     Args:
         prompt_fingerprint: the prompts as this model sees them (`refusal_ray.plan.prompt_fingerprint`).
     """
-    from refusal_ray.stages import STAGE_BY_NAME
-
-    key = {"v": SCHEMA_VERSION, "stage": stage, "model": _model_identity(spec, model), "seed": seed,
+    from refusal_ray.stages import STAGE_BY_NAME   # here, not at the top: stages/steer.py and capability.py
+    #                                                still import Cell from this module (old path)
+    key = {"v": SCHEMA_VERSION, "stage": stage, "model": model_identity(spec, model), "seed": seed,
            "params": params, "data": prompt_fingerprint, **STAGE_BY_NAME[stage].id_key(spec)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def layer_list(layers, n_layers: int) -> list[int]:
-    return list(range(n_layers)) if layers == "all" else list(layers)
+    return key_digest(key)
 
 
 def expand(spec: Spec, model_plans: dict, fingerprints: dict[str, str]) -> list[Cell]:
-    """All cells of a spec, per (model, seed) in stage order (directions, select, steer, patch, scrub).
+    """All cells of a spec, per (model, seed) in stage order (`refusal_ray.stages.STAGES`).
 
     Args:
         model_plans: {model name: ModelPlan} (n_layers, resolved positions, ...).

@@ -401,7 +401,7 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
         for j in plan.spec.judges:
             lines.append(f"  {j.name}: {j.kind}" + (f" {j.path}" if getattr(j, "path", None) else "")
                          + (f" {j.model} at {j.base_url}" if j.kind == "openai" else "") + f" (hash {j.judge_hash()})")
-    lines.append("placement (refusal_ray/cluster/placement.py):")
+    lines.append("placement (refusal_ray/pipeline/placement.py):")
     for line in placement_lines(plan):
         lines.append(f"  {line}")
     lines += memory_warnings(plan)
@@ -411,7 +411,7 @@ def describe(plan: Plan, done: set[str] | None = None) -> str:
 
 def placement_lines(plan: Plan) -> list[str]:
     """Each model's placement on a cluster with GPUs and on a CPU-only one (no feasibility check)."""
-    from refusal_ray.cluster.placement import place
+    from refusal_ray.pipeline.placement import place
 
     res = plan.spec.resources
     out = []

@@ -91,7 +91,7 @@ def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool 
     not be judged."""
     from refusal_ray.cluster.driver import Driver, connect, placements
     from refusal_ray.cluster.judging import judge_store, record_judges
-    from refusal_ray.cluster.placement import PlacementError
+    from refusal_ray.pipeline.placement import PlacementError
 
     store = Store(out)
     check_frozen_rule(plan, store)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from refusal_ray.analysis.report import _png, plt
+from refusal_ray.analysis.figures import _png, plt
 
 KIND_ORDER = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 

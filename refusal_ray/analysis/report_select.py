@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from refusal_ray.analysis.report import _png, plt
+from refusal_ray.analysis.figures import _png, plt
 
 SCORES = (("bypass", "bypass score (harmful, ablated)"), ("induce", "induce score (harmless, added)"),
           ("kl", "first-token KL (harmless, ablated)"))

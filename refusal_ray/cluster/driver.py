@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import ray
 from tqdm import tqdm
 
-from refusal_ray.cluster.placement import Placement, place
+from refusal_ray.pipeline.placement import Placement, place
 from refusal_ray.grid import Cell
 from refusal_ray.plan import Plan, model_payload, settings_payload
 from refusal_ray.stages import STAGE_BY_NAME, STAGES

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from refusal_ray.data import Pairs, encode
-from refusal_ray.grid import Cell, layer_list
+from refusal_ray.core.cells import Cell, layer_list
 from refusal_ray.interventions import forward, hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.refusal_tokens import first_tokens

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from refusal_ray.data import Pairs, left_pad, prompt_tokens
 from refusal_ray.models.chat import ChatOptions, cut_at_stop, greedy_config, neutral_defaults
-from refusal_ray.grid import Cell
+from refusal_ray.core.cells import Cell
 from refusal_ray.interventions import hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.patterns import Selection, expand
