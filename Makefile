@@ -1,4 +1,5 @@
-# Two set-up commands (see README): `make demo` runs the main job, `make test` runs the tests.
+# Two set-up commands (see README): `make demo` runs the main job, `make test` checks the import
+# layers (lint-imports) and runs the tests.
 # Both create .venv on first use. torch: the CPU build 2.13.0 where no NVIDIA driver is present
 # (the local wheel on our machines), the default (CUDA) build where `nvidia-smi` works.
 # Override with TORCH_SPEC=... and/or TORCH_INDEX=<index url> (e.g. a CPU-only index on a laptop).
@@ -26,7 +27,9 @@ $(BIN)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/refusal-ray run $(SPEC)
 
+# the import layers first (pyproject.toml [tool.importlinter]; README "Layout"), then the tests
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 toy: venv
