@@ -300,3 +300,49 @@ def test_summary_reads_suppression_at_alpha_zero_and_induction_at_the_largest():
     assert out["ace_induction"] == pytest.approx(0.8 - 0.1)
     assert out["ace_induction_vs_control"] == pytest.approx(0.8 - 0.15)
     assert "alpha=0.0" in out["ace_setting"].split(";")[0] and "alpha=4.0" in out["ace_setting"].split(";")[1]
+
+
+def _steer_has_ace() -> bool:
+    from refusal_ray.spec import SteerStage
+
+    return "ace" in SteerStage.model_fields
+
+
+def test_end_to_end_through_the_steer_stage(tmp_path):
+    """A tiny toy sweep with ACE arms (two alphas, a control each) through `run_local`: its steering rows carry
+    alpha and reference_projection, which is the stored harmless mean's projection on the stored direction."""
+    if not _steer_has_ace():
+        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+    import yaml
+
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    from conftest import TOY_MODELS, TOY_PROMPTS
+
+    spec = {"name": "ace", "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")}],
+            "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                     "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")},
+                     "n_train": 6, "n_val": 4, "n_test": 2},
+            "seeds": [0],
+            "stages": {"directions": {}, "steer": {"addition": None, "ablation": None,
+                                                   "ace": {"alphas": [0.0, 3.0], "direction_layer": "best"}}},
+            "generation": {"max_new_tokens": 4},
+            "decision_rule": {"steering_labels": {"strong": 0.5, "weak": 0.2}}}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = run_local(make_plan(str(f)), log=lambda *a: None)
+    rows = [r for r in out["steering"] if r["mode"] == "ace"]
+    assert sorted((r["alpha"], bool(r["control"]), r["prompt_set"]) for r in rows) == sorted(
+        (a, c, s) for a in (0.0, 3.0) for c in (False, True) for s in ("harmful", "harmless"))
+    dirs = {(r["layer"], r["position"]): r for r in out["directions"] if r["site"] == "resid_pre"}
+    for r in rows:
+        if r["control"]:
+            continue
+        row = dirs[(r["direction_layer"], r["direction_position"])]
+        v = np.asarray(row["vector"], np.float64)
+        want = np.asarray(row["mean_harmless"], np.float64) @ (v / np.linalg.norm(v))
+        assert r["reference_projection"] == pytest.approx(want, rel=1e-5)
+        assert r["vector_norm"] == pytest.approx(np.linalg.norm(v), rel=1e-6)
+    cells = {c["cell_id"]: c["status"] for c in out["cells"]}
+    assert all(cells[r["cell_id"]] == "done" for r in rows)
