@@ -158,7 +158,7 @@ def pca_axis(vectors: list[np.ndarray], component: int) -> tuple[np.ndarray, flo
     centred = m - m.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     var = s ** 2
-    if var[component] <= 1e-12 * var.sum():
+    if var[component] <= 1e-12 * m.shape[0]:   # unit rows: the total variance is at most n
         raise LookupError(f"the second axis pca{component} has no variance (the stacked directions span fewer "
                           f"dimensions)")
     axis = vt[component]
