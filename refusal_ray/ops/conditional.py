@@ -13,7 +13,8 @@ The gate (decided once per row, on the prompt, then fixed for every generated to
     P     = c c^T / (c . c)          the condition projector (the paper's `torch.ger(c, c) / torch.dot(c, c)`)
     sim   = cos(h_bar, tanh(P h_bar))                                                     scalar in [-1, 1]
     gate  = sim > threshold (`comparator: above`; the paper's `condition_comparator_threshold_is: smaller`)
-            sim < threshold (`comparator: below`; the paper's `larger`). NaN (h_bar or c zero): no gate.
+            sim < threshold (`comparator: below`; the paper's `larger`), strict both ways as the LeashLayer
+            (find_best_condition_point's search counts a tie as below). NaN (h_bar or c zero): no gate.
 
 The behaviour, only on gated rows (rows not gated carry zero tensors: bit-identical to the baseline):
 
@@ -57,8 +58,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from refusal_ray.ops.base import (ABLATION_SITES, LayerList, Operator, Strict, check_layers, control_direction,
-                                  direction_of, draw_id, layer_list, register)
+from refusal_ray.ops.base import (ABLATION_SITES, LayerList, Operator, Strict, check_layers, direction_of, layer_list,
+                                  register)
 
 Comparator = Literal["above", "below"]
 Aggregation = Literal["mean", "last"]
@@ -266,16 +267,11 @@ class CAST(Operator):
         if not float(np.linalg.norm(c)) > 0:
             raise LookupError(f"the condition direction at layer {cl} (position {d.position}) is zero: "
                               f"the gate would never fire (choose another condition layer)")
-        if p["behavior"] == "addition":
-            layer = int(p["direction_layer"])
-            v = d.vectors[layer]
-            layer_pos = (layer, d.position)
-            v = control_direction(draw_id(cell, d), v) if p["control"] else v
-        else:
-            layer, pos, v = direction_of(cell, d)
-            layer_pos = (layer, pos)
+        if p["behavior"] == "addition" and int(p["direction_layer"]) not in d.vectors:
+            raise LookupError(f"no resid_pre direction at layer {p['direction_layer']} for this seed")
+        layer, pos, v = direction_of(cell, d)      # addition: the layer's own direction, as the addition arms
         return Resolved(cl, np.asarray(c, np.float32), float(p["threshold"]), p["comparator"], p["aggregation"],
-                        p["behavior"], v, *layer_pos)
+                        p["behavior"], v, layer, pos)
 
     def prefill(self, lm, input_ids, attention_mask, rows, d):
         """The gate of every row of this operator: one unedited forward pass over those rows, reading resid_pre
