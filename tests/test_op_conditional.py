@@ -358,3 +358,62 @@ def test_run_steer_gates_per_prompt(lm):
     # batch size 1 (each row its own generate call, its own prefill) gives the same completions
     _, single = run_steer(lm, cells, prompts, d, max_new_tokens=6, batch_size=1)
     assert [c["completion"] for c in single] == [c["completion"] for c in comps]
+
+
+# -- through the spec (exit 2, one line naming file and field) -------------------------------------------
+
+SPEC_CASES = [
+    ("condition_layer_range", {"condition_layers": [7], "thresholds": [0.1]}, {},
+     "stages.steer.conditional.condition_layers: layer 7 out of range: model 'tiny' has 3 layers (0..2)"),
+    ("threshold_range", {"condition_layers": [1], "thresholds": [2.0]}, {},
+     "stages.steer.conditional.thresholds: thresholds [2.0] outside [-1, 1] (the similarity is a cosine)"),
+    ("capability_arm", {"condition_layers": [1], "thresholds": [0.1]},
+     {"capability": {"arms": ["baseline", "conditional"]}},
+     "stages.capability.arms: 'conditional' cannot be measured: its gate is decided per text on a prefill pass, "
+     "which capability's CE / KL / lm-eval passes do not make"),
+    ("selected_needs_select", {"condition_layers": [1], "thresholds": [0.1], "behavior": "ablation",
+                               "direction_layer": "selected"}, {},
+     "stages.steer.conditional.direction_layer 'selected' needs a stages.select block "
+     "(or direction_layer: best / a layer)"),
+]
+
+
+def _spec_file(tmp_path, model_path, block: dict, stages: dict):
+    import yaml
+    from test_bad_input import base_spec
+
+    spec = base_spec(model_path)
+    spec["stages"]["steer"]["conditional"] = block
+    spec["stages"].update(stages)
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
+@pytest.mark.parametrize("case,block,stages,message", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_bad_spec_exits_2(case, block, stages, message, tmp_path, tiny_qwen_path):
+    from typer.testing import CliRunner
+
+    from refusal_ray.cli import app
+
+    f = _spec_file(tmp_path, tiny_qwen_path, block, stages)
+    result = CliRunner().invoke(app, ["validate", str(f)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {f}: {message}"
+
+
+def test_spec_arms_and_plan_line(tmp_path, tiny_qwen_path):
+    from typer.testing import CliRunner
+
+    from refusal_ray.cli import app
+    from refusal_ray.spec import load_spec
+    from refusal_ray.stages.steer import steer_params
+
+    f = _spec_file(tmp_path, tiny_qwen_path, {"condition_layers": [1, 2], "thresholds": [0.1, 0.5]}, {})
+    arms = [a for a in steer_params(load_spec(f), 3) if a["mode"] == "conditional"]
+    assert [(a["condition_layer"], a["threshold"], a["control"]) for a in arms] == [
+        (c, t, ctl) for c in (1, 2) for t in (0.1, 0.5) for ctl in (False, True)]
+    result = CliRunner().invoke(app, ["plan", str(f)])
+    assert result.exit_code == 0, result.output
+    assert ("conditional (CAST): gate cos(h_mean, tanh(P h)) above thresholds [0.1, 0.5] at resid_pre of condition "
+            "layers [1, 2]; addition at layers the condition layer, coefficients [1.0]") in result.output

@@ -46,8 +46,10 @@ direction; with the same gate the difference is the behaviour direction's effect
 
 Capability cost: the gate is per row, decided on each text's own tokens. Stage capability's CE / KL /
 lm-eval passes use one broadcast edit and make no prefill pass (ops.base), so this operator gives no
-capability arms there until they do (`capability_arms` returns []): see `capability_gate` for the per-text
-rule they would apply. lm-eval batches requests itself, so a per-row gate cannot be honoured there at all.
+capability arms there until they do (`capability_arms` returns []; naming it in `stages.capability.arms` is
+a spec error). The rule they would apply: per batch of texts, `prefill` on that batch (each text gated on
+its own tokens, as a steering prompt) and `edits` for it. lm-eval batches its requests itself, so a per-row
+gate cannot be honoured there: those metrics would be skipped for this arm.
 """
 
 from __future__ import annotations
@@ -178,13 +180,6 @@ def gate(sim, threshold, comparator: str):
     return (sim > threshold) if comparator == "above" else (sim < threshold)
 
 
-def capability_gate(lm, input_ids, attention_mask, resolved: Resolved):
-    """The per-text gate a capability pass would apply (each text decided on its own tokens, exactly as a
-    steering prompt): [batch] bool. input_ids, attention_mask: [batch, pos], left padded."""
-    rows = [(i, None, resolved) for i in range(input_ids.shape[0])]
-    return CAST().prefill(lm, input_ids, attention_mask, rows, None)["gate"]
-
-
 # -- the operator --------------------------------------------------------------------------------------
 
 
@@ -253,6 +248,10 @@ class CAST(Operator):
                 and spec.stages.select is None:
             raise ValueError("stages.steer.conditional.direction_layer 'selected' needs a stages.select block "
                              "(or direction_layer: best / a layer)")
+        cap = spec.stages.capability
+        if cap is not None and cap.arms is not None and self.name in cap.arms:
+            raise ValueError(f"stages.capability.arms: {self.name!r} cannot be measured: its gate is decided per "
+                             f"text on a prefill pass, which capability's CE / KL / lm-eval passes do not make")
 
     # run time
     def resolve(self, cell, d) -> Resolved:
