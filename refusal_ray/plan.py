@@ -21,7 +21,6 @@ from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config, safete
 from refusal_ray.models.sites import UnsupportedFamilyError, layout_for
 from refusal_ray.spec import Spec, load_spec
 from refusal_ray.stages import STAGES
-from refusal_ray.stages.scrub import scrub_warnings  # noqa: F401 - re-exported
 
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2, "8bit": 1, "4bit": 0.5}
 
@@ -123,36 +122,18 @@ def _unreachable(e: Exception) -> bool:
 UNCHECKED_MODEL = "config, layer lists, tokenizer and chat template, weight format, placement"
 
 
-def _check_layers(spec: Spec, spec_file: str, models: dict[str, ModelPlan]) -> None:
-    steer = spec.stages.steer
-    checks = []
-    if steer is not None and steer.addition is not None and steer.addition.layers != "all":
-        checks += [("stages.steer.addition.layers", layer) for layer in steer.addition.layers]
-    if steer is not None and steer.ablation is not None:
-        if steer.ablation.layers != "all":
-            checks += [("stages.steer.ablation.layers", layer) for layer in steer.ablation.layers]
-        if isinstance(steer.ablation.direction_layer, int):
-            checks.append(("stages.steer.ablation.direction_layer", steer.ablation.direction_layer))
-    if not models:   # validate offline, no model reachable
-        return
-    shallow = min(models.values(), key=lambda mp: mp.n_layers)
-    for where, layer in checks:
-        if not 0 <= layer < shallow.n_layers:
-            raise SpecError(spec_file, where, f"layer {layer} out of range: model {shallow.name!r} "
-                                              f"has {shallow.n_layers} layers (0..{shallow.n_layers - 1})")
-
-
-def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[str]):
+def _chat(plan: Plan, i: int, mp: ModelPlan, instructions: list[str]):
     """Resolve the model's prompts: tokenizer and template (the spec's `chat_template` replaces the
     tokenizer's own), post-instruction positions, stop tokens and generation settings (into
-    `mp.positions`, `mp.chat` and `mp.chat_template`); returns the tokenizer.
-    Raises SpecError naming the field."""
+    `mp.positions`, `mp.chat` and `mp.chat_template`); then each enabled stage's `check_model`;
+    returns the tokenizer. Raises SpecError naming the field."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from refusal_ray.models.chat import (ChatOptions, NoTemplateError, TemplateError, default_system_prompt,
                                          effective_settings, end_of_turn_id, greedy_config, post_instruction_ids,
                                          post_instruction_positions, render, resolve_chat_template)
 
+    spec, spec_file = plan.spec, plan.spec_file
     m, field_ = spec.models[i], f"models.{i}.{'path' if spec.models[i].path else 'hub_id'}"
     template_field = f"models.{i}.chat_template"
     options = ChatOptions(**spec.chat.model_dump())
@@ -191,14 +172,10 @@ def _chat(spec: Spec, spec_file: str, i: int, mp: ModelPlan, instructions: list[
         raise SpecError(spec_file, where, f"the chat template does not render: {type(e).__name__}: "
                                           f"{str(e).splitlines()[0] if str(e) else ''}"
                                           f"{f' (template line {line})' if line else ''} (model {m.name!r})") from None
-    steer = spec.stages.steer
-    if steer is not None and steer.position not in positions:
-        raise SpecError(spec_file, "stages.steer.position", f"{steer.position} is not among the direction "
-                                                            f"positions {positions} of model {m.name!r}")
-    abl = steer.ablation if steer is not None else None
-    if abl is not None and abl.direction_position is not None and abl.direction_position not in positions:
-        raise SpecError(spec_file, "stages.steer.ablation.direction_position",
-                        f"{abl.direction_position} is not among the direction positions {positions} of model {m.name!r}")
+    mp.positions = positions
+    for stage in STAGES:
+        if stage.enabled(spec):
+            stage.check_model(plan, mp)
 
     class _Shim:   # greedy_config reads only `generation_config` from the model
         generation_config = gen
@@ -303,14 +280,13 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
             if not offline_ok:
                 raise
             unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
-    _check_layers(spec, spec_file, models)
     check_judges(spec.judges, spec_file)
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
-    tokenizers = {m.name: _chat(spec, spec_file, i, models[m.name], instructions) for i, m in enumerate(spec.models)
-                  if m.name in models}
     fp = files_fingerprint(pf.path for _, pf in frames.values())
     plan = Plan(spec, spec_file, models, frames, fp, prompts, unchecked=unchecked)
+    tokenizers = {m.name: _chat(plan, i, models[m.name], instructions) for i, m in enumerate(spec.models)
+                  if m.name in models}
     for stage in STAGES:
         if stage.enabled(spec):
             stage.prepare(plan)
@@ -456,3 +432,16 @@ def _human(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return f"{n:.1f}PiB"
+
+
+def __getattr__(name: str):
+    """Old import path of public names that this module used to re-export from a stage's module
+    (e.g. `from refusal_ray.plan import scrub_warnings`): found in the stage modules, by declaration.
+    Import them from their stage's module instead."""
+    import sys
+
+    for stage in STAGES:
+        module = sys.modules.get(stage.run.__module__)
+        if not name.startswith("_") and module is not None and hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

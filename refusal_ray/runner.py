@@ -12,6 +12,7 @@ from pathlib import Path
 
 from refusal_ray.errors import SpecError
 from refusal_ray.plan import Plan
+from refusal_ray.stages import STAGES
 from refusal_ray.store import Store
 
 LIBRARIES = ("torch", "transformers", "accelerate", "ray", "pandas", "pyarrow", "bitsandbytes", "tokenizers")
@@ -34,14 +35,14 @@ def _version(pkg: str) -> str | None:
 
 
 def manifest(plan: Plan) -> dict:
-    """The manifest: resolved spec and hashes, rule, code and environment (no secrets)."""
+    """The manifest: resolved spec and hashes, rule, code and environment (no secrets), and what each
+    stage declares (`Stage.manifest`, every stage, enabled or not)."""
     spec = plan.spec
     return {
         "sweep": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash(),
         "spec_file": plan.spec_file,
         "decision_rule": spec.decision_rule.model_dump(mode="json"), "rule_hash": spec.rule_hash(),
         "data_fingerprint": plan.data_fingerprint,
-        "steer_position": spec.stages.steer.position if spec.stages.steer else -1,
         "models": {n: {"params": mp.params, "n_layers": mp.n_layers, "d_model": mp.d_model, "family": mp.family,
                        "estimate_bytes": mp.estimate_bytes, "positions": mp.positions,
                        "prompt_fingerprint": plan.fingerprints.get(n), **mp.chat,
@@ -52,14 +53,8 @@ def manifest(plan: Plan) -> dict:
         "host": {"hostname": socket.gethostname(), "python": platform.python_version(),
                  "platform": platform.platform(), "user": getpass.getuser()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "capability_key": _capability_key(plan),
+        **{key: value for stage in STAGES for key, value in stage.manifest(plan).items()},   # e.g. steer_position
     }
-
-
-def _capability_key(plan: Plan) -> str | None:
-    from refusal_ray.stages.capability import measure_key
-
-    return measure_key(plan) if plan.spec.stages.capability is not None else None
 
 
 def check_frozen_rule(plan: Plan, store: Store) -> None:

@@ -58,7 +58,7 @@ class ModelSession:
             the driver; `chat_template`, when set, replaces the tokenizer's template in every stage:
             the text, or a .jinja/.txt file, which the driver has already read).
         prompts: {seed: {"train"|"val"|"test": {"harmful": PromptSet, "harmless": PromptSet},
-                  "patch"|"scrub": Pairs}}
+                  <stage name>: what that stage's `prepare` drew, e.g. its prompt pairs}}
         settings: each enabled stage's block, and the generation / judge / chat blocks, as dicts.
     Stages read `lm`, `prompts`, `settings`, `judge`, `chat`, `positions` and call `halving`.
     """
@@ -95,7 +95,7 @@ class ModelSession:
         returns {"ok": bool, "tables": {table: rows}, "error": str, "seconds", "device"}."""
         from refusal_ray.stages import STAGE_BY_NAME
 
-        _maybe_crash(stage)
+        _maybe_crash(STAGE_BY_NAME.get(stage))
         started = time.perf_counter()
         try:
             tables = STAGE_BY_NAME[stage].run(self, cells, payload)
@@ -131,10 +131,16 @@ def halving_on_oom(fn, batch_size: int):
                 torch.cuda.empty_cache()
 
 
-def _maybe_crash(stage: str) -> None:
+def _maybe_crash(stage) -> None:
     """Fault injection for tests: REFUSAL_RAY_CRASH_ONCE=<marker path> kills this worker process
-    (os._exit, as an OOM kill or a segfault would) at its first steering batch, once per marker."""
+    (os._exit, as an OOM kill or a segfault would) once per marker, at the first batch of the stage
+    named by REFUSAL_RAY_CRASH_STAGE, or without it, of a stage that reads others' results (`needs`),
+    so that finished results are already stored when the worker dies."""
     marker = os.environ.get("REFUSAL_RAY_CRASH_ONCE")
-    if marker and stage == "steer" and not Path(marker).exists():
+    if stage is None:   # an unknown stage: `run` reports it
+        return
+    wanted = os.environ.get("REFUSAL_RAY_CRASH_STAGE")
+    hit = stage.name == wanted if wanted else bool(stage.needs)
+    if marker and hit and not Path(marker).exists():
         Path(marker).touch()
         os._exit(1)

@@ -1,11 +1,12 @@
 """The driver: plan -> ModelWorker actors -> rows streamed into the store.
 
 Cells are grouped by (model, seed) and by stage into tasks, as each stage declares
-(`refusal_ray.stages`). Each model gets one or more actors (replicas), each loading it once and
-serving any of its seeds. A task waits until the stages it needs have finished for its
-(model, seed) (directions -> select -> steer); their rows, reduced by the stage's `inputs`, travel
+(`refusal_ray.stages`); the needs -> inputs -> skip bookkeeping is the loop shared with the
+in-process runner (`refusal_ray.pipeline.executor`); the driver adds Ray: actors, retries, shards.
+Each model gets one or more actors (replicas), each loading it once and serving any of its seeds. A task waits until the stages it needs have finished for its
+(model, seed) (`Stage.needs`); their rows, reduced by the stage's `inputs`, travel
 with each task, so replicas hold no state. Cells a stage cannot run on those inputs (its `skip`)
-are stored as `skipped` with the reason. A task of a stage that declares `shards`/`merge` (select)
+are stored as `skipped` with the reason. A task of a stage that declares `shards`/`merge`
 is split across the model's live replicas when it has more than one: each shard runs on whichever
 replica is free, a failed shard is retried alone (up to `MAX_ATTEMPTS`), and only when every shard
 is in are they merged and the task's rows written, once; a shard that keeps failing fails the task
@@ -25,16 +26,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import ray
 from tqdm import tqdm
 
+from refusal_ray.core.cells import Cell
+from refusal_ray.pipeline.executor import Executor, ModelWork, Task
 from refusal_ray.pipeline.placement import Placement, place
-from refusal_ray.grid import Cell
 from refusal_ray.plan import Plan, model_payload, settings_payload
-from refusal_ray.stages import STAGE_BY_NAME, STAGES
 from refusal_ray.session import start_error
 from refusal_ray.store import Store
 
@@ -42,15 +43,8 @@ MAX_ATTEMPTS = 3
 MAX_IN_FLIGHT = 2
 
 
-@dataclass
-class Task:
-    stage: str
-    seed: int
-    cells: list[Cell]
-    attempts: int = 0
-    started: float = field(default_factory=time.time)
-    parts: list | None = None     # split into shards: each shard's result, None until it is in
-    over: bool = False            # split: finished (merged or failed); later shard results are dropped
+__all__ = ["Driver", "MAX_ATTEMPTS", "MAX_IN_FLIGHT", "ModelState", "Shard", "Task", "connect", "model_payload",
+           "placements", "replica_counts", "settings_payload"]
 
 
 @dataclass
@@ -78,21 +72,12 @@ class WorkerState:
 
 
 @dataclass
-class ModelState:
-    name: str
+class ModelState(ModelWork):
+    """A model's tasks (the shared loop's `ModelWork`: ready, waiting, finished needs) and its replicas.
+    The ready queue also holds `Shard`s of split tasks, first in line."""
+
     workers: list = field(default_factory=list)                      # WorkerState per replica
-    ready: deque = field(default_factory=deque)                       # tasks that can run now
-    waiting: dict = field(default_factory=lambda: defaultdict(list))  # seed -> tasks whose needs are unfinished
-    pending: dict = field(default_factory=lambda: defaultdict(int))   # (seed, stage) -> unfinished tasks
-    results: dict = field(default_factory=dict)                       # (seed, stage) -> {table: rows}
-    payloads: dict = field(default_factory=dict)                      # (seed, stage) -> the stage's inputs
     warming: bool = True              # until every first replica has answered its probe (or was dropped)
-
-    def no_work_left(self) -> bool:
-        return not self.ready and not any(self.waiting.values())
-
-    def task_count(self) -> int:
-        return len(self.ready) + sum(len(v) for v in self.waiting.values())
 
 
 def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
@@ -107,7 +92,7 @@ def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], clust
     """Actors per model: one each, plus spare concurrent slots given to the models with the most
     batches per replica (never fewer than two batches per replica). Slots that rule leaves idle go
     to the models with a task that splits across replicas (`shardable`; a stage's `shards`), fewest
-    replicas first: a one-model sweep's select then runs on every free slot."""
+    replicas first: a one-model sweep's shardable stage then runs on every free slot."""
     counts = {name: 1 for name in placement}
     slots = []
     for p in placement.values():
@@ -154,58 +139,28 @@ class Driver:
         for table, rows in tables.items():
             self.store.write(table, model, rows)
 
-    # -- planning of tasks ----------------------------------------------------------------------
-    def _needs(self, stage: str) -> list[str]:
-        """The stages a stage needs that this spec enables."""
-        return [n for n in STAGE_BY_NAME[stage].needs if STAGE_BY_NAME[n].enabled(self.plan.spec)]
+    # -- planning of tasks (the shared loop: refusal_ray.pipeline.executor) --------------------------
+    def _stored(self, model: str, seed: int, stage: str) -> dict[str, list[dict]]:
+        """A need finished in an earlier run: its rows for this plan's cells of (model, seed), read back."""
+        ids = {c.id for c in self.plan.cells if c.stage == stage and c.model == model and c.seed == seed}
+        out = {}
+        for table in self._exec.stage(stage).tables:
+            if table not in self._stored_tables:
+                self._stored_tables[table] = self.store.read(table)
+            df = self._stored_tables[table]
+            rows = df[df["cell_id"].isin(ids)] if not df.empty else df   # this plan's cells only
+            out[table] = rows.to_dict("records")
+        return out
 
     def _initial_state(self, todo: list[Cell]) -> dict[str, ModelState]:
         states: dict[str, ModelState] = {}
-        groups: dict[tuple[str, int], list[Cell]] = defaultdict(list)
+        by_model: dict[str, list[Cell]] = defaultdict(list)
         for c in todo:
-            groups[(c.model, c.seed)].append(c)
-        stored: dict[str, object] = {}
-        for (model, seed), cells in groups.items():
-            st = states.setdefault(model, ModelState(model))
-            for stage in STAGES:
-                mine = [c for c in cells if c.stage == stage.name]
-                if not mine:
-                    continue
-                st.pending[(seed, stage.name)] = 0
-                for group in stage.group(mine, self.plan.spec):
-                    st.waiting[seed].append(Task(stage.name, seed, group))
-                    st.pending[(seed, stage.name)] += 1
-            needed = {n for t in st.waiting[seed] for n in self._needs(t.stage)}
-            for n in needed - {s for (sd, s) in st.pending if sd == seed}:   # finished in an earlier run
-                st.results[(seed, n)] = {}
-                for table in STAGE_BY_NAME[n].tables:
-                    if table not in stored:
-                        stored[table] = self.store.read(table)
-                    df = stored[table]
-                    ids = {c.id for c in self.plan.cells if c.stage == n and c.model == model and c.seed == seed}
-                    rows = df[df["cell_id"].isin(ids)] if not df.empty else df   # this plan's cells only
-                    st.results[(seed, n)][table] = rows.to_dict("records")
-            self._release(st, seed)
+            by_model[c.model].append(c)
+        self._stored_tables: dict = {}
+        for model, cells in by_model.items():
+            states[model] = self._exec.add(ModelState(model), cells)
         return states
-
-    def _release(self, st: ModelState, seed: int) -> None:
-        """Move a seed's tasks whose needs have all finished to the ready queue."""
-        still = []
-        for task in st.waiting.get(seed, []):
-            needs = self._needs(task.stage)
-            if all(st.pending.get((seed, n), 0) == 0 and (seed, n) in st.results for n in needs):
-                st.ready.append(task)
-            else:
-                still.append(task)
-        st.waiting[seed] = still
-
-    def _payload(self, st: ModelState, task: Task):
-        """The stage's inputs for a task (computed once per (seed, stage))."""
-        key = (task.seed, task.stage)
-        if key not in st.payloads:
-            needs = {n: st.results[(task.seed, n)] for n in self._needs(task.stage)}
-            st.payloads[key] = STAGE_BY_NAME[task.stage].inputs(self._settings, needs)
-        return st.payloads[key]
 
     # -- the loop ------------------------------------------------------------------------------
     def _spawn(self, st: ModelState, ws: WorkerState) -> None:
@@ -236,14 +191,13 @@ class Driver:
                     if not task.task.over:
                         self._send(st, ws, task)
                     continue
-                try:
-                    payload = self._payload(st, task)
-                except Exception as e:  # noqa: BLE001 - stored rows the stage cannot use: its cells fail
-                    self._finish(st, task, {"ok": False, "error": f"inputs: {type(e).__name__}: {e}"}, final=True)
+                started = self._exec.start(st, task)
+                if started.error is not None:
+                    self._finish(st, task, {"ok": False, "error": started.error}, final=True)
                     continue
-                skip = {c.id: r for c in task.cells if (r := STAGE_BY_NAME[task.stage].skip(c, payload))}
-                if skip:
-                    self._skip(st, task, skip)
+                payload = started.payload
+                if started.skipped:
+                    self._skip(st, task, started.skipped, started.skipped_cells)
                     if not task.cells:
                         self._finish(st, task, {"ok": True, "tables": {}}, final=True)
                         continue
@@ -257,7 +211,7 @@ class Driver:
     def _split(self, st: ModelState, task: Task, payload) -> bool:
         """Queue a task's shards first in line, when its stage splits and the model has more than one
         live replica; False: run it whole."""
-        stage = STAGE_BY_NAME[task.stage]
+        stage = self._exec.stage(task.stage)
         n = sum(w.actor is not None for w in st.workers)
         if not (self.shard and stage.shardable and n > 1):
             return False
@@ -277,9 +231,9 @@ class Driver:
         self._in_flight[ws.actor.run.remote(shard.task.stage, shard.task.cells, shard.payload)] = (st, ws, shard)
         ws.in_flight += 1
 
-    def _skip(self, st: ModelState, task: Task, reasons: dict[str, str]) -> None:
-        """Store cells that cannot run on their inputs as `skipped`, with the reason; drop them from the task."""
-        skipped = [c for c in task.cells if c.id in reasons]
+    def _skip(self, st: ModelState, task: Task, reasons: dict[str, str], skipped: list[Cell]) -> None:
+        """Store cells that cannot run on their inputs as `skipped`, with the reason (the shared loop
+        has dropped them from the task)."""
         now = time.time()
         self.store.write("cells", st.name, [{**c.row(), "status": "skipped", "error": reasons[c.id], "attempts": 0,
                                              "node": None, "worker": None, "device": None, "started": now,
@@ -288,7 +242,6 @@ class Driver:
         self.log(f"skipped {len(skipped)} {task.stage} cell(s) of {st.name} seed {task.seed}: "
                  f"{next(iter(reasons.values()))}")
         self._bar.update(len(skipped))
-        task.cells = [c for c in task.cells if c.id not in reasons]
 
     def _probe_done(self, st: ModelState, ws: WorkerState, ref) -> None:
         """The actor answered: ready, or its model cannot load (the answer holds the root cause: the
@@ -350,7 +303,7 @@ class Driver:
             task.over = True
             parts = task.parts
             try:
-                tables = STAGE_BY_NAME[task.stage].merge(self._settings, task.cells, self._payload(st, task),
+                tables = self._exec.stage(task.stage).merge(self._settings, task.cells, self._exec.payload(st, task),
                                                          [p["tables"] for p in parts])
                 merged = {"ok": True, "tables": tables, "seconds": sum(p.get("seconds") or 0.0 for p in parts),
                           "device": parts[0].get("device")}
@@ -380,36 +333,18 @@ class Driver:
 
     def _finish(self, st: ModelState, task: Task, result: dict, final: bool) -> None:
         """A task is over: store its rows (or its failure), then release or fail what needs it."""
-        key = (task.seed, task.stage)
-        if result["ok"]:
+        if result["ok"]:   # stored first, so a crash from here on loses nothing that finished
             self._write_tables(st.name, result["tables"])
             if task.cells:
                 self._record(task, "done", result)
             self._bar.update(len(task.cells))
-            if any(task.stage in STAGE_BY_NAME[t.stage].needs for t in st.waiting.get(task.seed, [])):
-                acc = st.results.setdefault(key, {})
-                for table, rows in result["tables"].items():
-                    acc.setdefault(table, []).extend(rows)
-            st.pending[key] -= 1
-            self._release(st, task.seed)
+            self._exec.done(st, task, result["tables"])
             return
         self._fail(st, task, result)
         self._bar.update(len(task.cells))
-        st.pending[key] -= 1
-        self._fail_dependents(st, task.seed, task.stage, result.get("error"))
-
-    def _fail_dependents(self, st: ModelState, seed: int, stage: str, error: str | None) -> None:
-        """Fail every waiting task of `seed` that needs `stage` (directly or through another stage)."""
-        lost = {stage}
-        keep = []
-        for t in st.waiting.get(seed, []):
-            if lost & set(self._needs(t.stage)):
-                lost.add(t.stage)
-                self._fail(st, t, {"error": f"{stage} failed: {error}"})
-                self._bar.update(len(t.cells))
-            else:
-                keep.append(t)
-        st.waiting[seed] = keep
+        for dependent, error in self._exec.fail(st, task, result.get("error")):   # what needs it fails too
+            self._fail(st, dependent, {"error": error})
+            self._bar.update(len(dependent.cells))
 
     def _release_idle(self, st: ModelState) -> None:
         """Kill replicas with nothing left to do (frees their CPU/GPU memory for other models)."""
@@ -424,13 +359,13 @@ class Driver:
         """Run `todo`; returns the number of failed cells."""
         plan = self.plan
         self._settings = settings_payload(plan)
+        self._exec = Executor(plan.spec, self._settings, load_stored=self._stored)
         self._bar = tqdm(total=len(todo), desc=plan.spec.name, unit="cell", disable=not self.progress)
         states = self._initial_state(todo)
         self._prompts = plan.prompts
         self._threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
         self._in_flight: dict = {}
-        shardable = {n: self.shard and any(STAGE_BY_NAME[t.stage].shardable
-                                           for t in [*st.ready, *(t for ts in st.waiting.values() for t in ts)])
+        shardable = {n: self.shard and any(self._exec.stage(t.stage).shardable for t in st.tasks())
                      for n, st in states.items()}
         counts = replica_counts({n: self.placement[n] for n in states}, {n: st.task_count() for n, st in states.items()},
                                 self.cluster, shardable)

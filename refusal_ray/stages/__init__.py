@@ -5,6 +5,7 @@ and store read these declarations and know no stage by name. A new stage is a ne
 plus one entry below.
 """
 
+from refusal_ray.stages._pending import adopt
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.capability import STAGE as CAPABILITY
 from refusal_ray.stages.directions import STAGE as DIRECTIONS
@@ -13,6 +14,6 @@ from refusal_ray.stages.scrub import STAGE as SCRUB
 from refusal_ray.stages.select import STAGE as SELECT
 from refusal_ray.stages.steer import STAGE as STEER
 
-STAGES: tuple[Stage, ...] = (DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB)
+STAGES: tuple[Stage, ...] = tuple(adopt(s) for s in (DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB))
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 TABLES: tuple[str, ...] = ("cells", *(t for s in STAGES for t in s.tables))

@@ -19,6 +19,11 @@ A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(..
 - `tables`: the store tables its rows go to.
 - `prepare(plan)`, `check(plan)`, `describe(plan)`: plan-time prompt draws, checks (raise
   SpecError naming the field) and the lines `refusal-ray plan` prints.
+- `check_model(plan, model_plan)`: plan-time checks of one model, called (for an enabled stage) as
+  soon as the model's direction positions are resolved (`model_plan.positions`), before its prompt
+  fingerprint; raise SpecError naming the field.
+- `manifest(plan) -> dict`: entries the stage adds to `manifest.json`; called for every stage,
+  enabled or not, so a reader finds the keys either way (a disabled stage gives its "absent" value).
 - `shards(settings, payload, n) -> [payload_i]` and `merge(settings, cells, payload, parts) ->
   {table: rows}` (optional, both or neither): a task that can be split across a model's n replicas.
   The driver runs `run(session, cells, payload_i)` for each shard (their results are never stored),
@@ -53,6 +58,14 @@ def _no_lines(plan):
     return []
 
 
+def _no_model_checks(plan, model_plan):
+    return None
+
+
+def _no_manifest(plan):
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -67,6 +80,8 @@ class Stage:
     prepare: Callable = _nothing
     check: Callable = _nothing
     describe: Callable = _no_lines
+    check_model: Callable = _no_model_checks
+    manifest: Callable = _no_manifest
     shards: Callable | None = None
     merge: Callable | None = None
 
