@@ -417,3 +417,69 @@ def test_spec_arms_and_plan_line(tmp_path, tiny_qwen_path):
     assert result.exit_code == 0, result.output
     assert ("conditional (CAST): gate cos(h_mean, tanh(P h)) above thresholds [0.1, 0.5] at resid_pre of condition "
             "layers [1, 2]; addition at layers the condition layer, coefficients [1.0]") in result.output
+
+
+def test_summary_columns_read_the_first_setting():
+    import pandas as pd
+
+    rows = [("baseline", False, None, None, "harmful", 0.9), ("baseline", False, None, None, "harmless", 0.1)]
+    for t, harm, safe in ((0.1, 0.95, 0.3), (0.5, 0.92, 0.15)):
+        rows += [("conditional", False, 1, t, "harmful", harm), ("conditional", False, 1, t, "harmless", safe),
+                 ("conditional", True, 1, t, "harmful", 0.91), ("conditional", True, 1, t, "harmless", 0.12)]
+    a = pd.DataFrame(rows, columns=["mode", "control", "condition_layer", "threshold", "prompt_set", "rate"])
+    a["layer"], a["coefficient"], a["alpha"], a["direction_layer"], a["direction_position"] = 1, 2.0, 0.0, 1, -1
+    a["behavior"] = "addition"
+    out = OPS["conditional"].summary_columns(a, {}, None)
+    assert out["conditional_induction"] == pytest.approx(0.3 - 0.1)
+    assert out["conditional_induction_vs_control"] == pytest.approx(0.3 - 0.12)
+    assert out["conditional_suppression"] == pytest.approx(0.9 - 0.95)
+    assert out["conditional_suppression_vs_control"] == pytest.approx(0.91 - 0.95)
+    assert "threshold=0.1" in out["conditional_setting"] and "condition_layer=1" in out["conditional_setting"]
+
+
+def test_end_to_end_through_run_local(tmp_path):
+    """A toy sweep (toy-qwen-xs) with CAST arms at thresholds -1 (every prompt gated) and 1 (none) beside the
+    plain addition arm of the same layer and coefficient: the first's completions are the addition arm's, the
+    second's the baseline's; every cell is done and the rows carry the gate settings."""
+    import yaml
+
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    from conftest import TOY_MODELS, TOY_PROMPTS
+
+    spec = {"name": "cast", "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")}],
+            "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                     "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")},
+                     "n_train": 6, "n_val": 4, "n_test": 3},
+            "seeds": [0],
+            "stages": {"directions": {}, "steer": {
+                "addition": {"layers": [1], "coefficients": [3.0]}, "ablation": None,
+                "conditional": {"condition_layers": [1], "thresholds": [-1.0, 1.0], "layers": [1],
+                                "coefficients": [3.0]}}},
+            "generation": {"max_new_tokens": 6},
+            "decision_rule": {"steering_labels": {"strong": 0.5, "weak": 0.2},
+                              "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                                                 "addition_coefficient": 3.0, "ablation_alpha": 1.0}}}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = run_local(make_plan(str(f)), log=lambda *a: None)
+    cells = {c["cell_id"]: c for c in out["cells"]}
+    assert all(c["status"] == "done" for c in cells.values()), [c.get("error") for c in cells.values()]
+    rows = [r for r in out["steering"] if r["mode"] == "conditional"]
+    assert sorted((r["threshold"], bool(r["control"]), r["prompt_set"]) for r in rows) == sorted(
+        (t, c, s) for t in (-1.0, 1.0) for c in (False, True) for s in ("harmful", "harmless"))
+    assert all(r["condition_layer"] == 1 and r["behavior"] == "addition" and r["layer"] == 1 for r in rows)
+    arm_of = {r["cell_id"]: r for r in out["steering"]}
+
+    def texts(pick) -> dict:
+        return {(c["prompt_set"], c["prompt_id"]): c["completion"] for c in out["completions"]
+                if pick(arm_of[c["cell_id"]])}
+
+    base = texts(lambda r: r["mode"] == "baseline")
+    plain = texts(lambda r: r["mode"] == "addition" and not r["control"])
+    always = texts(lambda r: r["mode"] == "conditional" and r["threshold"] == -1.0 and not r["control"])
+    never = texts(lambda r: r["mode"] == "conditional" and r["threshold"] == 1.0 and not r["control"])
+    never_ctl = texts(lambda r: r["mode"] == "conditional" and r["threshold"] == 1.0 and r["control"])
+    assert len(base) == 6 and always == plain and never == base and never_ctl == base
+    assert plain != base   # the addition does something here
