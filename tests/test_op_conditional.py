@@ -483,3 +483,21 @@ def test_end_to_end_through_run_local(tmp_path):
     never_ctl = texts(lambda r: r["mode"] == "conditional" and r["threshold"] == 1.0 and r["control"])
     assert len(base) == 6 and always == plain and never == base and never_ctl == base
     assert plain != base   # the addition does something here
+
+
+def test_completion_and_group_columns(lm):
+    """Per-row gate columns from the prefill state, and the steering row's gate rate from them."""
+    op, d = OPS["conditional"], _directions(lm)
+    sims = _reference_sims(lm, d)
+    t = _split_threshold(sims)
+    ids, mask = encode(lm.tokenizer, PROMPTS)
+    rows = [(i, c, op.resolve(c, d)) for i, c in enumerate(_cell(i, t) for i in range(len(PROMPTS)))]
+    pre = op.prefill(lm, ids, mask, rows, d)
+    cols = [op.completion_columns(pre, i) for i in range(len(PROMPTS))]
+    assert [c["gate"] for c in cols] == [s > t for s in sims]
+    assert np.allclose([c["condition_similarity"] for c in cols], sims, atol=1e-5)
+    fired = sum(s > t for s in sims)
+    assert op.group_columns(cols) == {"gate_rate": fired / len(PROMPTS), "gate_n": fired}
+    # rows of other operators in the chunk: no similarity, no gate
+    pre = op.prefill(lm, ids, mask, rows[:1], d)
+    assert op.completion_columns(pre, 2) == {"gate": False, "condition_similarity": None}

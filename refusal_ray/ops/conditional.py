@@ -353,8 +353,15 @@ class CAST(Operator):
                 "aggregation": resolved.aggregation,
                 "condition_norm": float(np.linalg.norm(resolved.condition))}
 
+    # per-row results: not yet called by stage steer (the seam has no per-completion columns; see the report)
     def completion_columns(self, prefill, i: int) -> dict:
-        """Per completion row i of a chunk: {"gate": whether the gate fired, "condition_similarity": sim}.
-        (For the seam: steer's completion rows and a per-(cell, prompt set) `gate_rate` = mean of "gate".)"""
+        """Columns of completion row i of a chunk (from this operator's prefill state): {"gate": whether the
+        gate fired, "condition_similarity": the similarity (None where NaN)}."""
         s = float(prefill["sim"][i])
         return {"gate": bool(prefill["gate"][i]), "condition_similarity": None if np.isnan(s) else s}
+
+    def group_columns(self, rows: list[dict]) -> dict:
+        """Columns of one steering row (cell, prompt set) from its completion rows' `completion_columns`:
+        {"gate_rate": the fraction of its prompts gated on, "gate_n": how many}."""
+        fired = [bool(r["gate"]) for r in rows if "gate" in r]
+        return {"gate_rate": sum(fired) / len(fired) if fired else None, "gate_n": sum(fired)}
