@@ -308,15 +308,8 @@ def _steer_has_ace() -> bool:
     return "ace" in SteerStage.model_fields
 
 
-def test_end_to_end_through_the_steer_stage(tmp_path):
-    """A tiny toy sweep with ACE arms (two alphas, a control each) through `run_local`: its steering rows carry
-    alpha and reference_projection, which is the stored harmless mean's projection on the stored direction."""
-    if not _steer_has_ace():
-        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+def _toy_spec(tmp_path, ace: dict) -> str:
     import yaml
-
-    from refusal_ray.cluster.local import run_local
-    from refusal_ray.plan import make_plan
 
     from conftest import TOY_MODELS, TOY_PROMPTS
 
@@ -325,13 +318,64 @@ def test_end_to_end_through_the_steer_stage(tmp_path):
                      "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")},
                      "n_train": 6, "n_val": 4, "n_test": 2},
             "seeds": [0],
-            "stages": {"directions": {}, "steer": {"addition": None, "ablation": None,
-                                                   "ace": {"alphas": [0.0, 3.0], "direction_layer": "best"}}},
+            "stages": {"directions": {}, "steer": {"addition": None, "ablation": None, "ace": ace}},
             "generation": {"max_new_tokens": 4},
-            "decision_rule": {"steering_labels": {"strong": 0.5, "weak": 0.2}}}
-    f = tmp_path / "spec.yaml"
+            "decision_rule": {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5,
+                                                 "control_margin": 0.25, "addition_coefficient": 1.0,
+                                                 "ablation_alpha": 1.0},
+                              "steering_labels": {"strong": 0.5, "weak": 0.2}}}
+    f = tmp_path / f"spec-{len(list(tmp_path.iterdir()))}.yaml"
     f.write_text(yaml.safe_dump(spec))
-    out = run_local(make_plan(str(f)), log=lambda *a: None)
+    return str(f)
+
+
+def test_spec_errors_name_the_file_and_field(tmp_path):
+    if not _steer_has_ace():
+        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan
+
+    for ace, msg in (
+            ({}, "stages.steer.ace.direction_layer 'selected' needs a stages.select block "
+                 "(or direction_layer: best / a layer)"),
+            ({"direction_layer": "best", "alphas": []},
+             "stages.steer.ace.alphas: List should have at least 1 item after validation, not 0"),
+            ({"direction_layer": "best", "layers": [7]},
+             "stages.steer.ace.layers: layer 7 out of range: model 'qwen-xs' has 2 layers (0..1)"),
+            ({"direction_layer": "best", "reference": "pooled"},
+             "stages.steer.ace.reference: Input should be 'per_layer' or 'direction_layer'")):
+        f = _toy_spec(tmp_path, ace)
+        with pytest.raises(SpecError) as e:
+            make_plan(f)
+        assert str(e.value) == f"{f}: {msg}"
+
+
+def test_plan_line(tmp_path):
+    if not _steer_has_ace():
+        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+    from refusal_ray.plan import make_plan
+
+    plan = make_plan(_toy_spec(tmp_path, {"direction_layer": "best", "alphas": [0.0, 2.0], "layers": [1]}))
+    block = plan.spec.stages.steer.ace
+    assert ACE.describe(plan.spec, block) == [
+        "ACE: alphas [0.0, 2.0] (alpha units: unit), direction best, resid_pre at layers [1], "
+        "reference: harmless mean (per_layer)"]
+    arms = [c.params for c in plan.cells if c.stage == "steer" and c.params["mode"] == "ace"]
+    assert [(p["alpha"], p["control"], p["ace_layers"]) for p in arms] == [
+        (0.0, False, [1]), (0.0, True, [1]), (2.0, False, [1]), (2.0, True, [1])]
+
+
+def test_end_to_end_through_the_steer_stage(tmp_path):
+    """A tiny toy sweep with ACE arms (two alphas, a control each) through `run_local`: its steering rows carry
+    alpha and reference_projection, which is the stored harmless mean's projection on the stored direction."""
+    if not _steer_has_ace():
+        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    f = _toy_spec(tmp_path, {"alphas": [0.0, 3.0], "direction_layer": "best"})
+    plan = make_plan(str(f))
+    out = run_local(plan, log=lambda *a: None)
     rows = [r for r in out["steering"] if r["mode"] == "ace"]
     assert sorted((r["alpha"], bool(r["control"]), r["prompt_set"]) for r in rows) == sorted(
         (a, c, s) for a in (0.0, 3.0) for c in (False, True) for s in ("harmful", "harmless"))
@@ -346,3 +390,18 @@ def test_end_to_end_through_the_steer_stage(tmp_path):
         assert r["vector_norm"] == pytest.approx(np.linalg.norm(v), rel=1e-6)
     cells = {c["cell_id"]: c["status"] for c in out["cells"]}
     assert all(cells[r["cell_id"]] == "done" for r in rows)
+
+    # the same seed's direction rows as a store from before the class means: every ACE cell skips, saying why
+    from refusal_ray.ops.ace import MEANS_MISSING
+    from refusal_ray.plan import settings_payload
+    from refusal_ray.stages.steer import skip_reason, steering_inputs
+
+    old = [{k: v for k, v in r.items() if k not in ("mean_harmful", "mean_harmless", "model")}
+           for r in out["directions"]]
+    ace_cells = [c for c in plan.cells if c.stage == "steer" and c.params["mode"] == "ace"]
+    assert len(ace_cells) == 4
+    settings = settings_payload(plan)
+    fresh = steering_inputs(settings, {"directions": {"directions": out["directions"]}})
+    stale = steering_inputs(settings, {"directions": {"directions": old}})
+    assert [skip_reason(c, fresh) for c in ace_cells] == [None] * 4
+    assert [skip_reason(c, stale) for c in ace_cells] == [MEANS_MISSING] * 4

@@ -163,7 +163,7 @@ class Ace(Operator):
                  "reference": block.reference, "alpha_units": block.alpha_units, **extra} for a in block.alphas]
 
     def describe(self, spec, block):
-        return [f"ACE: alphas {block.alphas} ({block.alpha_units} units), direction {block.direction_layer}, "
+        return [f"ACE: alphas {block.alphas} (alpha units: {block.alpha_units}), direction {block.direction_layer}, "
                 f"resid_pre at layers {block.layers}, reference: harmless mean ({block.reference})"]
 
     def validate(self, spec, block) -> None:
