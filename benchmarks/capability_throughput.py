@@ -18,7 +18,7 @@ import torch
 from refusal_ray import load_model
 from refusal_ray.capability.measures import cross_entropy, load_texts, text_tokens
 from refusal_ray.interventions import RowEdit, row_edits
-from refusal_ray.stages.steer import ABLATION_SITES
+from refusal_ray.ops.base import ABLATION_SITES
 
 
 def loop(lm, seqs, edits) -> float:

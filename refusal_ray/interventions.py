@@ -51,6 +51,15 @@ class RowEdit:
     ablate_basis: Tensor | None = None
     basis_alpha: Tensor | None = None
 
+    def on_device(self, device, moved: dict) -> None:
+        """Move the subspace basis (one tensor shared by every site of a chunk) to `device` once (memo
+        `moved`, keyed by id()), not at every hook call of every generated token; the other tensors move
+        at the hook (`_like`), as before."""
+        if self.ablate_basis is not None:
+            if id(self.ablate_basis) not in moved:
+                moved[id(self.ablate_basis)] = self.ablate_basis.to(device)
+            self.ablate_basis = moved[id(self.ablate_basis)]
+
     def __call__(self, x: Tensor) -> Tensor:  # x: [batch, pos, d_model]
         if self.ablate_dirs is not None:
             u = _like(self.ablate_dirs, x)                      # [batch, d_model]
@@ -191,7 +200,8 @@ def capture(model, input_ids: Tensor, attention_mask: Tensor, sites: list[str],
 
 
 @contextmanager
-def row_edits(sites: SiteAdapter, edits: dict[tuple[str, int], RowEdit]) -> Iterator[None]:
-    """Apply per-row edits `{(site kind, layer): RowEdit}` for the duration of the block."""
+def row_edits(sites: SiteAdapter, edits: dict[tuple[str, int], Transform]) -> Iterator[None]:
+    """Apply per-row edits `{(site kind, layer): RowEdit or any SiteEdit}` (x [batch, pos, d_model] -> x;
+    `refusal_ray.ops.base`) for the duration of the block."""
     with hooks(sites, {site_name(kind, layer): edit for (kind, layer), edit in edits.items()}):
         yield

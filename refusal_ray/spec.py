@@ -14,9 +14,11 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_serializer, model_validator)
 
+from refusal_ray import ops
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import content_hash
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, JudgeSpec, check_names, question
+from refusal_ray.ops.base import LayerList, Strict
 
 
 def _negative(positions: list[int]) -> list[int]:
@@ -34,8 +36,6 @@ def _no_duplicates(names: list, what: str) -> None:
 NegativePositions = Annotated[list[int], AfterValidator(_negative)]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelResources(Strict):
@@ -146,7 +146,7 @@ class SelectStage(Strict):
     KL (mean first-token KL(baseline || ablated) on harmless prompts).
     """
 
-    layers: "LayerList" = Field("all", description="Candidate layers ('all', Arditi's choice, or a list: fewer "
+    layers: LayerList = Field("all", description="Candidate layers ('all', Arditi's choice, or a list: fewer "
                                                     "candidates on big models).")
     criterion: Literal["bypass", "swing", "separation"] = Field(
         "bypass", description="'bypass': lowest bypass score (Arditi); 'swing': largest validation refusal-rate "
@@ -181,47 +181,6 @@ class SelectStage(Strict):
     batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
 
 
-LayerList = Literal["all"] | list[int]
-
-
-class AdditionArm(Strict):
-    """Activation addition x <- x + c * v at resid_pre[L], all positions."""
-
-    layers: LayerList = Field("all", description="Layers to add at ('all' or a list).")
-    coefficients: list[float] = Field([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], min_length=1,
-                                      description="Coefficients c (c = 0 is the shared baseline arm).")
-
-
-class AblationArm(Strict):
-    """Directional ablation x <- x - alpha (x . u) u at resid_pre, attn_out and mlp_out."""
-
-    layers: LayerList = Field("all", description="Layers ablated at ('all' is Arditi's choice).")
-    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths.")
-    direction_layer: Literal["selected", "best"] | int = Field(
-        "selected", description="Direction ablated: 'selected' (stage select's choice for the seed, layer and "
-                                "position), 'best' (highest separation at steer.position) or a layer.")
-    direction_position: int | None = Field(None, lt=0, description="Position of an explicit direction_layer "
-                                                                   "(None: steer.position).")
-
-
-class SubspaceArm(Strict):
-    """Subspace ablation x <- x - alpha Q Q^T x at the ablation sites, Q the orthonormal basis (QR, float64)
-    of several difference-of-means directions (the Llama-3.2-1B study: layers 7-10)."""
-
-    layers: list[int] | None = Field(None, min_length=1, description="Stack these layers' resid_pre directions at "
-                                                                      "steer.position.")
-    top_k: int | None = Field(None, ge=1, description="Stack the top-k candidates of stage select (by its "
-                                                      "criterion, among those that passed its filters).")
-    ablation_layers: LayerList = Field("all", description="Layers ablated at ('all', as single-direction ablation).")
-    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths.")
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.layers is None) == (self.top_k is None):
-            raise ValueError("give exactly one of 'layers' or 'top_k'")
-        return self
-
-
 def _controls(v: bool | int) -> bool | int:
     """`controls`: true (one draw, the meaning before K existed), false (none) or K >= 2 draws; 1 reads as
     true and 0 as false."""
@@ -243,12 +202,23 @@ def n_draws(controls: bool | int) -> int:
 
 
 class SteerStage(Strict):
-    addition: AdditionArm | None = Field(default_factory=AdditionArm)
-    ablation: AblationArm | None = Field(default_factory=AblationArm)
-    subspace: SubspaceArm | None = Field(None, description="Subspace ablation arms (None: none).")
+    """Stage steer: one optional block per registered operator (`refusal_ray.ops.OPS`; `stages.steer.<name>`,
+    added by `_sync_operator_fields`), and the settings every arm shares."""
+
     controls: "Controls" = Field(True, description=CONTROLS_HELP)
     position: int = Field(-1, description="Direction position used for steering (one of directions.positions).")
     batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        out = handler(self)
+        for op in ops.OPS:   # a block of an operator newer than the stored specs is absent when None
+            if not op.dump_when_none and out.get(op.name, 0) is None:
+                out.pop(op.name)
+        return out
+
+
+STEER_SETTINGS = ("controls", "position", "batch_size")
 
 
 PatchSiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
@@ -324,8 +294,21 @@ class ScrubStage(Strict):
         return v
 
 
-CapabilityArmKind = Literal["baseline", "addition", "ablation", "subspace", "orthogonalized",
-                           "orthogonalized_subspace"]
+def capability_arm_kinds() -> list[str]:
+    """The arm kinds `stages.capability.arms` accepts: baseline, every operator, their weight arms."""
+    return ["baseline", *ops.OPS.modes()]
+
+
+def _arm_kinds(v: list[str] | None) -> list[str] | None:
+    known = capability_arm_kinds()
+    for a in v or []:
+        if a not in known:
+            listed = ", ".join(repr(k) for k in known[:-1]) + f" or {known[-1]!r}"
+            raise ValueError(f"Input should be {listed}")
+    return v
+
+
+CapabilityArmKind = str
 
 
 class TextSet(Strict):
@@ -363,10 +346,12 @@ class CapabilityStage(Strict):
     """What each intervention costs: CE loss on held-out text, first-token KL on harmless prompts, task
     exact match and refusal on the test prompts, and lm-evaluation-harness tasks, per arm."""
 
-    arms: list[CapabilityArmKind] | None = Field(
-        None, min_length=1, description="Arms measured. None: baseline, addition, ablation, orthogonalized, "
-                                        "and subspace and orthogonalized_subspace when stages.steer.subspace is "
-                                        "set (orthogonalized arms only where the weights can be orthogonalised).")
+    arms: Annotated[list[CapabilityArmKind], AfterValidator(_arm_kinds)] | None = Field(
+        None, min_length=1, description="Arms measured (baseline, an operator's name or its weight arm). None: "
+                                        "baseline, every operator its default includes (addition, ablation, and "
+                                        "an operator whose stages.steer block is set) and their weight arms "
+                                        "(orthogonalized, orthogonalized_subspace: only where the weights can be "
+                                        "orthogonalised).")
     direction_layer: Literal["selected", "best"] | int | None = Field(
         None, description="Direction of the ablation and orthogonalized arms. None: stages.steer.ablation's, "
                           "else 'selected' with a stages.select block, else 'best'.")
@@ -543,43 +528,18 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _explicit_position(self):
-        abl = self.stages.steer.ablation if self.stages.steer is not None else None
-        if abl is not None and abl.direction_position is not None and not isinstance(abl.direction_layer, int):
-            raise ValueError("stages.steer.ablation.direction_position needs an integer direction_layer "
-                             "(the selected and best directions come with their own position)")
-        return self
-
-    @model_validator(mode="after")
-    def _subspace_top_k_needs_select(self):
-        sub = self.stages.steer.subspace if self.stages.steer is not None else None
-        if sub is not None and sub.top_k is not None and self.stages.select is None:
-            raise ValueError("stages.steer.subspace.top_k needs a stages.select block (or give subspace.layers)")
+    def _operators(self):
+        """Each operator's cross-field checks on its `stages.steer.<name>` block (None when unset)."""
+        steer = self.stages.steer
+        for op in ops.OPS:
+            op.validate(self, None if steer is None else getattr(steer, op.name, None))
         return self
 
     @model_validator(mode="after")
     def _selected_needs_select(self):
-        steer = self.stages.steer
-        if (steer is not None and steer.ablation is not None and steer.ablation.direction_layer == "selected"
-                and self.stages.select is None):
-            raise ValueError("stages.steer.ablation.direction_layer 'selected' needs a stages.select block "
-                             "(or direction_layer: best / a layer)")
         if self.stages.select is not None and "resid_pre" not in self.stages.directions.sites:
             raise ValueError("stages.select needs 'resid_pre' in stages.directions.sites (candidates are "
                              "resid_pre directions)")
-        return self
-
-    @model_validator(mode="after")
-    def _rule_arms_exist(self):
-        steer, cm = self.stages.steer, self.decision_rule.control_margin
-        if steer is None:
-            return self
-        if steer.addition is not None and cm.addition_coefficient not in steer.addition.coefficients:
-            raise ValueError(f"decision_rule.control_margin.addition_coefficient {cm.addition_coefficient} "
-                             f"is not in stages.steer.addition.coefficients")
-        if steer.ablation is not None and cm.ablation_alpha not in steer.ablation.alphas:
-            raise ValueError(f"decision_rule.control_margin.ablation_alpha {cm.ablation_alpha} "
-                             f"is not in stages.steer.ablation.alphas")
         return self
 
     @model_validator(mode="after")
@@ -596,9 +556,11 @@ class Spec(Strict):
         if cap is None:
             return self
         steer = self.stages.steer
-        for arm in ("subspace", "orthogonalized_subspace"):
-            if cap.arms is not None and arm in cap.arms and (steer is None or steer.subspace is None):
-                raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.subspace block (its directions)")
+        for arm in cap.arms or []:
+            op = ops.base.owner(arm)
+            if op is not None and op.capability_needs_block and (steer is None or getattr(steer, op.name) is None):
+                raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.{op.name} block (its "
+                                 f"directions)")
         if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
             raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
         if "resid_pre" not in self.stages.directions.sites:
@@ -683,3 +645,29 @@ def load_yaml(path: str | Path, model: type[BaseModel], what: str):
             loc, msg = f"{loc}.{ctx.get('discriminator', 'kind').strip(chr(39))}", \
                 f"unknown kind {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
         raise SpecError(str(path), loc, msg) from None
+
+
+# -- the operators' blocks ---------------------------------------------------------------------------------
+def _sync_operator_fields() -> None:
+    """Give SteerStage one optional field per registered operator (`stages.steer.<name>`: its `config` class;
+    default `config()` when `default_block`, else None), in OPS order before the shared settings, and rebuild
+    the models that hold it (called at import and after every `ops.register` / `ops.unregister`)."""
+    from pydantic.fields import FieldInfo
+
+    fields = {}
+    notes = {}
+    for op in ops.OPS:
+        ann = op.config | None
+        info = (FieldInfo.from_annotated_attribute(ann, Field(default_factory=op.config)) if op.default_block
+                else FieldInfo.from_annotated_attribute(ann, Field(None, description=op.field_description)))
+        fields[op.name], notes[op.name] = info, ann
+    own = {k: v for k, v in SteerStage.__pydantic_fields__.items() if k in STEER_SETTINGS}
+    SteerStage.__pydantic_fields__ = {**fields, **own}
+    SteerStage.__annotations__ = {**notes, **{k: v for k, v in SteerStage.__annotations__.items()
+                                                if k in STEER_SETTINGS}}
+    for model in (SteerStage, Stages, Spec):
+        model.model_rebuild(force=True)
+
+
+_sync_operator_fields()
+ops.on_change(_sync_operator_fields)

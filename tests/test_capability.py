@@ -37,7 +37,7 @@ from refusal_ray.capability.measures import (cross_entropy, first_token_kl, load
 from refusal_ray.data import prompt_tokens, read_table
 from refusal_ray.interventions import RowEdit, row_edits
 from refusal_ray.models.chat import ChatOptions
-from refusal_ray.stages.steer import ABLATION_SITES
+from refusal_ray.ops.base import ABLATION_SITES
 
 from conftest import REPO, TOY_MODELS, TOY_PROMPTS, make_tiny
 from test_bad_input import base_spec

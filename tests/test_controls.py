@@ -128,7 +128,7 @@ def _todays_draw(cell_id: str, like: np.ndarray) -> np.ndarray:
 
 
 def _inputs(d: int = 16) -> tuple:
-    from refusal_ray.stages.steer import SteerInputs
+    from refusal_ray.ops.base import SteerInputs
 
     rng = np.random.default_rng(7)
     vectors = {layer: rng.standard_normal(d).astype(np.float32) * (layer + 1) for layer in range(3)}
@@ -136,7 +136,7 @@ def _inputs(d: int = 16) -> tuple:
 
 
 def _cells(draws: int, stage: str = "steer") -> list[Cell]:
-    from refusal_ray.stages.steer import control_arms
+    from refusal_ray.ops.base import control_arms
 
     arms = control_arms({"mode": "addition", "layer": 1, "coefficient": 2.0, "alpha": 0.0, "direction_layer": 1},
                         draws)
@@ -145,7 +145,7 @@ def _cells(draws: int, stage: str = "steer") -> list[Cell]:
 
 
 def test_k1_control_row_direction_is_todays_draw():
-    from refusal_ray.stages.steer import arm_direction, arm_columns
+    from refusal_ray.ops.base import arm_columns, direction_of as arm_direction
 
     d, vectors = _inputs()
     _, ctl = _cells(1)
@@ -156,7 +156,7 @@ def test_k1_control_row_direction_is_todays_draw():
 
 
 def test_k_draws_are_distinct_norm_matched_and_reproducible():
-    from refusal_ray.stages.steer import arm_columns, arm_direction
+    from refusal_ray.ops.base import arm_columns, direction_of as arm_direction
 
     d, vectors = _inputs()
     cells = _cells(5)

@@ -10,7 +10,8 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.grid import Cell
 from refusal_ray.interventions import RowEdit, capture, forward, hooks, row_edits
 from refusal_ray.models.sites import site_name
-from refusal_ray.stages.steer import Row, SteerInputs, build_edits, control_direction, run_steer
+from refusal_ray.ops.base import SteerInputs, control_direction
+from refusal_ray.stages.steer import Row, build_edits, run_steer
 
 from conftest import PROMPTS
 

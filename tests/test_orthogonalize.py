@@ -19,7 +19,7 @@ from refusal_ray.models import orthogonalize as orth
 from refusal_ray.models.orthogonalize import (UNSUPPORTED, WRITERS, OrthogonalizationUnsupported,
                                               orthogonalized, orthonormal_basis)
 from refusal_ray.models.sites import site_name
-from refusal_ray.stages.steer import ABLATION_SITES
+from refusal_ray.ops.base import ABLATION_SITES
 
 from conftest import PROMPTS, TOY_MODELS
 

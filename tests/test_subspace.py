@@ -21,9 +21,12 @@ from refusal_ray.grid import Cell
 from refusal_ray.interventions import RowEdit, forward, hooks, row_edits
 from refusal_ray.models.sites import site_name
 from refusal_ray.spec import Spec
-from refusal_ray.stages.steer import (ABLATION_SITES, Row, SteerInputs, SubspaceInputs, skip_reason, arm_subspace,
-                                      build_edits, control_direction, control_subspace, orthonormal_basis,
-                                      steer_params, steering_inputs, subspace_name)
+from refusal_ray.ops import OPS
+from refusal_ray.ops.base import ABLATION_SITES, SteerInputs, control_direction
+from refusal_ray.ops.subspace import SubspaceInputs, control_subspace, orthonormal_basis, subspace_name
+from refusal_ray.stages.steer import Row, build_edits, skip_reason, steer_params, steering_inputs
+
+arm_subspace = OPS["subspace"].resolve
 
 from conftest import PROMPTS, REPO, TOY_MODELS, TOY_PROMPTS
 from test_bad_input import base_spec
@@ -200,8 +203,8 @@ def test_top_k_stacks_the_best_passing_candidates_and_skips_when_too_few():
                 "select": {"criterion": "bypass"}}
     needs = _needs(_selection([(1, -1, -1.0), (2, -2, -3.0), (2, -1, 0.5)]))
     d = steering_inputs(settings, needs)
-    assert d.subspace.directions == [(2, -2), (1, -1)] and d.subspace.missing is None      # lowest bypass first
-    assert subspace_name(d.subspace.directions) == "L2/p-2,L1/p-1"
+    assert d.ops["subspace"].directions == [(2, -2), (1, -1)] and d.ops["subspace"].missing is None      # lowest bypass first
+    assert subspace_name(d.ops["subspace"].directions) == "L2/p-2,L1/p-1"
     assert skip_reason(_subspace_cell("t", top_k=2), d) is None
     name, q = arm_subspace(_subspace_cell("t", top_k=2), d)
     assert name == "L2/p-2,L1/p-1" and q.shape == (2, 8)
@@ -214,8 +217,8 @@ def test_top_k_stacks_the_best_passing_candidates_and_skips_when_too_few():
         arm_subspace(_subspace_cell("t", top_k=2), none)
     # layers: that layer's direction at steer.position; every direction zero: rank 0, skipped
     layers = steering_inputs({"steer": {"position": -1, "subspace": {"layers": [0, 2]}}}, needs)
-    assert layers.subspace.directions == [(0, -1), (2, -1)] and layers.subspace.name == "L0,L2/p-1"
-    zero = SteerInputs({0: np.zeros(8, np.float32)}, best=0, subspace=SubspaceInputs([(0, -1)], [np.zeros(8)]))
+    assert layers.ops["subspace"].directions == [(0, -1), (2, -1)] and layers.ops["subspace"].name == "L0,L2/p-1"
+    zero = SteerInputs({0: np.zeros(8, np.float32)}, best=0, ops={"subspace": SubspaceInputs([(0, -1)], [np.zeros(8)])})
     assert "rank 0" in skip_reason(_subspace_cell("z", layers=(0,)), zero)
 
 

@@ -20,7 +20,20 @@ ARM_COLUMNS = ["model", "arm", "control", "coefficient", "alpha", "direction"]
 # metrics whose value is already relative to the baseline
 RELATIVE = {"first_token_kl"}
 QUANTILE = 0.95   # the controls' upper quantile (cost_q95; control_margin's `control_statistic: quantile`)
-ORDER = {"baseline": 0, "addition": 1, "ablation": 2, "subspace": 3, "orthogonalized": 4, "orthogonalized_subspace": 5}
+
+
+def arm_order() -> dict[str, int]:
+    """Sort rank of each capability arm: baseline, the operators (OPS order), their weight arms."""
+    from refusal_ray.ops import OPS
+
+    return {arm: i for i, arm in enumerate(["baseline", *OPS.modes()])}
+
+
+def _op_keys(df: pd.DataFrame) -> list[str]:
+    """The operators' extra arm keys (`Operator.arm_keys`) that the capability rows carry."""
+    from refusal_ray.ops import OPS
+
+    return [c for op in OPS for c in op.arm_keys if c in df.columns and c not in ARM_COLUMNS]
 SHORT = {"refusal_harmful": "d refusal harmful", "refusal_harmless": "d refusal harmless", "ce_loss": "d CE",
          "first_token_kl": "KL", "task_exact_match": "d task EM"}
 
@@ -51,7 +64,7 @@ def capability_cost(capability: pd.DataFrame, key: str | None = None) -> pd.Data
     df["cost"] = np.where(df["metric"].isin(RELATIVE), df["value"], df["value"] - df["baseline"])
     draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(np.nan, index=df.index)
     df["control_draw"] = draw.fillna(0).astype(int)
-    keys = [*ARM_COLUMNS, "metric", "measure_key"]
+    keys = [*ARM_COLUMNS, *_op_keys(df), "metric", "measure_key"]
     per_draw = (df.groupby([*keys, "control_draw"], dropna=False, sort=False)
                 .agg(value=("value", "mean"), baseline=("baseline", "mean"), cost=("cost", "mean"),
                      seeds=("seed", "nunique")).reset_index())
@@ -60,7 +73,7 @@ def capability_cost(capability: pd.DataFrame, key: str | None = None) -> pd.Data
                 seeds=("seeds", "max"), draws=("control_draw", "nunique"),
                 cost_sd=("cost", lambda c: float(np.std(c, ddof=1)) if len(c) > 1 else np.nan),
                 cost_q95=("cost", lambda c: float(np.quantile(c, QUANTILE)))).reset_index())
-    out["_order"] = out["arm"].map(ORDER)
+    out["_order"] = out["arm"].map(arm_order())
     return (out.sort_values(["model", "_order", "control", "coefficient", "alpha"], kind="stable")
             .drop(columns="_order").reset_index(drop=True))
 
@@ -70,31 +83,32 @@ def cost_table(cost: pd.DataFrame) -> pd.DataFrame:
     CE change, KL, task exact-match change, each lm-eval metric's change)."""
     if cost.empty:
         return pd.DataFrame()
-    index = [*ARM_COLUMNS, *(["measure_key"] if "measure_key" in cost.columns else []), "metric"]
+    index = [*ARM_COLUMNS, *_op_keys(cost), *(["measure_key"] if "measure_key" in cost.columns else []), "metric"]
     wide = cost.set_index(index)["cost"].unstack("metric").reset_index()
     wide.columns.name = None
-    wide["_order"] = wide["arm"].map(ORDER)
+    wide["_order"] = wide["arm"].map(arm_order())
     return wide.sort_values(["model", "_order", "control"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 def summary_columns(cost: pd.DataFrame, model: str, rule: dict | None = None) -> dict:
     """Per model, for the summary table: the CE change and first-token KL of each non-control arm
     (cost_ce[arm], cost_kl[arm]) and of its random control (cost_ce[arm-ctl], ...), at the setting the
-    decision rule reads (control_margin's ablation_alpha for ablation arms, addition_coefficient for
-    addition arms) when it was measured, else at the arm's first setting; `cost_setting[arm]` names it.
+    decision rule reads (its operator's `cost_setting`: control_margin's ablation_alpha for ablation-like
+    arms, addition_coefficient for addition arms) when it was measured, else at the arm's first setting; `cost_setting[arm]` names it.
     A control of several draws adds its draws' spread and upper quantile: `cost_ce_sd[arm-ctl]`,
     `cost_ce_q95[arm-ctl]` (and _kl), and `control_draws[arm]`."""
     out: dict = {}
-    cm = (rule or {}).get("control_margin") or {}
     mine = cost[cost["model"] == model] if not cost.empty else cost
-    for arm in ("addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace"):
+    from refusal_ray.ops import OPS
+    from refusal_ray.ops.base import owner
+
+    for arm in OPS.modes():
         rows = mine[mine["arm"] == arm]
         if rows.empty:
             continue
-        key, wanted = ("coefficient", cm.get("addition_coefficient")) if arm == "addition" else \
-            ("alpha", cm.get("ablation_alpha"))
+        key, wanted = owner(arm).cost_setting(rule or {})
         setting = wanted if wanted is not None and (rows[key] == wanted).any() else rows[key].iloc[0]
-        out[f"cost_setting[{arm}]"] = f"{'c' if key == 'coefficient' else 'alpha'}={setting:g}"
+        out[f"cost_setting[{arm}]"] = f"{'c' if key == 'coefficient' else key}={setting:g}"
         for control, suffix in ((False, ""), (True, "-ctl")):
             at = rows[(rows["control"] == control) & (rows[key] == setting)]
             for metric, name in (("ce_loss", "ce"), ("first_token_kl", "kl")):

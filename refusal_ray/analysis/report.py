@@ -157,7 +157,8 @@ def write_report(out_dir, judge: str | None = None) -> str:
     report.md is the compiled report of the sweep: provenance, a headline per model under the
     decision rule, the summary table (with its warning lines, e.g. a fallback selection above the KL filter,
     repeated in the selection section), then one section per stage (directions and extraction
-    diagnostics, selection, steering with controls, subspace ablation, capability cost, judges,
+    diagnostics, selection, steering with controls, one section per other operator (subspace ablation, ...),
+    capability cost, judges,
     activation patching, causal scrubbing), each saying so when its stage did not run, and the figures."""
     from refusal_ray.analysis import report_circuits as rc
     from refusal_ray.analysis import report_select as rs
@@ -216,13 +217,19 @@ def write_report(out_dir, judge: str | None = None) -> str:
     lines += ["## Steering: activation addition and directional ablation, with random controls", ""]
     lines += [*st.steering_arms_table(arms, summary), "", *fig("steering.png")] if not steering.empty \
         else st.not_run("steer", stages)
-    lines += ["## Subspace ablation", ""]
-    subspace = not arms.empty and (arms["mode"] == "subspace").any()
-    lines += ([*st.markdown_table(arms[arms["mode"] == "subspace"][[c for c in [
-        "model", "subspace", "alpha", "control", "prompt_set", "rate", "ci_low", "ci_high", "n_prompts"]
-        if c in arms.columns]]), ""] if subspace else
-        ["Not run in this sweep (no `stages.steer.subspace` block)." if "steer" in stages else
-         "Not run in this sweep (no `stages.steer` block).", ""])
+    from refusal_ray.ops import OPS
+
+    for op in OPS.by_report_order():   # one section per operator with its own (the rule's arms: above)
+        if not op.report_section:
+            continue
+        ran = not arms.empty and (arms["mode"] == op.name).any()
+        if not ran and not op.dump_when_none and (stages.get("steer") or {}).get(op.name) is None:
+            continue   # a newer operator that this sweep did not use gets no section
+        lines += [f"## {op.section_title or op.label.capitalize()}", ""]
+        lines += ([*st.markdown_table(arms[arms["mode"] == op.name][[c for c in op.report_columns
+                                                                      if c in arms.columns]]), ""] if ran else
+                  [f"Not run in this sweep (no `stages.steer.{op.name}` block)." if "steer" in stages else
+                   "Not run in this sweep (no `stages.steer` block).", ""])
     lines += ["## Capability cost (CE loss, first-token KL, task exact match, lm-eval)", ""]
     lines += ["```", render_cost(cost), "```", "", *fig("capability.png")] if not cost.empty \
         else st.not_run("capability", stages)

@@ -35,24 +35,12 @@ def headline(row: pd.Series, rule: dict) -> str:
     if _has(row, "separation"):
         parts.append(f"Separation peaks at layer {_num(row['best_layer'], '{:.0f}')} (Cohen's d "
                      f"{_num(row['separation'])}).")
-    if _has(row, "ablation_suppression"):
-        base = row.get("baseline_harmful_refusal")
-        parts.append(f"Ablating {row.get('ablation_direction') or 'the direction'} moves harmful refusal "
-                     f"{_num(base)} -> {_num(row.get('ablation_harmful_refusal'))} "
-                     f"({_num(row.get('ablation_suppression_vs_control'), '{:+.2f}')} beyond its random control).")
-    if _has(row, "addition_induction"):
-        c = rule.get("control_margin", {}).get("addition_coefficient")
-        parts.append(f"Adding it (c = {_num(c, '{:g}')}) at layer {_num(row.get('addition_layer'), '{:.0f}')} moves "
-                     f"harmless refusal {_num(row.get('baseline_harmless_refusal'))} -> "
-                     f"{_num(row.get('addition_harmless_refusal'))} "
-                     f"({_num(row.get('addition_induction_vs_control'), '{:+.2f}')} beyond its control).")
-    if _has(row, "subspace_suppression"):
-        parts.append(f"Subspace ablation ({row.get('subspace')}) lowers harmful refusal by "
-                     f"{_num(row['subspace_suppression'])} ({_num(row.get('subspace_suppression_vs_control'), '{:+.2f}')}"
-                     f" beyond a random subspace of the same rank).")
+    from refusal_ray.ops import OPS
+
+    parts += [text for op in OPS.by_report_order() if (text := op.headline(row, rule))]
     costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"), row.get(f"cost_setting[{arm}]"))
-             for arm in ("ablation", "orthogonalized", "subspace", "orthogonalized_subspace", "addition")
-             if _has(row, f"cost_ce[{arm}]")]
+             for op in OPS.by_apply_order() for arm in (op.name, op.weight_arm)
+             if arm and _has(row, f"cost_ce[{arm}]")]
     if costs:
         parts.append("Capability cost: " + "; ".join(
             f"{arm} ({setting}) {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
@@ -108,16 +96,19 @@ def directions_diagnostics(dirs: pd.DataFrame) -> list[str]:
 
 
 def steering_arms_table(arms: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    """Pooled rates of the arms the verdicts read (baseline, ablation, addition at the rule's layer)
-    beside their random controls, per model and prompt set."""
+    """Pooled rates of the steering arms (baseline and each operator's `report_mask`: addition at the rule's
+    layer, every ablation arm, ...) beside their random controls, per model and prompt set."""
+    from refusal_ray.ops import OPS
+
     if arms.empty:
         return ["(no steering arms stored)"]
     rows = []
     for _, s in summary.iterrows():
         a = arms[arms["model"] == s["model"]]
         layer = s.get("addition_layer")
-        keep = (a["mode"].isin(["baseline", "ablation", "subspace"])
-                | ((a["mode"] == "addition") & (a["layer"] == layer)))
+        keep = a["mode"] == "baseline"
+        for op in OPS:
+            keep |= op.report_mask(a, s)
         rows.append(a[keep])
     if not rows:
         return ["(no steering arms stored)"]
@@ -126,12 +117,21 @@ def steering_arms_table(arms: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     ctl_name = [f" (control {int(d)})" if d else " (control)" for d in draw.fillna(0)]   # controls: K draws
     t = t.assign(arm=np.where(t["control"].astype(bool), t["mode"] + pd.Series(ctl_name, index=t.index), t["mode"]),
                  layer=pd.Series([int(x) if x >= 0 else None for x in t["layer"]], index=t.index, dtype=object),
-                 direction=np.where(t["mode"] == "subspace", t.get("subspace", ""),
-                                    [f"L{int(a)}/p{int(b)}" if a >= 0 else "" for a, b in
-                                     zip(t["direction_layer"], t["direction_position"])]))
+                 direction=[_direction_text(r) for _, r in t.iterrows()])
     cols = [c for c in ["model", "arm", "layer", "coefficient", "alpha", "direction", "prompt_set", "rate", "ci_low",
                         "ci_high", "n_prompts"] if c in t.columns]
     return markdown_table(t[cols].sort_values(["model", "prompt_set", "arm"], kind="stable"))
+
+
+def _direction_text(r: pd.Series) -> str:
+    """An arm's direction in the steering table: its operator's `direction_key` column when it has one (a
+    subspace's stacked directions), else L<layer>/p<position> ('' where none)."""
+    from refusal_ray.ops.base import owner
+
+    op = owner(r["mode"])
+    if op is not None and op.direction_key and op.direction_key in r.index:
+        return r[op.direction_key]
+    return f"L{int(r['direction_layer'])}/p{int(r['direction_position'])}" if r["direction_layer"] >= 0 else ""
 
 
 def plot_capability(cost: pd.DataFrame):
@@ -146,15 +146,18 @@ def plot_capability(cost: pd.DataFrame):
         return None
     models = list(dict.fromkeys(wide["model"]))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
-    colors = {"baseline": "0.4", "addition": "tab:red", "ablation": "tab:blue", "subspace": "tab:purple",
-              "orthogonalized": "tab:green", "orthogonalized_subspace": "tab:olive"}
+    from refusal_ray.ops import OPS
+
+    colors = {"baseline": "0.4", **{op.name: op.color for op in OPS},
+              **{op.weight_arm: op.weight_color for op in OPS if op.weight_arm}}
+    weights = {op.weight_arm for op in OPS if op.weight_arm}
     for ax, m in zip(axes[0], models):
         w = wide[wide["model"] == m]
         for arm, g in w.groupby("arm", sort=False):
             for control, h in g.groupby("control"):
                 ax.scatter(h["ce_loss"], h["refusal_harmful"], s=30, label=f"{arm}{' control' if control else ''}",
                            facecolors="none" if control else colors.get(arm, "k"), edgecolors=colors.get(arm, "k"),
-                           marker="s" if arm.startswith("orthogonalized") else "o")
+                           marker="s" if arm in weights else "o")
         ax.axhline(0, color="0.8", lw=0.8)
         ax.axvline(0, color="0.8", lw=0.8)
         ax.set_title(m, fontsize=9)

@@ -18,7 +18,8 @@ control_margin: INCOMPLETE if an arm it needs was not measured; NO-BASELINE-REFU
   lowers harmful refusal by >= baseline_margin from baseline and >= control_margin from its
   random control, and addition (c = addition_coefficient at `addition_layer`) raises harmless
   refusal by the same two margins; otherwise NOT-SUPPORTED naming the arm(s) that fell short.
-subspace (not part of either verdict, which read single-direction ablation): for the subspace most
+operators (not part of either verdict; each operator's `summary_columns`, `refusal_ray.ops`), e.g.
+  subspace ablation (the verdicts read single-direction ablation): for the subspace most
   seeds ablated (`subspace`, e.g. "L7,L8,L9,L10/p-1 (2 of 2 seeds)"), at alpha = control_margin's
   ablation_alpha when it is among the subspace alphas, else the first subspace alpha
   (`subspace_alpha`): `subspace_harmful_refusal`, `subspace_suppression` (baseline harmful refusal
@@ -60,17 +61,33 @@ from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
 
 # the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
-# directions (ablation of stage select's choice may differ between seeds); -1 where none. A subspace
-# arm's stacked directions ("L7,L8/p-1", its steering row's `direction`) are its `subspace` key, "" on other arms
-ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "control_draw", "direction_layer", "direction_position",
-            "subspace", "prompt_set"]
-POOLED_COLUMNS = ["model", *ARM_KEYS, "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low",
-                  "ci_high", "ci_basis"]
+# directions (ablation of stage select's choice may differ between seeds); -1 where none. Each operator adds
+# its own keys (`Operator.arm_keys`, e.g. subspace ablation's stacked directions "L7,L8/p-1"; "" on other arms)
+BASE_ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "control_draw", "direction_layer",
+                 "direction_position"]
+
+
+def arm_keys() -> list[str]:
+    """The pooled arms' keys: BASE_ARM_KEYS, the registered operators' `arm_keys` (OPS order), prompt_set."""
+    from refusal_ray.ops import OPS
+
+    extra = [c for op in OPS for c in op.arm_keys]
+    return [*BASE_ARM_KEYS, *dict.fromkeys(extra), "prompt_set"]
+
+
+def pooled_columns() -> list[str]:
+    return ["model", *arm_keys(), "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low", "ci_high",
+            "ci_basis"]
+
+
+ARM_KEYS = arm_keys()               # as of import (the built-in operators); functions call arm_keys()
+POOLED_COLUMNS = pooled_columns()
 
 
 def _arms(steering: pd.DataFrame) -> pd.DataFrame:
     """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control,
-    `control_draw` (0 where absent), `subspace` the stacked directions of a subspace arm ("" on other arms)."""
+    `control_draw` (0 where absent), and each operator's `arm_keys` (`Operator.arm_key_values`: e.g. `subspace`,
+    the stacked directions of a subspace arm, "" on other arms)."""
     df = steering.copy()
     for col in ("layer", "direction_layer", "direction_position"):
         df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
@@ -78,8 +95,11 @@ def _arms(steering: pd.DataFrame) -> pd.DataFrame:
     # `controls: K`: draws 1..K-1 carry their index; draw 0 (and every K = 1 store) has no column
     draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(0, index=df.index)
     df["control_draw"] = draw.fillna(0).astype(int)
-    names = df["direction"] if "direction" in df.columns else pd.Series(None, index=df.index, dtype=object)
-    df["subspace"] = [str(n) if m == "subspace" and isinstance(n, str) else "" for m, n in zip(df["mode"], names)]
+    from refusal_ray.ops import OPS
+
+    for op in OPS:
+        for col, values in op.arm_key_values(df).items():
+            df[col] = values
     return df
 
 
@@ -87,10 +107,10 @@ def per_seed_arms(steering: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, seed, arm, prompt set): that seed's n, refusals, rate and Wilson interval
     (the steering table's own rows, with the arm keys of `pooled_arms`)."""
     if steering.empty:
-        return pd.DataFrame(columns=["model", "seed", *ARM_KEYS, "n", "refusals", "rate", "ci_low", "ci_high"])
+        return pd.DataFrame(columns=["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"])
     df = _arms(steering)
-    cols = ["model", "seed", *ARM_KEYS, "n", "refusals", "rate", "ci_low", "ci_high"]
-    return df[cols].sort_values(["model", *ARM_KEYS, "seed"], kind="stable").reset_index(drop=True)
+    cols = ["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"]
+    return df[cols].sort_values(["model", *arm_keys(), "seed"], kind="stable").reset_index(drop=True)
 
 
 def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -104,15 +124,15 @@ def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None)
     are the summed steering counts either way; n_prompts and k_prompts are the interval's n and k.
     """
     if steering.empty:
-        return pd.DataFrame(columns=POOLED_COLUMNS)
+        return pd.DataFrame(columns=pooled_columns())
     df = _arms(steering)
-    keys = ["model", *ARM_KEYS]
+    keys = ["model", *arm_keys()]
     g = df.groupby(keys, dropna=False).agg(n=("n", "sum"), refusals=("refusals", "sum"), seeds=("seed", "nunique"),
                                            n_max=("n", "max")).reset_index()
     rows = []
     if completions is not None and not completions.empty:
         labels = completions[["model", "cell_id", "prompt_set", "prompt_id", "refusal"]].merge(
-            df[["model", "cell_id", *ARM_KEYS]], on=["model", "cell_id", "prompt_set"])
+            df[["model", "cell_id", *arm_keys()]], on=["model", "cell_id", "prompt_set"])
         for key, grp in labels.groupby(keys, dropna=False, sort=False):
             r = prompt_pooled_rate(grp["prompt_id"], grp["refusal"].astype(float))
             rows.append(dict(zip(keys, key)) | {"n_prompts": r.n_prompts, "k_prompts": r.k_prompts, "rate": r.rate,
@@ -132,7 +152,7 @@ def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None)
         g.loc[missing, "ci_low"], g.loc[missing, "ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
     g["n_prompts"] = g["n_prompts"].astype(int)
     g[["k_prompts", "rate", "ci_low", "ci_high"]] = g[["k_prompts", "rate", "ci_low", "ci_high"]].astype(float)
-    return g[POOLED_COLUMNS]
+    return g[pooled_columns()]
 
 
 def _rate(arms: pd.DataFrame, **where) -> float:
@@ -320,33 +340,6 @@ def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
 
 
-def subspace_columns(a: pd.DataFrame, rule: dict, alphas: list[float] | None = None) -> dict:
-    """Subspace ablation of one model from its pooled arms `a`: the subspace most seeds ablated
-    (ties: the name first in sort order), at alpha = control_margin's ablation_alpha if among
-    `alphas` (the spec's subspace alphas; default: those measured), else the first of them.
-    Baseline harmful refusal minus the subspace arm's, and the random same-rank control's minus it
-    (several control draws: their mean rate)."""
-    sub = a[(a["mode"] == "subspace") & ~a["control"].astype(bool)]
-    alphas = [float(x) for x in (alphas or sorted(set(sub["alpha"])))]
-    want = float((rule.get("control_margin") or {}).get("ablation_alpha", 1.0))
-    alpha = want if any(np.isclose(want, x) for x in alphas) else (alphas[0] if alphas else float("nan"))
-    out = {"subspace": None, "subspace_alpha": alpha, "subspace_harmful_refusal": float("nan"),
-           "subspace_suppression": float("nan"), "subspace_suppression_vs_control": float("nan")}
-    if sub.empty:
-        return out
-    seeds = sub.groupby("subspace")["seeds"].max().reset_index().sort_values(["seeds", "subspace"],
-                                                                            ascending=[False, True])
-    name, k = str(seeds.iloc[0]["subspace"]), int(seeds.iloc[0]["seeds"])
-    total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
-    mine = a[(a["mode"] == "subspace") & (a["subspace"] == name)]
-    base = _rate(a, mode="baseline", prompt_set="harmful")
-    rate = _rate(mine, alpha=alpha, control=False, prompt_set="harmful")
-    ctl_rows = mine[mine["control"].astype(bool) & np.isclose(mine["alpha"], alpha) & (mine["prompt_set"] == "harmful")]
-    ctl = float(ctl_rows["rate"].mean()) if len(ctl_rows) else float("nan")   # the draws' mean (one draw: it)
-    return out | {"subspace": f"{name} ({k} of {total} seeds)", "subspace_harmful_refusal": rate,
-                  "subspace_suppression": base - rate, "subspace_suppression_vs_control": ctl - rate}
-
-
 def known_judges(manifest: dict) -> list[str]:
     """The judges a store's verdicts may read: the inline substring judge and those in the manifest."""
     return [INLINE, *sorted(manifest.get("judges") or {})]
@@ -422,13 +415,14 @@ def _load(store: Store) -> dict:
 
 def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
     """The summary table (one row per model) with steering rates and verdicts from `judge`'s labels."""
+    from refusal_ray.ops import OPS
+
     manifest = t["manifest"]
     rule = {k: v for k, v in manifest.get("decision_rule", {}).items() if k != "judge"}
     models = manifest.get("models", {})
     position = manifest.get("steer_position", -1)
     steer_spec = (manifest.get("spec") or {}).get("stages", {}).get("steer")
     has_steer = steer_spec is not None
-    sub_spec = (steer_spec or {}).get("subspace")
     dirs, steering, completions = t["directions"], t["steering"], t["completions"]
     kind = judge_kind(manifest, t["labels"], judge)
     blocked = unjudgeable(kind, rule)    # rules whose arms this judge gives no refusal labels on (a guard)
@@ -459,8 +453,10 @@ def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
         if has_steer:
             a, direction = ablation_direction(arms[arms["model"] == name])
             row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
-            if sub_spec is not None or (a["mode"] == "subspace").any():
-                row |= subspace_columns(a, rule, (sub_spec or {}).get("alphas"))
+            for op in OPS.by_report_order():   # each operator's own columns (the rule's arms give none)
+                block = (steer_spec or {}).get(op.name)
+                if block is not None or (a["mode"] == op.name).any():
+                    row |= op.summary_columns(a, rule, block)
             if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
                 row["verdict_control_margin"] = "NO-SELECTION"
             for r, sets in blocked.items():
@@ -543,20 +539,30 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     return df
 
 
-DISPLAY = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
-           ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
-           ("selected", "selected", "{}"), ("ablation_direction", "ablated", "{}"),
-           ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
-           ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
-           ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"), ("addition_induction", "add-base", "{:+.2f}"),
-           ("addition_induction_vs_control", "add-ctl", "{:+.2f}"),
-           ("subspace", "subspace", "{}"), ("subspace_suppression", "sub-base", "{:+.2f}"),
-           ("subspace_suppression_vs_control", "sub-ctl", "{:+.2f}"),
-           ("cost_ce[ablation]", "abl dCE", "{:+.3f}"), ("cost_kl[ablation]", "abl KL", "{:.3f}"),
-           ("cost_ce[orthogonalized]", "orth dCE", "{:+.3f}"), ("cost_ce[addition]", "add dCE", "{:+.3f}"),
-           ("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
-           ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
-           ("attribution_spearman", "AtP rho", "{:.2f}")]
+DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
+                ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
+                ("selected", "selected", "{}"), ("ablation_direction", "ablated", "{}"),
+                ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
+                ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
+                ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"),
+                ("addition_induction", "add-base", "{:+.2f}"),
+                ("addition_induction_vs_control", "add-ctl", "{:+.2f}")]   # the decision rule's columns
+DISPLAY_TAIL = [("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
+                ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
+                ("attribution_spearman", "AtP rho", "{:.2f}")]
+
+
+def display() -> list[tuple[str, str, str]]:
+    """The summary table's columns: the rule's, each operator's `display` (report order), each operator's
+    `cost_display` (apply order: ablation, orthogonalized, ..., addition), verdicts and circuits."""
+    from refusal_ray.ops import OPS
+
+    ops_cols = [c for op in OPS.by_report_order() for c in op.display]
+    costs = [c for op in OPS.by_apply_order() for c in op.cost_display]
+    return [*DISPLAY_HEAD, *ops_cols, *costs, *DISPLAY_TAIL]
+
+
+DISPLAY = display()   # as of import; render() calls display()
 
 
 def _table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
@@ -582,7 +588,7 @@ def render(df: pd.DataFrame) -> str:
     """The summary as a fixed-width text table (also used in the Markdown report)."""
     if df.empty:
         return "(no results)"
-    cols = [(k, h, f) for k, h, f in DISPLAY if k in df.columns]
+    cols = [(k, h, f) for k, h, f in display() if k in df.columns]
     cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
     cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
     lines = _table(df, cols)

@@ -20,7 +20,8 @@ The contract (class attributes, then methods; every method has a default unless 
 - `config` (required): the pydantic block class (subclass `Strict`). SteerStage gets one optional field
   `stages.steer.<name>` per registered operator; `default_block` True makes its default `config()`
   (addition, ablation), else None. `field_description`: the field's JSON-schema description.
-  A block whose operator is not built in (registered later) is absent from the spec dump when None.
+  An unset (None) block is absent from the spec dump (so spec hashes of before stay), unless
+  `dump_when_none` (addition, ablation, subspace: their None was in every stored dump).
 - `effect`: "bypass" | "induce" | "both": which summary columns it gets (suppression of harmful refusal,
   induction of harmless refusal, each beside its random control's).
 - `arms(spec, block, n_layers) -> [params]` (required): base arm params (no "control" key: steer wraps
@@ -61,7 +62,10 @@ The contract (class attributes, then methods; every method has a default unless 
   `summary_columns(a, rule, block) -> dict` from one model's pooled arms `a` (default: `effect_columns`
   at its first setting); `display` ((column, header, format) entries of the summary table);
   `headline(row, rule) -> str | None` (report sentence); `cost_setting(rule) -> (column, value|None)`:
-  which setting the cost columns read; `short` (2-4 letter tag), `color` (matplotlib color).
+  which setting the cost columns read; `cost_display` (summary cost columns); `short` (2-4 letter tag),
+  `color` / `weight_color` (matplotlib); `report_mask(a, summary_row)` (its rows in the steering table),
+  `direction_key`, `report_section` / `section_title` / `report_columns` (its own report section, a table
+  of its pooled arms), `report_order` (order of summary columns and headline sentences).
 
 Registry: `OPS` iterates operator instances in `order`; `OPS[name]`, `name in OPS`, `OPS.names()`.
 `register` refuses a duplicate name (ValueError naming it); `unregister(name)` (tests); `get(name)`.
@@ -179,6 +183,61 @@ def draw_id(cell, d: SteerInputs) -> str:
     return (d.draw_ids or {}).get(cell.id, cell.id)
 
 
+SELECTED_MISSING = ("no direction selected for this seed: no candidate passed the selection filters "
+                    "(stages.select: loosen kl_max / induce_min / max_layer_fraction, or set a fallback)")
+
+
+def direction_of(cell, d: SteerInputs) -> tuple[int, int, np.ndarray]:
+    """(direction layer, direction position, vector v [d_model] float32) of a direction arm, from its params'
+    `direction_layer` ('selected': stage select's choice; 'best': highest separation at steer.position; a
+    layer, at `direction_position` or steer.position); a control arm gets its random vector of the same
+    norm (seeded by `draw_id`). Raises LookupError (SELECTED_MISSING) for 'selected' when nothing was."""
+    p = cell.params
+    if p["direction_layer"] == "selected":
+        if d.selected is None:
+            raise LookupError(SELECTED_MISSING)
+        layer, position, v = d.selected["layer"], d.selected["position"], d.selected["vector"]
+    elif p["direction_layer"] == "best":
+        layer, position, v = d.best, d.position, d.vectors[d.best]
+    elif p.get("direction_position") is not None:
+        layer, position = int(p["direction_layer"]), int(p["direction_position"])
+        key = (layer, position)
+        v = d.explicit[key] if d.explicit and key in d.explicit else np.asarray(d.rows[key]["vector"], np.float32)
+    else:
+        layer, position, v = int(p["direction_layer"]), d.position, d.vectors[int(p["direction_layer"])]
+    return layer, position, (control_direction(draw_id(cell, d), v) if p["control"] else v)
+
+
+def owner(mode: str):
+    """The operator a cell mode belongs to: the operator of that name, or the one whose `weight_arm` it is;
+    None for 'baseline' (and unknown modes)."""
+    if mode in OPS:
+        return OPS[mode]
+    return next((op for op in OPS if op.weight_arm == mode), None)
+
+
+def base_columns(cell) -> dict:
+    """The arm columns every result row has (steering, capability), before its operator's `columns`: cell id,
+    seed, layer, direction_layer, direction_position, direction (the spec's direction_layer as text), the
+    operators' `row_columns` (None), coefficient, alpha, control, vector_norm."""
+    p = cell.params
+    dl = p.get("direction_layer")
+    cols = {"cell_id": cell.id, "seed": cell.seed, "layer": p.get("layer"), "direction_layer": None,
+            "direction_position": None, "direction": None if dl is None else str(dl)}
+    for op in OPS:
+        cols |= {c: None for c in op.row_columns}
+    return cols | {"coefficient": p.get("coefficient"), "alpha": p.get("alpha"), "control": p["control"],
+                   "vector_norm": None}
+
+
+def arm_columns(cell, d: SteerInputs) -> dict:
+    """An arm's columns in a result row: `base_columns`, its operator's `columns(cell, resolved)`, and
+    `control_draw` on rows of control draw j >= 1 (`draw_column`). Raises LookupError as `resolve`."""
+    op = owner(cell.params["mode"])
+    own = {} if op is None else op.columns(cell, op.resolve(cell, d))
+    return {**base_columns(cell), **own, **draw_column(cell)}
+
+
 @dataclass
 class Chunk:
     """One edited batch: `n` rows of a model with `n_layers` layers of width `d_model`.
@@ -200,7 +259,9 @@ class Chunk:
 
 def compose(per_op: list[tuple[int, dict]]) -> dict:
     """{(site kind, layer): SiteEdit} from [(apply_order, that operator's edits)]: one callable per site,
-    applying the operators' edits in apply_order (a site edited by one operator keeps its own edit)."""
+    applying the operators' edits in apply_order (a site edited by one operator keeps its own edit; RowEdits
+    of directional ablation, subspace ablation and addition merge into one RowEdit, as before; others are
+    `Composed`)."""
     sites: dict[tuple[str, int], list[tuple[int, Callable]]] = {}
     for rank, edits in per_op:
         for key, e in edits.items():
@@ -208,8 +269,29 @@ def compose(per_op: list[tuple[int, dict]]) -> dict:
     out = {}
     for key, es in sites.items():
         es.sort(key=lambda t: t[0])
-        out[key] = es[0][1] if len(es) == 1 else Composed([e for _, e in es])
+        edits = [e for _, e in es]
+        out[key] = edits[0] if len(edits) == 1 else (_merged(edits) or Composed(edits))
     return out
+
+
+_ROW_EDIT_PARTS = (("ablate_dirs", "ablate_alpha"), ("ablate_basis", "basis_alpha"), ("add",))
+
+
+def _merged(edits: list) -> Any:
+    """One `RowEdit` holding several RowEdits' disjoint parts when their order is RowEdit's own (directional
+    ablation, subspace ablation, addition): the same arithmetic in the same order, one callable; else None."""
+    from refusal_ray.interventions import RowEdit
+
+    if not all(type(e) is RowEdit for e in edits):
+        return None
+    last, fields = -1, {}
+    for e in edits:
+        used = [i for i, part in enumerate(_ROW_EDIT_PARTS) if any(getattr(e, f) is not None for f in part)]
+        if not used or min(used) <= last:
+            return None
+        last = max(used)
+        fields |= {f: getattr(e, f) for i in used for f in _ROW_EDIT_PARTS[i]}
+    return RowEdit(**fields)
 
 
 class Composed:
@@ -248,10 +330,24 @@ class Operator:
     arm_keys: ClassVar[tuple[str, ...]] = ()
     short: ClassVar[str] = ""
     color: ClassVar[str] = "tab:gray"
+    report_order: ClassVar[int | None] = None   # summary columns / report sentences order (default: order)
+    capability_needs_block: ClassVar[bool] = False   # a stages.capability.arms entry needs stages.steer.<name>
+    dump_when_none: ClassVar[bool] = False   # its unset block is in the spec dump (built-ins of before: True)
+    weight_color: ClassVar[str] = "tab:olive"
+    direction_key: ClassVar[str | None] = None   # arm-key column the steering table shows as its direction
+    report_section: ClassVar[bool] = True        # its own report section (the rule's arms: False)
+    section_title: ClassVar[str | None] = None   # default: label, capitalised
+    report_columns: ClassVar[tuple[str, ...]] = ("model", "layer", "coefficient", "alpha", "direction_layer",
+                                                 "direction_position", "control", "control_draw", "prompt_set",
+                                                 "rate", "ci_low", "ci_high", "n_prompts")
 
     @property
     def rank(self) -> int:
         return self.order if self.apply_order is None else self.apply_order
+
+    @property
+    def report_rank(self) -> int:
+        return self.order if self.report_order is None else self.report_order
 
     # spec and plan
     def arms(self, spec, block, n_layers: int) -> list[dict]:
@@ -321,20 +417,38 @@ class Operator:
                     (f"{self.name}_induction_vs_control", f"{tag}+ctl", "{:+.2f}")]
         return tuple(out)
 
+    @property
+    def cost_display(self) -> tuple[tuple[str, str, str], ...]:
+        return ((f"cost_ce[{self.name}]", f"{self.short or self.name[:4]} dCE", "{:+.3f}"),)
+
     def headline(self, row: dict, rule: dict) -> str | None:
         parts = []
         for what, col, pset in (("lowers harmful refusal by", "suppression", "bypass"),
                                 ("raises harmless refusal by", "induction", "induce")):
             v, c = row.get(f"{self.name}_{col}"), row.get(f"{self.name}_{col}_vs_control")
             if self.effect in (pset, "both") and v is not None and not _nan(v):
-                parts.append(f"{what} {v:.2f} ({'n/a' if c is None or _nan(c) else f'{c:+.2f}'} beyond its "
-                             f"random control)")
+                parts.append(f"{what} {fmt_num(v)} ({fmt_num(c, '{:+.2f}')} beyond its random control)")
         if not parts:
             return None
         return f"{(self.label or self.name).capitalize()} ({row.get(self.name + '_setting')}) " + " and ".join(parts) + "."
 
     def cost_setting(self, rule: dict) -> tuple[str, float | None]:
         return "alpha", None
+
+    def report_mask(self, a, summary_row):
+        """Which of one model's pooled arms `a` the steering table shows (default: all of this operator's)."""
+        return a["mode"] == self.name
+
+
+def fmt_num(v, fmt: str = "{:.2f}") -> str:
+    """A number as the report prints it: '?' for None / NaN."""
+    return "?" if v is None or _nan(v) else fmt.format(v)
+
+
+def has_value(row, key: str) -> bool:
+    """Whether row[key] is set (not None, not NaN)."""
+    v = row.get(key)
+    return v is not None and not _nan(v)
 
 
 def _nan(x) -> bool:
@@ -417,6 +531,13 @@ class Registry:
 
     def by_apply_order(self) -> list[Operator]:
         return sorted(self._ops.values(), key=lambda op: (op.rank, op.order, op.name))
+
+    def by_report_order(self) -> list[Operator]:
+        return sorted(self._ops.values(), key=lambda op: (op.report_rank, op.order, op.name))
+
+    def modes(self) -> list[str]:
+        """Every arm mode operators declare: their names, then their weight arms (OPS order)."""
+        return [op.name for op in self] + [op.weight_arm for op in self if op.weight_arm]
 
     def _changed(self) -> None:
         for fn in list(self._listeners):

@@ -1,15 +1,16 @@
 """Stage `capability`: what each intervention arm costs, beside what it does to refusal.
 
-Arms (one cell each, with a norm-matched random control when `controls`):
+Arms (one cell each, with a norm-matched random control when `controls`), from the operators
+(`refusal_ray.ops.OPS`; their `capability_arms`):
   baseline        the model as loaded
-  addition        x <- x + c v at resid_pre[L], every position; L and v from `addition_layer`
-  ablation        x <- x - alpha (x . u) u at resid_pre, attn_out, mlp_out of the ablated layers
-  subspace        x <- x - alpha Q Q^T x (stages.steer.subspace's directions and layers)
-  orthogonalized  the ablation direction projected out of the weights that write the residual
-                  stream (embedding, attention and MLP output projections), in memory only
-                  (`refusal_ray.models.orthogonalize`); restored bit-identically afterwards
-  orthogonalized_subspace  the subspace arm's basis projected out of the same weights (the
-                  Llama-3.2-1B study orthogonalised layers 7-10's span); control: a random subspace
+  <operator>      each operator's capability arm(s) as hooks, e.g. addition (x <- x + c v at resid_pre[L];
+                  L and v from `addition_layer`), ablation (x <- x - alpha (x . u) u at the ablation sites),
+                  subspace ablation (stages.steer.subspace's directions and layers), ...
+  <weight arm>    an operator's `weight_arm`: its resolved tensor projected out of the weights that write
+                  the residual stream (embedding, attention and MLP output projections), in memory only
+                  (`refusal_ray.models.orthogonalize`), restored bit-identically afterwards:
+                  `orthogonalized` (ablation's direction), `orthogonalized_subspace` (the subspace basis;
+                  the Llama-3.2-1B study orthogonalised layers 7-10's span); control: its twin's random draw
 
 Metrics per arm (table `capability`, one row per (cell, metric)):
   ce_loss            mean next-token cross-entropy on held-out text, nats/token (Arditi et al. 2024,
@@ -22,9 +23,8 @@ Metrics per arm (table `capability`, one row per (cell, metric)):
   lm_eval/<task>/<metric>  lm-evaluation-harness with the arm active (`capability.harness`)
 Controls (`controls: true | false | K`): as stage steer's, K control cells per arm (draw j >= 1 with
 `control_draw: j`; draw 0 is the cell of `controls: true`). A weight arm's control draws its hook twin's
-directions: the orthogonalized control draw j uses the ablation control's (alpha 1) draw j, the
-orthogonalized_subspace control the subspace control's (alpha 1), so each pair differs only in hooks vs
-weights (its params carry the twin as `draws_from`; the twin's cell id seeds the draw, whether or not
+directions: control draw j uses its operator's capability arm at alpha 1, control draw j (`weight_params`),
+so each pair differs only in hooks vs weights (its params carry the twin as `draws_from`; the twin's cell id seeds the draw, whether or not
 that arm is measured). Weight arms edit every layer: beside an ablation or subspace arm restricted to
 some layers they are no twin, so the default arm list leaves them out and an explicit one is exit 2.
 
@@ -48,34 +48,26 @@ from refusal_ray.data import prompt_tokens
 from refusal_ray.grid import Cell, layer_list
 from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
+from refusal_ray.ops import OPS
+from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, owner
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import (Row, SteerInputs, arm_columns, arm_direction, arm_subspace, build_edits,
-                                      control_arms, controls_text, generate_rows, skip_reason, stacked_directions,
-                                      steering_inputs)
+from refusal_ray.stages.steer import Row, controls_text, generate_rows, skip_reason, steering_inputs
 from refusal_ray.stats import wilson
 
-ARMS = ("baseline", "addition", "ablation", "subspace", "orthogonalized", "orthogonalized_subspace")
-ORTHOGONALIZED = ("orthogonalized", "orthogonalized_subspace")
+
+def arm_kinds() -> list[str]:
+    """Every capability arm kind, in the order arms are built: baseline, the operators, their weight arms."""
+    return ["baseline", *OPS.modes()]
 
 
-def ablation_direction(settings: dict) -> tuple[str | int, int | None]:
-    """(direction layer, explicit position or None) of the ablation / orthogonalized arms, from the
-    settings payload (every stage block as a dict): the capability block's direction_layer (at
-    steer.position), else steer's ablation direction with its direction_position, else 'selected'
-    with a select block, else 'best'."""
-    cap, steer = settings["capability"], settings.get("steer") or {}
-    if cap.get("direction_layer") is not None:
-        return cap["direction_layer"], None
-    if steer.get("ablation"):
-        return steer["ablation"]["direction_layer"], steer["ablation"].get("direction_position")
-    return ("selected" if settings.get("select") is not None else "best"), None
+def weight_arms() -> list[str]:
+    """The operators' weight arms (orthogonalized, orthogonalized_subspace, ...), in OPS order."""
+    return [op.weight_arm for op in OPS if op.weight_arm]
 
 
-def _settings(spec) -> dict:
-    return {"capability": spec.stages.capability.model_dump(mode="json"),
-            "steer": None if spec.stages.steer is None else spec.stages.steer.model_dump(mode="json"),
-            "select": None if spec.stages.select is None else {}}
+def _block(spec, op):
+    return None if spec.stages.steer is None else getattr(spec.stages.steer, op.name, None)
 
 
 def not_orthogonalizable(model, family: str) -> str | None:
@@ -95,32 +87,28 @@ def not_orthogonalizable(model, family: str) -> str | None:
 
 def partial_twins(spec, n_layers: int) -> dict[str, tuple[str, list[int]]]:
     """Weight arms whose hook twin ablates only some of a model's `n_layers` layers: {arm: (the field
-    restricting the twin, its layers)}. Orthogonalisation edits every layer's weights, so such an arm is
-    not the twin's weight version (issue 18, item 8)."""
-    steer, out = spec.stages.steer, {}
-    every = list(range(n_layers))
-    if steer is not None and steer.ablation is not None and steer.ablation.layers != "all" \
-            and sorted(set(steer.ablation.layers)) != every:
-        out["orthogonalized"] = ("stages.steer.ablation.layers", list(steer.ablation.layers))
-    sub = steer.subspace if steer is not None else None
-    if sub is not None and sub.ablation_layers != "all" and sorted(set(sub.ablation_layers)) != every:
-        out["orthogonalized_subspace"] = ("stages.steer.subspace.ablation_layers", list(sub.ablation_layers))
+    restricting the twin, its layers)} (`Operator.weight_partial`). Orthogonalisation edits every layer's
+    weights, so such an arm is not the twin's weight version (issue 18, item 8)."""
+    out = {}
+    for op in OPS:
+        if op.weight_arm:
+            part = op.weight_partial(spec, _block(spec, op), n_layers)
+            if part is not None:
+                out[op.weight_arm] = part
     return out
 
 
 def arms(spec, blocked: str | None = None, partial=()) -> list[str]:
-    """The arms measured on a model: the block's list, or by default every arm the spec defines
-    (subspace arms with stages.steer.subspace; orthogonalized arms unless `blocked`, the reason from
-    `not_orthogonalizable`, and each unless it is in `partial` (`partial_twins`: its hook twin ablates
-    only some layers))."""
-    cap, steer = spec.stages.capability, spec.stages.steer
+    """The arms measured on a model: the block's list, or by default baseline, every operator whose
+    `in_default_capability` says so (addition, ablation; subspace with stages.steer.subspace), then their
+    weight arms unless `blocked` (the reason from `not_orthogonalizable`), and each unless it is in
+    `partial` (`partial_twins`: its hook twin ablates only some layers)."""
+    cap = spec.stages.capability
     if cap.arms is not None:
         return list(dict.fromkeys(cap.arms))
-    out = ["baseline", "addition", "ablation", "orthogonalized"]
-    if steer is not None and steer.subspace is not None:
-        out[3:3] = ["subspace"]
-        out.append("orthogonalized_subspace")
-    return [a for a in out if not (blocked and a in ORTHOGONALIZED) and a not in partial]
+    chosen = [op for op in OPS if op.in_default_capability(spec, _block(spec, op))]
+    out = ["baseline", *(op.name for op in chosen), *(op.weight_arm for op in chosen if op.weight_arm)]
+    return [a for a in out if not (blocked and a in weight_arms()) and a not in partial]
 
 
 def _blocked(spec, mp) -> str | None:
@@ -135,57 +123,25 @@ def twin_controls(arm: dict, twin: dict, draws: int) -> list[dict]:
 
 
 def capability_params(spec, mp) -> list[dict]:
-    """Every capability arm of one (model, seed), in steer's parameter schema (so steer's direction
-    and edit builders serve both); addition arms leave `layer` None until their direction resolves.
-    `controls: K` gives each arm K control arms; weight arms' controls name their hook twin (`twin_controls`)."""
+    """Every capability arm of one (model, seed), in steer's parameter schema (so the operators' resolve and
+    edits serve both): baseline, each operator's `capability_arms` (addition arms leave `layer` None until
+    their direction resolves), then the weight arms (`weight_params`). `controls: K` gives each arm K control
+    arms; weight arms' controls name their hook twin (`twin_controls`)."""
     from refusal_ray.spec import n_draws
 
-    cap = spec.stages.capability
-    draws = n_draws(cap.controls)
+    draws = n_draws(spec.stages.capability.controls)
     which = arms(spec, _blocked(spec, mp), partial_twins(spec, mp.n_layers))
     out: list[dict] = []
     if "baseline" in which:
         out.append({"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0, "direction_layer": None,
                     "control": False})
-    select_block = ({"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"})}
-                    if spec.stages.select is not None else {})
-
-    def select(uses: bool) -> dict:   # stage select's settings are part of an arm only when it reads select
-        return select_block if uses else {}
-
-    if "addition" in which:
-        for c in cap.coefficients:
-            if c != 0:
-                out += control_arms({"mode": "addition", "layer": None, "coefficient": float(c), "alpha": 0.0,
-                                     "direction_layer": cap.addition_layer,
-                                     **select(cap.addition_layer == "selected")}, draws)
-    direction, position = ablation_direction(_settings(spec))
-    explicit = {**select(direction == "selected"), **({} if position is None else {"direction_position": position})}
-    steer = spec.stages.steer
-    layers = {} if steer is None or steer.ablation is None or steer.ablation.layers == "all" else {
-        "ablation_layers": layer_list(steer.ablation.layers, mp.n_layers)}
-
-    def ablation(a: float) -> dict:
-        return {"mode": "ablation", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": direction,
-                **explicit, **layers}
-
-    sub = steer.subspace if steer is not None else None
-    stacked = None if sub is None else stacked_directions(spec)
-
-    def subspace(a: float) -> dict:
-        return {"mode": "subspace", "layer": None, "coefficient": 0.0, "alpha": float(a), "direction_layer": None,
-                "ablation_layers": layer_list(sub.ablation_layers, mp.n_layers), **stacked}
-
-    if "ablation" in which:
-        out += [arm for a in cap.alphas for arm in control_arms(ablation(a), draws)]
-    if "subspace" in which:
-        out += [arm for a in sub.alphas for arm in control_arms(subspace(a), draws)]
-    if "orthogonalized" in which:
-        out += twin_controls({"mode": "orthogonalized", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                              "direction_layer": direction, **explicit}, ablation(1.0), draws)
-    if "orthogonalized_subspace" in which:
-        out += twin_controls({"mode": "orthogonalized_subspace", "layer": None, "coefficient": 0.0, "alpha": 1.0,
-                              "direction_layer": None, **stacked}, subspace(1.0), draws)
+    for op in OPS:
+        if op.name in which:
+            out += [arm for a in op.capability_arms(spec, _block(spec, op), mp.n_layers)
+                    for arm in control_arms(a, draws)]
+    for op in OPS:
+        if op.weight_arm and op.weight_arm in which:
+            out += twin_controls(*op.weight_params(spec, _block(spec, op), mp.n_layers), draws)
     return out
 
 
@@ -218,20 +174,16 @@ def twin_draw_ids(session, cells: list[Cell], extra: dict) -> dict[str, str]:
     return out
 
 
-def resolved(cell: Cell, d: SteerInputs) -> Cell:
-    """An addition cell with its site layer filled in from its direction ('best' / 'selected' resolve per seed)."""
-    if cell.params["mode"] != "addition" or cell.params["layer"] is not None:
-        return cell
-    layer, _, _ = arm_direction(cell, d)
-    return replace(cell, params={**cell.params, "layer": layer})
-
-
-def broadcast_edits(cell: Cell, d: SteerInputs, ablation_layers: list[int], d_model: int) -> dict:
+def broadcast_edits(cell: Cell, d: SteerInputs, ablation_layers: list[int], sites) -> dict:
     """The arm's hook edits as one-row tensors ([1, d_model]), which broadcast over any batch (the CE
-    loss, KL and lm-eval batches); {} for baseline and orthogonalized arms (the latter edits weights)."""
-    if cell.params["mode"] in ("baseline", *ORTHOGONALIZED):
+    loss, KL and lm-eval batches): its operator's `edits` for one row (chunk.n == 1, no prefill); {} for
+    baseline and weight arms (they edit weights). `sites`: has d_model and n_layers (`lm.sites`)."""
+    mode = cell.params["mode"]
+    if mode not in OPS:
         return {}
-    return build_edits([Row(cell, "harmless", 0)], d, ablation_layers, d_model)
+    op = OPS[mode]
+    chunk = Chunk(1, sites.d_model, sites.n_layers, ablation_layers)
+    return compose([(op.rank, op.edits([(0, cell, op.resolve(cell, d))], chunk, d))])
 
 
 def _rate_row(metric: str, k: int, n: int) -> dict:
@@ -241,23 +193,20 @@ def _rate_row(metric: str, k: int, n: int) -> dict:
 
 def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_size: int) -> list[dict]:
     """Every metric of one arm on a loaded model: rows of table `capability` (metric, value, n, ci_low,
-    ci_high, stderr, the arm's columns (`steer.arm_columns`), arm, measure_key). `batch_size` bounds every
+    ci_high, stderr, the arm's columns (`ops.base.arm_columns`), arm, measure_key). `batch_size` bounds every
     forward pass and generate call (and lm-eval's batch)."""
     lm, chat = session.lm, session.chat
     test = session.prompts[cell.seed]["test"]
     steer = session.settings.get("steer") or {}
     ablation_layers = layer_list((steer.get("ablation") or {}).get("layers", "all"), lm.sites.n_layers)
-    cell = resolved(cell, d)
-    edits = broadcast_edits(cell, d, ablation_layers, lm.sites.d_model)
+    edits = broadcast_edits(cell, d, ablation_layers, lm.sites)
     texts = text_tokens(lm.tokenizer, extra["text"], cfg["text"]["max_tokens"], chat)
     harmless = prompt_tokens(lm.tokenizer, test["harmless"].instructions, chat)
     base_lp = next_token_logprobs(lm, harmless, batch_size)                 # [n_harmless, vocab], unedited
     weights = contextlib.nullcontext()
-    if cell.params["mode"] == "orthogonalized":
-        _, _, v = arm_direction(cell, d)
-        weights = orthogonalized(lm, v)
-    elif cell.params["mode"] == "orthogonalized_subspace":
-        weights = orthogonalized(lm, arm_subspace(cell, d)[1])               # [rank, d_model] orthonormal rows
+    op = owner(cell.params["mode"])
+    if op is not None and cell.params["mode"] == op.weight_arm:   # [d_model] or [rank, d_model] orthonormal rows
+        weights = orthogonalized(lm, op.weight_tensor(cell, op.resolve(cell, d)))
     rows = []
     with weights:
         loss, n_tokens = cross_entropy(lm, texts, batch_size, edits)
@@ -299,12 +248,9 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
 
 # -- the declaration ---------------------------------------------------------------------------
 def _inputs(settings: dict, needs: dict) -> SteerInputs:
-    """Steer's inputs, read with steer's settings (or defaults: position -1, no subspace, when the
-    spec has no steer block) and the capability block's explicit ablation direction."""
-    steer = settings.get("steer") or {"position": -1}
-    layer, position = ablation_direction(settings)
-    view = {**settings, "steer": {**steer, "ablation": {"direction_layer": layer, "direction_position": position}}}
-    return steering_inputs(view, needs)
+    """Steer's inputs, read with steer's settings (or defaults: position -1, no operator blocks, when the
+    spec has no steer block); an explicit direction (layer, position) is read from `SteerInputs.rows`."""
+    return steering_inputs({**settings, "steer": settings.get("steer") or {"position": -1}}, needs)
 
 
 def _run(session, cells, payload) -> dict:
@@ -404,7 +350,7 @@ def _check(plan) -> None:
     for name in ("direction_layer", "addition_layer"):
         if isinstance(getattr(cap, name), int):
             check_layers(plan, f"stages.capability.{name}", [getattr(cap, name)])
-    listed = [a for a in (cap.arms or []) if a in ORTHOGONALIZED]
+    listed = [a for a in (cap.arms or []) if a in weight_arms()]
     if not listed:
         return
     for m in plan.spec.models:
@@ -433,7 +379,7 @@ def _describe(plan) -> list[str]:
     cap = plan.spec.stages.capability
     listed = sorted({a for mp in plan.models.values()
                      for a in arms(plan.spec, _blocked(plan.spec, mp), partial_twins(plan.spec, mp.n_layers))},
-                    key=ARMS.index)
+                    key=arm_kinds().index)
     lines = [f"capability: arms {', '.join(listed)} (controls: {controls_text(cap.controls)}); "
              f"CE on {cap.text.path} "
              f"(first {cap.text.n} documents, <= {cap.text.max_tokens} tokens), first-token KL on the harmless "
