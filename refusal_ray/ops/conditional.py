@@ -82,7 +82,8 @@ class ConditionalArm(Strict):
         "'above': gate where similarity > threshold (the paper's comparator 'smaller'); 'below': where "
         "similarity < threshold (the paper's 'larger')."))
     aggregation: Aggregation = Field("mean", description=(
-        "How the prompt's tokens give h_bar: 'mean' over its real tokens (the paper's default) or its 'last' token."))
+        "How the prompt's tokens give h_bar: 'mean' over its real tokens (the paper's default) or its 'last' "
+        "token (with steer.position -1, the token the condition direction was fit at)."))
     behavior: Literal["addition", "ablation"] = Field("addition", description=(
         "What gated rows get: 'addition' (x + c v at resid_pre[layer], the paper's use: induce refusal where "
         "the condition holds) or 'ablation' (x - alpha (x.u) u at resid_pre, attn_out, mlp_out)."))
