@@ -386,7 +386,8 @@ def test_a_control_rotates_in_a_random_plane_seeded_by_its_cell():
     b1, b2 = random_plane(ctl.id, 32)
     assert plane.axis == "random" and plane.evr is None
     assert np.array_equal(plane.b1, b1.astype(np.float32)) and np.array_equal(plane.b2, b2.astype(np.float32))
-    assert ANG.columns(ctl, plane)["axis"] == "random"
+    cols = ANG.columns(ctl, plane)
+    assert cols["axis"] == "random" and np.isnan(cols["axis_evr"]) and np.isnan(cols["axis_cos"])
 
 
 def test_skip_reasons():
@@ -460,3 +461,72 @@ def test_summary_reads_suppression_near_180_and_induction_near_0():
     assert cols["angular_induction"] == pytest.approx(0.6 - 0.1)
     assert cols["angular_induction_vs_control"] == pytest.approx(0.6 - 0.15)
     assert "bypass: theta=170.0" in cols["angular_setting"] and "induce: theta=0.0" in cols["angular_setting"]
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+
+def _steer_has_angular() -> bool:
+    from refusal_ray.spec import SteerStage
+
+    return "angular" in SteerStage.model_fields
+
+
+def test_end_to_end_through_the_steer_stage(tmp_path):
+    """A tiny toy sweep with angular arms (two thetas x adaptive off/on, a control each) through `run_local`:
+    its steering rows carry theta, adaptive, rotation and the axis; the real arms' axis_cos is the stored
+    directions' PCA axis against the stored direction (recomputed here with scikit-learn); controls say
+    `random`; the addition arm's rows are unchanged beside them."""
+    if not _steer_has_angular():
+        pytest.skip("stage steer does not loop over OPS yet (the operator seam's steer half)")
+    import yaml
+
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    from conftest import TOY_MODELS, TOY_PROMPTS
+
+    def spec(steer: dict) -> dict:
+        return {"name": "angular", "models": [{"name": "qwen-s", "path": str(TOY_MODELS / "toy-qwen-s")}],
+                "data": {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+                         "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")},
+                         "n_train": 6, "n_val": 4, "n_test": 2},
+                "seeds": [0],
+                "stages": {"directions": {}, "steer": {"ablation": None,
+                                                       "addition": {"layers": [1], "coefficients": [2.0]},
+                                                       **steer}},
+                "generation": {"max_new_tokens": 4},
+                "decision_rule": {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                                                     "addition_coefficient": 2.0, "ablation_alpha": 1.0},
+                                  "steering_labels": {"strong": 0.5, "weak": 0.2}}}
+
+    def run(name: str, steer: dict) -> dict:
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(spec(steer)))
+        return run_local(make_plan(str(f)), log=lambda *a: None)
+
+    out = run("with", {"angular": {"thetas": [0.0, 180.0], "adaptive": [False, True], "direction_layer": "best"}})
+    rows = [r for r in out["steering"] if r["mode"] == "angular"]
+    assert sorted((r["theta"], r["adaptive"], bool(r["control"]), r["prompt_set"]) for r in rows) == sorted(
+        (t, a, c, s) for t in (0.0, 180.0) for a in (False, True) for c in (False, True) for s in ("harmful", "harmless"))
+    assert {r["rotation"] for r in rows} == {"target"}
+    assert {r["axis"] for r in rows if r["control"]} == {"random"}
+    dirs = {r["layer"]: np.asarray(r["vector"], np.float64) for r in out["directions"]
+            if r["site"] == "resid_pre" and r["position"] == -1}
+    sklearn = pytest.importorskip("sklearn.decomposition")
+    unit = np.stack([v / np.linalg.norm(v) for _, v in sorted(dirs.items()) if np.linalg.norm(v) > 1e-6 * max(
+        np.linalg.norm(w) for w in dirs.values())])
+    pca = sklearn.PCA().fit(unit)
+    for r in rows:
+        if r["control"]:
+            assert np.isnan(r["axis_evr"]) and np.isnan(r["axis_cos"])
+            continue
+        v = dirs[r["direction_layer"]]
+        assert r["axis"] == "pca0" and r["axis_evr"] == pytest.approx(pca.explained_variance_ratio_[0], abs=1e-6)
+        assert r["axis_cos"] == pytest.approx(float(pca.components_[0] @ (v / np.linalg.norm(v))), abs=1e-5)
+        assert r["vector_norm"] == pytest.approx(np.linalg.norm(v), rel=1e-6)
+    cells = {c["cell_id"]: c["status"] for c in out["cells"]}
+    assert all(cells[r["cell_id"]] == "done" for r in rows)
+    # the addition rows (ids and rates) are the same in a sweep without the angular block
+    without = run("without", {})
+    key = lambda rs: sorted((r["cell_id"], r["prompt_set"], r["rate"]) for r in rs if r["mode"] != "angular")  # noqa: E731
+    assert key(out["steering"]) == key(without["steering"])

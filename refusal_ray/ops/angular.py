@@ -257,6 +257,10 @@ def _nearest(thetas: list[float], target: float) -> float:
     return min(thetas, key=lambda t: (abs((t - target + 180.0) % 360.0 - 180.0), t))
 
 
+def _float(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def _missing(v) -> bool:
     try:
         return v is None or bool(np.isnan(v))
@@ -368,8 +372,9 @@ class Angular(Operator):
         p = cell.params
         return {"direction_layer": resolved.layer, "direction_position": resolved.position,
                 "vector_norm": resolved.vector_norm, "theta": float(p["theta"]), "adaptive": bool(p["adaptive"]),
-                "rotation": p["rotation"], "axis": resolved.axis, "axis_evr": resolved.evr,
-                "axis_cos": resolved.cos}
+                "rotation": p["rotation"], "axis": resolved.axis,
+                # NaN, not None, on a control's rows: a file of control rows only must still store doubles
+                "axis_evr": _float(resolved.evr), "axis_cos": _float(resolved.cos)}
 
     # summary and report
     def summary_columns(self, a, rule, block) -> dict:
