@@ -530,3 +530,31 @@ def test_end_to_end_through_the_steer_stage(tmp_path):
     without = run("without", {})
     key = lambda rs: sorted((r["cell_id"], r["prompt_set"], r["rate"]) for r in rs if r["mode"] != "angular")  # noqa: E731
     assert key(out["steering"]) == key(without["steering"])
+
+
+@pytest.mark.parametrize("block, field, words", [
+    ({"thetas": [0, 0], "direction_layer": "best"}, "stages.steer.angular", "thetas has a repeated angle"),
+    ({"sites": ["mlp_out"], "direction_layer": "best"}, "stages.steer.angular.sites.0",
+     "Input should be 'resid_pre' or 'resid_mid'"),
+    ({"thetas": [90]}, "stages.steer", "stages.steer.angular.direction_layer 'selected' needs a stages.select block"),
+    ({"layers": [9], "direction_layer": "best"}, "stages.steer.angular.layers", "layer 9 out of range"),
+    ({"direction_layer": 7}, "stages.steer.angular.direction_layer", "layer 7 out of range"),
+])
+def test_bad_angular_block_is_a_spec_error_naming_the_field(tmp_path, tiny_qwen_path, block, field, words):
+    import yaml
+
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan
+
+    from test_bad_input import base_spec
+
+    if not _steer_has_angular():
+        pytest.skip("the spec does not build its steer blocks from OPS yet")
+    spec = base_spec(tiny_qwen_path)
+    spec["stages"]["steer"]["angular"] = block
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as e:
+        make_plan(str(f))
+    msg = str(e.value)
+    assert str(f) in msg and f": {field}" in msg and words in msg, msg
