@@ -337,9 +337,6 @@ class Operator:
     direction_key: ClassVar[str | None] = None   # arm-key column the steering table shows as its direction
     report_section: ClassVar[bool] = True        # its own report section (the rule's arms: False)
     section_title: ClassVar[str | None] = None   # default: label, capitalised
-    report_columns: ClassVar[tuple[str, ...]] = ("model", "layer", "coefficient", "alpha", "direction_layer",
-                                                 "direction_position", "control", "control_draw", "prompt_set",
-                                                 "rate", "ci_low", "ci_high", "n_prompts")
 
     @property
     def rank(self) -> int:
@@ -435,6 +432,12 @@ class Operator:
     def cost_setting(self, rule: dict) -> tuple[str, float | None]:
         return "alpha", None
 
+    @property
+    def report_columns(self) -> tuple[str, ...]:
+        """Columns of its report section's table of pooled arms (those present)."""
+        return ("model", *self.arm_keys, "layer", "coefficient", "alpha", "direction_layer", "direction_position",
+                "control", "control_draw", "prompt_set", "rate", "ci_low", "ci_high", "n_prompts")
+
     def report_mask(self, a, summary_row):
         """Which of one model's pooled arms `a` the steering table shows (default: all of this operator's)."""
         return a["mode"] == self.name
@@ -472,14 +475,23 @@ def setting_of(a, op: Operator) -> dict | None:
     return {k: first[k] for k in keys}
 
 
+def setting_text(a, op: Operator, setting: dict | None) -> str | None:
+    """'scale=0.0': the keys of `setting` that tell this operator's arms in `a` apart (its `arm_keys` and the
+    settings that vary among its arms)."""
+    if setting is None:
+        return None
+    mine = a[a["mode"] == op.name]
+    shown = [k for k in setting if k in op.arm_keys or mine[k].nunique() > 1]
+    return ", ".join(f"{k}={setting[k]}" for k in shown) or "its one setting"
+
+
 def effect_columns(a, op: Operator, setting: dict | None) -> dict:
     """`{name}_setting` and, per `op.effect`, `{name}_harmful_refusal`, `{name}_suppression` (baseline harmful
     refusal minus the arm's), `{name}_suppression_vs_control` (the controls' mean rate minus the arm's), and
     `{name}_harmless_refusal`, `{name}_induction`, `{name}_induction_vs_control` (arm minus controls' mean),
     from one model's pooled arms `a` at `setting` (NaN when unmeasured)."""
     nan = float("nan")
-    out: dict = {f"{op.name}_setting": None if setting is None else
-                 ", ".join(f"{k}={v}" for k, v in setting.items() if not (k in SETTING_KEYS and v == -1))}
+    out: dict = {f"{op.name}_setting": setting_text(a, op, setting)}
 
     def rate(pset: str, control: bool) -> float:
         if setting is None:
