@@ -53,7 +53,7 @@ def manifest(plan: Plan) -> dict:
         "host": {"hostname": socket.gethostname(), "python": platform.python_version(),
                  "platform": platform.platform(), "user": getpass.getuser()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **{key: value for stage in STAGES for key, value in stage.manifest(plan).items()},   # e.g. steer_position
+        **{key: value for stage in STAGES for key, value in stage.manifest(plan).items()},   # Stage.manifest
     }
 
 

@@ -104,3 +104,17 @@ def test_reading_a_store_back_loads_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_store_knows_every_stage_table_without_importing_the_stages():
+    from refusal_ray.core.tables import TABLES, check_declared
+    from refusal_ray.stages import STAGES
+    from refusal_ray.stages import TABLES as DECLARED
+    from refusal_ray.stages.base import Stage
+
+    assert set(DECLARED) <= set(TABLES) and TABLES[-1] == "judgements"
+    check_declared(STAGES)
+    rogue = Stage("rogue", ("rogue_rows",), cells=None, id_key=None, run=None)
+    with pytest.raises(RuntimeError, match="stage 'rogue' writes table 'rogue_rows', which refusal_ray/core/tables.py "
+                                           "does not list: add it to STAGE_TABLES"):
+        check_declared([rogue])

@@ -3,10 +3,10 @@
 Cells are grouped by (model, seed) and by stage into tasks, as each stage declares
 (`refusal_ray.stages`); the needs -> inputs -> skip bookkeeping is the loop shared with the
 in-process runner (`refusal_ray.pipeline.executor`); the driver adds Ray: actors, retries, shards.
-Each model gets one or more actors (replicas), each loading it once and serving any of its seeds. A task waits until the stages it needs have finished for its
-(model, seed) (`Stage.needs`); their rows, reduced by the stage's `inputs`, travel
-with each task, so replicas hold no state. Cells a stage cannot run on those inputs (its `skip`)
-are stored as `skipped` with the reason. A task of a stage that declares `shards`/`merge`
+Each model gets one or more actors (replicas), each loading it once and serving any of its seeds.
+A task waits until the stages it needs have finished for its (model, seed) (`Stage.needs`); their
+rows, reduced by the stage's `inputs`, travel with each task, so replicas hold no state. Cells a
+stage cannot run on those inputs (its `skip`) are stored as `skipped` with the reason. A task of a stage that declares `shards`/`merge`
 is split across the model's live replicas when it has more than one: each shard runs on whichever
 replica is free, a failed shard is retried alone (up to `MAX_ATTEMPTS`), and only when every shard
 is in are they merged and the task's rows written, once; a shard that keeps failing fails the task
@@ -14,8 +14,8 @@ as a whole, so no partial rows are ever stored. At most two batches are in fligh
 written to the store as they arrive (atomic files), so a crash never loses finished cells. A
 failed batch is retried up to `MAX_ATTEMPTS` times, then its cells are stored as failed with
 their error and the run goes on. A model's work starts once all its first replicas have answered
-their readiness probe (they load in parallel), so it spreads over all of them. After a worker crash its queue waits for a readiness probe
-(Ray restarts the actor; a permanently dead one is replaced). A model that cannot load is not
+their readiness probe (they load in parallel), so it spreads over all of them. After a worker
+crash its queue waits for a readiness probe (Ray restarts the actor; a permanently dead one is replaced). A model that cannot load is not
 restarted: the actor answers the probe with the load's exception, stored as every remaining
 cell's error ("worker cannot start: OSError: ..."). An actor with nothing left to do is
 killed at once, which is the only reliable way to free its memory for the next model.
