@@ -50,6 +50,8 @@ The contract (class attributes, then methods; every method has a default unless 
   `chunk.prefill[name]` in `edits`. Default: nothing (None), and no extra pass is made. Capability's
   CE / KL / lm-eval passes use broadcast edits (`edits` of one row, chunk.n == 1, no prefill):
   an operator that needs its prefill must gate inside its SiteEdit there, or give no capability arms.
+- `completion_columns(prefill, i) -> dict` / `group_columns(rows) -> dict`: per-completion columns from
+  the prefill state (row i of the chunk), and the steering row's columns from its completions' ones.
 - `columns(cell, resolved) -> dict`: its result columns on its rows (steering, capability). Keys of the
   common arm columns (`base_columns`: layer, direction_layer, direction_position, direction,
   coefficient, alpha, vector_norm, ...) override those; new keys are added on its rows only.
@@ -383,6 +385,16 @@ class Operator:
         return cls.prefill is not Operator.prefill
 
     def columns(self, cell, resolved) -> dict:
+        return {}
+
+    def completion_columns(self, prefill, i: int) -> dict:
+        """Extra columns of completion row `i` of a chunk (its index in the batch), from this operator's
+        `prefill` state; only on its rows. Default {}."""
+        return {}
+
+    def group_columns(self, rows: list[dict]) -> dict:
+        """Extra columns of one steering row (cell, prompt set) from its completion rows' `completion_columns`
+        dicts. Default {}."""
         return {}
 
     def weight_tensor(self, cell, resolved) -> np.ndarray:

@@ -88,14 +88,16 @@ def edits_on(edits: dict, device: torch.device) -> dict:
 
 def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet], directions: SteerInputs,
                   ablation_layers: list[int], max_new_tokens: int, batch_size: int, progress=None,
-                  chat: ChatOptions | None = None, **generate_kwargs) -> list[str]:
+                  chat: ChatOptions | None = None, extras: list[dict] | None = None, **generate_kwargs) -> list[str]:
     """Greedy completions for every row, `batch_size` rows per `generate` call.
 
     Generation is `refusal_ray.models.chat.generate`: greedy, nothing inherited from the
     checkpoint's generation_config, stopped and cut at the union of stop tokens. Rows are sorted by
     prompt length so each call pads little; the result is in `rows` order. Operators with a `prefill`
     get each chunk's unedited input ids and mask ([rows, pos], left padded, as `encode` returns them)
-    before its edited `generate`. Extra keyword arguments go to `generate` (e.g. `min_new_tokens`).
+    before its edited `generate`; `extras` (a list, filled in `rows` order) gets each row's
+    `completion_columns` from its operator's prefill state. Extra keyword arguments go to `generate`
+    (e.g. `min_new_tokens`).
     """
     chat = chat or ChatOptions()
     texts = {s: ps.instructions for s, ps in prompts.items()}
@@ -114,6 +116,13 @@ def generate_rows(lm: LoadedModel, rows: list[Row], prompts: dict[str, PromptSet
             texts_out = generate(lm, ids, mask, chat, max_new_tokens, config, **generate_kwargs)
         for i, text in zip(idx, texts_out):
             out[i] = text
+        if extras is not None:
+            if len(extras) < len(rows):
+                extras.extend({} for _ in range(len(rows) - len(extras)))
+            for op, r in per_op:
+                if op.name in prefill:
+                    for j, _, _ in r:
+                        extras[idx[j]] = op.completion_columns(prefill[op.name], j)
         if progress is not None:
             progress(len(chunk))
     return out
@@ -136,7 +145,10 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     judge = judge or SubstringJudge()
     layers = layer_list(ablation_layers, lm.sites.n_layers)
     rows = [Row(c, s, i) for c in cells for s in ("harmful", "harmless") for i in range(len(prompts[s]))]
-    completions = generate_rows(lm, rows, prompts, directions, layers, max_new_tokens, batch_size, progress, chat)
+    extras: list[dict] = []
+    completions = generate_rows(lm, rows, prompts, directions, layers, max_new_tokens, batch_size, progress, chat,
+                                extras=extras)
+    extras += [{} for _ in range(len(rows) - len(extras))]
     refusals = judge(completions)
     correct = exact_match(completions, [prompts[r.prompt_set].references[r.index] for r in rows])
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -146,7 +158,7 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         comp_rows.append({"cell_id": r.cell.id, "seed": r.cell.seed, "prompt_set": r.prompt_set,
                           "prompt_id": prompts[r.prompt_set].ids[r.index],
                           "prompt": prompts[r.prompt_set].instructions[r.index], "completion": completions[i],
-                          "refusal": refusals[i], "correct": correct[i], **draw_column(r.cell)})
+                          "refusal": refusals[i], "correct": correct[i], **draw_column(r.cell), **extras[i]})
     by_id = {c.id: c for c in cells}
     arm_rows = []
     for (cid, pset), idx in groups.items():
@@ -154,10 +166,12 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         k, n = sum(refusals[i] for i in idx), len(idx)
         lo, hi = wilson(k, n)
         scored = [correct[i] for i in idx if correct[i] is not None]
+        op = OPS[cell.params["mode"]] if cell.params["mode"] in OPS else None
+        own = op.group_columns([extras[i] for i in idx]) if op is not None else {}
         arm_rows.append({
             **arm_columns(cell, directions), "mode": cell.params["mode"], "prompt_set": pset,
             "n": n, "refusals": k, "rate": k / n, "ci_low": lo, "ci_high": hi,
-            "task_n": len(scored), "task_accuracy": (sum(scored) / len(scored)) if scored else None,
+            "task_n": len(scored), "task_accuracy": (sum(scored) / len(scored)) if scored else None, **own,
         })
     return arm_rows, comp_rows
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from refusal_ray.data import PromptSet
 from refusal_ray.grid import Cell
 from refusal_ray.models.loading import load_model
-from refusal_ray.stages.steer import SteerInputs, run_steer
+from refusal_ray.ops.base import SteerInputs
+from refusal_ray.stages.steer import run_steer
 from refusal_ray.toy.dataset import ToyRow
 
 BASELINE = Cell("baseline", "steer", "toy", 0, {"mode": "baseline", "layer": None, "coefficient": 0.0,
