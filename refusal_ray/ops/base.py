@@ -479,7 +479,7 @@ SETTING_KEYS = ("layer", "coefficient", "alpha", "direction_layer", "direction_p
 def setting_of(a, op: Operator) -> dict | None:
     """The first (sorted) non-control setting of operator `op` in pooled arms `a`: {arm key: value}
     over the pooled arm keys other than control, control_draw and prompt_set; None when unmeasured."""
-    keys = [k for k in (*SETTING_KEYS, *op.arm_keys) if k in a.columns]
+    keys = [k for k in (*SETTING_KEYS, *getattr(op, "arm_keys", ())) if k in a.columns]
     mine = a[(a["mode"] == op.name) & ~a["control"].astype(bool)]
     if mine.empty:
         return None
@@ -493,7 +493,8 @@ def setting_text(a, op: Operator, setting: dict | None) -> str | None:
     if setting is None:
         return None
     mine = a[a["mode"] == op.name]
-    shown = [k for k in setting if k in op.arm_keys or mine[k].nunique() > 1]
+    own = getattr(op, "arm_keys", ())
+    shown = [k for k in setting if k in own or mine[k].nunique() > 1]
     return ", ".join(f"{k}={setting[k]}" for k in shown) or "its one setting"
 
 
