@@ -142,12 +142,12 @@ def test_throwaway_operator_runs_stores_summarises_and_reports(scale_op, tmp_pat
             store.write(table, model, [{k: v for k, v in r.items() if k != "model"} for r in trs if r["model"] == model])
     arms = pooled_arms(store.read("steering"), store.read("completions"))
     mine = arms[arms["mode"] == "scale"]
-    assert set(mine["scale"]) == {"0.0", "2.0"} and len(mine) == 8   # its arm key keeps the settings apart
+    assert set(mine["scale"]) == {"0", "2"} and len(mine) == 8   # its arm key keeps the settings apart
     row = summarize(out).iloc[0]
     # the summary's default effect columns at its first setting (s = 0), against an independent recomputation
     a = arms[arms["model"] == "qwen-xs"]
 
-    def rate(mode, pset, control=False, scale="0.0"):
+    def rate(mode, pset, control=False, scale="0"):
         sel = a[(a["mode"] == mode) & (a["prompt_set"] == pset) & (a["control"] == control)]
         if mode == "scale":
             sel = sel[sel["scale"] == scale]
@@ -160,7 +160,7 @@ def test_throwaway_operator_runs_stores_summarises_and_reports(scale_op, tmp_pat
     assert "## Direction rescaling" in text
     table = text[text.find("## Direction rescaling"):].split("\n\n")[1].splitlines()
     assert table[0].startswith("| model | scale |") and len(table) == 2 + 8      # its 8 pooled arms
-    assert "Direction rescaling (scale=0.0) lowers harmful refusal by" in text   # its headline sentence
+    assert "Direction rescaling (scale=0) lowers harmful refusal by" in text   # its headline sentence
     assert f"{row['scale_suppression']:.2f}" in text.split("## Summary")[0]
     assert "scl-ctl" in render(summarize(out))              # its summary table columns
     assert _repo_listing() == before   # the operator lives in this test only: the run wrote nothing into the repo

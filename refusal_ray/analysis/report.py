@@ -150,6 +150,18 @@ def plot_scale_trend(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def _integral(t: pd.DataFrame) -> pd.DataFrame:
+    """Float columns whose values are all whole numbers (an operator's integer arm keys, floats in the pooled
+    table because other operators' rows hold NaN there) as integers, so a layer prints as 1, not 1.000."""
+    out = t.copy()
+    for c in out.columns:
+        v = out[c]
+        if v.dtype.kind == "f" and v.notna().all() and len(v) and (v == v.round()).all() and c not in (
+                "rate", "ci_low", "ci_high", "coefficient", "alpha", "theta", "threshold"):
+            out[c] = v.astype(int)
+    return out
+
+
 def write_report(out_dir, judge: str | None = None) -> str:
     """Write summary files, figures/*.png and report.md into the store; returns the report's path.
     `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`).
@@ -226,8 +238,8 @@ def write_report(out_dir, judge: str | None = None) -> str:
         if not ran and not op.dump_when_none and (stages.get("steer") or {}).get(op.name) is None:
             continue   # a newer operator that this sweep did not use gets no section
         lines += [f"## {op.section_title or op.label.capitalize()}", ""]
-        lines += ([*st.markdown_table(arms[arms["mode"] == op.name][[c for c in op.report_columns
-                                                                      if c in arms.columns]]), ""] if ran else
+        lines += ([*st.markdown_table(_integral(arms[arms["mode"] == op.name][[c for c in op.report_columns
+                                                                                if c in arms.columns]])), ""] if ran else
                   [f"Not run in this sweep (no `stages.steer.{op.name}` block)." if "steer" in stages else
                    "Not run in this sweep (no `stages.steer` block).", ""])
     lines += ["## Capability cost (CE loss, first-token KL, task exact match, lm-eval)", ""]

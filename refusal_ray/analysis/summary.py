@@ -606,6 +606,17 @@ def read_cost(out_dir) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame()
 
 
+def _op_setting(row: pd.Series) -> str:
+    """'theta=180, adaptive=True': a capability row's values of its operator's own `arm_keys` ('' for
+    operators without any, and for the weight arms)."""
+    from refusal_ray.ops.base import owner
+
+    op = owner(row["arm"])
+    keys = [k for k in (getattr(op, "arm_keys", ()) if op is not None else ()) if k in row.index]
+    vals = [(k, row[k]) for k in keys if row[k] is not None and not (isinstance(row[k], float) and np.isnan(row[k]))]
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals)
+
+
 def render_cost(cost: pd.DataFrame) -> str:
     """Refusal change against capability cost, one line per (model, arm) ('' without capability rows)."""
     wide = cost_table(cost)
@@ -613,9 +624,11 @@ def render_cost(cost: pd.DataFrame) -> str:
         return ""
     metrics = [m for m in ("refusal_harmful", "refusal_harmless", "ce_loss", "first_token_kl", "task_exact_match")
                if m in wide.columns] + sorted(c for c in wide.columns if c.startswith("lm_eval/"))
-    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""))
+    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""), setting=[_op_setting(r) for _, r in wide.iterrows()])
     cols = [("model", "model", "{}"), ("arm", "arm", "{}"), ("ctl", "ctl", "{}"), ("coefficient", "coef", "{:g}"),
             ("alpha", "alpha", "{:g}"), ("direction", "direction", "{}")]
+    if (wide["setting"] != "").any():   # operators with their own arm keys (angular's theta, CAST's threshold)
+        cols.append(("setting", "setting", "{}"))
     cols += [(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}") for m in metrics]
     return ("capability cost (arm minus baseline, mean over seeds; KL is against the baseline):\n"
             + "\n".join(_table(wide, cols)))

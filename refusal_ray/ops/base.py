@@ -407,7 +407,7 @@ class Operator:
         out = {}
         for col in self.arm_keys:
             vals = df[col] if col in df.columns else [None] * len(df)
-            out[col] = ["" if m != self.name or v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+            out[col] = ["" if m != self.name or v is None or (isinstance(v, float) and np.isnan(v)) else _key_text(v)
                         for m, v in zip(df["mode"], vals)]
         return out
 
@@ -453,6 +453,14 @@ class Operator:
     def report_mask(self, a, summary_row):
         """Which of one model's pooled arms `a` the steering table shows (default: all of this operator's)."""
         return a["mode"] == self.name
+
+
+def _key_text(v) -> str:
+    """An arm key's value as text: whole floats without a fraction (a layer stored as float beside other
+    operators' NaN prints as '1', not '1.0'), other values as str()."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def fmt_num(v, fmt: str = "{:.2f}") -> str:
