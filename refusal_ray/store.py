@@ -39,6 +39,23 @@ COLUMN_TYPES = {
     "compliance": pa.float64(), "coherence": pa.float64(), "score": pa.float64(), "raw": pa.string(),
     "malformed": pa.bool_(), "prompt": pa.string(), "sequential_cosine": pa.float64(), "subspace_rank": pa.int64(),
 }
+ARROW_TYPES = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_()}
+
+
+def declare_column_types(types: dict[str, str], source: str) -> None:
+    """Declare result columns' Arrow types ({column: "string" | "float64" | "int64" | "bool"}), as an
+    operator does for its own columns (`Operator.column_types`), so a file in which a column is all null
+    (a control row's missing value) has the same schema as the others. ValueError naming `source` on an
+    unknown type name or a column already declared with another type."""
+    for col, name in types.items():
+        if name not in ARROW_TYPES:
+            raise ValueError(f"{source}: column {col!r} type {name!r} is not one of {sorted(ARROW_TYPES)}")
+        have = COLUMN_TYPES.get(col)
+        if have is not None and have != ARROW_TYPES[name]:
+            raise ValueError(f"{source}: column {col!r} is already declared as {have}, not {name}")
+        COLUMN_TYPES[col] = ARROW_TYPES[name]
+
+
 # Tables whose rows are identified by their own id rather than by the cell that wrote them: one
 # judgement per (completion, judge) row id, written in chunks that cross cells.
 ROW_KEYS = {"judgements": "judgement_id"}

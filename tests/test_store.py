@@ -91,3 +91,21 @@ def test_files_of_different_schemas_read_together(tmp_path):
     df = store.read("steering").set_index("cell_id")
     assert df.loc["b", "subspace_rank"] == 2 and pd.isna(df.loc["a", "subspace_rank"])
     assert df["model"].tolist() == ["m", "m", "n"] and df["rate"].tolist() == [0.5, 0.25, 0.1]
+
+
+def test_operator_column_types_keep_one_schema(tmp_path):
+    """An operator's declared column (angular's axis_evr) that is all null in one file (its control rows) and
+    set in another reads back as one float column; an undeclared all-null column would be string."""
+    import refusal_ray.ops  # noqa: F401 - registers the operators and their column types
+    from refusal_ray.store import COLUMN_TYPES, declare_column_types
+
+    assert str(COLUMN_TYPES["axis_evr"]) == "double" and str(COLUMN_TYPES["adaptive"]) == "bool"
+    s = Store(tmp_path)
+    s.write("steering", "m", [{"cell_id": "a", "seed": 0, "axis_evr": None, "adaptive": None}])
+    s.write("steering", "m", [{"cell_id": "b", "seed": 0, "axis_evr": 0.81, "adaptive": True}])
+    df = s.read("steering").sort_values("cell_id")
+    assert df["axis_evr"].isna().tolist() == [True, False] and df["axis_evr"].iloc[1] == 0.81
+    with pytest.raises(ValueError, match=r"^operator 'x': column 'axis_evr' is already declared as double, not string$"):
+        declare_column_types({"axis_evr": "string"}, "operator 'x'")
+    with pytest.raises(ValueError, match=r"^operator 'x': column 'y' type 'float' is not one of"):
+        declare_column_types({"y": "float"}, "operator 'x'")

@@ -144,6 +144,7 @@ class AceEdit:
 @register
 class Ace(Operator):
     name = "ace"
+    column_types = {"reference_projection": "float64"}
     label = "affine concept editing (ACE)"
     order = 50
     config = AceArm

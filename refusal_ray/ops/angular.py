@@ -282,6 +282,8 @@ class Angular(Operator):
                          "direction and a PCA axis (None: none).")
     effect = "both"
     arm_keys = ("theta", "adaptive", "rotation")
+    column_types = {"theta": "float64", "adaptive": "bool", "rotation": "string", "axis": "string",
+                    "axis_evr": "float64", "axis_cos": "float64"}
     short = "ang"
     color = "tab:purple"
 

@@ -56,6 +56,8 @@ The contract (class attributes, then methods; every method has a default unless 
   common arm columns (`base_columns`: layer, direction_layer, direction_position, direction,
   coefficient, alpha, vector_norm, ...) override those; new keys are added on its rows only.
   `row_columns`: extra columns present (None) on every row (legacy only: subspace's `subspace_rank`).
+  `column_types`: {column: "float64" | "int64" | "bool" | "string"} of its own result columns, declared to
+  the store at `register` (a column that is null in one file, e.g. on control rows, keeps one schema).
 - `describe(spec, block) -> [lines]` for `refusal-ray plan`; `check(plan, block)`: plan-time checks,
   raise SpecError naming the field; `validate(spec, block)`: spec cross-field checks (block may be None;
   raise ValueError, pydantic reports it with the file).
@@ -329,6 +331,7 @@ class Operator:
     effect: ClassVar[Literal["bypass", "induce", "both"]] = "both"
     weight_arm: ClassVar[str | None] = None
     row_columns: ClassVar[tuple[str, ...]] = ()
+    column_types: ClassVar[dict[str, str]] = {}   # its result columns' types: {column: "float64" | "int64" | "bool" | "string"}
     arm_keys: ClassVar[tuple[str, ...]] = ()
     short: ClassVar[str] = ""
     color: ClassVar[str] = "tab:gray"
@@ -589,6 +592,11 @@ def register(cls: type[Operator]) -> type[Operator]:
         raise ValueError(f"operator {name!r} is already registered ({type(OPS._ops[name]).__module__})")
     if name in ("baseline", "controls", "position", "batch_size"):
         raise ValueError(f"operator name {name!r} is reserved (a steer setting or the baseline arm)")
+    types = getattr(cls, "column_types", {})
+    if types:   # its result columns' Arrow types (a column null in one file, set in another: one schema)
+        from refusal_ray.store import declare_column_types
+
+        declare_column_types(types, f"operator {name!r}")
     OPS._ops[name] = cls()
     OPS._changed()
     return cls
