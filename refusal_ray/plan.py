@@ -38,7 +38,7 @@ class ModelPlan:
     positions: list[int] = field(default_factory=lambda: [-1])   # direction positions, resolved
     chat: dict = field(default_factory=dict)   # rendered example, stop tokens, generation settings
     chat_template: str | None = None   # the spec's chat_template as text (a file read), None: the tokenizer's
-    refusal_tokens: dict = field(default_factory=dict)   # the refusal score's tokens and epsilon (stage select)
+    refusal_tokens: dict = field(default_factory=dict)   # the refusal score's tokens and epsilon ({}: no stage reads them)
 
 
 @dataclass
@@ -181,8 +181,10 @@ def _chat(plan: Plan, i: int, mp: ModelPlan, instructions: list[str]):
         generation_config = gen
 
     config = greedy_config(_Shim, tok, options, spec.generation.max_new_tokens)
-    mp.refusal_tokens = _refusal_tokens(spec, spec_file, tok, mp)
-    mp.positions = positions
+    for stage in STAGES:   # what stages resolve from the tokenizer, e.g. refusal tokens (Stage.resolve_model)
+        if stage.enabled(spec):
+            for key, value in stage.resolve_model(plan, mp, tok).items():
+                setattr(mp, key, value)
     mp.chat_template = template
     mp.chat = {"chat_template": _template_source(m.chat_template, template), "example_prompt": example,
                "default_system_prompt": default_system_prompt(tok, options),
@@ -327,25 +329,6 @@ def memory_warnings(plan: Plan, available: int | None = None) -> list[str]:
                        f"{_human(available)}; set device_map/max_memory/offload_folder or quantization, "
                        f"or run it on a bigger node")
     return out
-
-
-def _refusal_tokens(spec: Spec, spec_file: str, tok, mp: ModelPlan) -> dict:
-    """The refusal first tokens of stage select's refusal score (and of train filtering) for one
-    model: {"setting", "ids", "tokens" (decoded), "epsilon"}; {} when no stage reads them.
-    Raises SpecError naming `stages.select.refusal_tokens`."""
-    from refusal_ray.judges.substring import DEFAULT_PHRASES
-    from refusal_ray.models import refusal_tokens
-
-    select, directions = spec.stages.select, spec.stages.directions
-    if select is None and not directions.filter_train:
-        return {}
-    setting = select.refusal_tokens if select is not None else "family"
-    try:
-        ids = refusal_tokens.resolve(setting, tok, mp.family, spec.judge.phrases or DEFAULT_PHRASES)
-    except refusal_tokens.RefusalTokenError as e:
-        raise SpecError(spec_file, "stages.select.refusal_tokens", f"{e} (model {mp.name!r})") from None
-    return {"setting": setting, "ids": ids, "tokens": refusal_tokens.describe(tok, ids),
-            "epsilon": select.refusal_score_epsilon if select is not None else None}
 
 
 def describe(plan: Plan, done: set[str] | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Hooks of stage declarations whose modules are being rewritten in this issue (steer, capability):
+"""Hooks of stage declarations whose modules are being rewritten in this issue (steer, capability,
+directions; select's body):
 what `plan`, `runner` and `session` used to do by stage name, now declared on the stage (`Stage.check`,
 `Stage.check_model`, `Stage.manifest`). `refusal_ray.stages` attaches them to a declaration that does
 not set them itself; each moves into its stage's module (its `STAGE = Stage(...)`) and this module
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from refusal_ray.stages.base import Stage, _no_manifest, _no_model_checks, check_layers
+from refusal_ray.stages.base import Stage, _no_manifest, _no_model_checks, _nothing_resolved, check_layers
 
 
 def steer_manifest(plan) -> dict:
@@ -58,6 +59,35 @@ def steer_check_model(plan, mp) -> None:
                         f"{mp.name!r}")
 
 
+def refusal_tokens(plan, mp, tok, setting, epsilon) -> dict:
+    """{"refusal_tokens": {"setting", "ids", "tokens" (decoded), "epsilon"}}: the refusal first tokens of
+    one model (`refusal_ray.models.refusal_tokens.resolve`). Raises SpecError naming
+    `stages.select.refusal_tokens`."""
+    from refusal_ray.errors import SpecError
+    from refusal_ray.judges.substring import DEFAULT_PHRASES
+    from refusal_ray.models import refusal_tokens as rt
+
+    try:
+        ids = rt.resolve(setting, tok, mp.family, plan.spec.judge.phrases or DEFAULT_PHRASES)
+    except rt.RefusalTokenError as e:
+        raise SpecError(plan.spec_file, "stages.select.refusal_tokens", f"{e} (model {mp.name!r})") from None
+    return {"refusal_tokens": {"setting": setting, "ids": ids, "tokens": rt.describe(tok, ids), "epsilon": epsilon}}
+
+
+def directions_resolve_model(plan, mp, tok) -> dict:
+    """directions: `resolve_model=`: train filtering reads the family's refusal tokens when stage
+    select (which names its own) is off."""
+    if not plan.spec.stages.directions.filter_train or plan.spec.stages.select is not None:
+        return {}
+    return refusal_tokens(plan, mp, tok, "family", None)
+
+
+def select_resolve_model(plan, mp, tok) -> dict:
+    """select: `resolve_model=`: its refusal score's tokens (`stages.select.refusal_tokens`) and epsilon."""
+    s = plan.spec.stages.select
+    return refusal_tokens(plan, mp, tok, s.refusal_tokens, s.refusal_score_epsilon)
+
+
 def _then(first, second):
     def check(plan):
         first(plan)
@@ -74,6 +104,10 @@ def adopt(stage: Stage) -> Stage:
         if stage.check_model is _no_model_checks:
             hooks["check_model"] = steer_check_model
             hooks["check"] = _then(steer_check_layers, stage.check)
+    if stage.name == "directions" and stage.resolve_model is _nothing_resolved:
+        hooks["resolve_model"] = directions_resolve_model
+    if stage.name == "select" and stage.resolve_model is _nothing_resolved:
+        hooks["resolve_model"] = select_resolve_model
     if stage.name == "capability" and stage.manifest is _no_manifest:
         hooks["manifest"] = capability_manifest
     return replace(stage, **hooks) if hooks else stage

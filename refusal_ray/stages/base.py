@@ -22,6 +22,9 @@ A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(..
 - `check_model(plan, model_plan)`: plan-time checks of one model, called (for an enabled stage) as
   soon as the model's direction positions are resolved (`model_plan.positions`), before its prompt
   fingerprint; raise SpecError naming the field.
+- `resolve_model(plan, model_plan, tokenizer) -> {field: value}`: what the stage resolves from one
+  model's tokenizer at plan time, set on its ModelPlan (e.g. `refusal_tokens`); called for each
+  enabled stage in stage order after `check_model` (a later stage's value replaces an earlier one).
 - `manifest(plan) -> dict`: entries the stage adds to `manifest.json`; called for every stage,
   enabled or not, so a reader finds the keys either way (a disabled stage gives its "absent" value).
 - `shards(settings, payload, n) -> [payload_i]` and `merge(settings, cells, payload, parts) ->
@@ -66,6 +69,10 @@ def _no_manifest(plan):
     return {}
 
 
+def _nothing_resolved(plan, model_plan, tokenizer):
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -81,6 +88,7 @@ class Stage:
     check: Callable = _nothing
     describe: Callable = _no_lines
     check_model: Callable = _no_model_checks
+    resolve_model: Callable = _nothing_resolved
     manifest: Callable = _no_manifest
     shards: Callable | None = None
     merge: Callable | None = None
