@@ -157,7 +157,7 @@ def _chat(plan: Plan, i: int, mp: ModelPlan, instructions: list[str]):
     try:
         example = render(tok, instructions[:1], options)[0]
         post_instruction_ids(tok, options)   # raises when the template leaves out the user's message
-        positions = spec.stages.directions.positions
+        positions = next((p for st in STAGES if st.enabled(spec) and (p := st.positions(spec)) is not None), [-1])
         positions = (post_instruction_positions(tok, options, instructions) if positions == "post_instruction"
                      else list(positions))
     except NoTemplateError:

@@ -177,3 +177,23 @@ def test_run_local_and_the_driver_use_the_shared_loop():
         src = inspect.getsource(module)
         assert "Executor(" in src
         assert ".inputs(" not in src and ".skip(" not in src   # both come from the executor only
+
+
+def test_orchestration_names_no_stage():
+    """plan, runner, session, grid, the driver, run_local and the executor read stage declarations only:
+    no stage's name appears in their code as a name (spec.stages.<name>) or a string ("<name>")."""
+    import ast
+    import importlib
+    import inspect
+
+    from refusal_ray.stages import STAGES
+
+    names = {s.name for s in STAGES}
+    for module in ("refusal_ray.plan", "refusal_ray.runner", "refusal_ray.session", "refusal_ray.grid",
+                   "refusal_ray.cluster.driver", "refusal_ray.cluster.local", "refusal_ray.cluster.worker",
+                   "refusal_ray.pipeline.executor"):
+        tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        used |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not names & used, f"{module} names stage(s) {sorted(names & used)}"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from refusal_ray.stages.base import Stage, _no_manifest, _no_model_checks, _nothing_resolved, check_layers
+from refusal_ray.stages.base import (Stage, _no_manifest, _no_model_checks, _no_positions, _nothing_resolved,
+                                     check_layers)
 
 
 def steer_manifest(plan) -> dict:
@@ -74,6 +75,11 @@ def refusal_tokens(plan, mp, tok, setting, epsilon) -> dict:
     return {"refusal_tokens": {"setting": setting, "ids": ids, "tokens": rt.describe(tok, ids), "epsilon": epsilon}}
 
 
+def directions_positions(spec):
+    """directions: `positions=lambda spec: spec.stages.directions.positions`."""
+    return spec.stages.directions.positions
+
+
 def directions_resolve_model(plan, mp, tok) -> dict:
     """directions: `resolve_model=`: train filtering reads the family's refusal tokens when stage
     select (which names its own) is off."""
@@ -106,6 +112,8 @@ def adopt(stage: Stage) -> Stage:
             hooks["check"] = _then(steer_check_layers, stage.check)
     if stage.name == "directions" and stage.resolve_model is _nothing_resolved:
         hooks["resolve_model"] = directions_resolve_model
+    if stage.name == "directions" and stage.positions is _no_positions:
+        hooks["positions"] = directions_positions
     if stage.name == "select" and stage.resolve_model is _nothing_resolved:
         hooks["resolve_model"] = select_resolve_model
     if stage.name == "capability" and stage.manifest is _no_manifest:

@@ -19,6 +19,9 @@ A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(..
 - `tables`: the store tables its rows go to.
 - `prepare(plan)`, `check(plan)`, `describe(plan)`: plan-time prompt draws, checks (raise
   SpecError naming the field) and the lines `refusal-ray plan` prints.
+- `positions(spec) -> 'post_instruction' | [int] | None`: the token positions the stage fits
+  directions at, which plan resolves per model (`model_plan.positions`; the first enabled stage
+  that names them; none: [-1]).
 - `check_model(plan, model_plan)`: plan-time checks of one model, called (for an enabled stage) as
   soon as the model's direction positions are resolved (`model_plan.positions`), before its prompt
   fingerprint; raise SpecError naming the field.
@@ -61,6 +64,10 @@ def _no_lines(plan):
     return []
 
 
+def _no_positions(spec):
+    return None
+
+
 def _no_model_checks(plan, model_plan):
     return None
 
@@ -87,6 +94,7 @@ class Stage:
     prepare: Callable = _nothing
     check: Callable = _nothing
     describe: Callable = _no_lines
+    positions: Callable = _no_positions
     check_model: Callable = _no_model_checks
     resolve_model: Callable = _nothing_resolved
     manifest: Callable = _no_manifest
