@@ -778,3 +778,214 @@ def test_cost_pairs_each_arm_with_the_baseline_of_its_own_settings():
     assert current[current["arm"] == "ablation"]["cost"].tolist() == pytest.approx([0.01])
     both = capability_cost(df)
     assert sorted(both[both["arm"] == "ablation"]["cost"]) == pytest.approx([0.01, 1.0])
+
+
+# -- conditional steering (CAST): a gate per text in capability's passes -----------------------------
+
+CAST_LAYER = 1   # condition and behaviour layer (qwen-xs has 2)
+
+
+def _cast_inputs(lm, seed: int = 0):
+    from refusal_ray.ops.base import SteerInputs
+
+    rng = np.random.default_rng(seed)
+    vecs = {layer: (rng.standard_normal(lm.sites.d_model) * 2).astype(np.float32) for layer in range(lm.sites.n_layers)}
+    return SteerInputs(vecs, best=CAST_LAYER)
+
+
+def _cast_cell(threshold: float, coefficient: float = 4.0):
+    from refusal_ray.core.cells import Cell
+
+    return Cell("cast-cap", "capability", "qwen-xs", 0, {
+        "mode": "conditional", "behavior": "addition", "layer": CAST_LAYER, "coefficient": coefficient, "alpha": 0.0,
+        "direction_layer": CAST_LAYER, "condition_layer": CAST_LAYER, "threshold": float(threshold),
+        "comparator": "above", "aggregation": "mean", "control": False})
+
+
+def _plain_addition(lm, d, coefficient: float = 4.0) -> dict:
+    """The plain addition arm's broadcast edits at the CAST cells' layer, coefficient and direction."""
+    from refusal_ray.core.cells import Cell
+    from refusal_ray.stages.capability import broadcast_edits
+
+    cell = Cell("add-cap", "capability", "qwen-xs", 0, {"mode": "addition", "layer": CAST_LAYER,
+                                                        "coefficient": coefficient, "alpha": 0.0,
+                                                        "direction_layer": CAST_LAYER, "control": False})
+    return broadcast_edits(cell, d, list(range(lm.sites.n_layers)), lm.sites)
+
+
+def _alone_sims(lm, d, token_lists: list[list[int]]) -> list[float]:
+    """The CAST similarity of each text's gate tokens, each run by itself (one unpadded row)."""
+    from refusal_ray.ops import OPS
+
+    op, probe = OPS["conditional"], _cast_cell(0.0)
+    out = []
+    for toks in token_lists:
+        ids = torch.tensor([toks])
+        out.append(float(op.prefill(lm, ids, torch.ones_like(ids), [(0, probe, op.resolve(probe, d))], d)["sim"][0]))
+    return out
+
+
+def _split(sims: list[float]) -> float:
+    s = sorted(sims)
+    gap, t = max((s[i + 1] - s[i], (s[i] + s[i + 1]) / 2) for i in range(len(s) - 1))
+    assert gap > 1e-4, s
+    return t
+
+
+def test_conditional_ce_gate_reads_the_chat_prompt_or_the_whole_plain_text(lm):
+    import pickle
+
+    from refusal_ray.stages.capability import gate_tokens
+
+    chat = ChatOptions()
+    docs = _chat_docs(4)
+    for (instruction, _), seq in zip(docs, text_tokens(lm.tokenizer, docs, 128, chat)):
+        assert gate_tokens(seq) == prompt_tokens(lm.tokenizer, [instruction], chat)[0]
+        assert pickle.loads(pickle.dumps(seq)) == seq and pickle.loads(pickle.dumps(seq)).prompt == seq.prompt
+    for (_, text), seq in zip(_plain_docs(4), text_tokens(lm.tokenizer, _plain_docs(4), 128)):
+        assert gate_tokens(seq) == lm.tokenizer(text)["input_ids"] == seq[0]
+
+
+def test_conditional_ce_in_a_mixed_batch_gates_each_document_on_its_own_prompt(lm):
+    """CE with a CAST arm over one padded batch of chat documents, some gated and some not: each document's gate
+    equals the gate of its chat prompt run alone, and the pooled CE equals the documents scored one at a time,
+    each with the plain addition edit if its gate fired, else unedited."""
+    from refusal_ray.stages.capability import GatedEdits, gate_tokens
+
+    d = _cast_inputs(lm)
+    seqs = text_tokens(lm.tokenizer, _chat_docs(8), 128, ChatOptions())
+    sims = _alone_sims(lm, d, [gate_tokens(s) for s in seqs])
+    t = _split(sims)
+    fired = [s > t for s in sims]
+    assert any(fired) and not all(fired)
+    gated = GatedEdits(lm, _cast_cell(t), d, list(range(lm.sites.n_layers)), gate_tokens)
+    got, n = cross_entropy(lm, seqs, batch_size=len(seqs), edits=gated)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))     # the batch's row order
+    cols = gated.columns
+    assert [c["gate"] for c in cols] == [fired[i] for i in order]
+    assert np.allclose([c["condition_similarity"] for c in cols], [sims[i] for i in order], atol=1e-6)
+    assert gated.take() == {"gate_rate": sum(fired) / len(fired), "gate_n": sum(fired)} and gated.columns == []
+    add = _plain_addition(lm, d)
+    total, count = 0.0, 0
+    for s, f in zip(seqs, fired):
+        loss, k = cross_entropy(lm, [s], batch_size=1, edits=add if f else None)
+        total, count = total + loss * k, count + k
+    print(f"\nCAST CE, mixed batch: {got:.6f} ({sum(fired)}/{len(fired)} documents gated); "
+          f"one at a time: {total / count:.6f}; unedited {cross_entropy(lm, seqs, len(seqs))[0]:.6f}")
+    assert n == count and abs(got - total / count) <= 1e-6
+    assert abs(got - cross_entropy(lm, seqs, len(seqs))[0]) > 1e-3      # the gated edit did something
+
+
+def test_conditional_next_token_logprobs_gate_each_prompt_alone(lm, harmless_prompts):
+    """First-token log-probabilities under a CAST arm over padded batches equal each prompt run alone, with the
+    plain addition edit where its own gate fired and none elsewhere."""
+    from refusal_ray.stages.capability import GatedEdits
+
+    d = _cast_inputs(lm)
+    sims = _alone_sims(lm, d, harmless_prompts)
+    t = _split(sims)
+    fired = [s > t for s in sims]
+    assert any(fired) and not all(fired)
+    gated = GatedEdits(lm, _cast_cell(t), d, list(range(lm.sites.n_layers)))
+    batched = next_token_logprobs(lm, harmless_prompts, batch_size=4, edits=gated)
+    assert gated.take()["gate_n"] == sum(fired)
+    add = _plain_addition(lm, d)
+    for i, (seq, f) in enumerate(zip(harmless_prompts, fired)):
+        alone = next_token_logprobs(lm, [seq], batch_size=1, edits=add if f else None)[0]
+        assert (batched[i].exp() - alone.exp()).abs().max() <= 1e-6, i
+    base = next_token_logprobs(lm, harmless_prompts, batch_size=4)
+    kl = first_token_kl(base, batched)
+    assert all((float(k) == 0.0) != f for k, f in zip(kl, fired)), (kl, fired)   # 0 exactly where not gated
+
+
+@pytest.fixture(scope="module")
+def cast_run(tmp_path_factory):
+    """A toy run: capability's baseline, plain addition (layer 1, c = 4) and CAST arms of the same layer and
+    coefficient at thresholds -1 (every text gated) and 1 (none), with controls and lm-eval."""
+    stages = {"directions": {"sites": ["resid_pre"]},
+              "steer": {"addition": None, "ablation": None,
+                        "conditional": {"condition_layers": [CAST_LAYER], "thresholds": [-1.0, 1.0],
+                                        "layers": [CAST_LAYER], "coefficients": [4.0]}},
+              "capability": {"arms": ["baseline", "addition", "conditional"], "addition_layer": CAST_LAYER,
+                             "coefficients": [4.0], "text": {"path": str(HELDOUT)},
+                             "lm_eval": {"tasks": ["toy_choice"], "include_path": str(LMEVAL)}}}
+    return _run_local(_toy_spec("capability-cast", stages, max_new_tokens=8),
+                      tmp_path_factory.mktemp("capability-cast"))
+
+
+def _cast_arm(cap: pd.DataFrame, threshold: float, control: bool = False) -> pd.DataFrame:
+    rows = cap[(cap["arm"] == "conditional") & (cap["threshold"] == threshold) & (cap["control"] == control)]
+    assert rows["cell_id"].nunique() == 1, (threshold, control)
+    return rows.set_index("metric")
+
+
+def test_toy_run_conditional_capability_cost(cast_run):
+    """Gating nothing is the baseline exactly (KL exactly 0); gating everything is the plain addition arm (CE and
+    KL to 1e-6, rates exactly); the rows say how many texts were gated; no lm-eval rows for CAST arms."""
+    plan, out, session = cast_run
+    assert set(out["cells"]["status"]) == {"done"}, out["cells"][["stage", "status", "error"]]
+    cap = out["capability"]
+    base, add = _arm(cap, "baseline"), _arm(cap, "addition")
+    never, always = _cast_arm(cap, 1.0), _cast_arm(cap, -1.0)
+    gen_metrics = {"ce_loss", "first_token_kl", "refusal_harmful", "refusal_harmless", "task_exact_match"}
+    assert "lm_eval/toy_choice/acc" in add.index and "lm_eval/toy_choice/acc" in base.index
+    for control in (False, True):
+        for t in (-1.0, 1.0):
+            arm = _cast_arm(cap, t, control)
+            assert set(arm.index) == gen_metrics, sorted(arm.index)            # LM_EVAL_UNGATED: none
+            assert (arm["gate_rate"] == (1.0 if t == -1.0 else 0.0)).all(), arm["gate_rate"]
+            texts = arm.drop(index="ce_loss")      # n counts prompts there (CE: tokens)
+            assert (texts["gate_n"] == (texts["n"] if t == -1.0 else 0)).all(), arm[["n", "gate_n"]]
+    cfg = plan.spec.stages.capability
+    docs = text_tokens(session.lm.tokenizer, load_texts(HELDOUT, "completion", "prompt", cfg.text.n),
+                       cfg.text.max_tokens, ChatOptions(**plan.spec.chat.model_dump()))
+    assert (never.loc["ce_loss", "gate_n"], always.loc["ce_loss", "gate_n"]) == (0, len(docs))
+    for arm in (never, _cast_arm(cap, 1.0, True)):
+        assert arm.loc["first_token_kl", "value"] == 0.0
+        for m in gen_metrics:
+            assert arm.loc[m, "value"] == base.loc[m, "value"] and arm.loc[m, "n"] == base.loc[m, "n"], m
+    for m in gen_metrics:
+        a, b = always.loc[m, "value"], add.loc[m, "value"]
+        if m in ("ce_loss", "first_token_kl"):
+            assert abs(a - b) <= 1e-6, (m, a, b)
+        else:
+            assert a == b, (m, a, b)
+    print(f"\nCE: baseline {base.loc['ce_loss', 'value']:.6f}, addition {add.loc['ce_loss', 'value']:.6f}, CAST "
+          f"gate-all {always.loc['ce_loss', 'value']:.6f}, gate-none {never.loc['ce_loss', 'value']:.6f}; KL: "
+          f"addition {add.loc['first_token_kl', 'value']:.6f}, gate-all {always.loc['first_token_kl', 'value']:.6f}")
+    assert abs(add.loc["ce_loss", "value"] - base.loc["ce_loss", "value"]) > 1e-3   # the addition does something
+    assert add.loc["first_token_kl", "value"] > 1e-3
+    cost = capability_cost(cap)
+    ce = cost[(cost["arm"] == "conditional") & (cost["metric"] == "ce_loss") & ~cost["control"].astype(bool)]
+    assert len(ce) == 2, ce        # the two thresholds are two cost rows
+    assert sorted(np.round(ce["cost"], 9)) == sorted(np.round(
+        [0.0, always.loc["ce_loss", "value"] - base.loc["ce_loss", "value"]], 9))
+
+
+def test_conditional_capability_plan_line_and_needs_its_block(tmp_path):
+    """The plan says how CAST arms are gated and that lm-eval is not measured for them; listing 'conditional' in
+    stages.capability.arms without stages.steer.conditional is exit 2 naming file and field."""
+    from typer.testing import CliRunner
+
+    from refusal_ray.cli import app
+
+    stages = {"directions": {"sites": ["resid_pre"]},
+              "steer": {"addition": None, "ablation": None,
+                        "conditional": {"condition_layers": [1], "thresholds": [0.1]}},
+              "capability": {"text": {"path": str(HELDOUT)},
+                             "lm_eval": {"tasks": ["toy_choice"], "include_path": str(LMEVAL)}}}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(_toy_spec("cast-plan", stages)))
+    result = CliRunner().invoke(app, ["plan", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "capability: arms baseline, addition, ablation, conditional, orthogonalized (" in result.output   # default
+    assert ("capability, conditional: gate decided per text on the unedited tokens: each CE document on its chat "
+            "prompt (a plain text: on the whole document), each first-token KL prompt and each generated prompt on "
+            "itself; no lm-eval metrics (lm-eval batches its requests itself: no per-request gate)") in result.output
+    stages["steer"]["conditional"] = None
+    stages["capability"]["arms"] = ["baseline", "conditional"]
+    f.write_text(yaml.safe_dump(_toy_spec("cast-plan", stages)))
+    result = CliRunner().invoke(app, ["validate", str(f)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: {f}: stages.capability.arms 'conditional' needs a "
+                                     f"stages.steer.conditional block (its directions)")

@@ -296,7 +296,9 @@ def test_arms_grid():
                                         alphas=[1.0, 0.5]), 3)
     assert [(a["alpha"], a["ablation_layers"], a["direction_layer"]) for a in abl] == [(1.0, [0, 1, 2], "best"),
                                                                                        (0.5, [0, 1, 2], "best")]
-    assert op.capability_arms(_Spec, block, 3) == []
+    assert op.capability_arms(_Spec, block, 3) == op.arms(_Spec, block, 3)   # its steering arms
+    assert op.capability_arms(_Spec, None, 3) == [] and op.in_default_capability(_Spec, block)
+    assert not op.in_default_capability(_Spec, None)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -367,10 +369,6 @@ SPEC_CASES = [
      "stages.steer.conditional.condition_layers: layer 7 out of range: model 'tiny' has 3 layers (0..2)"),
     ("threshold_range", {"condition_layers": [1], "thresholds": [2.0]}, {},
      "stages.steer.conditional.thresholds: thresholds [2.0] outside [-1, 1] (the similarity is a cosine)"),
-    ("capability_arm", {"condition_layers": [1], "thresholds": [0.1]},
-     {"capability": {"arms": ["baseline", "conditional"]}},
-     "stages.capability.arms: 'conditional' cannot be measured: its gate is decided per text on a prefill pass, "
-     "which capability's CE / KL / lm-eval passes do not make"),
     ("selected_needs_select", {"condition_layers": [1], "thresholds": [0.1], "behavior": "ablation",
                                "direction_layer": "selected"}, {},
      "stages.steer.conditional.direction_layer 'selected' needs a stages.select block "

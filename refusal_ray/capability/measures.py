@@ -11,12 +11,17 @@
   prompts), in nats, averaged over prompts.
 
 Edits are `{(site kind, layer): RowEdit}` whose tensors have one row ([1, d_model]): they
-broadcast over any batch (`refusal_ray.interventions.RowEdit`), so one arm edits every row.
+broadcast over any batch (`refusal_ray.interventions.RowEdit`), so one arm edits every row. Or a
+callable `EditsFor`: given one batch's items (in batch row order) it returns that batch's per-row edits
+([batch, d_model] rows, any SiteEdit), called before the batch's edited forward pass and outside its
+hooks (so it may run its own unedited pass: a per-text gate, `Operator.prefill`, stage capability).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +30,16 @@ from refusal_ray.interventions import RowEdit, forward, row_edits
 from refusal_ray.models.loading import LoadedModel
 
 Edits = dict[tuple[str, int], RowEdit]
+# one batch's items (CE: its (token ids, first scored index) documents; next-token: its prompts' token ids), in
+# batch row order -> the edits of that batch's rows
+EditsFor = Callable[[list], dict[tuple[str, int], Any]]
+
+
+def _batch_edits(edits: Edits | EditsFor | None, batch: list) -> dict:
+    """The edits active on one batch: broadcast ones as given, a callable's for this batch, {} for None."""
+    if edits is None:
+        return {}
+    return edits(batch) if callable(edits) else edits
 
 
 def load_texts(path: str | Path, text_column: str = "completion", prompt_column: str | None = None,
@@ -55,9 +70,23 @@ def load_texts(path: str | Path, text_column: str = "completion", prompt_column:
     return docs[:n] if n is not None else docs
 
 
+class Scored(tuple):
+    """One CE document: the pair (token ids, index of the first scored token), carrying `prompt`: how many of
+    its leading tokens are the chat prompt of its instruction (0: a plain text, no prompt part)."""
+
+    def __new__(cls, ids: list[int], first: int, prompt: int = 0):
+        out = super().__new__(cls, (ids, first))
+        out.prompt = prompt
+        return out
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.prompt)
+
+
 def text_tokens(tokenizer, docs: list[tuple[str | None, str]], max_tokens: int, chat=None
                 ) -> list[tuple[list[int], int]]:
-    """(token ids, index of the first scored token) per document, cut to `max_tokens`.
+    """(token ids, index of the first scored token) per document, cut to `max_tokens` (each a `Scored`, whose
+    `prompt` is its chat prompt's length, 0 for plain text).
 
     Plain text: the tokenizer's encoding with its own special tokens (BOS, if any); every token after
     the first is scored. With an instruction: the chat prompt exactly as generation sees it
@@ -69,13 +98,14 @@ def text_tokens(tokenizer, docs: list[tuple[str | None, str]], max_tokens: int, 
     out = []
     for instruction, text in docs:
         if instruction is None:
-            ids, start = tokenizer(text, add_special_tokens=True)["input_ids"], 1
+            ids, start, n_prompt = tokenizer(text, add_special_tokens=True)["input_ids"], 1, 0
         else:
             prompt = prompt_tokens(tokenizer, [instruction], chat)[0]
             ids, start = prompt + tokenizer(text, add_special_tokens=False)["input_ids"], max(len(prompt), 1)
+            n_prompt = len(prompt)
         ids = ids[:max_tokens]
         if len(ids) > start:
-            out.append((ids, start))
+            out.append(Scored(ids, start, n_prompt))
     return out
 
 
@@ -86,7 +116,8 @@ def cross_entropy(lm: LoadedModel, seqs: list[tuple[list[int], int]], batch_size
 
     Args:
         seqs: (token ids, first scored index >= 1) per document (`text_tokens`).
-        edits: broadcast edits ([1, ...] rows), or None (the model as loaded).
+        edits: broadcast edits ([1, ...] rows), an `EditsFor` called with each batch's documents
+            [(token ids, first scored index)] (rows in that order), or None (the model as loaded).
     Returns:
         (loss in nats per scored token, number of scored tokens). Accumulated in float64;
         log-softmax in float32 whatever the model's dtype.
@@ -97,7 +128,8 @@ def cross_entropy(lm: LoadedModel, seqs: list[tuple[list[int], int]], batch_size
         chunk = [seqs[i] for i in order[start: start + batch_size]]
         ids, mask = left_pad([s for s, _ in chunk], lm.tokenizer.pad_token_id or 0)
         width = ids.shape[1]
-        with row_edits(lm.sites, edits or {}):
+        active = _batch_edits(edits, chunk)
+        with row_edits(lm.sites, active):
             logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device)).logits      # [batch, pos, vocab]
         for b, (seq, first) in enumerate(chunk):        # one row at a time: float32 [n_scored, vocab] only
             lo = width - len(seq) + first                 # position of the first scored token in the padded row
@@ -112,15 +144,19 @@ def cross_entropy(lm: LoadedModel, seqs: list[tuple[list[int], int]], batch_size
 
 
 @torch.inference_mode()
-def next_token_logprobs(lm: LoadedModel, seqs: list[list[int]], batch_size: int, edits: Edits | None = None
-                        ) -> torch.Tensor:
-    """Log-probabilities of the token after each (left-padded) prompt: [n_prompts, vocab] float64 on CPU."""
+def next_token_logprobs(lm: LoadedModel, seqs: list[list[int]], batch_size: int,
+                        edits: Edits | EditsFor | None = None) -> torch.Tensor:
+    """Log-probabilities of the token after each (left-padded) prompt: [n_prompts, vocab] float64 on CPU.
+    edits: broadcast edits, an `EditsFor` called with each batch's prompts (token ids, rows in that order),
+    or None."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        ids, mask = left_pad([seqs[i] for i in idx], lm.tokenizer.pad_token_id or 0)
-        with row_edits(lm.sites, edits or {}):
+        batch = [seqs[i] for i in idx]
+        ids, mask = left_pad(batch, lm.tokenizer.pad_token_id or 0)
+        active = _batch_edits(edits, batch)
+        with row_edits(lm.sites, active):
             logits = forward(lm.model, ids.to(lm.device), mask.to(lm.device), logits_to_keep=1).logits[:, -1]
         lp = torch.log_softmax(logits.double(), -1).cpu()                 # [chunk, vocab]
         for j, i in enumerate(idx):

@@ -44,12 +44,14 @@ with a norm-matched Gaussian behaviour direction seeded by the control cell's id
 gate different rows, so the arm and its control would differ in which rows are steered as well as in the
 direction; with the same gate the difference is the behaviour direction's effect on the same rows.
 
-Capability cost: the gate is per row, decided on each text's own tokens. Stage capability's CE / KL /
-lm-eval passes use one broadcast edit and make no prefill pass (ops.base), so this operator gives no
-capability arms there until they do (`capability_arms` returns []; naming it in `stages.capability.arms` is
-a spec error). The rule they would apply: per batch of texts, `prefill` on that batch (each text gated on
-its own tokens, as a steering prompt) and `edits` for it. lm-eval batches its requests itself, so a per-row
-gate cannot be honoured there: those metrics would be skipped for this arm.
+Capability cost: its capability arms are its steering arms (measured by default when the block is set). Stage
+capability gates them per text (`stages.capability.GatedEdits`): per batch of texts, `prefill` on that batch's
+unedited gate tokens, then `edits` for it, so each text is gated on its own tokens, as a steering prompt. The
+gate reads a CE document's chat prompt (a plain-text document: the whole document, it has no prompt part),
+and each first-token KL / generated prompt itself. lm-eval batches its requests itself under one set of hooks,
+so a per-request gate cannot be honoured there: these arms get no lm-eval metrics (stated in the plan line).
+An arm whose threshold gates no text measures exactly the baseline; one that gates every text, the plain
+addition (ablation) arm of the same settings.
 """
 
 from __future__ import annotations
@@ -194,6 +196,9 @@ class CAST(Operator):
                          "threshold gate activation addition (or ablation) per prompt.")
     effect = "both"
     arm_keys = ("behavior", "condition_layer", "threshold")
+    capability_needs_block = True   # its capability arms are its steering arms (stages.steer.conditional)
+    # per-completion gate columns (steer) and per-row gate counts (steer's rows, capability's metric rows)
+    column_types = {"gate": "bool", "condition_similarity": "float64", "gate_rate": "float64", "gate_n": "int64"}
     short = "cast"
     color = "tab:olive"
 
@@ -219,19 +224,13 @@ class CAST(Operator):
                                 "alpha": float(a), "direction_layer": block.direction_layer, **extra, **cond})
         return out
 
-    def capability_arms(self, spec, block, n_layers):
-        return []   # capability's passes make no prefill: the per-text gate cannot be decided there (module doc)
-
-    def in_default_capability(self, spec, block) -> bool:
-        return False
-
     def describe(self, spec, block):
         what = (f"addition at layers {block.layers or 'the condition layer'}, coefficients {block.coefficients}"
                 if block.behavior == "addition" else
                 f"ablation of {block.direction_layer} at layers {block.ablation_layers}, alphas {block.alphas}")
         return [f"conditional (CAST): gate cos(h_{block.aggregation}, tanh(P h)) {block.comparator} thresholds "
                 f"{block.thresholds} at resid_pre of condition layers {block.condition_layers}; {what}; "
-                f"capability cost: not measured (no per-text prefill in capability's passes)"]
+                f"capability cost: CE, first-token KL and generations with the gate decided per text (no lm-eval)"]
 
     def check(self, plan, block) -> None:
         if block is None:
@@ -249,10 +248,6 @@ class CAST(Operator):
                 and spec.stages.select is None:
             raise ValueError("stages.steer.conditional.direction_layer 'selected' needs a stages.select block "
                              "(or direction_layer: best / a layer)")
-        cap = spec.stages.capability
-        if cap is not None and cap.arms is not None and self.name in cap.arms:
-            raise ValueError(f"stages.capability.arms: {self.name!r} cannot be measured: its gate is decided per "
-                             f"text on a prefill pass, which capability's CE / KL / lm-eval passes do not make")
 
     # run time
     def resolve(self, cell, d) -> Resolved:
@@ -354,7 +349,7 @@ class CAST(Operator):
                 "aggregation": resolved.aggregation,
                 "condition_norm": float(np.linalg.norm(resolved.condition))}
 
-    # per-row results: not yet called by stage steer (the seam has no per-completion columns; see the report)
+    # per-row results (stage steer's completion and steering rows; stage capability's metric rows)
     def completion_columns(self, prefill, i: int) -> dict:
         """Columns of completion row i of a chunk (from this operator's prefill state): {"gate": whether the
         gate fired, "condition_similarity": the similarity (None where NaN)}."""

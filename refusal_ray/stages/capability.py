@@ -21,6 +21,15 @@ Metrics per arm (table `capability`, one row per (cell, metric)):
   refusal_harmful    refusal rate (inline judge) on the harmful test prompts
   refusal_harmless   refusal rate (inline judge) on the harmless test prompts
   lm_eval/<task>/<metric>  lm-evaluation-harness with the arm active (`capability.harness`)
+Arms whose operator defines `prefill` (conditional steering, CAST: a gate per prompt, Lee et al. 2025) are
+gated per text on every pass (`GatedEdits`): per batch, the operator's prefill on the batch's unedited gate
+tokens, then its edits for that batch's rows. The gate reads, for a CE document with an instruction
+(`text.prompt_column`), its chat prompt (the scored completion is the reply, as a steering completion is);
+for a plain-text document the whole (cut) document, it having no prompt part; for the first-token KL and the
+generations, each prompt. Their rows carry the operator's `group_columns` (gate_rate, gate_n: the texts of
+that metric gated on). lm-eval batches its own requests under one set of hooks, so no per-request gate can be
+applied there: such arms get no lm-eval rows (`LM_EVAL_UNGATED`; the plan line says so), never ungated ones.
+Every other arm keeps its one-row broadcast edits (`broadcast_edits`), unchanged.
 Controls (`controls: true | false | K`): as stage steer's, K control cells per arm (draw j >= 1 with
 `control_draw: j`; draw 0 is the cell of `controls: true`). A weight arm's control draws its hook twin's
 directions: control draw j uses its operator's capability arm at alpha 1, control draw j (`weight_params`),
@@ -44,7 +53,7 @@ from dataclasses import replace
 import numpy as np
 
 from refusal_ray.capability.measures import (cross_entropy, first_token_kl, next_token_logprobs, text_tokens)
-from refusal_ray.data import prompt_tokens
+from refusal_ray.data import left_pad, prompt_tokens
 from refusal_ray.grid import Cell, layer_list
 from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
@@ -52,7 +61,7 @@ from refusal_ray.ops import OPS
 from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, owner
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import Row, controls_text, generate_rows, skip_reason, steering_inputs
+from refusal_ray.stages.steer import Row, controls_text, edits_on, generate_rows, skip_reason, steering_inputs
 from refusal_ray.stats import wilson
 
 
@@ -186,6 +195,58 @@ def broadcast_edits(cell: Cell, d: SteerInputs, ablation_layers: list[int], site
     return compose([(op.rank, op.edits([(0, cell, op.resolve(cell, d))], chunk, d))])
 
 
+def gate_tokens(seq) -> list[int]:
+    """The tokens a CE document's gate reads (`GatedEdits`): with an instruction, its chat prompt (the scored
+    completion is the reply to it, as a steering prompt's completion is); a plain text has no prompt part, so
+    the whole (cut) document. seq: (token ids, first scored index), a `capability.measures.Scored` whose
+    `prompt` is its chat prompt's length (0: plain text)."""
+    ids, n_prompt = seq[0], getattr(seq, "prompt", 0)
+    return list(ids[:n_prompt]) if n_prompt else list(ids)
+
+
+class GatedEdits:
+    """Per-batch edits of an operator with a `prefill` (conditional steering: a gate per text): for each batch
+    of a pass, its `prefill` on the batch's gate tokens (left padded, unedited, one row per text, all of them
+    this one cell), then its `edits` for that batch's rows (`Chunk(n=batch)`), so each text is gated on its own
+    tokens whatever else shares its batch. A `capability.measures.EditsFor`.
+
+    tokens: item of the pass (a CE document, a prompt's ids) -> the token ids its gate reads.
+    columns: every item's `completion_columns`, in the order the batches came (reset with `take`).
+    """
+
+    def __init__(self, lm, cell: Cell, d: SteerInputs, ablation_layers: list[int], tokens=lambda item: item):
+        self.lm, self.cell, self.d, self.layers, self.tokens = lm, cell, d, ablation_layers, tokens
+        self.op = OPS[cell.params["mode"]]
+        self.resolved = self.op.resolve(cell, d)
+        self.columns: list[dict] = []
+
+    def __call__(self, batch: list) -> dict:
+        lm, op = self.lm, self.op
+        ids, mask = left_pad([self.tokens(item) for item in batch], lm.tokenizer.pad_token_id or 0)
+        rows = [(i, self.cell, self.resolved) for i in range(len(batch))]
+        chunk = Chunk(len(batch), lm.sites.d_model, lm.sites.n_layers, self.layers)
+        chunk.prefill[op.name] = state = op.prefill(lm, ids.to(lm.device), mask.to(lm.device), rows, self.d)
+        self.columns += [op.completion_columns(state, i) for i in range(len(batch))]
+        return edits_on(compose([(op.rank, op.edits(rows, chunk, self.d))]), lm.device)
+
+    def take(self) -> dict:
+        """The operator's `group_columns` of the items seen since the last take (e.g. gate_rate, gate_n)."""
+        out, self.columns = self.op.group_columns(self.columns), []
+        return out
+
+
+def per_text(cell: Cell) -> bool:
+    """Whether an arm's hooks are decided per text (its operator defines `prefill`): `GatedEdits` on every
+    pass, no lm-eval metrics (`LM_EVAL_UNGATED`). Every other arm keeps `broadcast_edits` exactly."""
+    mode = cell.params["mode"]
+    return mode in OPS and OPS[mode].has_prefill()
+
+
+# why a per-text arm has no lm-eval rows: the harness batches its requests itself under one set of hooks for the
+# whole run, so a gate decided per request on its own tokens cannot be applied there (the plan line says so)
+LM_EVAL_UNGATED = "lm-eval batches its requests itself: no per-request gate"
+
+
 def _rate_row(metric: str, k: int, n: int) -> dict:
     lo, hi = wilson(k, n)
     return {"metric": metric, "value": k / n if n else None, "n": n, "ci_low": lo, "ci_high": hi, "stderr": None}
@@ -199,10 +260,16 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
     test = session.prompts[cell.seed]["test"]
     steer = session.settings.get("steer") or {}
     ablation_layers = layer_list((steer.get("ablation") or {}).get("layers", "all"), lm.sites.n_layers)
-    edits = broadcast_edits(cell, d, ablation_layers, lm.sites)
     texts = text_tokens(lm.tokenizer, extra["text"], cfg["text"]["max_tokens"], chat)
     harmless = prompt_tokens(lm.tokenizer, test["harmless"].instructions, chat)
     base_lp = next_token_logprobs(lm, harmless, batch_size)                 # [n_harmless, vocab], unedited
+    gated = per_text(cell)
+    if gated:   # each CE document gated on its chat prompt (plain text: itself), each KL prompt on itself
+        edits = GatedEdits(lm, cell, d, ablation_layers, gate_tokens)
+        kl_edits = GatedEdits(lm, cell, d, ablation_layers)
+    else:
+        edits = kl_edits = broadcast_edits(cell, d, ablation_layers, lm.sites)
+    own = (lambda e: e.take()) if gated else (lambda e: {})
     weights = contextlib.nullcontext()
     op = owner(cell.params["mode"])
     if op is not None and cell.params["mode"] == op.weight_arm:   # [d_model] or [rank, d_model] orthonormal rows
@@ -211,27 +278,37 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
     with weights:
         loss, n_tokens = cross_entropy(lm, texts, batch_size, edits)
         rows.append({"metric": "ce_loss", "value": loss, "n": n_tokens, "ci_low": None, "ci_high": None,
-                     "stderr": None})
-        kl = first_token_kl(base_lp, next_token_logprobs(lm, harmless, batch_size, edits)).numpy()
+                     "stderr": None, **own(edits)})
+        kl = first_token_kl(base_lp, next_token_logprobs(lm, harmless, batch_size, kl_edits)).numpy()
         se = float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else None
         mean = float(kl.mean())
         rows.append({"metric": "first_token_kl", "value": mean, "n": len(kl), "stderr": se,
                      "ci_low": None if se is None else mean - 1.96 * se,
-                     "ci_high": None if se is None else mean + 1.96 * se})
-        if cfg["generate"]:
+                     "ci_high": None if se is None else mean + 1.96 * se, **own(kl_edits)})
+        if cfg["generate"]:   # generate_rows makes each chunk's prefill: a gate per prompt
             gen = [Row(cell, s, i) for s in ("harmful", "harmless") for i in range(len(test[s]))]
+            extras: list[dict] = []
             completions = generate_rows(lm, gen, test, d, ablation_layers,
-                                        session.settings["generation"]["max_new_tokens"], batch_size, chat=chat)
+                                        session.settings["generation"]["max_new_tokens"], batch_size, chat=chat,
+                                        extras=extras)
+            extras += [{} for _ in range(len(gen) - len(extras))]
             refused = session.judge(completions)
+
+            def group(idx: list[int]) -> dict:
+                return OPS[cell.params["mode"]].group_columns([extras[i] for i in idx]) if gated else {}
+
             for pset in ("harmful", "harmless"):
                 idx = [i for i, r in enumerate(gen) if r.prompt_set == pset]
-                rows.append(_rate_row(f"refusal_{pset}", sum(bool(refused[i]) for i in idx), len(idx)))
+                rows.append({**_rate_row(f"refusal_{pset}", sum(bool(refused[i]) for i in idx), len(idx)),
+                             **group(idx)})
             idx = [i for i, r in enumerate(gen) if r.prompt_set == "harmless"]
-            correct = [c for c in exact_match([completions[i] for i in idx], test["harmless"].references)
-                       if c is not None]
+            scored = [(i, c) for i, c in zip(idx, exact_match([completions[i] for i in idx],
+                                                              test["harmless"].references)) if c is not None]
+            correct = [c for _, c in scored]
             if correct:
-                rows.append(_rate_row("task_exact_match", sum(correct), len(correct)))
-        if extra.get("lm_eval") is not None:
+                rows.append({**_rate_row("task_exact_match", sum(correct), len(correct)),
+                             **group([i for i, _ in scored])})
+        if extra.get("lm_eval") is not None and not gated:   # gated: LM_EVAL_UNGATED
             from refusal_ray.capability.harness import result_rows, run_tasks
             from refusal_ray.interventions import row_edits
 
@@ -387,6 +464,12 @@ def _describe(plan) -> list[str]:
     if cap.lm_eval is not None:
         lines.append(f"lm-eval tasks: {', '.join(cap.lm_eval.tasks)}"
                      + (f" (limit {cap.lm_eval.limit})" if cap.lm_eval.limit else ""))
+    gated = [a for a in listed if a in OPS and OPS[a].has_prefill()]
+    if gated:
+        lines.append(f"capability, {', '.join(gated)}: gate decided per text on the unedited tokens: each CE document "
+                     f"on its chat prompt (a plain text: on the whole document), each first-token KL prompt and "
+                     f"each generated prompt on itself"
+                     + (f"; no lm-eval metrics ({LM_EVAL_UNGATED})" if cap.lm_eval is not None else ""))
     return lines
 
 
