@@ -224,6 +224,10 @@ class CAST(Operator):
                                 "alpha": float(a), "direction_layer": block.direction_layer, **extra, **cond})
         return out
 
+    def cost_setting(self, rule):
+        """The summary's capability cost reads the arms at the first threshold (the one its headline names)."""
+        return "threshold", None
+
     def describe(self, spec, block):
         what = (f"addition at layers {block.layers or 'the condition layer'}, coefficients {block.coefficients}"
                 if block.behavior == "addition" else
