@@ -416,15 +416,3 @@ def _human(n: float) -> str:
         n /= 1024
     return f"{n:.1f}PiB"
 
-
-def __getattr__(name: str):
-    """Old import path of public names that this module used to re-export from a stage's module
-    (e.g. `from refusal_ray.plan import scrub_warnings`): found in the stage modules, by declaration.
-    Import them from their stage's module instead."""
-    import sys
-
-    for stage in STAGES:
-        module = sys.modules.get(stage.run.__module__)
-        if not name.startswith("_") and module is not None and hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -201,9 +201,8 @@ def read(out_dir: str | Path, table: str) -> pd.DataFrame:
             raise FileNotFoundError(f"{store}/summary.parquet")
         return pd.read_parquet(io.BytesIO(data))
     if not store.exists(table):   # a table no cell wrote yet: known (empty) or a typo
-        from refusal_ray.stages import TABLES   # the stages declare their tables (imported only here)
+        from refusal_ray.core.tables import TABLES   # every table a store can hold (the stages' are checked)
 
-        if table not in TABLES + ("judgements",):
-            raise ValueError(f"unknown table {table!r}; expected one of "
-                             f"{', '.join(TABLES + ('judgements', 'summary'))}")
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + ('summary',))}")
     return store.read(table)

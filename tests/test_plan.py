@@ -82,7 +82,7 @@ def test_big_models_offload_by_default_and_plan_says_so(tmp_path, tiny_qwen_path
 
 
 def test_plan_warns_when_a_scrubbed_residual_stream_erases_a_hypothesis(tmp_path, tiny_qwen_path):
-    from refusal_ray.plan import scrub_warnings
+    from refusal_ray.stages.scrub import scrub_warnings
 
     spec = base_spec(tiny_qwen_path)
     spec["stages"]["scrub"] = {"hypotheses": [{"name": "heads", "protected": ["blocks.1.attn.hook_z"]},

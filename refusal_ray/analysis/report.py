@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import io
-
 import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from refusal_ray.stats import cosine_matrix  # noqa: E402
-from refusal_ray.store import Store  # noqa: E402
-from refusal_ray.analysis.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,  # noqa: E402
+from refusal_ray.analysis.figures import _png, plt
+from refusal_ray.stats import cosine_matrix
+from refusal_ray.store import Store
+from refusal_ray.analysis.summary import (judge_tables, nearest_steered, pooled_arms, render, render_judges,
                                           warning_lines, write_summary)
-
-
-def _png(fig) -> bytes:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _grid(n: int):

@@ -36,6 +36,12 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
+def model_type(lm: LoadedModel) -> str:
+    """The loaded model's `model_type` (a multimodal config's text model's): the refusal-token family key."""
+    cfg = lm.model.config
+    return (getattr(cfg, "text_config", None) or cfg).model_type
+
+
 def read_config(path_or_id: str, revision: str | None = None, trust_remote_code: bool = False) -> dict:
     """The model's config.json as a dict, without loading weights."""
     local = Path(path_or_id) / "config.json"

@@ -153,7 +153,7 @@ def refusal_tokens_setting(select: dict | None) -> object:
 
 def train_filter_tokens(session) -> list[int]:
     from refusal_ray.models import refusal_tokens
-    from refusal_ray.stages.select import model_type
+    from refusal_ray.models.loading import model_type
 
     return refusal_tokens.resolve(refusal_tokens_setting(session.settings.get("select")), session.lm.tokenizer,
                                   model_type(session.lm), session.judge.phrases)

@@ -41,7 +41,7 @@ from refusal_ray.capability.measures import first_token_kl
 from refusal_ray.data import PromptSet, left_pad, prompt_tokens
 from refusal_ray.interventions import RowEdit, forward, row_edits
 from refusal_ray.models import refusal_tokens
-from refusal_ray.models.loading import LoadedModel
+from refusal_ray.models.loading import LoadedModel, model_type
 from refusal_ray.models.orthogonalize import RANK_RTOL
 from refusal_ray.stages.base import Stage, check_layers
 from refusal_ray.stages.directions import directions_key
@@ -308,11 +308,6 @@ def _rank(row: dict, criterion: str) -> float:
     if _nan(value):
         return np.inf
     return value if criterion == "bypass" else -value
-
-
-def model_type(lm: LoadedModel) -> str:
-    cfg = lm.model.config
-    return (getattr(cfg, "text_config", None) or cfg).model_type
 
 
 def run_select(lm: LoadedModel, cell, val: dict[str, PromptSet], candidates: list[Candidate],

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from refusal_ray.data import PromptSet, encode
-from refusal_ray.grid import Cell, layer_list
+from refusal_ray.core.cells import Cell, layer_list
 from refusal_ray.interventions import row_edits
 from refusal_ray.judges import SubstringJudge, exact_match
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from refusal_ray.data import PromptSet
-from refusal_ray.grid import Cell
+from refusal_ray.core.cells import Cell
 from refusal_ray.models.loading import load_model
 from refusal_ray.ops.base import SteerInputs
 from refusal_ray.stages.steer import run_steer
