@@ -7,6 +7,7 @@ pre-registered replication protocol.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +202,15 @@ def left_pad(sequences: list[list[int]], pad_id: int):
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) -> str:
+    """Hash of the prompt files and of one seed's drawn prompts as token ids rendered for one model
+    (`prompts`: split -> class -> PromptSet): the same files rendered with another template, system
+    prompt or date give another hash; another seed's draw does not change this seed's."""
+    h = hashlib.sha256(data_fingerprint.encode())
+    for split in SPLITS:
+        for cls in ("harmful", "harmless"):
+            for ids in prompt_tokens(tokenizer, prompts[split][cls].instructions, chat):
+                h.update(json.dumps(ids).encode())
+    return h.hexdigest()[:16]

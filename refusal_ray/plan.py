@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_ray.data import SPLITS, files_fingerprint, load_prompts, split_prompts
+from refusal_ray.data import SPLITS, files_fingerprint, load_prompts, prompt_fingerprint, split_prompts
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
 from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config, safetensors_problem
@@ -201,20 +201,6 @@ def _template_source(value: str | None, text: str | None) -> str:
         return "tokenizer"
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return f"{'spec text' if value == text else value} (sha256 {digest})"
-
-
-def prompt_fingerprint(data_fingerprint: str, tokenizer, prompts: dict, chat) -> str:
-    """Hash of the prompt files and of one seed's drawn prompts as token ids rendered for one model
-    (`prompts`: split -> class -> PromptSet): the same files rendered with another template, system
-    prompt or date give another hash; another seed's draw does not change this seed's."""
-    from refusal_ray.data import prompt_tokens
-
-    h = hashlib.sha256(data_fingerprint.encode())
-    for split in SPLITS:
-        for cls in ("harmful", "harmless"):
-            for ids in prompt_tokens(tokenizer, prompts[split][cls].instructions, chat):
-                h.update(json.dumps(ids).encode())
-    return h.hexdigest()[:16]
 
 
 def check_judges(judges: list, source: str, where: str = "judges") -> None:

@@ -54,7 +54,7 @@ import numpy as np
 
 from refusal_ray.capability.measures import (cross_entropy, first_token_kl, next_token_logprobs, text_tokens)
 from refusal_ray.data import left_pad, prompt_tokens
-from refusal_ray.grid import Cell, layer_list
+from refusal_ray.core.cells import Cell, layer_list
 from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.ops import OPS
@@ -169,7 +169,7 @@ def twin_draw_ids(session, cells: list[Cell], extra: dict) -> dict[str, str]:
     wanted = [c for c in cells if "draws_from" in c.params]
     if not wanted:
         return {}
-    from refusal_ray.plan import prompt_fingerprint
+    from refusal_ray.data import prompt_fingerprint
 
     ids, out, fps = extra["ids"], {}, {}
     for c in wanted:
@@ -406,7 +406,7 @@ def _prepare(plan) -> None:
     if registry:
         plan.unchecked.append(f"stages.capability.lm_eval.tasks ({', '.join(registry)}): the registry tasks' "
                               f"data (lm-eval downloads it from the hub at run time)")
-    from refusal_ray.grid import SCHEMA_VERSION, _model_identity
+    from refusal_ray.core.cells import SCHEMA_VERSION, model_identity as _model_identity
 
     ids = {"key": {"v": SCHEMA_VERSION, "stage": "capability", **_id_key(plan.spec)}, "data": plan.data_fingerprint,
            "models": {m.name: _model_identity(plan.spec, m.name) for m in plan.spec.models}}   # `twin_draw_ids`
