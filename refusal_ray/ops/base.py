@@ -48,8 +48,10 @@ The contract (class attributes, then methods; every method has a default unless 
   ([batch, pos], left padded, on the model's device) before an edited `generate` (steer, and
   capability's generation), e.g. to gate rows on the prompt (CAST); the result is
   `chunk.prefill[name]` in `edits`. Default: nothing (None), and no extra pass is made. Capability's
-  CE / KL / lm-eval passes use broadcast edits (`edits` of one row, chunk.n == 1, no prefill):
-  an operator that needs its prefill must gate inside its SiteEdit there, or give no capability arms.
+  CE / KL passes give an operator with a prefill its prefill per batch (one row per text, gated on its
+  own tokens: `stages/capability.py: GatedEdits`); every other operator gets broadcast edits (`edits` of
+  one row, chunk.n == 1). lm-eval batches its own requests under one set of hooks, so arms of an
+  operator with a prefill get no lm-eval metrics (the plan line says so).
 - `completion_columns(prefill, i) -> dict` / `group_columns(rows) -> dict`: per-completion columns from
   the prefill state (row i of the chunk), and the steering row's columns from its completions' ones.
 - `columns(cell, resolved) -> dict`: its result columns on its rows (steering, capability). Keys of the
