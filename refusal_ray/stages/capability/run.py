@@ -60,8 +60,8 @@ from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.ops import OPS
 from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, owner
 from refusal_ray.stages.base import Stage
-from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import Row, controls_text, edits_on, generate_rows, skip_reason, steering_inputs
+from refusal_ray.stages.directions.run import directions_key
+from refusal_ray.stages.steer.run import Row, controls_text, edits_on, generate_rows, skip_reason, steering_inputs
 from refusal_ray.stats import wilson
 
 

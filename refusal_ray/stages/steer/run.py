@@ -32,7 +32,7 @@ from refusal_ray.models.loading import LoadedModel
 from refusal_ray.ops import OPS
 from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, draw_column, owner
 from refusal_ray.stages.base import Stage
-from refusal_ray.stages.directions import best_layer, directions_key
+from refusal_ray.stages.directions.run import best_layer, directions_key
 from refusal_ray.stats import wilson
 
 

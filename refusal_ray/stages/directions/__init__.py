@@ -1,0 +1,10 @@
+"""Stage `directions` (interim: the declaration moves here from run.py)."""
+
+from refusal_ray.stages.directions.run import *  # noqa: F401,F403
+from refusal_ray.stages.directions.run import STAGE  # noqa: F401
+
+
+def __getattr__(name):
+    from refusal_ray.stages.directions import run
+
+    return getattr(run, name)
