@@ -6,21 +6,13 @@ recomputes a measurement.
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from refusal_ray.core.render import has, markdown_table, not_run, num, plt  # noqa: F401 (re-exported)
 
 
-def _num(v, fmt: str = "{:.2f}") -> str:
-    return "?" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
-
-
-def _has(row: pd.Series, key: str) -> bool:
-    v = row.get(key)
-    return v is not None and not (isinstance(v, float) and np.isnan(v))
+_num, _has = num, has   # the old private names
 
 
 def headline(row: pd.Series, rule: dict) -> str:
@@ -50,30 +42,6 @@ def headline(row: pd.Series, rule: dict) -> str:
     if _has(row, "selection_warning"):   # a fallback selection above the KL filter (summary.fallback_warnings)
         parts.append(" ".join(f"**{w[0].upper()}{w[1:]}.**" for w in str(row["selection_warning"]).splitlines()))
     return " ".join(parts)
-
-
-def markdown_table(df: pd.DataFrame, floats: str = "{:.3f}") -> list[str]:
-    """A pipe table (floats formatted, missing values '-')."""
-    if df.empty:
-        return ["(no rows)"]
-
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return "-"
-        if isinstance(v, (float, np.floating)):
-            return floats.format(v)
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return lines
-
-
-def not_run(stage: str, stages: dict) -> list[str]:
-    """The lines of a stage section without rows: not in the spec, or in it with nothing stored."""
-    if stages.get(stage) is not None:
-        return [f"No rows stored: every `{stage}` cell failed or was skipped (reasons in the `cells` table).", ""]
-    return [f"Not run in this sweep (no `stages.{stage}` block).", ""]
 
 
 def directions_diagnostics(dirs: pd.DataFrame) -> list[str]:

@@ -55,6 +55,7 @@ from refusal_ray.analysis.cost import summary_columns as cost_columns
 from refusal_ray.analysis.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.analysis.judgements import (agreement, judge_labels, judges_in, kind_of, render_agreement,
                                              steering_under)
+from refusal_ray.core.render import text_table
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, question
 from refusal_ray.stats import prompt_pooled_rate, wilson
@@ -565,16 +566,7 @@ def display() -> list[tuple[str, str, str]]:
 DISPLAY = display()   # as of import; render() calls display()
 
 
-def _table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
-    """Fixed-width lines: a header, a rule, one line per row; '-' for missing values."""
-    cells = [[h for _, h, _ in cols]]
-    for _, r in df.iterrows():
-        cells.append(["-" if (v := r[k]) is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)
-                      for k, _, f in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+_table = text_table   # the old private name
 
 
 def warning_lines(df: pd.DataFrame) -> list[str]:
