@@ -38,7 +38,8 @@ A stage is one module under `refusal_ray/stages/` that defines `STAGE = Stage(..
   (`run_local`) a task is never split.
 - `block`: the stage's spec block, a pydantic class (`refusal_ray.spec.Stages` gets one optional
   field `<name>` of this type, in STAGES order; None: the stage has no block, which only a stage
-  still being converted may have).
+  still being converted may have). `block_default`: the block is always present (its defaults when
+  the spec omits it), so the stage always runs (directions); otherwise it defaults to None (off).
 - `validate(spec) -> None`: the stage's cross-field checks on the whole spec (called by Spec's
   after-validator for every stage, enabled or not, in STAGES order); raise ValueError with the
   message (pydantic reports it as a spec error, exit 2).
@@ -151,6 +152,7 @@ class Stage:
     shards: Callable | None = None
     merge: Callable | None = None
     block: type | None = None
+    block_default: bool = False
     validate: Callable = _no_validation
     read: str | None = None
 
