@@ -18,24 +18,12 @@ from refusal_ray import ops
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import content_hash
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, JudgeSpec, check_names, question
-from refusal_ray.ops.base import LayerList, Strict
-
-
-def _negative(positions: list[int]) -> list[int]:
-    if any(p >= 0 for p in positions):
-        raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
-    return positions
-
-
-def _no_duplicates(names: list, what: str) -> None:
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate {what} {dup[0]!r}")
-
-
-NegativePositions = Annotated[list[int], AfterValidator(_negative)]
-
-
+# the spec building blocks the stage blocks share live below the stages (re-exported here: old imports work)
+from refusal_ray.ops.base import CONTROLS_HELP, Controls, LayerList, NegativePositions, Strict, n_draws  # noqa: F401
+from refusal_ray.ops.base import _controls  # noqa: F401
+from refusal_ray.ops.base import negative as _negative  # noqa: F401
+from refusal_ray.ops.base import no_duplicates as _no_duplicates
+from refusal_ray.stages import STAGES
 
 
 class ModelResources(Strict):
@@ -179,26 +167,6 @@ class SelectStage(Strict):
         "0: the exact first-token KL. 1e-6: Arditi et al.'s kl_div_fn smoothing, sum P_base (log(P_base + eps) - "
         "log(P_abl + eps)), which reads 1-3% lower (the paper-compat switch; default with reproduces: arditi2024)."))
     batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
-
-
-def _controls(v: bool | int) -> bool | int:
-    """`controls`: true (one draw, the meaning before K existed), false (none) or K >= 2 draws; 1 reads as
-    true and 0 as false."""
-    if isinstance(v, bool):
-        return v
-    if v < 0:
-        raise ValueError("true (one random draw per arm), false (none) or a number of draws K >= 2")
-    return v if v >= 2 else bool(v)
-
-
-Controls = Annotated[bool | int, AfterValidator(_controls)]
-CONTROLS_HELP = ("Norm-matched random-direction controls per arm: true (one draw, seeded by the control cell's "
-                 "id), false (none), or K >= 2 draws (K control cells per arm; draw 0 is the draw of `true`).")
-
-
-def n_draws(controls: bool | int) -> int:
-    """Random control draws per arm of a `controls` value: 0, 1 or K."""
-    return int(controls) if not isinstance(controls, bool) else int(controls)
 
 
 class SteerStage(Strict):
@@ -369,13 +337,12 @@ class CapabilityStage(Strict):
     batch_size: int = Field(32, ge=1, description="Rows per forward pass / generate call.")
 
 
+# The `stages:` blocks: one field per registered stage (`refusal_ray.stages.STAGES`, its `Stage.block`), in
+# `STAGES.by_block_order()`, set by `_sync_stage_fields`. A stage with `block_default` (directions) always
+# has its block (its defaults when the spec omits it); every other block defaults to None (the stage is off).
+# (No docstring: the JSON schema of `Stages` stays as it was.)
 class Stages(Strict):
-    directions: DirectionsStage = Field(default_factory=DirectionsStage)
-    select: SelectStage | None = None
-    steer: SteerStage | None = None
-    patch: PatchStage | None = None
-    scrub: ScrubStage | None = None
-    capability: CapabilityStage | None = None
+    pass
 
 
 class Generation(Strict):
@@ -517,68 +484,17 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _steer_position(self):
-        steer = self.stages.steer
-        if steer is not None and "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.steer needs 'resid_pre' in stages.directions.sites (steering uses those directions)")
-        positions = self.stages.directions.positions
-        if steer is not None and positions != "post_instruction" and steer.position not in positions:
-            raise ValueError(f"stages.steer.position {steer.position} is not among "
-                             f"stages.directions.positions {positions}")
-        return self
+    def _stage_checks(self):
+        """Each stage's cross-field checks (`Stage.validate(spec)`, in STAGES order; ValueError: a spec error).
+        A stage that does not declare its checks yet gets spec.py's own (`_LEGACY_CHECKS`)."""
+        from refusal_ray.stages.base import _no_validation
 
-    @model_validator(mode="after")
-    def _operators(self):
-        """Each operator's cross-field checks on its `stages.steer.<name>` block (None when unset)."""
-        steer = self.stages.steer
-        for op in ops.OPS:
-            op.validate(self, None if steer is None else getattr(steer, op.name, None))
-        return self
-
-    @model_validator(mode="after")
-    def _selected_needs_select(self):
-        if self.stages.select is not None and "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.select needs 'resid_pre' in stages.directions.sites (candidates are "
-                             "resid_pre directions)")
-        return self
-
-    @model_validator(mode="after")
-    def _paired_needs_pairs(self):
-        if self.stages.directions.pairing == "paired":
-            for cls in ("harmful", "harmless"):
-                if getattr(self.data, cls).pair_column is None:
-                    raise ValueError(f"stages.directions.pairing 'paired' needs data.{cls}.pair_column")
-        return self
-
-    @model_validator(mode="after")
-    def _capability_arms(self):
-        cap = self.stages.capability
-        if cap is None:
-            return self
-        steer = self.stages.steer
-        for arm in cap.arms or []:
-            op = ops.base.owner(arm)
-            if op is not None and op.capability_needs_block and (steer is None or getattr(steer, op.name) is None):
-                raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.{op.name} block (its "
-                                 f"directions)")
-        if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
-            raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
-        if "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.capability needs 'resid_pre' in stages.directions.sites (its arms use those "
-                             "directions)")
-        positions = self.stages.directions.positions
-        if steer is None and positions != "post_instruction" and -1 not in positions:
-            raise ValueError("stages.capability without a stages.steer block uses the directions at position -1: "
-                             "add -1 to stages.directions.positions (or add a stages.steer block with its position)")
-        return self
-
-    @model_validator(mode="after")
-    def _patch_needs_pairs(self):
-        if self.stages.patch is not None:
-            for cls in ("harmful", "harmless"):
-                if getattr(self.data, cls).pair_column is None:
-                    raise ValueError(f"stages.patch needs data.{cls}.pair_column (clean and corrupted inputs are "
-                                     f"pairs)")
+        for stage in STAGES:
+            if stage.validate is not _no_validation:
+                stage.validate(self)
+            else:
+                for check in _LEGACY_CHECKS.get(stage.name, ()):
+                    check(self)
         return self
 
     def rule_hash(self) -> str:
@@ -588,6 +504,78 @@ class Spec(Strict):
 
     def spec_hash(self) -> str:
         return _hash(self.model_dump(mode="json"))
+
+
+# -- the checks of stages whose packages do not declare them yet (`Stage.validate`); each goes once its
+#    stage's package has it -------------------------------------------------------------------------------
+def _steer_position(self) -> None:
+    steer = self.stages.steer
+    if steer is not None and "resid_pre" not in self.stages.directions.sites:
+        raise ValueError("stages.steer needs 'resid_pre' in stages.directions.sites (steering uses those directions)")
+    positions = self.stages.directions.positions
+    if steer is not None and positions != "post_instruction" and steer.position not in positions:
+        raise ValueError(f"stages.steer.position {steer.position} is not among "
+                         f"stages.directions.positions {positions}")
+    return None
+
+
+def _operators(self):
+    """Each operator's cross-field checks on its `stages.steer.<name>` block (None when unset)."""
+    steer = self.stages.steer
+    for op in ops.OPS:
+        op.validate(self, None if steer is None else getattr(steer, op.name, None))
+    return None
+
+
+def _selected_needs_select(self):
+    if self.stages.select is not None and "resid_pre" not in self.stages.directions.sites:
+        raise ValueError("stages.select needs 'resid_pre' in stages.directions.sites (candidates are "
+                         "resid_pre directions)")
+    return None
+
+
+def _paired_needs_pairs(self):
+    if self.stages.directions.pairing == "paired":
+        for cls in ("harmful", "harmless"):
+            if getattr(self.data, cls).pair_column is None:
+                raise ValueError(f"stages.directions.pairing 'paired' needs data.{cls}.pair_column")
+    return None
+
+
+def _capability_arms(self):
+    cap = self.stages.capability
+    if cap is None:
+        return None
+    steer = self.stages.steer
+    for arm in cap.arms or []:
+        op = ops.base.owner(arm)
+        if op is not None and op.capability_needs_block and (steer is None or getattr(steer, op.name) is None):
+            raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.{op.name} block (its "
+                             f"directions)")
+    if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
+        raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
+    if "resid_pre" not in self.stages.directions.sites:
+        raise ValueError("stages.capability needs 'resid_pre' in stages.directions.sites (its arms use those "
+                         "directions)")
+    positions = self.stages.directions.positions
+    if steer is None and positions != "post_instruction" and -1 not in positions:
+        raise ValueError("stages.capability without a stages.steer block uses the directions at position -1: "
+                         "add -1 to stages.directions.positions (or add a stages.steer block with its position)")
+    return None
+
+
+def _patch_needs_pairs(self):
+    if self.stages.patch is not None:
+        for cls in ("harmful", "harmless"):
+            if getattr(self.data, cls).pair_column is None:
+                raise ValueError(f"stages.patch needs data.{cls}.pair_column (clean and corrupted inputs are "
+                                 f"pairs)")
+    return None
+
+
+_LEGACY_CHECKS = {"directions": (_paired_needs_pairs,), "select": (_selected_needs_select,),
+                  "steer": (_steer_position, _operators), "capability": (_capability_arms,),
+                  "patch": (_patch_needs_pairs,)}
 
 
 def _hash(obj) -> str:
@@ -647,11 +635,16 @@ def load_yaml(path: str | Path, model: type[BaseModel], what: str):
         raise SpecError(str(path), loc, msg) from None
 
 
-# -- the operators' blocks ---------------------------------------------------------------------------------
+# -- the stages' blocks ------------------------------------------------------------------------------------
+# spec.py's own classes of the stages whose packages do not declare `block` yet: (class, always present)
+_OWN_BLOCKS = {"directions": (DirectionsStage, True), "select": (SelectStage, False), "steer": (SteerStage, False),
+               "patch": (PatchStage, False), "scrub": (ScrubStage, False), "capability": (CapabilityStage, False)}
+
+
 def _sync_operator_fields() -> None:
-    """Give SteerStage one optional field per registered operator (`stages.steer.<name>`: its `config` class;
-    default `config()` when `default_block`, else None), in OPS order before the shared settings, and rebuild
-    the models that hold it (called at import and after every `ops.register` / `ops.unregister`)."""
+    """Give spec.py's SteerStage (while stage steer does not declare its block) one optional field per
+    registered operator (`stages.steer.<name>`: its `config` class; default `config()` when `default_block`,
+    else None), in OPS order before the shared settings."""
     from pydantic.fields import FieldInfo
 
     fields = {}
@@ -665,9 +658,30 @@ def _sync_operator_fields() -> None:
     SteerStage.__pydantic_fields__ = {**fields, **own}
     SteerStage.__annotations__ = {**notes, **{k: v for k, v in SteerStage.__annotations__.items()
                                                 if k in STEER_SETTINGS}}
-    for model in (SteerStage, Stages, Spec):
+    SteerStage.model_rebuild(force=True)
+
+
+def _sync_stage_fields() -> None:
+    """Give `Stages` one field per registered stage (`STAGES.by_block_order()`): `<name>: block` with the
+    block's defaults for a stage with `block_default`, else `<name>: block | None = None`; then rebuild
+    `Stages` and `Spec`. Called at import and after every change of the stages (`STAGES.register`) or of
+    the operators (`ops.register`: stage steer's block has one field per operator)."""
+    from pydantic.fields import FieldInfo
+
+    if any(s.name == "steer" and s.block is None for s in STAGES):   # spec.py's SteerStage is in use
+        _sync_operator_fields()
+    fields, notes = {}, {}
+    for stage in STAGES.by_block_order():
+        cls, always = (stage.block, stage.block_default) if stage.block is not None else _OWN_BLOCKS[stage.name]
+        ann = cls if always else cls | None
+        fields[stage.name] = FieldInfo.from_annotated_attribute(ann, Field(default_factory=cls) if always else None)
+        notes[stage.name] = ann
+    Stages.__pydantic_fields__ = fields
+    Stages.__annotations__ = notes
+    for model in (Stages, Spec):
         model.model_rebuild(force=True)
 
 
-_sync_operator_fields()
-ops.on_change(_sync_operator_fields)
+_sync_stage_fields()
+ops.on_change(_sync_stage_fields)
+STAGES.on_change(_sync_stage_fields)
