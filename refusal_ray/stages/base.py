@@ -224,7 +224,8 @@ class Reader:
     - `summary(ctx, model, row) -> dict`: the stage's summary-table columns for one model (a store's
       `manifest["models"]` key). `row` holds the columns so far: the model's params/layers and the
       columns of the stages before it (e.g. directions' `best_layer`; a model without directions rows
-      has none, and a stage whose columns rest on it returns {}). Called in STAGES order, for the
+      has none, and a stage whose columns rest on it returns {}). Called in the spec's block order
+      (`STAGES.by_block_order()`: the summary's column order), for the
       verdict judge's context (`ctx.judge`) and once per judge for `summary_by_judge`.
     - `display() -> [(column, header, fmt)]`: its columns in the printed summary table (a column the
       summary lacks is left out), in `order`.
@@ -237,6 +238,8 @@ class Reader:
     - `provides`: {name: fn} values other readers and the decision rule read through
       `ctx.provided(name)`, e.g. steer's "pooled_arms" (`fn(ctx) -> DataFrame`: the steering arms
       pooled over seeds under `ctx.judge`'s labels; `ctx.arms`), computed once per context.
+    - `files`: {file name: fn(ctx) -> DataFrame | bytes | None} files `write_summary` writes into the store
+      (a DataFrame as Parquet; None: nothing), e.g. capability's `capability_cost.parquet`.
     """
 
     summary: Callable = _no_columns
@@ -246,6 +249,7 @@ class Reader:
     title: str = ""
     tables: tuple[str, ...] = ()
     provides: Mapping[str, Callable] = field(default_factory=dict)
+    files: Mapping[str, Callable] = field(default_factory=dict)
 
 
 class Tables(Mapping):
