@@ -155,93 +155,42 @@ def write_report(out_dir, judge: str | None = None) -> str:
     `judge`: the judge whose labels the verdicts read (default: `summary.verdict_judge`).
 
     report.md is the compiled report of the sweep: provenance, a headline per model under the
-    decision rule, the summary table (with its warning lines, e.g. a fallback selection above the KL filter,
-    repeated in the selection section), then one section per stage (directions and extraction
-    diagnostics, selection, steering with controls, one section per other operator (subspace ablation, ...),
-    capability cost, judges,
-    activation patching, causal scrubbing), each saying so when its stage did not run, and the figures."""
-    from refusal_ray.analysis import report_circuits as rc
-    from refusal_ray.analysis import report_select as rs
+    decision rule, the summary table (with its warning lines, e.g. a fallback selection above the KL
+    filter, repeated in the selection section) and the scale trend, then each stage reader's section
+    (`Reader.report`, in reader `order`: directions, selection, steering with controls and one section
+    per other operator, capability cost, activation patching, causal scrubbing), each saying so when its
+    stage did not run, with the Judges section at VERDICT_ORDER. Stage sections read the inline judge's
+    labels (their steering figure always did); the verdicts in the summary read `judge`'s."""
     from refusal_ray.analysis import report_stages as st
-    from refusal_ray.analysis.circuits import scrub_verdicts, site_recovery
-    from refusal_ray.analysis.summary import read_cost, render_cost
+    from refusal_ray.analysis.summary import VERDICT_ORDER, read_context, readers
+    from refusal_ray.judges.config import INLINE
 
     store = Store(out_dir)
     summary = write_summary(out_dir, judge)
-    manifest = store.read_json("manifest.json") or {}
-    stages = (manifest.get("spec") or {}).get("stages") or {}
-    dirs, steering = store.read("directions"), store.read("steering")
-    models = list(summary["model"]) if not summary.empty else []
-    figures: dict[str, bytes] = {}
-    arms = pooled_arms(steering, store.read("completions")) if not steering.empty else pd.DataFrame()
-    if not steering.empty and "best_layer" in summary.columns and (steering["mode"] == "addition").any():
-        figures["steering.png"] = plot_steering_curves(arms, summary.dropna(subset=["best_layer"]))
-    with_dirs = [m for m in models if not dirs.empty and (dirs["model"] == m).any()]  # failed models have none
-    if with_dirs:
-        figures["separation.png"] = plot_separation(dirs, with_dirs)
-        figures["cosines.png"] = plot_cosines(dirs, with_dirs)
-    if not summary.empty and "separation" in summary.columns:
-        figures["scale_trend.png"] = plot_scale_trend(summary)
-    selection = store.read("selection")
-    if not selection.empty:
-        figures["selection.png"] = rs.plot_selection(selection)
-    sites, verdicts = site_recovery(store.read("patching")), scrub_verdicts(store.read("scrubbing"))
-    if not sites.empty:
-        figures["patching.png"] = rc.plot_recovery(sites, [m for m in models if (sites["model"] == m).any()])
-    if not verdicts.empty:
-        figures["scrubbing.png"] = rc.plot_faithfulness(verdicts)
-    cost = read_cost(out_dir)
-    cap_fig = st.plot_capability(cost)
-    if cap_fig is not None:
-        figures["capability.png"] = _png(cap_fig)
-    for name, png in figures.items():
-        store.write_file(f"figures/{name}", png)
-
-    def fig(name: str) -> list[str]:
-        return [f"![{name}](figures/{name})", ""] if name in figures else []
-
-    rule = {k: v for k, v in (manifest.get("decision_rule") or {}).items() if k != "judge"}
+    ctx = read_context(store, INLINE)
+    ctx.summary = summary
+    manifest = ctx.manifest
+    scale = ctx.figure("scale_trend.png", plot_scale_trend(summary)) \
+        if not summary.empty and "separation" in summary.columns else []
+    rule = ctx.rule
     lines = [f"# refusal-ray report: {manifest.get('sweep', store.uri)}", "",
              f"Decision rule hash `{manifest.get('rule_hash')}`, spec hash `{manifest.get('spec_hash')}`, "
              f"code `{manifest.get('git_sha')}`"
              + (f"; verdicts under judge `{summary['judge'].iloc[0]}`" if "judge" in summary.columns else "") + ".",
              "", "## Headlines", ""]
     lines += [f"- {st.headline(row, rule)}" for _, row in summary.iterrows()] or ["(no models finished)"]
-    lines += ["", "## Summary", "", "```", render(summary), "```", "", *fig("scale_trend.png"),
-              "## Directions (difference of means, Arditi et al. 2024 Sec. 2.1)", ""]
-    lines += [*st.directions_diagnostics(dirs), "", *fig("separation.png"), *fig("cosines.png")]
-    lines += ["## Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)", ""]
-    lines += [*rs.selection_table(selection), "", *[f"**{w}**" for w in warning_lines(summary)],
-              *([""] if warning_lines(summary) else []), *fig("selection.png")] if not selection.empty \
-        else st.not_run("select", stages)
-    lines += ["## Steering: activation addition and directional ablation, with random controls", ""]
-    lines += [*st.steering_arms_table(arms, summary), "", *fig("steering.png")] if not steering.empty \
-        else st.not_run("steer", stages)
-    from refusal_ray.ops import OPS
-
-    for op in OPS.by_report_order():   # one section per operator with its own (the rule's arms: above)
-        if not op.report_section:
-            continue
-        ran = not arms.empty and (arms["mode"] == op.name).any()
-        if not ran and not op.dump_when_none and (stages.get("steer") or {}).get(op.name) is None:
-            continue   # a newer operator that this sweep did not use gets no section
-        lines += [f"## {op.section_title or op.label.capitalize()}", ""]
-        lines += ([*st.markdown_table(_integral(arms[arms["mode"] == op.name][[c for c in op.report_columns
-                                                                                if c in arms.columns]])), ""] if ran else
-                  [f"Not run in this sweep (no `stages.steer.{op.name}` block)." if "steer" in stages else
-                   "Not run in this sweep (no `stages.steer` block).", ""])
-    lines += ["## Capability cost (CE loss, first-token KL, task exact match, lm-eval)", ""]
-    lines += ["```", render_cost(cost), "```", "", *fig("capability.png")] if not cost.empty \
-        else st.not_run("capability", stages)
-    lines += ["## Judges", ""]
-    judges_text = render_judges(*judge_tables(out_dir))
-    lines += (["Verdicts above read the judge named in the provenance line; the steering figure uses the inline "
-               "substring judge.", "", "```", judges_text, "```", ""] if judges_text else
-              ["One judge (the inline substring judge); no agreement to report.", ""])
-    lines += ["## Activation patching: top components", ""]
-    lines += [*rc.top_sites_table(sites), "", *fig("patching.png")] if not sites.empty \
-        else st.not_run("patch", stages)
-    lines += ["## Causal scrubbing (resample ablation of each hypothesis' complement)", ""]
-    lines += (["```", verdicts.to_string(index=False, float_format=lambda x: f"{x:.3f}"), "```", "",
-               *fig("scrubbing.png")] if not verdicts.empty else st.not_run("scrub", stages))
+    lines += ["", "## Summary", "", "```", render(summary), "```", "", *scale]
+    sections = [(r.order, i, r.report) for i, (_, r) in enumerate(readers())]
+    sections.append((VERDICT_ORDER, -1, lambda ctx: judges_section(out_dir)))
+    for _, _, section in sorted(sections, key=lambda s: (s[0], s[1])):
+        lines += section(ctx)
     return store.write_file("report.md", ("\n".join(lines) + "\n").encode())
+
+
+def judges_section(out_dir) -> list[str]:
+    """The Judges section: rates and verdicts per judge and their agreement, as `write_summary` wrote them."""
+    lines = ["## Judges", ""]
+    judges_text = render_judges(*judge_tables(out_dir))
+    return lines + (["Verdicts above read the judge named in the provenance line; the steering figure uses the "
+                     "inline substring judge.", "", "```", judges_text, "```", ""] if judges_text else
+                    ["One judge (the inline substring judge); no agreement to report.", ""])

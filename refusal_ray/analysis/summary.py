@@ -404,98 +404,126 @@ def verdict_judge(manifest: dict) -> str:
     return (manifest.get("verdicts") or {}).get("judge") or (manifest.get("decision_rule") or {}).get("judge") or INLINE
 
 
-def _load(store: Store) -> dict:
-    t = {name: store.read(name) for name in ("directions", "steering", "completions", "judgements", "patching",
-                                              "scrubbing", "selection", "capability")}
-    t["manifest"] = store.read_json("manifest.json") or {}
-    t["cost"] = capability_cost(t["capability"], t["manifest"].get("capability_key"))
-    t["labels"] = judge_labels(t["completions"], t["judgements"]) if not t["steering"].empty else \
-        judge_labels(pd.DataFrame(), pd.DataFrame())
-    return t
+# -- the stages' read side -------------------------------------------------------------------------------
+RULE_ORDER = 25     # the rule's columns in the printed table: after stage select's (20), before steer's (30)
+VERDICT_ORDER = 55  # the verdicts (and the report's Judges section): after capability (40), before patch (60)
 
 
-def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
-    """The summary table (one row per model) with steering rates and verdicts from `judge`'s labels."""
-    from refusal_ray.ops import OPS
+def _legacy_reader(name: str):
+    """The read side of a stage whose package has no read module yet (this module's and report's code)."""
+    from refusal_ray.analysis import legacy_readers
 
-    manifest = t["manifest"]
-    rule = {k: v for k, v in manifest.get("decision_rule", {}).items() if k != "judge"}
-    models = manifest.get("models", {})
-    position = manifest.get("steer_position", -1)
-    steer_spec = (manifest.get("spec") or {}).get("stages", {}).get("steer")
-    has_steer = steer_spec is not None
-    dirs, steering, completions = t["directions"], t["steering"], t["completions"]
-    kind = judge_kind(manifest, t["labels"], judge)
-    blocked = unjudgeable(kind, rule)    # rules whose arms this judge gives no refusal labels on (a guard)
-    if judge != INLINE:
-        steering, completions = steering_under(steering, completions, t["labels"], judge)
-    arms = pooled_arms(steering, completions if not steering.empty else None)
-    sites, verdicts = site_recovery(t["patching"]), scrub_verdicts(t["scrubbing"])
-    selection = t["selection"]
-    has_select = (manifest.get("spec") or {}).get("stages", {}).get("select") is not None
+    return legacy_readers.READERS.get(name)
+
+
+def readers() -> list[tuple]:
+    """[(stage, reader)] of every registered stage with a read side, in the spec's block order
+    (`STAGES.by_block_order()`: the order of the summary's columns)."""
+    from refusal_ray.stages import STAGES
+
+    out = []
+    for stage in STAGES.by_block_order():
+        reader = stage.reader or _legacy_reader(stage.name)
+        if reader is not None:
+            out.append((stage, reader))
+    return out
+
+
+def _relabel(ctx) -> dict:
+    """The tables whose counts a judge's labels change (`steering_under`): {} under the inline judge."""
+    if ctx.judge == INLINE:
+        return {}
+    steering, completions = steering_under(ctx.tables["steering"], ctx.tables["completions"], ctx.labels, ctx.judge)
+    return {"steering": steering, "completions": completions}
+
+
+def read_context(store: Store, judge: str | None = None):
+    """The ReadContext of a store (`refusal_ray.stages.base.ReadContext`): its tables (read once), manifest,
+    decision rule (without its judge), every judge's labels, under `judge` (default: `verdict_judge`)."""
+    from refusal_ray.stages.base import ReadContext
+
+    manifest = store.read_json("manifest.json") or {}
+    rule = {k: v for k, v in (manifest.get("decision_rule") or {}).items() if k != "judge"}
+    ctx = ReadContext(store=store, manifest=manifest, rule=rule, judge=judge or verdict_judge(manifest),
+                      readers=tuple(r for _, r in readers()), relabel=_relabel)
+    ctx.labels = judge_labels(ctx.tables["completions"], ctx.tables["judgements"]) \
+        if not ctx.tables["steering"].empty else judge_labels(pd.DataFrame(), pd.DataFrame())
+    ctx.judge_kind = judge_kind(manifest, ctx.labels, ctx.judge)
+    return ctx
+
+
+def _load(store: Store):
+    """The store's read context under its verdict judge (see `read_context`)."""
+    return read_context(store)
+
+
+def rule_columns(ctx, model: str, row: dict) -> dict:
+    """The decision rule's columns of one model (`steer_columns` of its pooled arms under `ctx.judge`, the
+    ablation arms of the direction most seeds ablated: `ablation_direction`)."""
+    arms = ctx.arms
+    a, direction = ablation_direction(arms[arms["model"] == model] if not arms.empty else arms)
+    return steer_columns(a, int(row["best_layer"]), ctx.rule) | {"ablation_direction": direction}
+
+
+def rule_overrides(ctx, model: str, row: dict) -> dict:
+    """After the columns of the stage whose pooled arms the rule reads: NO-SELECTION when stage select chose
+    nothing (`selected` "NONE") and the rule is INCOMPLETE; NOT-JUDGEABLE where `ctx.judge` gives no refusal
+    labels on a prompt set the rule's arms are judged on; `unjudged`: the model's stored completions on
+    the sets the judge answers "refused?" on, minus its refusal labels (malformed, failed or never judged)."""
+    out = {}
+    if row.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
+        out["verdict_control_margin"] = "NO-SELECTION"
+    for r, sets in unjudgeable(ctx.judge_kind, ctx.rule).items():
+        if row.get(f"verdict_{r}") is not None:
+            out[f"verdict_{r}"] = f"NOT-JUDGEABLE ({ctx.judge_kind} on {'/'.join(sets)})"
+    labels, comps = ctx.labels, ctx.tables["completions"]
+    mine = labels[(labels["model"] == model) & (labels["judge"] == ctx.judge) & (labels["question"] == REFUSED)]
+    answered = [p for p in ("harmful", "harmless") if question(ctx.judge_kind, p) == REFUSED]
+    stored = 0 if comps.empty else int(((comps["model"] == model) & comps["prompt_set"].isin(answered)).sum())
+    out["unjudged"] = stored - int(mine["refusal"].notna().sum())
+    return out
+
+
+def _summary_rows(ctx, judge: str | None = None) -> pd.DataFrame:
+    """The summary table (one row per model of the manifest): each stage reader's columns in the spec's
+    block order, the decision rule's around those of the stage whose pooled arms it reads (when that stage
+    ran and the model has a best layer), under `judge` (default `ctx.judge`)."""
+    if judge is not None and judge != ctx.judge:
+        ctx = ctx.with_judge(judge, judge_kind(ctx.manifest, ctx.labels, judge))
     rows = []
-    for name, info in models.items():
+    for name, info in ctx.manifest.get("models", {}).items():
         row = {"model": name, "params": info.get("params"), "layers": info.get("n_layers")}
-        circuit = circuit_columns(name, sites, verdicts)
-        d = dirs[(dirs["model"] == name) & (dirs["site"] == "resid_pre") & (dirs["position"] == position)] \
-            if not dirs.empty else dirs
-        if d.empty:
-            rows.append(row | circuit)
-            continue
-        sep = d.groupby("layer")["separation"].mean()
-        best = int(sep.idxmax())
-        row |= {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
-        mine_sel = selection[selection["model"] == name] if not selection.empty else selection
-        sel = selection_columns(mine_sel)
-        row |= sel
-        if has_select:
-            warn = fallback_warnings(mine_sel, name, manifest["spec"]["stages"]["select"].get("kl_max"))
-            row["selection_warning"] = "\n".join(warn) if warn else None
-        if has_steer:
-            a, direction = ablation_direction(arms[arms["model"] == name])
-            row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
-            for op in OPS.by_report_order():   # each operator's own columns (the rule's arms give none)
-                block = (steer_spec or {}).get(op.name)
-                if block is not None or (a["mode"] == op.name).any():
-                    row |= op.summary_columns(a, rule, block)
-            if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
-                row["verdict_control_margin"] = "NO-SELECTION"
-            for r, sets in blocked.items():
-                if row.get(f"verdict_{r}") is not None:
-                    row[f"verdict_{r}"] = f"NOT-JUDGEABLE ({kind} on {'/'.join(sets)})"
-            labels = t["labels"]
-            mine = labels[(labels["model"] == name) & (labels["judge"] == judge) & (labels["question"] == REFUSED)]
-            comps = t["completions"]
-            answered = [p for p in ("harmful", "harmless") if question(kind, p) == REFUSED]
-            stored = 0 if comps.empty else int(((comps["model"] == name) & comps["prompt_set"].isin(answered)).sum())
-            row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
-        rows.append(row | circuit | cost_columns(t["cost"], name, rule))
+        for stage, reader in readers():
+            ruled = "pooled_arms" in reader.provides and "best_layer" in row and ctx.stages.get(stage.name) is not None
+            if ruled:
+                row |= rule_columns(ctx, name, row)
+            row |= reader.summary(ctx, name, row)
+            if ruled:
+                row |= rule_overrides(ctx, name, row)
+        rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:
-        df["judge"] = judge
-        df["rule_hash"] = manifest.get("rule_hash")
+        df["judge"] = ctx.judge
+        df["rule_hash"] = ctx.manifest.get("rule_hash")
         df = df.sort_values("params", kind="stable").reset_index(drop=True)
     return df
 
 
-def arms_by_judge(t: dict, names: list[str]) -> pd.DataFrame:
+def arms_by_judge(ctx, names: list[str]) -> pd.DataFrame:
     """Pooled steering arms (rate and prompt-pooled Wilson interval per model, arm and prompt set)
     under each judge, with a `judge` column: the steering rates of every judge side by side."""
     frames = []
     for j in names:
-        steering, completions = t["steering"], t["completions"]
-        if j != INLINE:
-            steering, completions = steering_under(steering, completions, t["labels"], j)
-        if not steering.empty:
-            frames.append(pooled_arms(steering, completions).assign(judge=j))
+        arms = ctx.with_judge(j).arms
+        if not arms.empty:
+            frames.append(arms.assign(judge=j))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def summarize(out_dir, judge: str | None = None) -> pd.DataFrame:
     """Build the summary table from a store (manifest, directions, steering, completions, judgements),
     verdicts under `judge` (default: `verdict_judge` of the manifest). Column `judge` names it."""
-    t = _load(Store(out_dir))
-    return _summary_rows(t, judge or verdict_judge(t["manifest"]))
+    return _summary_rows(read_context(Store(out_dir), judge))
 
 
 def judge_tables(out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -513,22 +541,25 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     one judge, also summary_by_judge.parquet and agreement.parquet / agreement.csv. The manifest's
     `verdicts` records the judge behind the verdicts (its hash, and whether it is the rule's)."""
     store = Store(out_dir)
-    t = _load(store)
-    manifest = t["manifest"]
-    judge = judge or verdict_judge(manifest)
-    names = judges_in(t["labels"])
-    rows = {j: _summary_rows(t, j) for j in dict.fromkeys([judge, *names])}
+    ctx = read_context(store, judge)
+    manifest, judge = ctx.manifest, ctx.judge
+    names = judges_in(ctx.labels)
+    rows = {j: _summary_rows(ctx, j) for j in dict.fromkeys([judge, *names])}
     df = rows[judge]
     store.write_frame("summary.parquet", df)
     store.write_file("summary.csv", df.to_csv(index=False).encode())
-    if not t["cost"].empty:
-        store.write_frame("capability_cost.parquet", t["cost"])
-        store.write_file("capability_cost.csv", cost_table(t["cost"]).to_csv(index=False).encode())
+    for _, reader in readers():   # e.g. capability_cost.parquet / .csv
+        for name, fn in reader.files.items():
+            data = fn(ctx)
+            if isinstance(data, pd.DataFrame):
+                store.write_frame(name, data)
+            elif data is not None:
+                store.write_file(name, data)
     if len(names) > 1:
         per = pd.concat([rows[j] for j in names if not rows[j].empty], ignore_index=True)
-        agree = agreement(t["labels"])
+        agree = agreement(ctx.labels)
         store.write_frame("summary_by_judge.parquet", per)
-        store.write_frame("steering_by_judge.parquet", arms_by_judge(t, names))
+        store.write_frame("steering_by_judge.parquet", arms_by_judge(ctx, names))
         store.write_frame("agreement.parquet", agree)
         store.write_file("agreement.csv", agree.to_csv(index=False).encode())
     rule_judge = (manifest.get("decision_rule") or {}).get("judge") or INLINE
@@ -540,27 +571,24 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     return df
 
 
-DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
-                ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
-                ("selected", "selected", "{}"), ("ablation_direction", "ablated", "{}"),
-                ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
-                ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
+DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}")]
+RULE_DISPLAY = [("ablation_direction", "ablated", "{}"), ("addition_layer", "add L", "{:.0f}"),
+                ("label_layer", "label L", "{:.0f}"), ("baseline_harmful_refusal", "base", "{:.2f}"),
+                ("ablation_suppression", "abl-base", "{:+.2f}"),
                 ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"),
                 ("addition_induction", "add-base", "{:+.2f}"),
                 ("addition_induction_vs_control", "add-ctl", "{:+.2f}")]   # the decision rule's columns
-DISPLAY_TAIL = [("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
-                ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
-                ("attribution_spearman", "AtP rho", "{:.2f}")]
+VERDICT_DISPLAY = [("verdict_control_margin", "control_margin", "{}"),
+                   ("verdict_steering_labels", "steering_labels", "{}")]
 
 
 def display() -> list[tuple[str, str, str]]:
-    """The summary table's columns: the rule's, each operator's `display` (report order), each operator's
-    `cost_display` (apply order: ablation, orthogonalized, ..., addition), verdicts and circuits."""
-    from refusal_ray.ops import OPS
-
-    ops_cols = [c for op in OPS.by_report_order() for c in op.display]
-    costs = [c for op in OPS.by_apply_order() for c in op.cost_display]
-    return [*DISPLAY_HEAD, *ops_cols, *costs, *DISPLAY_TAIL]
+    """The summary table's columns: model, params, layers, then each stage reader's `display()` in reader
+    `order` (ties: block order), with the decision rule's columns at RULE_ORDER and the verdicts at
+    VERDICT_ORDER."""
+    parts = [(RULE_ORDER, -1, RULE_DISPLAY), (VERDICT_ORDER, -1, VERDICT_DISPLAY)]
+    parts += [(r.order, i, list(r.display())) for i, (_, r) in enumerate(readers())]
+    return [*DISPLAY_HEAD, *(c for _, _, cols in sorted(parts, key=lambda p: (p[0], p[1])) for c in cols)]
 
 
 DISPLAY = display()   # as of import; render() calls display()
