@@ -240,4 +240,5 @@ def _cost_csv(ctx):
 
 
 READER = Reader(summary=summary, display=display, report=report, order=40, title=TITLE, tables=("capability",),
-                provides={"cost": store_cost}, files={"capability_cost.parquet": _cost_file, "capability_cost.csv": _cost_csv})
+                provides={"cost": store_cost},
+                files={"capability_cost.parquet": _cost_file, "capability_cost.csv": _cost_csv})

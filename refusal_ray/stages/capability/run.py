@@ -63,7 +63,7 @@ from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, contr
 from refusal_ray.stages.capability import arm_kinds
 from refusal_ray.stages.directions import directions_key
 from refusal_ray.stages.steer import controls_text
-from refusal_ray.stages.steer.run import Row, edits_on, generate_rows, skip_reason, steering_inputs
+from refusal_ray.stages.steer.run import Row, edits_on, generate_rows, steering_inputs
 from refusal_ray.stats import wilson
 
 

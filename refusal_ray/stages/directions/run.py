@@ -1,4 +1,5 @@
-"""Stage `directions`: difference-of-means refusal directions at every layer.
+"""Stage `directions`, run side: difference-of-means refusal directions at every layer (the declaration and
+block: `refusal_ray.stages.directions`; the summary columns and report section: `.read`).
 
 Arditi et al. 2024, Sec. 2.1: r[L, pos] = mean_harmful x[L, pos] - mean_harmless x[L, pos], with x
 the residual stream at a post-instruction position. All layers and sites are read in one
@@ -24,7 +25,7 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.interventions import capture
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.sites import site_name
-from refusal_ray.stages.directions import LATER_DEFAULTS, directions_key, refusal_tokens_setting  # noqa: F401
+from refusal_ray.stages.directions import refusal_tokens_setting
 from refusal_ray.stats import cohens_d
 
 
@@ -216,7 +217,8 @@ def sequential_cosines(lm: LoadedModel, train: tuple[PromptSet, PromptSet], batc
 
 
 def run(session, cells, payload) -> dict:
-    """Stage.run: fit each cell's directions (train filtering and the sequential refit when set): {"directions": rows}."""
+    """Stage.run: fit each cell's directions (train filtering and the sequential refit when set):
+    {"directions": rows}."""
     cfg = session.settings["directions"]
     rows = []
     for cell in cells:
