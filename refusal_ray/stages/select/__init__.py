@@ -18,8 +18,8 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from refusal_ray.ops.base import LayerList, Strict
-from refusal_ray.stages._pending import refusal_tokens as _refusal_tokens   # moves to stages.base with _pending
 from refusal_ray.stages.base import Stage, check_layers, lazy
+from refusal_ray.stages.base import refusal_tokens as _refusal_tokens
 
 
 class SelectStage(Strict):
