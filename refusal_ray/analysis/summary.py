@@ -45,115 +45,16 @@ capability cost (stage capability; not part of either verdict): `cost_ce[arm]` i
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
-from refusal_ray.analysis.cost import SHORT, capability_cost, cost_table
-from refusal_ray.analysis.cost import summary_columns as cost_columns
-from refusal_ray.analysis.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.analysis.judgements import (agreement, judge_labels, judges_in, kind_of, render_agreement,
                                              steering_under)
 from refusal_ray.core.render import text_table
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, question
-from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
-
-# the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
-# directions (ablation of stage select's choice may differ between seeds); -1 where none. Each operator adds
-# its own keys (`Operator.arm_keys`, e.g. subspace ablation's stacked directions "L7,L8/p-1"; "" on other arms)
-BASE_ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "control_draw", "direction_layer",
-                 "direction_position"]
-
-
-def arm_keys() -> list[str]:
-    """The pooled arms' keys: BASE_ARM_KEYS, the registered operators' `arm_keys` (OPS order), prompt_set."""
-    from refusal_ray.ops import OPS
-
-    extra = [c for op in OPS for c in op.arm_keys]
-    return [*BASE_ARM_KEYS, *dict.fromkeys(extra), "prompt_set"]
-
-
-def pooled_columns() -> list[str]:
-    return ["model", *arm_keys(), "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low", "ci_high",
-            "ci_basis"]
-
-
-ARM_KEYS = arm_keys()               # as of import (the built-in operators); functions call arm_keys()
-POOLED_COLUMNS = pooled_columns()
-
-
-def _arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control,
-    `control_draw` (0 where absent), and each operator's `arm_keys` (`Operator.arm_key_values`: e.g. `subspace`,
-    the stacked directions of a subspace arm, "" on other arms)."""
-    df = steering.copy()
-    for col in ("layer", "direction_layer", "direction_position"):
-        df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
-    df["control"] = df["control"].astype(bool)
-    # `controls: K`: draws 1..K-1 carry their index; draw 0 (and every K = 1 store) has no column
-    draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(0, index=df.index)
-    df["control_draw"] = draw.fillna(0).astype(int)
-    from refusal_ray.ops import OPS
-
-    for op in OPS:
-        for col, values in op.arm_key_values(df).items():
-            df[col] = values
-    return df
-
-
-def per_seed_arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, seed, arm, prompt set): that seed's n, refusals, rate and Wilson interval
-    (the steering table's own rows, with the arm keys of `pooled_arms`)."""
-    if steering.empty:
-        return pd.DataFrame(columns=["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"])
-    df = _arms(steering)
-    cols = ["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"]
-    return df[cols].sort_values(["model", *arm_keys(), "seed"], kind="stable").reset_index(drop=True)
-
-
-def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Arms pooled over seeds: one row per (model, arm, prompt set) with rate and 95% interval.
-
-    With the completions table (per-prompt labels, joined to their arm through model, cell_id
-    and prompt_set), each distinct prompt counts once: `prompt_pooled_rate` (ci_basis
-    "prompts"). An arm without completion rows falls back to the steering counts, assuming
-    every seed judged the same prompts (n = the largest seed's n, k = pooled rate x n; ci_basis
-    "largest-seed"): conservative, never narrower than one seed's interval. n, refusals and seeds
-    are the summed steering counts either way; n_prompts and k_prompts are the interval's n and k.
-    """
-    if steering.empty:
-        return pd.DataFrame(columns=pooled_columns())
-    df = _arms(steering)
-    keys = ["model", *arm_keys()]
-    g = df.groupby(keys, dropna=False).agg(n=("n", "sum"), refusals=("refusals", "sum"), seeds=("seed", "nunique"),
-                                           n_max=("n", "max")).reset_index()
-    rows = []
-    if completions is not None and not completions.empty:
-        labels = completions[["model", "cell_id", "prompt_set", "prompt_id", "refusal"]].merge(
-            df[["model", "cell_id", *arm_keys()]], on=["model", "cell_id", "prompt_set"])
-        for key, grp in labels.groupby(keys, dropna=False, sort=False):
-            r = prompt_pooled_rate(grp["prompt_id"], grp["refusal"].astype(float))
-            rows.append(dict(zip(keys, key)) | {"n_prompts": r.n_prompts, "k_prompts": r.k_prompts, "rate": r.rate,
-                                                 "ci_low": r.ci_low, "ci_high": r.ci_high})
-    if rows:
-        g = g.merge(pd.DataFrame(rows), on=keys, how="left")
-    else:
-        g[["n_prompts", "k_prompts", "rate", "ci_low", "ci_high"]] = np.nan
-    g["ci_basis"] = np.where(g["n_prompts"].notna(), "prompts", "largest-seed")
-    missing = g["n_prompts"].isna()
-    if missing.any():
-        rate = g.loc[missing, "refusals"] / g.loc[missing, "n"]
-        ci = [wilson(r * m, m) for r, m in zip(rate, g.loc[missing, "n_max"])]
-        g.loc[missing, "rate"] = rate
-        g.loc[missing, "n_prompts"] = g.loc[missing, "n_max"]
-        g.loc[missing, "k_prompts"] = rate * g.loc[missing, "n_max"]
-        g.loc[missing, "ci_low"], g.loc[missing, "ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
-    g["n_prompts"] = g["n_prompts"].astype(int)
-    g[["k_prompts", "rate", "ci_low", "ci_high"]] = g[["k_prompts", "rate", "ci_low", "ci_high"]].astype(float)
-    return g[pooled_columns()]
 
 
 def _rate(arms: pd.DataFrame, **where) -> float:
@@ -165,10 +66,39 @@ def _rate(arms: pd.DataFrame, **where) -> float:
     return float(sel["rate"].iloc[0]) if len(sel) else float("nan")
 
 
-def nearest_steered(best: int, layers: Iterable[int]) -> int | None:
-    """`best` if it is among the steered `layers`, else the nearest of them (ties: the lower); None if none."""
-    layers = sorted({int(x) for x in layers})
-    return min(layers, key=lambda x: (abs(x - best), x)) if layers else None
+def from_readers(name: str):
+    """The object `name` of the first registered stage read module (`Stage.read`, STAGES order) that defines
+    it: the decision rule reads stage steer's `nearest_steered` and `ablation_direction` this way (the
+    definitions of its arms), and old imports (`from refusal_ray.analysis.summary import pooled_arms`) keep
+    working. Raises AttributeError when none does."""
+    import importlib
+
+    from refusal_ray.stages import STAGES
+
+    for stage in STAGES:
+        if stage.read is not None:
+            module = importlib.import_module(stage.read)
+            if name in vars(module):
+                return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str):
+    """Names that moved to the stages' read modules (`from_readers`)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return from_readers(name)
+
+
+def nearest_steered(best: int, layers) -> int | None:
+    """`best` if it is among the steered `layers`, else the nearest of them (ties: the lower); None if none
+    (stage steer's read module's)."""
+    return from_readers("nearest_steered")(best, layers)
+
+
+def ablation_direction(a: pd.DataFrame):
+    """The ablation arms of the direction most seeds ablated, and its name (stage steer's read module's)."""
+    return from_readers("ablation_direction")(a)
 
 
 MARGIN_TOL = 1e-9   # rate differences within this of a margin meet it (floating-point rounding, not slack)
@@ -285,62 +215,6 @@ def steer_columns(a: pd.DataFrame, best: int, rule: dict) -> dict:
     }
 
 
-def _direction_name(layer: int, position: int) -> str:
-    return f"L{layer}/p{position}"
-
-
-def selection_columns(sel: pd.DataFrame) -> dict:
-    """Stage select's choice per seed: `selected` ("L3/p-2 (s0), L1/p-4 (s1)", "NONE" when no seed
-    selected anything), `selected_by` (the criterion, or "fallback:<c>"), and the candidates that
-    passed the filters per seed (`select_passed`)."""
-    if sel.empty:
-        return {}
-    parts, by, passed = [], set(), []
-    for seed, grp in sel.groupby("seed"):
-        chosen = grp[grp["selected"].astype(bool)]
-        passed.append(f"{int(grp['passed'].astype(bool).sum())}/{len(grp)} (s{seed})")
-        if len(chosen):
-            r = chosen.iloc[0]
-            parts.append(f"{_direction_name(int(r['layer']), int(r['position']))} (s{seed})")
-            by.add(str(r["selected_by"]))
-    return {"selected": ", ".join(parts) if parts else "NONE", "selected_by": ", ".join(sorted(by)) or None,
-            "select_passed": ", ".join(passed)}
-
-
-def fallback_warnings(sel: pd.DataFrame, model: str, kl_max: float | None) -> list[str]:
-    """Warning lines for one model's selection rows `sel`: per seed whose choice is a fallback
-    (`selected_by` "fallback:<c>", nothing passed the filters) with first-token KL (nats, harmless
-    val prompts, the row's `kl`) above the spec's `stages.select.kl_max`, e.g. "warning: qwen-s seed 0:
-    fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.1 (the direction may wreck the model)".
-    None for kl_max (no KL filter): nothing to exceed. Arditi et al. 2024, App. C: the KL filter keeps
-    directions that leave harmless behaviour intact."""
-    if sel.empty or kl_max is None:
-        return []
-    lines = []
-    chosen = sel[sel["selected"].astype(bool) & sel["selected_by"].astype(str).str.startswith("fallback:")]
-    for _, r in chosen.sort_values("seed").iterrows():
-        kl = float(r["kl"])
-        if kl > float(kl_max) + MARGIN_TOL:
-            lines.append(f"warning: {model} seed {int(r['seed'])}: fallback selection "
-                         f"{_direction_name(int(r['layer']), int(r['position']))} has first-token KL {kl:.3g} > "
-                         f"kl_max {float(kl_max):g} (the direction may wreck the model)")
-    return lines
-
-
-def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """Keep the ablation arms of one direction: the (layer, position) most seeds ablated (ties: the
-    lower layer, then the later position). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
-    abl = a[(a["mode"] == "ablation") & ~a["control"].astype(bool)]
-    if abl.empty:
-        return a, None
-    seeds = abl.groupby(["direction_layer", "direction_position"])["seeds"].max().reset_index()
-    seeds = seeds.sort_values(["seeds", "direction_layer", "direction_position"], ascending=[False, True, False])
-    layer, position, k = (int(x) for x in seeds.iloc[0][["direction_layer", "direction_position", "seeds"]])
-    total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
-    keep = (a["mode"] != "ablation") | ((a["direction_layer"] == layer) & (a["direction_position"] == position))
-    return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
-
-
 def known_judges(manifest: dict) -> list[str]:
     """The judges a store's verdicts may read: the inline substring judge and those in the manifest."""
     return [INLINE, *sorted(manifest.get("judges") or {})]
@@ -409,13 +283,6 @@ RULE_ORDER = 25     # the rule's columns in the printed table: after stage selec
 VERDICT_ORDER = 55  # the verdicts (and the report's Judges section): after capability (40), before patch (60)
 
 
-def _legacy_reader(name: str):
-    """The read side of a stage whose package has no read module yet (this module's and report's code)."""
-    from refusal_ray.analysis import legacy_readers
-
-    return legacy_readers.READERS.get(name)
-
-
 def readers() -> list[tuple]:
     """[(stage, reader)] of every registered stage with a read side, in the spec's block order
     (`STAGES.by_block_order()`: the order of the summary's columns)."""
@@ -423,7 +290,7 @@ def readers() -> list[tuple]:
 
     out = []
     for stage in STAGES.by_block_order():
-        reader = stage.reader or _legacy_reader(stage.name)
+        reader = stage.reader
         if reader is not None:
             out.append((stage, reader))
     return out
@@ -618,40 +485,6 @@ def render(df: pd.DataFrame) -> str:
     if "judge" in df.columns:
         lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
     return "\n".join(lines)
-
-
-def read_cost(out_dir) -> pd.DataFrame:
-    """The long capability-cost table as `write_summary` last wrote it (empty without a capability stage)."""
-    data = Store(out_dir).read_file("capability_cost.parquet")
-    return pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame()
-
-
-def _op_setting(row: pd.Series) -> str:
-    """'theta=180, adaptive=True': a capability row's values of its operator's own `arm_keys` ('' for
-    operators without any, and for the weight arms)."""
-    from refusal_ray.ops.base import owner
-
-    op = owner(row["arm"])
-    keys = [k for k in (getattr(op, "arm_keys", ()) if op is not None else ()) if k in row.index]
-    vals = [(k, row[k]) for k in keys if row[k] is not None and not (isinstance(row[k], float) and np.isnan(row[k]))]
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals)
-
-
-def render_cost(cost: pd.DataFrame) -> str:
-    """Refusal change against capability cost, one line per (model, arm) ('' without capability rows)."""
-    wide = cost_table(cost)
-    if wide.empty:
-        return ""
-    metrics = [m for m in ("refusal_harmful", "refusal_harmless", "ce_loss", "first_token_kl", "task_exact_match")
-               if m in wide.columns] + sorted(c for c in wide.columns if c.startswith("lm_eval/"))
-    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""), setting=[_op_setting(r) for _, r in wide.iterrows()])
-    cols = [("model", "model", "{}"), ("arm", "arm", "{}"), ("ctl", "ctl", "{}"), ("coefficient", "coef", "{:g}"),
-            ("alpha", "alpha", "{:g}"), ("direction", "direction", "{}")]
-    if (wide["setting"] != "").any():   # operators with their own arm keys (angular's theta, CAST's threshold)
-        cols.append(("setting", "setting", "{}"))
-    cols += [(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}") for m in metrics]
-    return ("capability cost (arm minus baseline, mean over seeds; KL is against the baseline):\n"
-            + "\n".join(_table(wide, cols)))
 
 
 JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_harmful_refusal", "base", "{:.2f}"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from refusal_ray.core.tables import check_declared
-from refusal_ray.stages._pending import adopt
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.capability import STAGE as CAPABILITY
 from refusal_ray.stages.directions import STAGE as DIRECTIONS
@@ -80,7 +79,7 @@ class StageList(Sequence):
             fn()
 
 
-STAGES: StageList = StageList(adopt(s) for s in (DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB))
+STAGES: StageList = StageList((DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB))
 STAGE_BY_NAME: dict[str, Stage] = {}
 TABLES: tuple[str, ...] = ()
 

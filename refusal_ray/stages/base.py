@@ -204,6 +204,21 @@ def check_layers(plan, field: str, layers) -> None:
                                                    f"{shallow.n_layers} layers (0..{shallow.n_layers - 1})")
 
 
+
+def refusal_tokens(plan, mp, tok, setting, epsilon) -> dict:
+    """{"refusal_tokens": {"setting", "ids", "tokens" (decoded), "epsilon"}}: the refusal first tokens of
+    one model (`refusal_ray.models.refusal_tokens.resolve`), for a stage's `resolve_model`. Raises
+    SpecError naming `stages.select.refusal_tokens`."""
+    from refusal_ray.errors import SpecError
+    from refusal_ray.judges.substring import DEFAULT_PHRASES
+    from refusal_ray.models import refusal_tokens as rt
+
+    try:
+        ids = rt.resolve(setting, tok, mp.family, plan.spec.judge.phrases or DEFAULT_PHRASES)
+    except rt.RefusalTokenError as e:
+        raise SpecError(plan.spec_file, "stages.select.refusal_tokens", f"{e} (model {mp.name!r})") from None
+    return {"refusal_tokens": {"setting": setting, "ids": ids, "tokens": rt.describe(tok, ids), "epsilon": epsilon}}
+
 # -- the read side: what a stage contributes to the summary and the report ----------------------
 def _no_columns(ctx, model, row):
     return {}
