@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import not_run, plt, png
+from refusal_ray.core.render import has, not_run, num, plt, png
 from refusal_ray.stages.base import Reader
 
 SITE_KEYS = ["model", "site", "kind", "layer", "head"]
@@ -117,6 +117,13 @@ def top_sites_table(sites: pd.DataFrame, k: int = 8) -> list[str]:
             lines.append(f"| {model} | {r['site']} | {head} | {r['pairs']} | {r['recovery']:.3f} | "
                          f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['attribution']:.3f} |")
     return lines
+
+
+def headline(row: pd.Series, rule: dict | None = None) -> str | None:
+    """The model's headline sentence on patching (`row`: its summary row), or None without a top component."""
+    if not has(row, "top_component"):
+        return None
+    return f"Top patched component {row['top_component']} (recovery {num(row.get('top_recovery'))})."
 
 
 # -- the reader ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from refusal_ray.core.render import not_run, plt, png
+from refusal_ray.core.render import has, not_run, plt, png
 from refusal_ray.stages.base import Reader
 
 TITLE = "Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)"
@@ -67,6 +67,14 @@ def warning_lines(summary: pd.DataFrame) -> list[str]:
     if summary is None or "selection_warning" not in summary.columns:
         return []
     return [line for w in summary["selection_warning"] if isinstance(w, str) for line in w.splitlines()]
+
+
+def headline(row: pd.Series, rule: dict | None = None) -> str | None:
+    """The model's headline sentence on selection (`row`: its summary row): its fallback warnings in bold
+    (`selection_warning`), or None without any."""
+    if not has(row, "selection_warning"):
+        return None
+    return " ".join(f"**{w[0].upper()}{w[1:]}.**" for w in str(row["selection_warning"]).splitlines())
 
 
 # -- report figure and table ---------------------------------------------------------------------
