@@ -10,12 +10,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from refusal_ray.errors import SpecError
-from refusal_ray.spec import DataSpec, PromptFile
+
+if TYPE_CHECKING:   # annotations only: the spec (above the stages) imports the stages, which import this module
+    from refusal_ray.spec import DataSpec, PromptFile
 
 SPLITS = ("train", "val", "test")
 

@@ -8,34 +8,21 @@ ranges) live in `refusal_ray.validate`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from refusal_ray import ops
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import content_hash
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, JudgeSpec, check_names, question
-from refusal_ray.ops.base import LayerList, Strict
-
-
-def _negative(positions: list[int]) -> list[int]:
-    if any(p >= 0 for p in positions):
-        raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
-    return positions
-
-
-def _no_duplicates(names: list, what: str) -> None:
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate {what} {dup[0]!r}")
-
-
-NegativePositions = Annotated[list[int], AfterValidator(_negative)]
-
-
+# the spec building blocks the stage blocks share live below the stages (re-exported here: old imports work)
+from refusal_ray.ops.base import CONTROLS_HELP, Controls, LayerList, NegativePositions, Strict, n_draws  # noqa: F401
+from refusal_ray.ops.base import _controls  # noqa: F401
+from refusal_ray.ops.base import negative as _negative  # noqa: F401
+from refusal_ray.ops.base import no_duplicates as _no_duplicates
+from refusal_ray.stages import STAGES
 
 
 class ModelResources(Strict):
@@ -102,280 +89,12 @@ class DataSpec(Strict):
     n_test: int = Field(32, ge=1, description="Prompts per class for steering evaluation, per seed.")
 
 
-SiteKind = Literal["resid_pre", "resid_post"]
-
-
-class DirectionsStage(Strict):
-    """Difference of means (Arditi et al. 2024, Sec. 2.1) at every layer x position."""
-
-    sites: list[SiteKind] = Field(["resid_pre"], min_length=1, description="Residual sites to fit at.")
-    positions: Literal["post_instruction"] | Annotated[NegativePositions, Field(min_length=1)] = Field(
-        "post_instruction", description="'post_instruction': every token the chat template puts after the "
-                                        "instruction (found by rendering the template); or negative offsets "
-                                        "from the end (-1: last token of the chat template).")
-    filter_train: bool = Field(False, description="Arditi's train filtering: drop harmful train prompts the model "
-                                                  "does not refuse and harmless ones it does (refusal score > 0 "
-                                                  "counts as refusing); the counts are stored.")
-    pairing: Literal["paired", "random"] | None = Field(
-        None, description="Which harmless prompts a seed fits on. None: each class drawn from its train split with "
-                          "the seed (on row-aligned files such as the toy data this draws the harmful prompts' "
-                          "twins); 'paired': the minimal-pair twins of the harmful train prompts (data.*.pair_column); "
-                          "'random': a draw independent of the harmful one (seeded), as in the Qwen-1.8B study's "
-                          "paired vs random comparison.")
-    compare_sequential: bool = Field(False, description="Also refit every direction one prompt at a time (no "
-                                                        "padding) and store its cosine to the batched fit "
-                                                        "(`sequential_cosine`).")
-    batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
-
-    @field_validator("positions", mode="before")
-    @classmethod
-    def _positions(cls, v):
-        if isinstance(v, list) and v and all(isinstance(p, int) for p in v):
-            return _negative(v)
-        if v != "post_instruction":
-            raise ValueError("positions: 'post_instruction' or a list of negative offsets (e.g. [-1])")
-        return v
-
-
-class SelectStage(Strict):
-    """Causal direction selection (Arditi et al. 2024, Sec. 2.3 and App. C), every candidate as batch rows.
-
-    Candidates: every layer x position of stages.directions at resid_pre. Scores on the val split:
-    bypass (mean refusal score of harmful prompts with the unit direction ablated at every layer),
-    induce (mean refusal score of harmless prompts with the direction added at its own layer),
-    KL (mean first-token KL(baseline || ablated) on harmless prompts).
-    """
-
-    layers: LayerList = Field("all", description="Candidate layers ('all', Arditi's choice, or a list: fewer "
-                                                    "candidates on big models).")
-    criterion: Literal["bypass", "swing", "separation"] = Field(
-        "bypass", description="'bypass': lowest bypass score (Arditi); 'swing': largest validation refusal-rate "
-                              "swing (the pre-registered replication's; rates by refusal score > 0); "
-                              "'separation': highest Cohen's d (the old 'best').")
-    max_layer_fraction: float | None = Field(0.8, gt=0, le=1, description=(
-        "Drop candidates at layers >= int(max_layer_fraction * n_layers), as Arditi et al.'s code prunes "
-        "layer >= int(n_layers * (1 - 0.2)) (e.g. 16 layers: 0..11 kept; None: keep all)."))
-    kl_max: float | None = Field(0.1, ge=0, description="Drop candidates whose ablation KL is above this (None: keep).")
-    induce_min: float | None = Field(0.0, description="Drop candidates whose induce score is below this (None: keep).")
-    fallback: Literal["bypass", "swing", "separation"] | None = Field(
-        None, description="When no candidate passes the filters: None selects nothing (ablation arms that need "
-                          "the selected direction are skipped and the verdict says NO-SELECTION); a criterion "
-                          "picks among the scored candidates by it (never a NaN or zero-norm one), marked as a "
-                          "fallback in the table and summary.")
-    filter_val: bool = Field(False, description=(
-        "Arditi et al.'s validation filtering (their default): score candidates only on the harmful val "
-        "prompts the model refuses and the harmless ones it does not (refusal score > 0 / < 0, unedited); "
-        "the kept counts are stored. Default true on specs with `reproduces: arditi2024`."))
-    refusal_tokens: Literal["family", "judge_phrases"] | Annotated[list[str | int], Field(min_length=1)] = Field(
-        "family", description=(
-            "The refusal first tokens the refusal score reads. 'family': Arditi et al.'s per-family tokens "
-            "(Llama 'I', Qwen 'I'/'As', Gemma 'I'; 'I' for families the paper has no file for; "
-            "refusal_ray/models/refusal_tokens.py); 'judge_phrases': the first token of each substring-judge "
-            "phrase (this tool's definition before v0.2); or a list of one-token strings and/or token ids."))
-    refusal_score_epsilon: float = Field(1e-8, ge=0, description=(
-        "epsilon of the refusal score log(p + eps) - log(1 - p + eps) (Arditi et al.'s code: 1e-8, which "
-        "caps a prompt's score near +-18.4); 0: the unbounded log p - log(1 - p)."))
-    kl_epsilon: float = Field(0.0, ge=0, description=(
-        "0: the exact first-token KL. 1e-6: Arditi et al.'s kl_div_fn smoothing, sum P_base (log(P_base + eps) - "
-        "log(P_abl + eps)), which reads 1-3% lower (the paper-compat switch; default with reproduces: arditi2024)."))
-    batch_size: int = Field(256, ge=1, description="Rows (candidate x prompt) per forward pass.")
-
-
-def _controls(v: bool | int) -> bool | int:
-    """`controls`: true (one draw, the meaning before K existed), false (none) or K >= 2 draws; 1 reads as
-    true and 0 as false."""
-    if isinstance(v, bool):
-        return v
-    if v < 0:
-        raise ValueError("true (one random draw per arm), false (none) or a number of draws K >= 2")
-    return v if v >= 2 else bool(v)
-
-
-Controls = Annotated[bool | int, AfterValidator(_controls)]
-CONTROLS_HELP = ("Norm-matched random-direction controls per arm: true (one draw, seeded by the control cell's "
-                 "id), false (none), or K >= 2 draws (K control cells per arm; draw 0 is the draw of `true`).")
-
-
-def n_draws(controls: bool | int) -> int:
-    """Random control draws per arm of a `controls` value: 0, 1 or K."""
-    return int(controls) if not isinstance(controls, bool) else int(controls)
-
-
-class SteerStage(Strict):
-    """Stage steer: one optional block per registered operator (`refusal_ray.ops.OPS`; `stages.steer.<name>`,
-    added by `_sync_operator_fields`), and the settings every arm shares."""
-
-    controls: "Controls" = Field(True, description=CONTROLS_HELP)
-    position: int = Field(-1, description="Direction position used for steering (one of directions.positions).")
-    batch_size: int = Field(256, ge=1, description="Rows (arm x prompt) per generate call.")
-
-    @model_serializer(mode="wrap")
-    def _absent_when_unset(self, handler):
-        out = handler(self)
-        for op in ops.OPS:   # a block of an operator newer than the stored specs is absent when None
-            if not op.dump_when_none and out.get(op.name, 0) is None:
-                out.pop(op.name)
-        return out
-
-
-STEER_SETTINGS = ("controls", "position", "batch_size")
-
-
-PatchSiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
-
-
-class PatchStage(Strict):
-    """Activation patching, denoising: clean = harmful, corrupted = its harmless twin (by pair)."""
-
-    sites: list[PatchSiteKind] = Field(["resid_pre", "attn_out", "mlp_out", "z"], min_length=1,
-                                       description="Site kinds patched at every layer listed ('z' is patched "
-                                                   "head by head).")
-    layers: LayerList = Field("all", description="Layers ('all' or a list).")
-    positions: NegativePositions = Field([-1], min_length=1, description="Positions patched together, negative from the "
-                                                                 "end of the prompt (-1: last token).")
-    n_pairs: int = Field(16, ge=1, description="Harmful/harmless pairs from the test split, per seed.")
-    attribution: bool = Field(True, description="Screen every site with attribution patching (AtP: two forward "
-                                                "passes and one backward pass).")
-    confirm_top_k: int | None = Field(None, ge=1, description="Re-measure only the top k sites of the screen "
-                                                              "exactly (None: every site exactly).")
-    batch_size: int = Field(256, ge=1, description="Rows (pair x patch) per forward pass.")
-    screen_batch_size: int = Field(16, ge=1, description="Pairs per attribution backward pass.")
-
-    @model_validator(mode="after")
-    def _screen(self):
-        if self.confirm_top_k is not None and not self.attribution:
-            raise ValueError("confirm_top_k needs attribution: true (it confirms the screen's top sites)")
-        return self
-
-
-def _check_patterns(patterns: list[str]) -> list[str]:
-    from refusal_ray.models.patterns import check_syntax
-
-    for p in patterns:
-        check_syntax(p)  # PatternError is a ValueError: pydantic reports it with the field
-    return patterns
-
-
-class Hypothesis(Strict):
-    """A circuit hypothesis: the sites it says carry the behaviour (kept at their harmful-run values)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    protected: list[str] = Field(description="Site patterns, e.g. 'blocks.{9,10}.attn.hook_z', "
-                                             "'blocks.3.attn.hook_z[0,2]' (heads), 'blocks.*.hook_mlp_out'; "
-                                             "an empty list protects nothing.")
-
-    @field_validator("protected")
-    @classmethod
-    def _syntax(cls, v):
-        return _check_patterns(v)
-
-
-class ScrubStage(Strict):
-    """Causal scrubbing as the audits define it: resample ablation of the hypothesis' complement."""
-
-    hypotheses: list[Hypothesis] = Field(min_length=1)
-    scrubbed: list[str] = Field(["blocks.*.attn.hook_z", "blocks.*.hook_resid_post"], min_length=1,
-                                description="Site patterns resampled unless protected (default: the audit's).")
-    n_pairs: int = Field(8, ge=1, description="Harmful examples (from the test split), per seed.")
-    answer_tokens: int = Field(8, ge=1, description="Greedy answer prefix scored after the prompt.")
-    resamples: int = Field(1, ge=1, description="Resampled harmless inputs per example (seeded).")
-    threshold: float = Field(0.5, gt=0, le=1, description="Faithfulness exp(-mean KL) at or above this: FAITHFUL.")
-    batch_size: int = Field(48, ge=1, description="Rows per forward pass.")
-
-    @field_validator("scrubbed")
-    @classmethod
-    def _syntax(cls, v):
-        return _check_patterns(v)
-
-    @field_validator("hypotheses")
-    @classmethod
-    def _unique(cls, v):
-        _no_duplicates([h.name for h in v], "hypothesis name")
-        return v
-
-
-def capability_arm_kinds() -> list[str]:
-    """The arm kinds `stages.capability.arms` accepts: baseline, every operator, their weight arms."""
-    return ["baseline", *ops.OPS.modes()]
-
-
-def _arm_kinds(v: list[str] | None) -> list[str] | None:
-    known = capability_arm_kinds()
-    for a in v or []:
-        if a not in known:
-            listed = ", ".join(repr(k) for k in known[:-1]) + f" or {known[-1]!r}"
-            raise ValueError(f"Input should be {listed}")
-    return v
-
-
-CapabilityArmKind = str
-
-
-class TextSet(Strict):
-    """Held-out text for the cross-entropy loss (Arditi et al. 2024, Sec. 4.2 and App. G: CE on held-out
-    text, and on chat completions after their instruction)."""
-
-    path: str = Field("data/prompts/toy/heldout.jsonl", description="A .txt file (one document per line) or a "
-                                                                    "JSONL/CSV/Parquet file (default: the toy "
-                                                                    "family's held-out harmless test "
-                                                                    "conversations).")
-    text_column: str = Field("completion", description="Column holding the scored text (tabular files only).")
-    prompt_column: str | None = Field("prompt", description="Column holding an instruction the text answers: the "
-                                                            "instruction is rendered with the chat template and "
-                                                            "only the text's tokens after it are scored. None "
-                                                            "(and .txt files): plain text, every token after "
-                                                            "the first scored.")
-    n: int = Field(64, ge=1, description="Documents scored (the first n).")
-    max_tokens: int = Field(128, ge=2, description="Tokens per document, prompt included (longer ones are cut).")
-
-
-class LmEvalTasks(Strict):
-    """lm-evaluation-harness tasks run on the loaded model with each arm's intervention active."""
-
-    tasks: list[str] = Field(min_length=1, description="Task names: a YAML task in include_path, or a registry "
-                                                       "task of lm-eval (registry tasks download their data "
-                                                       "from the hub at run time).")
-    include_path: str | None = Field(None, description="Folder of local YAML tasks (their relative data_files "
-                                                       "are read against the YAML's folder).")
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
-    limit: int | None = Field(None, ge=1, description="Documents per task (None: all).")
-    batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
-
-
-class CapabilityStage(Strict):
-    """What each intervention costs: CE loss on held-out text, first-token KL on harmless prompts, task
-    exact match and refusal on the test prompts, and lm-evaluation-harness tasks, per arm."""
-
-    arms: Annotated[list[CapabilityArmKind], AfterValidator(_arm_kinds)] | None = Field(
-        None, min_length=1, description="Arms measured (baseline, an operator's name or its weight arm). None: "
-                                        "baseline, every operator its default includes (addition, ablation, and "
-                                        "an operator whose stages.steer block is set) and their weight arms "
-                                        "(orthogonalized, orthogonalized_subspace: only where the weights can be "
-                                        "orthogonalised).")
-    direction_layer: Literal["selected", "best"] | int | None = Field(
-        None, description="Direction of the ablation and orthogonalized arms. None: stages.steer.ablation's, "
-                          "else 'selected' with a stages.select block, else 'best'.")
-    addition_layer: Literal["best", "selected"] | int = Field(
-        "best", description="Layer (and direction) of the addition arms: 'best' separation (the decision "
-                            "rule's), 'selected' (stage select's), or a layer.")
-    coefficients: list[float] = Field([1.0], min_length=1, description="Addition coefficients.")
-    alphas: list[float] = Field([1.0], min_length=1, description="Ablation strengths (orthogonalized weights: "
-                                                                "always 1).")
-    controls: "Controls" = Field(True, description=CONTROLS_HELP)
-    text: TextSet = Field(default_factory=TextSet)
-    generate: bool = Field(True, description="Generate on the test prompts: task exact match and refusal rates "
-                                             "(inline judge) per arm.")
-    lm_eval: LmEvalTasks | None = Field(None, description="lm-evaluation-harness tasks (None: none).")
-    batch_size: int = Field(32, ge=1, description="Rows per forward pass / generate call.")
-
-
+# The `stages:` blocks: one field per registered stage (`refusal_ray.stages.STAGES`, its `Stage.block`), in
+# `STAGES.by_block_order()`, set by `_sync_stage_fields`. A stage with `block_default` (directions) always
+# has its block (its defaults when the spec omits it); every other block defaults to None (the stage is off).
+# (No docstring: the JSON schema of `Stages` stays as it was.)
 class Stages(Strict):
-    directions: DirectionsStage = Field(default_factory=DirectionsStage)
-    select: SelectStage | None = None
-    steer: SteerStage | None = None
-    patch: PatchStage | None = None
-    scrub: ScrubStage | None = None
-    capability: CapabilityStage | None = None
+    pass
 
 
 class Generation(Strict):
@@ -517,68 +236,10 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _steer_position(self):
-        steer = self.stages.steer
-        if steer is not None and "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.steer needs 'resid_pre' in stages.directions.sites (steering uses those directions)")
-        positions = self.stages.directions.positions
-        if steer is not None and positions != "post_instruction" and steer.position not in positions:
-            raise ValueError(f"stages.steer.position {steer.position} is not among "
-                             f"stages.directions.positions {positions}")
-        return self
-
-    @model_validator(mode="after")
-    def _operators(self):
-        """Each operator's cross-field checks on its `stages.steer.<name>` block (None when unset)."""
-        steer = self.stages.steer
-        for op in ops.OPS:
-            op.validate(self, None if steer is None else getattr(steer, op.name, None))
-        return self
-
-    @model_validator(mode="after")
-    def _selected_needs_select(self):
-        if self.stages.select is not None and "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.select needs 'resid_pre' in stages.directions.sites (candidates are "
-                             "resid_pre directions)")
-        return self
-
-    @model_validator(mode="after")
-    def _paired_needs_pairs(self):
-        if self.stages.directions.pairing == "paired":
-            for cls in ("harmful", "harmless"):
-                if getattr(self.data, cls).pair_column is None:
-                    raise ValueError(f"stages.directions.pairing 'paired' needs data.{cls}.pair_column")
-        return self
-
-    @model_validator(mode="after")
-    def _capability_arms(self):
-        cap = self.stages.capability
-        if cap is None:
-            return self
-        steer = self.stages.steer
-        for arm in cap.arms or []:
-            op = ops.base.owner(arm)
-            if op is not None and op.capability_needs_block and (steer is None or getattr(steer, op.name) is None):
-                raise ValueError(f"stages.capability.arms '{arm}' needs a stages.steer.{op.name} block (its "
-                                 f"directions)")
-        if "selected" in (cap.direction_layer, cap.addition_layer) and self.stages.select is None:
-            raise ValueError("stages.capability: a 'selected' direction needs a stages.select block")
-        if "resid_pre" not in self.stages.directions.sites:
-            raise ValueError("stages.capability needs 'resid_pre' in stages.directions.sites (its arms use those "
-                             "directions)")
-        positions = self.stages.directions.positions
-        if steer is None and positions != "post_instruction" and -1 not in positions:
-            raise ValueError("stages.capability without a stages.steer block uses the directions at position -1: "
-                             "add -1 to stages.directions.positions (or add a stages.steer block with its position)")
-        return self
-
-    @model_validator(mode="after")
-    def _patch_needs_pairs(self):
-        if self.stages.patch is not None:
-            for cls in ("harmful", "harmless"):
-                if getattr(self.data, cls).pair_column is None:
-                    raise ValueError(f"stages.patch needs data.{cls}.pair_column (clean and corrupted inputs are "
-                                     f"pairs)")
+    def _stage_checks(self):
+        """Each stage's cross-field checks (`Stage.validate(spec)`, in STAGES order; a ValueError is a spec error)."""
+        for stage in STAGES:
+            stage.validate(self)
         return self
 
     def rule_hash(self) -> str:
@@ -647,27 +308,40 @@ def load_yaml(path: str | Path, model: type[BaseModel], what: str):
         raise SpecError(str(path), loc, msg) from None
 
 
-# -- the operators' blocks ---------------------------------------------------------------------------------
-def _sync_operator_fields() -> None:
-    """Give SteerStage one optional field per registered operator (`stages.steer.<name>`: its `config` class;
-    default `config()` when `default_block`, else None), in OPS order before the shared settings, and rebuild
-    the models that hold it (called at import and after every `ops.register` / `ops.unregister`)."""
+# -- the stages' blocks ------------------------------------------------------------------------------------
+def _sync_stage_fields() -> None:
+    """Give `Stages` one field per registered stage (`STAGES.by_block_order()`): `<name>: block` with the
+    block's defaults for a stage with `block_default`, else `<name>: block | None = None`; then rebuild
+    `Stages` and `Spec`. Called at import and after every change of the stages (`STAGES.register`) or of
+    the operators (`ops.register`: stage steer rebuilds its block's operator fields first)."""
     from pydantic.fields import FieldInfo
 
-    fields = {}
-    notes = {}
-    for op in ops.OPS:
-        ann = op.config | None
-        info = (FieldInfo.from_annotated_attribute(ann, Field(default_factory=op.config)) if op.default_block
-                else FieldInfo.from_annotated_attribute(ann, Field(None, description=op.field_description)))
-        fields[op.name], notes[op.name] = info, ann
-    own = {k: v for k, v in SteerStage.__pydantic_fields__.items() if k in STEER_SETTINGS}
-    SteerStage.__pydantic_fields__ = {**fields, **own}
-    SteerStage.__annotations__ = {**notes, **{k: v for k, v in SteerStage.__annotations__.items()
-                                                if k in STEER_SETTINGS}}
-    for model in (SteerStage, Stages, Spec):
+    fields, notes = {}, {}
+    for stage in STAGES.by_block_order():
+        if stage.block is None:
+            raise RuntimeError(f"stage {stage.name!r} declares no spec block (Stage.block)")
+        ann = stage.block if stage.block_default else stage.block | None
+        fields[stage.name] = FieldInfo.from_annotated_attribute(
+            ann, Field(default_factory=stage.block) if stage.block_default else None)
+        notes[stage.name] = ann
+    Stages.__pydantic_fields__ = fields
+    Stages.__annotations__ = notes
+    for model in (Stages, Spec):
         model.model_rebuild(force=True)
 
 
-_sync_operator_fields()
-ops.on_change(_sync_operator_fields)
+_sync_stage_fields()
+ops.on_change(_sync_stage_fields)
+STAGES.on_change(_sync_stage_fields)
+
+
+def __getattr__(name: str):
+    """Old import paths of the stages' block classes (`from refusal_ray.spec import SteerStage`): a name
+    defined by a registered stage's declaration module (the module of its `Stage.block`)."""
+    import sys
+
+    for stage in STAGES:
+        module = sys.modules.get(getattr(stage.block, "__module__", ""))
+        if module is not None and name in vars(module):
+            return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,9 +126,10 @@ def _write_store(root) -> Store:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """(store, {figure file name: the matplotlib figure write_report encoded into it})."""
+    import importlib
+
     from refusal_ray.analysis import report as rp
-    from refusal_ray.analysis import report_circuits as rc
-    from refusal_ray.analysis import report_select as rs
+    from refusal_ray.stages import STAGES
 
     root = tmp_path_factory.mktemp("figures") / "out"
     store = _write_store(root)
@@ -139,8 +140,10 @@ def report(tmp_path_factory):
         return f"figure {len(drawn) - 1}".encode()
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (rp, rc, rs):
-            mp.setattr(module, "_png", capture)
+        for module in (rp, *(importlib.import_module(s.read) for s in STAGES if s.read)):   # the stages' figures
+            for name in ("_png", "png"):
+                if hasattr(module, name):
+                    mp.setattr(module, name, capture)
         rp.write_report(root)
     figures = {}
     for f in sorted((root / "figures").iterdir()):

@@ -122,7 +122,7 @@ def test_scrub_kl_a_shorter_resampled_input_scrubs_every_position(tiny_lm, monke
     positions that a shorter resampled input lacks take its first real position's value, so no
     harmful-only token keeps its own value there. A longer resampled input's extra leading
     positions go unused. Protected sites and heads hold the full run's values."""
-    import refusal_ray.stages.scrub as scrub_mod
+    import refusal_ray.stages.scrub.run as scrub_mod
     from refusal_ray.interventions import capture
 
     tok, sites, model = tiny_lm.tokenizer, tiny_lm.sites, tiny_lm.model

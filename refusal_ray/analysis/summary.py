@@ -45,114 +45,16 @@ capability cost (stage capability; not part of either verdict): `cost_ce[arm]` i
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
-from refusal_ray.analysis.cost import SHORT, capability_cost, cost_table
-from refusal_ray.analysis.cost import summary_columns as cost_columns
-from refusal_ray.analysis.circuits import circuit_columns, scrub_verdicts, site_recovery
 from refusal_ray.analysis.judgements import (agreement, judge_labels, judges_in, kind_of, render_agreement,
                                              steering_under)
+from refusal_ray.core.render import text_table
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, question
-from refusal_ray.stats import prompt_pooled_rate, wilson
 from refusal_ray.store import Store
-
-# the direction (layer, position) is part of an arm: pooled rows never mix arms that used different
-# directions (ablation of stage select's choice may differ between seeds); -1 where none. Each operator adds
-# its own keys (`Operator.arm_keys`, e.g. subspace ablation's stacked directions "L7,L8/p-1"; "" on other arms)
-BASE_ARM_KEYS = ["mode", "layer", "coefficient", "alpha", "control", "control_draw", "direction_layer",
-                 "direction_position"]
-
-
-def arm_keys() -> list[str]:
-    """The pooled arms' keys: BASE_ARM_KEYS, the registered operators' `arm_keys` (OPS order), prompt_set."""
-    from refusal_ray.ops import OPS
-
-    extra = [c for op in OPS for c in op.arm_keys]
-    return [*BASE_ARM_KEYS, *dict.fromkeys(extra), "prompt_set"]
-
-
-def pooled_columns() -> list[str]:
-    return ["model", *arm_keys(), "n", "refusals", "seeds", "n_prompts", "k_prompts", "rate", "ci_low", "ci_high",
-            "ci_basis"]
-
-
-ARM_KEYS = arm_keys()               # as of import (the built-in operators); functions call arm_keys()
-POOLED_COLUMNS = pooled_columns()
-
-
-def _arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """Steering rows with groupable arm keys: layer -1 where none (baseline, ablation), bool control,
-    `control_draw` (0 where absent), and each operator's `arm_keys` (`Operator.arm_key_values`: e.g. `subspace`,
-    the stacked directions of a subspace arm, "" on other arms)."""
-    df = steering.copy()
-    for col in ("layer", "direction_layer", "direction_position"):
-        df[col] = (df[col] if col in df.columns else pd.Series(-1, index=df.index)).fillna(-1).astype(int)
-    df["control"] = df["control"].astype(bool)
-    # `controls: K`: draws 1..K-1 carry their index; draw 0 (and every K = 1 store) has no column
-    draw = df["control_draw"] if "control_draw" in df.columns else pd.Series(0, index=df.index)
-    df["control_draw"] = draw.fillna(0).astype(int)
-    from refusal_ray.ops import OPS
-
-    for op in OPS:
-        for col, values in op.arm_key_values(df).items():
-            df[col] = values
-    return df
-
-
-def per_seed_arms(steering: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, seed, arm, prompt set): that seed's n, refusals, rate and Wilson interval
-    (the steering table's own rows, with the arm keys of `pooled_arms`)."""
-    if steering.empty:
-        return pd.DataFrame(columns=["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"])
-    df = _arms(steering)
-    cols = ["model", "seed", *arm_keys(), "n", "refusals", "rate", "ci_low", "ci_high"]
-    return df[cols].sort_values(["model", *arm_keys(), "seed"], kind="stable").reset_index(drop=True)
-
-
-def pooled_arms(steering: pd.DataFrame, completions: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Arms pooled over seeds: one row per (model, arm, prompt set) with rate and 95% interval.
-
-    With the completions table (per-prompt labels, joined to their arm through model, cell_id
-    and prompt_set), each distinct prompt counts once: `prompt_pooled_rate` (ci_basis
-    "prompts"). An arm without completion rows falls back to the steering counts, assuming
-    every seed judged the same prompts (n = the largest seed's n, k = pooled rate x n; ci_basis
-    "largest-seed"): conservative, never narrower than one seed's interval. n, refusals and seeds
-    are the summed steering counts either way; n_prompts and k_prompts are the interval's n and k.
-    """
-    if steering.empty:
-        return pd.DataFrame(columns=pooled_columns())
-    df = _arms(steering)
-    keys = ["model", *arm_keys()]
-    g = df.groupby(keys, dropna=False).agg(n=("n", "sum"), refusals=("refusals", "sum"), seeds=("seed", "nunique"),
-                                           n_max=("n", "max")).reset_index()
-    rows = []
-    if completions is not None and not completions.empty:
-        labels = completions[["model", "cell_id", "prompt_set", "prompt_id", "refusal"]].merge(
-            df[["model", "cell_id", *arm_keys()]], on=["model", "cell_id", "prompt_set"])
-        for key, grp in labels.groupby(keys, dropna=False, sort=False):
-            r = prompt_pooled_rate(grp["prompt_id"], grp["refusal"].astype(float))
-            rows.append(dict(zip(keys, key)) | {"n_prompts": r.n_prompts, "k_prompts": r.k_prompts, "rate": r.rate,
-                                                 "ci_low": r.ci_low, "ci_high": r.ci_high})
-    if rows:
-        g = g.merge(pd.DataFrame(rows), on=keys, how="left")
-    else:
-        g[["n_prompts", "k_prompts", "rate", "ci_low", "ci_high"]] = np.nan
-    g["ci_basis"] = np.where(g["n_prompts"].notna(), "prompts", "largest-seed")
-    missing = g["n_prompts"].isna()
-    if missing.any():
-        rate = g.loc[missing, "refusals"] / g.loc[missing, "n"]
-        ci = [wilson(r * m, m) for r, m in zip(rate, g.loc[missing, "n_max"])]
-        g.loc[missing, "rate"] = rate
-        g.loc[missing, "n_prompts"] = g.loc[missing, "n_max"]
-        g.loc[missing, "k_prompts"] = rate * g.loc[missing, "n_max"]
-        g.loc[missing, "ci_low"], g.loc[missing, "ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
-    g["n_prompts"] = g["n_prompts"].astype(int)
-    g[["k_prompts", "rate", "ci_low", "ci_high"]] = g[["k_prompts", "rate", "ci_low", "ci_high"]].astype(float)
-    return g[pooled_columns()]
 
 
 def _rate(arms: pd.DataFrame, **where) -> float:
@@ -164,10 +66,39 @@ def _rate(arms: pd.DataFrame, **where) -> float:
     return float(sel["rate"].iloc[0]) if len(sel) else float("nan")
 
 
-def nearest_steered(best: int, layers: Iterable[int]) -> int | None:
-    """`best` if it is among the steered `layers`, else the nearest of them (ties: the lower); None if none."""
-    layers = sorted({int(x) for x in layers})
-    return min(layers, key=lambda x: (abs(x - best), x)) if layers else None
+def from_readers(name: str):
+    """The object `name` of the first registered stage read module (`Stage.read`, STAGES order) that defines
+    it: the decision rule reads stage steer's `nearest_steered` and `ablation_direction` this way (the
+    definitions of its arms), and old imports (`from refusal_ray.analysis.summary import pooled_arms`) keep
+    working. Raises AttributeError when none does."""
+    import importlib
+
+    from refusal_ray.stages import STAGES
+
+    for stage in STAGES:
+        if stage.read is not None:
+            module = importlib.import_module(stage.read)
+            if name in vars(module):
+                return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str):
+    """Names that moved to the stages' read modules (`from_readers`)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return from_readers(name)
+
+
+def nearest_steered(best: int, layers) -> int | None:
+    """`best` if it is among the steered `layers`, else the nearest of them (ties: the lower); None if none
+    (stage steer's read module's)."""
+    return from_readers("nearest_steered")(best, layers)
+
+
+def ablation_direction(a: pd.DataFrame):
+    """The ablation arms of the direction most seeds ablated, and its name (stage steer's read module's)."""
+    return from_readers("ablation_direction")(a)
 
 
 MARGIN_TOL = 1e-9   # rate differences within this of a margin meet it (floating-point rounding, not slack)
@@ -284,62 +215,6 @@ def steer_columns(a: pd.DataFrame, best: int, rule: dict) -> dict:
     }
 
 
-def _direction_name(layer: int, position: int) -> str:
-    return f"L{layer}/p{position}"
-
-
-def selection_columns(sel: pd.DataFrame) -> dict:
-    """Stage select's choice per seed: `selected` ("L3/p-2 (s0), L1/p-4 (s1)", "NONE" when no seed
-    selected anything), `selected_by` (the criterion, or "fallback:<c>"), and the candidates that
-    passed the filters per seed (`select_passed`)."""
-    if sel.empty:
-        return {}
-    parts, by, passed = [], set(), []
-    for seed, grp in sel.groupby("seed"):
-        chosen = grp[grp["selected"].astype(bool)]
-        passed.append(f"{int(grp['passed'].astype(bool).sum())}/{len(grp)} (s{seed})")
-        if len(chosen):
-            r = chosen.iloc[0]
-            parts.append(f"{_direction_name(int(r['layer']), int(r['position']))} (s{seed})")
-            by.add(str(r["selected_by"]))
-    return {"selected": ", ".join(parts) if parts else "NONE", "selected_by": ", ".join(sorted(by)) or None,
-            "select_passed": ", ".join(passed)}
-
-
-def fallback_warnings(sel: pd.DataFrame, model: str, kl_max: float | None) -> list[str]:
-    """Warning lines for one model's selection rows `sel`: per seed whose choice is a fallback
-    (`selected_by` "fallback:<c>", nothing passed the filters) with first-token KL (nats, harmless
-    val prompts, the row's `kl`) above the spec's `stages.select.kl_max`, e.g. "warning: qwen-s seed 0:
-    fallback selection L2/p-1 has first-token KL 9.56 > kl_max 0.1 (the direction may wreck the model)".
-    None for kl_max (no KL filter): nothing to exceed. Arditi et al. 2024, App. C: the KL filter keeps
-    directions that leave harmless behaviour intact."""
-    if sel.empty or kl_max is None:
-        return []
-    lines = []
-    chosen = sel[sel["selected"].astype(bool) & sel["selected_by"].astype(str).str.startswith("fallback:")]
-    for _, r in chosen.sort_values("seed").iterrows():
-        kl = float(r["kl"])
-        if kl > float(kl_max) + MARGIN_TOL:
-            lines.append(f"warning: {model} seed {int(r['seed'])}: fallback selection "
-                         f"{_direction_name(int(r['layer']), int(r['position']))} has first-token KL {kl:.3g} > "
-                         f"kl_max {float(kl_max):g} (the direction may wreck the model)")
-    return lines
-
-
-def ablation_direction(a: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """Keep the ablation arms of one direction: the (layer, position) most seeds ablated (ties: the
-    lower layer, then the later position). Returns (arms without the other directions' ablation rows, "L3/p-2 (2 of 2 seeds)")."""
-    abl = a[(a["mode"] == "ablation") & ~a["control"].astype(bool)]
-    if abl.empty:
-        return a, None
-    seeds = abl.groupby(["direction_layer", "direction_position"])["seeds"].max().reset_index()
-    seeds = seeds.sort_values(["seeds", "direction_layer", "direction_position"], ascending=[False, True, False])
-    layer, position, k = (int(x) for x in seeds.iloc[0][["direction_layer", "direction_position", "seeds"]])
-    total = int(a[a["mode"] == "baseline"]["seeds"].max()) if (a["mode"] == "baseline").any() else k
-    keep = (a["mode"] != "ablation") | ((a["direction_layer"] == layer) & (a["direction_position"] == position))
-    return a[keep], f"{_direction_name(layer, position)} ({k} of {total} seeds)"
-
-
 def known_judges(manifest: dict) -> list[str]:
     """The judges a store's verdicts may read: the inline substring judge and those in the manifest."""
     return [INLINE, *sorted(manifest.get("judges") or {})]
@@ -403,98 +278,119 @@ def verdict_judge(manifest: dict) -> str:
     return (manifest.get("verdicts") or {}).get("judge") or (manifest.get("decision_rule") or {}).get("judge") or INLINE
 
 
-def _load(store: Store) -> dict:
-    t = {name: store.read(name) for name in ("directions", "steering", "completions", "judgements", "patching",
-                                              "scrubbing", "selection", "capability")}
-    t["manifest"] = store.read_json("manifest.json") or {}
-    t["cost"] = capability_cost(t["capability"], t["manifest"].get("capability_key"))
-    t["labels"] = judge_labels(t["completions"], t["judgements"]) if not t["steering"].empty else \
-        judge_labels(pd.DataFrame(), pd.DataFrame())
-    return t
+# -- the stages' read side -------------------------------------------------------------------------------
+RULE_ORDER = 25     # the rule's columns in the printed table: after stage select's (20), before steer's (30)
+VERDICT_ORDER = 55  # the verdicts (and the report's Judges section): after capability (40), before patch (60)
 
 
-def _summary_rows(t: dict, judge: str) -> pd.DataFrame:
-    """The summary table (one row per model) with steering rates and verdicts from `judge`'s labels."""
-    from refusal_ray.ops import OPS
+def readers() -> list[tuple]:
+    """[(stage, reader)] of every registered stage with a read side, in the spec's block order
+    (`STAGES.by_block_order()`: the order of the summary's columns)."""
+    from refusal_ray.stages import STAGES
 
-    manifest = t["manifest"]
-    rule = {k: v for k, v in manifest.get("decision_rule", {}).items() if k != "judge"}
-    models = manifest.get("models", {})
-    position = manifest.get("steer_position", -1)
-    steer_spec = (manifest.get("spec") or {}).get("stages", {}).get("steer")
-    has_steer = steer_spec is not None
-    dirs, steering, completions = t["directions"], t["steering"], t["completions"]
-    kind = judge_kind(manifest, t["labels"], judge)
-    blocked = unjudgeable(kind, rule)    # rules whose arms this judge gives no refusal labels on (a guard)
-    if judge != INLINE:
-        steering, completions = steering_under(steering, completions, t["labels"], judge)
-    arms = pooled_arms(steering, completions if not steering.empty else None)
-    sites, verdicts = site_recovery(t["patching"]), scrub_verdicts(t["scrubbing"])
-    selection = t["selection"]
-    has_select = (manifest.get("spec") or {}).get("stages", {}).get("select") is not None
+    out = []
+    for stage in STAGES.by_block_order():
+        reader = stage.reader
+        if reader is not None:
+            out.append((stage, reader))
+    return out
+
+
+def _relabel(ctx) -> dict:
+    """The tables whose counts a judge's labels change (`steering_under`): {} under the inline judge."""
+    if ctx.judge == INLINE:
+        return {}
+    steering, completions = steering_under(ctx.tables["steering"], ctx.tables["completions"], ctx.labels, ctx.judge)
+    return {"steering": steering, "completions": completions}
+
+
+def read_context(store: Store, judge: str | None = None):
+    """The ReadContext of a store (`refusal_ray.stages.base.ReadContext`): its tables (read once), manifest,
+    decision rule (without its judge), every judge's labels, under `judge` (default: `verdict_judge`)."""
+    from refusal_ray.stages.base import ReadContext
+
+    manifest = store.read_json("manifest.json") or {}
+    rule = {k: v for k, v in (manifest.get("decision_rule") or {}).items() if k != "judge"}
+    ctx = ReadContext(store=store, manifest=manifest, rule=rule, judge=judge or verdict_judge(manifest),
+                      readers=tuple(r for _, r in readers()), relabel=_relabel)
+    ctx.labels = judge_labels(ctx.tables["completions"], ctx.tables["judgements"]) \
+        if not ctx.tables["steering"].empty else judge_labels(pd.DataFrame(), pd.DataFrame())
+    ctx.judge_kind = judge_kind(manifest, ctx.labels, ctx.judge)
+    return ctx
+
+
+def _load(store: Store):
+    """The store's read context under its verdict judge (see `read_context`)."""
+    return read_context(store)
+
+
+def rule_columns(ctx, model: str, row: dict) -> dict:
+    """The decision rule's columns of one model (`steer_columns` of its pooled arms under `ctx.judge`, the
+    ablation arms of the direction most seeds ablated: `ablation_direction`)."""
+    arms = ctx.arms
+    a, direction = ablation_direction(arms[arms["model"] == model] if not arms.empty else arms)
+    return steer_columns(a, int(row["best_layer"]), ctx.rule) | {"ablation_direction": direction}
+
+
+def rule_overrides(ctx, model: str, row: dict) -> dict:
+    """After the columns of the stage whose pooled arms the rule reads: NO-SELECTION when stage select chose
+    nothing (`selected` "NONE") and the rule is INCOMPLETE; NOT-JUDGEABLE where `ctx.judge` gives no refusal
+    labels on a prompt set the rule's arms are judged on; `unjudged`: the model's stored completions on
+    the sets the judge answers "refused?" on, minus its refusal labels (malformed, failed or never judged)."""
+    out = {}
+    if row.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
+        out["verdict_control_margin"] = "NO-SELECTION"
+    for r, sets in unjudgeable(ctx.judge_kind, ctx.rule).items():
+        if row.get(f"verdict_{r}") is not None:
+            out[f"verdict_{r}"] = f"NOT-JUDGEABLE ({ctx.judge_kind} on {'/'.join(sets)})"
+    labels, comps = ctx.labels, ctx.tables["completions"]
+    mine = labels[(labels["model"] == model) & (labels["judge"] == ctx.judge) & (labels["question"] == REFUSED)]
+    answered = [p for p in ("harmful", "harmless") if question(ctx.judge_kind, p) == REFUSED]
+    stored = 0 if comps.empty else int(((comps["model"] == model) & comps["prompt_set"].isin(answered)).sum())
+    out["unjudged"] = stored - int(mine["refusal"].notna().sum())
+    return out
+
+
+def _summary_rows(ctx, judge: str | None = None) -> pd.DataFrame:
+    """The summary table (one row per model of the manifest): each stage reader's columns in the spec's
+    block order, the decision rule's around those of the stage whose pooled arms it reads (when that stage
+    ran and the model has a best layer), under `judge` (default `ctx.judge`)."""
+    if judge is not None and judge != ctx.judge:
+        ctx = ctx.with_judge(judge, judge_kind(ctx.manifest, ctx.labels, judge))
     rows = []
-    for name, info in models.items():
+    for name, info in ctx.manifest.get("models", {}).items():
         row = {"model": name, "params": info.get("params"), "layers": info.get("n_layers")}
-        circuit = circuit_columns(name, sites, verdicts)
-        d = dirs[(dirs["model"] == name) & (dirs["site"] == "resid_pre") & (dirs["position"] == position)] \
-            if not dirs.empty else dirs
-        if d.empty:
-            rows.append(row | circuit)
-            continue
-        sep = d.groupby("layer")["separation"].mean()
-        best = int(sep.idxmax())
-        row |= {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
-        mine_sel = selection[selection["model"] == name] if not selection.empty else selection
-        sel = selection_columns(mine_sel)
-        row |= sel
-        if has_select:
-            warn = fallback_warnings(mine_sel, name, manifest["spec"]["stages"]["select"].get("kl_max"))
-            row["selection_warning"] = "\n".join(warn) if warn else None
-        if has_steer:
-            a, direction = ablation_direction(arms[arms["model"] == name])
-            row |= steer_columns(a, best, rule) | {"ablation_direction": direction}
-            for op in OPS.by_report_order():   # each operator's own columns (the rule's arms give none)
-                block = (steer_spec or {}).get(op.name)
-                if block is not None or (a["mode"] == op.name).any():
-                    row |= op.summary_columns(a, rule, block)
-            if has_select and sel.get("selected") == "NONE" and row.get("verdict_control_margin") == "INCOMPLETE":
-                row["verdict_control_margin"] = "NO-SELECTION"
-            for r, sets in blocked.items():
-                if row.get(f"verdict_{r}") is not None:
-                    row[f"verdict_{r}"] = f"NOT-JUDGEABLE ({kind} on {'/'.join(sets)})"
-            labels = t["labels"]
-            mine = labels[(labels["model"] == name) & (labels["judge"] == judge) & (labels["question"] == REFUSED)]
-            comps = t["completions"]
-            answered = [p for p in ("harmful", "harmless") if question(kind, p) == REFUSED]
-            stored = 0 if comps.empty else int(((comps["model"] == name) & comps["prompt_set"].isin(answered)).sum())
-            row["unjudged"] = stored - int(mine["refusal"].notna().sum())   # malformed, failed or never judged
-        rows.append(row | circuit | cost_columns(t["cost"], name, rule))
+        for stage, reader in readers():
+            ruled = "pooled_arms" in reader.provides and "best_layer" in row and ctx.stages.get(stage.name) is not None
+            if ruled:
+                row |= rule_columns(ctx, name, row)
+            row |= reader.summary(ctx, name, row)
+            if ruled:
+                row |= rule_overrides(ctx, name, row)
+        rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:
-        df["judge"] = judge
-        df["rule_hash"] = manifest.get("rule_hash")
+        df["judge"] = ctx.judge
+        df["rule_hash"] = ctx.manifest.get("rule_hash")
         df = df.sort_values("params", kind="stable").reset_index(drop=True)
     return df
 
 
-def arms_by_judge(t: dict, names: list[str]) -> pd.DataFrame:
+def arms_by_judge(ctx, names: list[str]) -> pd.DataFrame:
     """Pooled steering arms (rate and prompt-pooled Wilson interval per model, arm and prompt set)
     under each judge, with a `judge` column: the steering rates of every judge side by side."""
     frames = []
     for j in names:
-        steering, completions = t["steering"], t["completions"]
-        if j != INLINE:
-            steering, completions = steering_under(steering, completions, t["labels"], j)
-        if not steering.empty:
-            frames.append(pooled_arms(steering, completions).assign(judge=j))
+        arms = ctx.with_judge(j).arms
+        if not arms.empty:
+            frames.append(arms.assign(judge=j))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def summarize(out_dir, judge: str | None = None) -> pd.DataFrame:
     """Build the summary table from a store (manifest, directions, steering, completions, judgements),
     verdicts under `judge` (default: `verdict_judge` of the manifest). Column `judge` names it."""
-    t = _load(Store(out_dir))
-    return _summary_rows(t, judge or verdict_judge(t["manifest"]))
+    return _summary_rows(read_context(Store(out_dir), judge))
 
 
 def judge_tables(out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -512,22 +408,25 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     one judge, also summary_by_judge.parquet and agreement.parquet / agreement.csv. The manifest's
     `verdicts` records the judge behind the verdicts (its hash, and whether it is the rule's)."""
     store = Store(out_dir)
-    t = _load(store)
-    manifest = t["manifest"]
-    judge = judge or verdict_judge(manifest)
-    names = judges_in(t["labels"])
-    rows = {j: _summary_rows(t, j) for j in dict.fromkeys([judge, *names])}
+    ctx = read_context(store, judge)
+    manifest, judge = ctx.manifest, ctx.judge
+    names = judges_in(ctx.labels)
+    rows = {j: _summary_rows(ctx, j) for j in dict.fromkeys([judge, *names])}
     df = rows[judge]
     store.write_frame("summary.parquet", df)
     store.write_file("summary.csv", df.to_csv(index=False).encode())
-    if not t["cost"].empty:
-        store.write_frame("capability_cost.parquet", t["cost"])
-        store.write_file("capability_cost.csv", cost_table(t["cost"]).to_csv(index=False).encode())
+    for _, reader in readers():   # e.g. capability_cost.parquet / .csv
+        for name, fn in reader.files.items():
+            data = fn(ctx)
+            if isinstance(data, pd.DataFrame):
+                store.write_frame(name, data)
+            elif data is not None:
+                store.write_file(name, data)
     if len(names) > 1:
         per = pd.concat([rows[j] for j in names if not rows[j].empty], ignore_index=True)
-        agree = agreement(t["labels"])
+        agree = agreement(ctx.labels)
         store.write_frame("summary_by_judge.parquet", per)
-        store.write_frame("steering_by_judge.parquet", arms_by_judge(t, names))
+        store.write_frame("steering_by_judge.parquet", arms_by_judge(ctx, names))
         store.write_frame("agreement.parquet", agree)
         store.write_file("agreement.csv", agree.to_csv(index=False).encode())
     rule_judge = (manifest.get("decision_rule") or {}).get("judge") or INLINE
@@ -539,42 +438,30 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     return df
 
 
-DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}"),
-                ("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}"),
-                ("selected", "selected", "{}"), ("ablation_direction", "ablated", "{}"),
-                ("addition_layer", "add L", "{:.0f}"), ("label_layer", "label L", "{:.0f}"),
-                ("baseline_harmful_refusal", "base", "{:.2f}"), ("ablation_suppression", "abl-base", "{:+.2f}"),
+DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}")]
+RULE_DISPLAY = [("ablation_direction", "ablated", "{}"), ("addition_layer", "add L", "{:.0f}"),
+                ("label_layer", "label L", "{:.0f}"), ("baseline_harmful_refusal", "base", "{:.2f}"),
+                ("ablation_suppression", "abl-base", "{:+.2f}"),
                 ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"),
                 ("addition_induction", "add-base", "{:+.2f}"),
                 ("addition_induction_vs_control", "add-ctl", "{:+.2f}")]   # the decision rule's columns
-DISPLAY_TAIL = [("verdict_control_margin", "control_margin", "{}"), ("verdict_steering_labels", "steering_labels", "{}"),
-                ("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
-                ("attribution_spearman", "AtP rho", "{:.2f}")]
+VERDICT_DISPLAY = [("verdict_control_margin", "control_margin", "{}"),
+                   ("verdict_steering_labels", "steering_labels", "{}")]
 
 
 def display() -> list[tuple[str, str, str]]:
-    """The summary table's columns: the rule's, each operator's `display` (report order), each operator's
-    `cost_display` (apply order: ablation, orthogonalized, ..., addition), verdicts and circuits."""
-    from refusal_ray.ops import OPS
-
-    ops_cols = [c for op in OPS.by_report_order() for c in op.display]
-    costs = [c for op in OPS.by_apply_order() for c in op.cost_display]
-    return [*DISPLAY_HEAD, *ops_cols, *costs, *DISPLAY_TAIL]
+    """The summary table's columns: model, params, layers, then each stage reader's `display()` in reader
+    `order` (ties: block order), with the decision rule's columns at RULE_ORDER and the verdicts at
+    VERDICT_ORDER."""
+    parts = [(RULE_ORDER, -1, RULE_DISPLAY), (VERDICT_ORDER, -1, VERDICT_DISPLAY)]
+    parts += [(r.order, i, list(r.display())) for i, (_, r) in enumerate(readers())]
+    return [*DISPLAY_HEAD, *(c for _, _, cols in sorted(parts, key=lambda p: (p[0], p[1])) for c in cols)]
 
 
 DISPLAY = display()   # as of import; render() calls display()
 
 
-def _table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
-    """Fixed-width lines: a header, a rule, one line per row; '-' for missing values."""
-    cells = [[h for _, h, _ in cols]]
-    for _, r in df.iterrows():
-        cells.append(["-" if (v := r[k]) is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)
-                      for k, _, f in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+_table = text_table   # the old private name
 
 
 def warning_lines(df: pd.DataFrame) -> list[str]:
@@ -598,40 +485,6 @@ def render(df: pd.DataFrame) -> str:
     if "judge" in df.columns:
         lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
     return "\n".join(lines)
-
-
-def read_cost(out_dir) -> pd.DataFrame:
-    """The long capability-cost table as `write_summary` last wrote it (empty without a capability stage)."""
-    data = Store(out_dir).read_file("capability_cost.parquet")
-    return pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame()
-
-
-def _op_setting(row: pd.Series) -> str:
-    """'theta=180, adaptive=True': a capability row's values of its operator's own `arm_keys` ('' for
-    operators without any, and for the weight arms)."""
-    from refusal_ray.ops.base import owner
-
-    op = owner(row["arm"])
-    keys = [k for k in (getattr(op, "arm_keys", ()) if op is not None else ()) if k in row.index]
-    vals = [(k, row[k]) for k in keys if row[k] is not None and not (isinstance(row[k], float) and np.isnan(row[k]))]
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals)
-
-
-def render_cost(cost: pd.DataFrame) -> str:
-    """Refusal change against capability cost, one line per (model, arm) ('' without capability rows)."""
-    wide = cost_table(cost)
-    if wide.empty:
-        return ""
-    metrics = [m for m in ("refusal_harmful", "refusal_harmless", "ce_loss", "first_token_kl", "task_exact_match")
-               if m in wide.columns] + sorted(c for c in wide.columns if c.startswith("lm_eval/"))
-    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""), setting=[_op_setting(r) for _, r in wide.iterrows()])
-    cols = [("model", "model", "{}"), ("arm", "arm", "{}"), ("ctl", "ctl", "{}"), ("coefficient", "coef", "{:g}"),
-            ("alpha", "alpha", "{:g}"), ("direction", "direction", "{}")]
-    if (wide["setting"] != "").any():   # operators with their own arm keys (angular's theta, CAST's threshold)
-        cols.append(("setting", "setting", "{}"))
-    cols += [(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}") for m in metrics]
-    return ("capability cost (arm minus baseline, mean over seeds; KL is against the baseline):\n"
-            + "\n".join(_table(wide, cols)))
 
 
 JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_harmful_refusal", "base", "{:.2f}"),

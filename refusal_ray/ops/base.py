@@ -83,10 +83,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 # -- spec building blocks (the spec imports these; operators' config classes subclass Strict) ---------------
 
@@ -96,6 +96,43 @@ class Strict(BaseModel):
 
 
 LayerList = Literal["all"] | list[int]
+
+
+def negative(positions: list[int]) -> list[int]:
+    """`positions` unchanged; ValueError unless every one is negative (token positions count from the end)."""
+    if any(p >= 0 for p in positions):
+        raise ValueError("positions count from the end of the prompt and must be negative (e.g. -1)")
+    return positions
+
+
+NegativePositions = Annotated[list[int], AfterValidator(negative)]
+
+
+def no_duplicates(names: list, what: str) -> None:
+    """ValueError naming the first (sorted) name that occurs twice in `names` ("duplicate <what> 'x'")."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what} {dup[0]!r}")
+
+
+def _controls(v: bool | int) -> bool | int:
+    """`controls`: true (one draw, the meaning before K existed), false (none) or K >= 2 draws; 1 reads as
+    true and 0 as false."""
+    if isinstance(v, bool):
+        return v
+    if v < 0:
+        raise ValueError("true (one random draw per arm), false (none) or a number of draws K >= 2")
+    return v if v >= 2 else bool(v)
+
+
+Controls = Annotated[bool | int, AfterValidator(_controls)]
+CONTROLS_HELP = ("Norm-matched random-direction controls per arm: true (one draw, seeded by the control cell's "
+                 "id), false (none), or K >= 2 draws (K control cells per arm; draw 0 is the draw of `true`).")
+
+
+def n_draws(controls: bool | int) -> int:
+    """Random control draws per arm of a `controls` value: 0, 1 or K."""
+    return int(controls) if not isinstance(controls, bool) else int(controls)
 # sites that write the residual stream, where ablation-like operators edit (Arditi et al. 2024, Sec. 2.4)
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 

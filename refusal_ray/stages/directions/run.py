@@ -1,4 +1,5 @@
-"""Stage `directions`: difference-of-means refusal directions at every layer.
+"""Stage `directions`, run side: difference-of-means refusal directions at every layer (the declaration and
+block: `refusal_ray.stages.directions`; the summary columns and report section: `.read`).
 
 Arditi et al. 2024, Sec. 2.1: r[L, pos] = mean_harmful x[L, pos] - mean_harmless x[L, pos], with x
 the residual stream at a post-instruction position. All layers and sites are read in one
@@ -24,7 +25,7 @@ from refusal_ray.data import PromptSet, encode
 from refusal_ray.interventions import capture
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.sites import site_name
-from refusal_ray.stages.base import Stage
+from refusal_ray.stages.directions import refusal_tokens_setting
 from refusal_ray.stats import cohens_d
 
 
@@ -141,35 +142,13 @@ def best_layer(rows: list[dict], site: str = "resid_pre", position: int = -1) ->
     return max(cands, key=lambda r: (np.nan_to_num(r["separation"], nan=-np.inf), -r["layer"]))["layer"]
 
 
-# -- the declaration ---------------------------------------------------------------------------
-# settings added later, left out of ids at these values, so stores written before them resume
-LATER_DEFAULTS = {"pairing": None, "compare_sequential": False}
-
-
-def refusal_tokens_setting(select: dict | None) -> object:
-    """The refusal-token setting train filtering uses: stage select's, else the family default."""
-    return (select or {}).get("refusal_tokens", "family")
-
-
+# -- the stage's run side (its declaration: refusal_ray/stages/directions/__init__.py) --------------
 def train_filter_tokens(session) -> list[int]:
     from refusal_ray.models import refusal_tokens
     from refusal_ray.models.loading import model_type
 
     return refusal_tokens.resolve(refusal_tokens_setting(session.settings.get("select")), session.lm.tokenizer,
                                   model_type(session.lm), session.judge.phrases)
-
-
-def directions_key(spec) -> dict:
-    """What determines a direction (and everything fitted from it): sample sizes and the stage's settings
-    (with train filtering, also the refusal tokens it reads: `refusal_tokens`)."""
-    block = spec.stages.directions.model_dump(mode="json", exclude={"batch_size"})
-    block = {k: v for k, v in block.items() if LATER_DEFAULTS.get(k, object()) != v}
-    if block.get("filter_train"):
-        select = spec.stages.select
-        tokens = refusal_tokens_setting(None if select is None else select.model_dump(mode="json"))
-        if tokens != "judge_phrases":   # judge_phrases: the tokens before the setting existed, the ids of before
-            block["refusal_tokens"] = tokens
-    return {"n": [spec.data.n_train, spec.data.n_val, spec.data.n_test], "directions": block}
 
 
 def paired_train(plan) -> None:
@@ -209,7 +188,8 @@ def random_train(plan) -> None:
         splits["train"]["harmless"] = split_prompts(df, pf, plan.spec.data, stream)["train"]
 
 
-def _prepare(plan) -> None:
+def prepare(plan) -> None:
+    """Stage.prepare: `pairing` redraws each seed's harmless train prompts (`paired_train`, `random_train`)."""
     pairing = plan.spec.stages.directions.pairing
     if pairing == "paired":
         paired_train(plan)
@@ -236,7 +216,9 @@ def sequential_cosines(lm: LoadedModel, train: tuple[PromptSet, PromptSet], batc
     return out
 
 
-def _run(session, cells, payload) -> dict:
+def run(session, cells, payload) -> dict:
+    """Stage.run: fit each cell's directions (train filtering and the sequential refit when set):
+    {"directions": rows}."""
     cfg = session.settings["directions"]
     rows = []
     for cell in cells:
@@ -257,7 +239,3 @@ def _run(session, cells, payload) -> dict:
                   "n_train_harmless_drawn": n_before[1], "pairing": cfg.get("pairing") or "as drawn",
                   "sequential_cosine": c} for r, c in zip(fitted, cos)]
     return {"directions": rows}
-
-
-STAGE = Stage(name="directions", tables=("directions",), cells=lambda spec, mp: [{}],
-              id_key=directions_key, run=_run, prepare=_prepare)

@@ -1,4 +1,4 @@
-"""Stage `select`: choose the refusal direction causally, as Arditi et al. 2024 do (Sec. 2.3, App. C),
+"""Stage `select`, the run side: choose the refusal direction causally, as Arditi et al. 2024 do (Sec. 2.3, App. C),
 with the definitions of their code (andyrdt/refusal_direction, pipeline/submodules/select_direction.py).
 
 Every (layer, position) difference-of-means direction at `resid_pre` is a candidate r. On the
@@ -43,9 +43,8 @@ from refusal_ray.interventions import RowEdit, forward, row_edits
 from refusal_ray.models import refusal_tokens
 from refusal_ray.models.loading import LoadedModel, model_type
 from refusal_ray.models.orthogonalize import RANK_RTOL
-from refusal_ray.stages.base import Stage, check_layers
-from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.patch import RefusalScore
+from refusal_ray.stages.patch.run import RefusalScore
+from refusal_ray.stages.select import layer_cutoff
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 KINDS = ("bypass", "kl", "induce")   # ablate on harmful, ablate on harmless, add on harmless
@@ -232,13 +231,6 @@ def _kl(base_lp: torch.Tensor, lp: torch.Tensor, epsilon: float | None) -> torch
     return (p * (torch.log(p + epsilon) - torch.log(q + epsilon))).sum(-1)
 
 
-def layer_cutoff(n_layers: int, max_layer_fraction: float | None) -> int | None:
-    """First pruned layer: candidates at layer >= int(n_layers * max_layer_fraction) are dropped, as
-    Arditi et al.'s `filter_fn` prunes layer >= int(n_layers * (1 - prune_layer_percentage)) with
-    prune_layer_percentage 0.2 (16 layers: 12, 24: 19, 28: 22, 32: 25). None: no layer filter."""
-    return None if max_layer_fraction is None else int(n_layers * max_layer_fraction)
-
-
 def zero_norm(vectors: list[np.ndarray], rtol: float = RANK_RTOL) -> list[bool]:
     """Which candidates are zero vectors: norm at most `rtol` x the largest norm (e.g. resid_pre of
     layer 0 at a template token: the same embedding for every prompt, so the difference is 0 up to
@@ -384,8 +376,10 @@ def selected_direction(selection_rows: list[dict]) -> dict | None:
     return {"layer": int(r["layer"]), "position": int(r["position"]), "selected_by": r["selected_by"]}
 
 
-# -- the declaration ---------------------------------------------------------------------------
-def _inputs(settings: dict, needs: dict) -> dict:
+# -- the run side of the declaration (`STAGE.inputs`, `.run`, `.shards`, `.merge`) -----------------
+def inputs(settings: dict, needs: dict) -> dict:
+    """`STAGE.inputs`: the candidates (resid_pre directions of `stages.select.layers`, by layer then
+    position) and their separations from the directions rows of the same (model, seed)."""
     layers = settings["select"].get("layers", "all")
     rows = [r for r in needs["directions"]["directions"] if r["site"] == "resid_pre"
             and (layers == "all" or int(r["layer"]) in layers)]
@@ -394,9 +388,9 @@ def _inputs(settings: dict, needs: dict) -> dict:
             "separations": {(int(r["layer"]), int(r["position"])): float(r["separation"]) for r in rows}}
 
 
-def _run(session, cells, payload) -> dict:
-    """Select cells; with payload["shard"] (i, n) (`_shards`), shard i's partial scores per cell
-    ({"select_shard": [{"cell_id", ...score_select}]}, never stored: `_merge` turns the n partials
+def run_task(session, cells, payload) -> dict:
+    """`STAGE.run`: select cells; with payload["shard"] (i, n) (`shards`), shard i's partial scores per
+    cell ({"select_shard": [{"cell_id", ...score_select}]}, never stored: `merge` turns the n partials
     into the selection rows)."""
     cfg = session.settings["select"]
     val = session.prompts[cells[0].seed]["val"]
@@ -412,47 +406,19 @@ def _run(session, cells, payload) -> dict:
     return {"selection": rows}
 
 
-def _shards(settings: dict, payload: dict, n: int) -> list[dict]:
-    """n shard payloads of a select task: shard i scores the candidate chunks i, i + n, ... (`_passes`)."""
+def shards(settings: dict, payload: dict, n: int) -> list[dict]:
+    """`STAGE.shards`: n shard payloads of a select task: shard i scores the candidate chunks i, i + n,
+    ... (`_passes`)."""
     return [{**payload, "shard": (i, n)} for i in range(n)]
 
 
-def _merge(settings: dict, cells, payload: dict, parts: list[dict]) -> dict:
-    """The selection rows from the n shards' results ({"select_shard": [...]} each, in shard order):
-    the per-row scores merged (`merge_scores`), then rows and `choose` once, as one unsharded run.
-    Raises ValueError when the shards do not cover every row exactly once."""
+def merge(settings: dict, cells, payload: dict, parts: list[dict]) -> dict:
+    """`STAGE.merge`: the selection rows from the n shards' results ({"select_shard": [...]} each, in
+    shard order): the per-row scores merged (`merge_scores`), then rows and `choose` once, as one
+    unsharded run. Raises ValueError when the shards do not cover every row exactly once."""
     cfg, rows = settings["select"], []
     for cell in cells:
         pieces = [next(r for r in part["select_shard"] if r["cell_id"] == cell.id) for part in parts]
         scored = {**pieces[0], "scores": merge_scores([p["scores"] for p in pieces])}
         rows += selection_rows(cell, payload["candidates"], payload["separations"], cfg, scored)
     return {"selection": rows}
-
-
-def _id_key(spec) -> dict:
-    return directions_key(spec) | {"select": spec.stages.select.model_dump(mode="json", exclude={"batch_size"}),
-                                   "judge": spec.judge.model_dump(mode="json")}
-
-
-def _describe(plan) -> list[str]:
-    s = plan.spec.stages.select
-    lines = [f"select: layers {s.layers}, criterion {s.criterion}, filters layer < int({s.max_layer_fraction} L), "
-             f"KL <= {s.kl_max}, induce >= {s.induce_min}, filter_val {s.filter_val}; fallback {s.fallback}; "
-             f"refusal score log(p + {s.refusal_score_epsilon:g}) - log(1 - p + {s.refusal_score_epsilon:g}); "
-             "candidates per seed: "
-             + ", ".join(f"{n} {mp.n_layers if s.layers == 'all' else len(s.layers)}x{len(mp.positions)}"
-                         for n, mp in plan.models.items())]
-    for n, mp in plan.models.items():
-        cutoff = layer_cutoff(mp.n_layers, s.max_layer_fraction)
-        lines.append(f"  {n}: refusal tokens ({mp.refusal_tokens.get('setting')}) {mp.refusal_tokens.get('tokens')}; "
-                     f"layers {'all' if cutoff is None else f'0..{cutoff - 1}'} of {mp.n_layers} kept by the layer filter")
-    return lines
-
-
-def _check(plan) -> None:
-    check_layers(plan, "stages.select.layers", plan.spec.stages.select.layers)
-
-
-STAGE = Stage(name="select", tables=("selection",), needs=("directions",), cells=lambda spec, mp: [{}],
-              id_key=_id_key, inputs=_inputs, run=_run, check=_check, describe=_describe,
-              shards=_shards, merge=_merge)

@@ -1,4 +1,5 @@
-"""Stage `steer`: every registered operator's arms (`refusal_ray.ops.OPS`), each with a random control.
+"""Stage `steer`, run side: every registered operator's arms (`refusal_ray.ops.OPS`), each with a random control
+(the declaration, block and arms: `refusal_ray.stages.steer`; the read side: `.read`).
 
 All arms x prompts of a batch of cells are rows of one `generate` call (chunked to
 `batch_size` rows): each operator's per-row tensors (its layer, coefficient, direction, basis...) are
@@ -30,9 +31,8 @@ from refusal_ray.judges import SubstringJudge, exact_match
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.ops import OPS
-from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, draw_column, owner
-from refusal_ray.stages.base import Stage
-from refusal_ray.stages.directions import best_layer, directions_key
+from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, draw_column, owner
+from refusal_ray.stages.directions.run import best_layer
 from refusal_ray.stats import wilson
 
 
@@ -176,25 +176,7 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     return arm_rows, comp_rows
 
 
-# -- the declaration ---------------------------------------------------------------------------
-def steer_params(spec, n_layers: int) -> list[dict]:
-    """Every steering arm of one (model, seed): baseline, then each operator whose `stages.steer.<name>`
-    block is set (OPS order), each arm followed by its controls (`controls: K`: K control arms,
-    `control_arms`)."""
-    from refusal_ray.spec import n_draws
-
-    steer = spec.stages.steer
-    draws = n_draws(steer.controls)
-    arms: list[dict] = [{"mode": "baseline", "layer": None, "coefficient": 0.0, "alpha": 0.0,
-                         "direction_layer": None, "control": False}]
-    for op in OPS:
-        block = getattr(steer, op.name, None)
-        if block is not None:
-            for arm in op.arms(spec, block, n_layers):
-                arms += control_arms(arm, draws)
-    return arms
-
-
+# -- the stage's run side (its declaration: refusal_ray/stages/steer/__init__.py) ------------------
 def steering_inputs(settings: dict, needs: dict) -> SteerInputs:
     """SteerInputs from a seed's stored direction rows (and selection rows, when select ran), with every
     operator's per-seed inputs (`Operator.inputs`) in `ops`."""
@@ -237,13 +219,9 @@ def skip_reason(cell: Cell, d: SteerInputs) -> str | None:
     return None
 
 
-def _group(cells: list[Cell], spec) -> list[list[Cell]]:
-    """About four full `generate` chunks of rows per task."""
-    per = max(1, (4 * spec.stages.steer.batch_size) // (2 * spec.data.n_test))
-    return [cells[i: i + per] for i in range(0, len(cells), per)]
-
-
-def _run(session, cells, payload) -> dict:
+def run(session, cells, payload) -> dict:
+    """Stage.run: `run_steer` on the seed's test prompts, halving the batch after an out-of-memory error:
+    {"steering": arm rows, "completions": completion rows}."""
     cfg = session.settings["steer"]
     test = session.prompts[cells[0].seed]["test"]
     ablation = cfg.get("ablation") or {"layers": "all"}
@@ -252,37 +230,3 @@ def _run(session, cells, payload) -> dict:
         max_new_tokens=session.settings["generation"]["max_new_tokens"], batch_size=bs, judge=session.judge,
         chat=session.chat), cfg["batch_size"])
     return {"steering": arms, "completions": comps}
-
-
-def _id_key(spec) -> dict:
-    return directions_key(spec) | {"generation": spec.generation.model_dump(mode="json"),
-                                   "judge": spec.judge.model_dump(mode="json"), "position": spec.stages.steer.position}
-
-
-def _describe(plan) -> list[str]:
-    steer = plan.spec.stages.steer
-    lines = [line for op in OPS if getattr(steer, op.name, None) is not None
-             for line in op.describe(plan.spec, getattr(steer, op.name))]
-    return lines + [f"controls: {controls_text(steer.controls)}"]
-
-
-def controls_text(controls) -> str:
-    """How `plan` prints a `controls` value: "none", "1 random draw per arm", "K random draws per arm"."""
-    from refusal_ray.spec import n_draws
-
-    k = n_draws(controls)
-    return "none" if k == 0 else f"{k} random draw{'s' if k > 1 else ''} per arm"
-
-
-def _check(plan) -> None:
-    """Plan-time checks of every operator block set (`Operator.check`: layers exist, ...)."""
-    steer = plan.spec.stages.steer
-    for op in OPS:
-        block = getattr(steer, op.name, None)
-        if block is not None:
-            op.check(plan, block)
-
-
-STAGE = Stage(name="steer", tables=("steering", "completions"), needs=("directions", "select"),
-              cells=lambda spec, mp: steer_params(spec, mp.n_layers), id_key=_id_key, group=_group,
-              inputs=steering_inputs, skip=skip_reason, run=_run, check=_check, describe=_describe)

@@ -1,4 +1,5 @@
-"""Stage `capability`: what each intervention arm costs, beside what it does to refusal.
+"""Stage `capability`, run side: what each intervention arm costs, beside what it does to refusal (the
+declaration and block: `refusal_ray.stages.capability`; the cost table and report: `.read`).
 
 Arms (one cell each, with a norm-matched random control when `controls`), from the operators
 (`refusal_ray.ops.OPS`; their `capability_arms`):
@@ -40,7 +41,7 @@ some layers they are no twin, so the default arm list leaves them out and an exp
 Each row carries value, n, a 95% interval where one is defined (Wilson for rates; mean +- 1.96
 standard errors over prompts for the KL; lm-eval's stderr for its metrics) and the arm's settings.
 The cost of an arm is its value minus the baseline's for the same (model, seed, metric); the
-summary computes it (`refusal_ray.analysis.cost.capability_cost`).
+summary computes it (`refusal_ray.stages.capability.read.capability_cost`).
 """
 
 from __future__ import annotations
@@ -58,16 +59,12 @@ from refusal_ray.core.cells import Cell, layer_list
 from refusal_ray.judges import exact_match
 from refusal_ray.models.orthogonalize import UNSUPPORTED, orthogonalized
 from refusal_ray.ops import OPS
-from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, owner
-from refusal_ray.stages.base import Stage
+from refusal_ray.ops.base import Chunk, SteerInputs, arm_columns, compose, control_arms, n_draws, owner
+from refusal_ray.stages.capability import arm_kinds
 from refusal_ray.stages.directions import directions_key
-from refusal_ray.stages.steer import Row, controls_text, edits_on, generate_rows, skip_reason, steering_inputs
+from refusal_ray.stages.steer import controls_text
+from refusal_ray.stages.steer.run import Row, edits_on, generate_rows, steering_inputs
 from refusal_ray.stats import wilson
-
-
-def arm_kinds() -> list[str]:
-    """Every capability arm kind, in the order arms are built: baseline, the operators, their weight arms."""
-    return ["baseline", *OPS.modes()]
 
 
 def weight_arms() -> list[str]:
@@ -136,8 +133,6 @@ def capability_params(spec, mp) -> list[dict]:
     edits serve both): baseline, each operator's `capability_arms` (addition arms leave `layer` None until
     their direction resolves), then the weight arms (`weight_params`). `controls: K` gives each arm K control
     arms; weight arms' controls name their hook twin (`twin_controls`)."""
-    from refusal_ray.spec import n_draws
-
     draws = n_draws(spec.stages.capability.controls)
     which = arms(spec, _blocked(spec, mp), partial_twins(spec, mp.n_layers))
     out: list[dict] = []
@@ -323,14 +318,14 @@ def measure(session, cell: Cell, d: SteerInputs, extra: dict, cfg: dict, batch_s
     return [{**r, **arm_columns(cell, d), "arm": cell.params["mode"], "measure_key": extra["key"]} for r in rows]
 
 
-# -- the declaration ---------------------------------------------------------------------------
-def _inputs(settings: dict, needs: dict) -> SteerInputs:
+# -- the stage's hooks (its declaration: refusal_ray/stages/capability/__init__.py) ---------------------------------------------------------------------------
+def inputs(settings: dict, needs: dict) -> SteerInputs:
     """Steer's inputs, read with steer's settings (or defaults: position -1, no operator blocks, when the
     spec has no steer block); an explicit direction (layer, position) is read from `SteerInputs.rows`."""
     return steering_inputs({**settings, "steer": settings.get("steer") or {"position": -1}}, needs)
 
 
-def _run(session, cells, payload) -> dict:
+def run(session, cells, payload) -> dict:
     cfg = session.settings["capability"]
     extra = session.prompts[cells[0].seed]["capability"]
     twins = twin_draw_ids(session, cells, extra)
@@ -343,7 +338,7 @@ def _run(session, cells, payload) -> dict:
     return {"capability": rows}
 
 
-def _id_key(spec) -> dict:
+def id_key(spec) -> dict:
     from refusal_ray.data import fingerprint, files_fingerprint
 
     cap = spec.stages.capability
@@ -373,10 +368,10 @@ def measure_key(plan) -> str:
     table never pairs an arm with a baseline measured under other settings in the same store."""
     from refusal_ray.judges.base import content_hash
 
-    return content_hash({**_id_key(plan.spec), "data": plan.data_fingerprint})
+    return content_hash({**id_key(plan.spec), "data": plan.data_fingerprint})
 
 
-def _prepare(plan) -> None:
+def prepare(plan) -> None:
     """Read the held-out text and the lm-eval task folder once, into every seed's payload
     (`plan.prompts[seed]["capability"]`). Raises SpecError naming the field."""
     from pathlib import Path
@@ -408,14 +403,14 @@ def _prepare(plan) -> None:
                               f"data (lm-eval downloads it from the hub at run time)")
     from refusal_ray.core.cells import SCHEMA_VERSION, model_identity as _model_identity
 
-    ids = {"key": {"v": SCHEMA_VERSION, "stage": "capability", **_id_key(plan.spec)}, "data": plan.data_fingerprint,
+    ids = {"key": {"v": SCHEMA_VERSION, "stage": "capability", **id_key(plan.spec)}, "data": plan.data_fingerprint,
            "models": {m.name: _model_identity(plan.spec, m.name) for m in plan.spec.models}}   # `twin_draw_ids`
     extra = {"text": texts, "lm_eval": shipped, "key": measure_key(plan), "ids": ids}
     for seed in plan.spec.seeds:
         plan.prompts[seed]["capability"] = extra
 
 
-def _check(plan) -> None:
+def check(plan) -> None:
     """Explicit layers exist; an explicitly listed weight arm ('orthogonalized', 'orthogonalized_subspace')
     on a model whose weights cannot be orthogonalised (post-norm family, quantised), or beside a hook twin
     that ablates only some layers (`partial_twins`), is exit 2 here, not an error per cell later."""
@@ -452,7 +447,7 @@ def _check(plan) -> None:
                             f"(the default list leaves it out for such models) or measure hook ablation")
 
 
-def _describe(plan) -> list[str]:
+def describe(plan) -> list[str]:
     cap = plan.spec.stages.capability
     listed = sorted({a for mp in plan.models.values()
                      for a in arms(plan.spec, _blocked(plan.spec, mp), partial_twins(plan.spec, mp.n_layers))},
@@ -471,8 +466,3 @@ def _describe(plan) -> list[str]:
                      f"each generated prompt on itself"
                      + (f"; no lm-eval metrics ({LM_EVAL_UNGATED})" if cap.lm_eval is not None else ""))
     return lines
-
-
-STAGE = Stage(name="capability", tables=("capability",), needs=("directions", "select"),
-              cells=capability_params, id_key=_id_key, inputs=_inputs, skip=skip_reason, run=_run,
-              prepare=_prepare, check=_check, describe=_describe)

@@ -1,4 +1,4 @@
-"""Stage `patch`: exact activation patching and the attribution-patching screen.
+"""Stage `patch`, the run side: exact activation patching and the attribution-patching screen.
 
 Denoising (DESIGN.md): clean = harmful prompt, corrupted = its harmless twin (same pair id).
 A patch copies one site's clean activation (at the patched positions; for `z`, one head) into the
@@ -43,7 +43,6 @@ from refusal_ray.interventions import forward, hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.refusal_tokens import first_tokens
 from refusal_ray.models.sites import SiteAdapter, site_name
-from refusal_ray.stages.base import Stage, check_layers, draw_test_pairs
 
 
 @dataclass(frozen=True)
@@ -335,16 +334,9 @@ def _finite(x: Tensor) -> float | None:
     return v if np.isfinite(v) else None
 
 
-# -- the declaration ---------------------------------------------------------------------------
-def _prepare(plan) -> None:
-    draw_test_pairs(plan, "patch")      # clean = harmful, corrupted = its harmless twin
-
-
-def _check(plan) -> None:
-    check_layers(plan, "stages.patch.layers", plan.spec.stages.patch.layers)
-
-
-def _run(session, cells, payload) -> dict:
+# -- the run side of the declaration (`STAGE.run`) ---------------------------------------------
+def run_task(session, cells, payload) -> dict:
+    """`STAGE.run`: every patch cell of a task on the session's model ({"patching": rows})."""
     cfg = session.settings["patch"]
     rows = []
     for cell in cells:
@@ -352,19 +344,3 @@ def _run(session, cells, payload) -> dict:
             session.lm, cell, session.prompts[cell.seed]["patch"], {**cfg, "batch_size": bs}, session.judge.phrases,
             chat=session.chat), cfg["batch_size"])
     return {"patching": rows}
-
-
-def _id_key(spec) -> dict:   # the judge's phrases define the refusal score's tokens
-    return {"patch": spec.stages.patch.model_dump(mode="json", exclude={"batch_size", "screen_batch_size"}),
-            "judge": spec.judge.model_dump(mode="json"),
-            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
-
-
-def _describe(plan) -> list[str]:
-    p = plan.spec.stages.patch
-    return [f"patch: sites {p.sites} at layers {p.layers}, positions {p.positions}, {p.n_pairs} pairs; "
-            f"attribution screen: {p.attribution}, exact: {'top ' + str(p.confirm_top_k) if p.confirm_top_k else 'every site'}"]
-
-
-STAGE = Stage(name="patch", tables=("patching",), cells=lambda spec, mp: [{}], id_key=_id_key, run=_run,
-              prepare=_prepare, check=_check, describe=_describe)

@@ -1,4 +1,4 @@
-"""Stage `scrub`: causal scrubbing of circuit hypotheses, as the audits define it.
+"""Stage `scrub`, the run side: causal scrubbing of circuit hypotheses, as the audits define it.
 
 Plainly: this is resample ablation of the complement of the hypothesis. For each harmful example
 (the "full" run: its prompt plus the model's own greedy answer prefix), the scrubbed run keeps the
@@ -49,7 +49,6 @@ from refusal_ray.interventions import hooks, position_ids
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.patterns import Selection, expand
 from refusal_ray.models.sites import SiteAdapter, parse_site
-from refusal_ray.stages.base import Stage, draw_test_pairs
 
 QUANTILES = (0.5, 0.9)
 
@@ -242,73 +241,11 @@ def run_scrub(lm: LoadedModel, cells: list[Cell], pairs: Pairs, cfg: dict, seed:
     return rows
 
 
-# -- the declaration ---------------------------------------------------------------------------
-def _prepare(plan) -> None:
-    draw_test_pairs(plan, "scrub")      # harmful examples and harmless sources
-
-
-def _check(plan) -> None:
-    """Every scrub pattern must fit every model (layers and heads)."""
-    from refusal_ray.errors import SpecError
-    from refusal_ray.models.patterns import PatternError
-
-    scrub = plan.spec.stages.scrub
-    fields = [("stages.scrub.scrubbed", scrub.scrubbed)] + [
-        (f"stages.scrub.hypotheses.{i}.protected", h.protected) for i, h in enumerate(scrub.hypotheses)]
-    for mp in plan.models.values():
-        for where, patterns in fields:
-            try:
-                expand(patterns, mp.n_layers, mp.n_heads)
-            except PatternError as e:
-                raise SpecError(plan.spec_file, where, f"{e} (model {mp.name!r})") from None
-
-
-def scrub_warnings(plan) -> list[str]:
-    """Hypotheses whose protected sites are overwritten by a scrubbed residual stream after them.
-
-    Scrubbing `blocks.L.hook_resid_post` replaces the whole stream, so what a protected site at a
-    layer <= L wrote is lost: the hypothesis then scores the resampled run's KL whatever it protects.
-    """
-    scrub, out = plan.spec.stages.scrub, []
-    for mp in plan.models.values():
-        scrubbed = expand(scrub.scrubbed, mp.n_layers, mp.n_heads)
-        for h in scrub.hypotheses:
-            prot = expand(h.protected, mp.n_layers, mp.n_heads)
-            cut = [int(s.split(".")[1]) for s in scrubbed if s.endswith("hook_resid_post") and s not in prot]
-            lost = sorted(s for s in prot if cut and int(s.split(".")[1]) <= max(cut))
-            if lost:
-                out.append(f"warning: hypothesis {h.name!r} on {mp.name}: blocks.{max(cut)}.hook_resid_post is "
-                           f"scrubbed, which overwrites protected {lost[0]}" + (f" and {len(lost) - 1} more" if
-                                                                               len(lost) > 1 else ""))
-    return out
-
-
-def _describe(plan) -> list[str]:
-    s = plan.spec.stages.scrub
-    return [f"scrub: {len(s.hypotheses)} hypotheses against {s.scrubbed}, {s.n_pairs} examples x "
-            f"{s.resamples} resamples, threshold {s.threshold}", *scrub_warnings(plan)]
-
-
-def _group(cells, spec):   # the hypotheses of a seed share forward passes
-    return [cells] if cells else []
-
-
-def _run(session, cells, payload) -> dict:
+# -- the run side of the declaration (`STAGE.run`) ---------------------------------------------
+def run_task(session, cells, payload) -> dict:
+    """`STAGE.run`: the hypotheses of one (model, seed) in shared passes ({"scrubbing": rows})."""
     cfg = session.settings["scrub"]
     seed = cells[0].seed
     return {"scrubbing": session.halving(lambda bs: run_scrub(
         session.lm, cells, session.prompts[seed]["scrub"], {**cfg, "batch_size": bs}, seed, session.chat),
         cfg["batch_size"])}
-
-
-def _id_key(spec) -> dict:
-    return {"scrub": spec.stages.scrub.model_dump(mode="json", exclude={"batch_size", "hypotheses"}),
-            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
-
-
-def _cells(spec, mp) -> list[dict]:
-    return [{"hypothesis": h.name, "protected": list(h.protected)} for h in spec.stages.scrub.hypotheses]
-
-
-STAGE = Stage(name="scrub", tables=("scrubbing",), cells=_cells, id_key=_id_key, group=_group, run=_run,
-              prepare=_prepare, check=_check, describe=_describe)
