@@ -13,31 +13,20 @@ _num, _has = num, has   # the old private names
 
 
 def headline(row: pd.Series, rule: dict) -> str:
-    """One paragraph per model: verdicts first, then the numbers they rest on (rates are pooled over
+    """One paragraph per model: verdicts first (the decision rule's), then each stage's sentence (its
+    reader's `headline`, in `headline_order`): the numbers the verdicts rest on (rates are pooled over
     seeds; costs are arm minus baseline)."""
-    parts = [f"**{row['model']}** ({_num(row.get('params'), '{:,.0f}')} parameters, "
-             f"{_num(row.get('layers'), '{:.0f}')} layers):"]
-    verdicts = [f"control_margin **{row['verdict_control_margin']}**" if _has(row, "verdict_control_margin") else None,
-                f"steering_labels **{row['verdict_steering_labels']}**" if _has(row, "verdict_steering_labels") else None]
+    from refusal_ray.analysis.summary import readers
+
+    parts = [f"**{row['model']}** ({num(row.get('params'), '{:,.0f}')} parameters, "
+             f"{num(row.get('layers'), '{:.0f}')} layers):"]
+    verdicts = [f"control_margin **{row['verdict_control_margin']}**" if has(row, "verdict_control_margin") else None,
+                f"steering_labels **{row['verdict_steering_labels']}**" if has(row, "verdict_steering_labels") else None]
     verdicts = [v for v in verdicts if v]
     parts.append(("; ".join(verdicts) + ".") if verdicts else "no verdict (steering not run).")
-    if _has(row, "separation"):
-        parts.append(f"Separation peaks at layer {_num(row['best_layer'], '{:.0f}')} (Cohen's d "
-                     f"{_num(row['separation'])}).")
-    from refusal_ray.ops import OPS
-
-    parts += [text for op in OPS.by_report_order() if (text := op.headline(row, rule))]
-    costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"), row.get(f"cost_setting[{arm}]"))
-             for op in OPS.by_apply_order() for arm in (op.name, op.weight_arm)
-             if arm and _has(row, f"cost_ce[{arm}]")]
-    if costs:
-        parts.append("Capability cost: " + "; ".join(
-            f"{arm} ({setting}) {_num(ce, '{:+.3f}')} nats CE, KL {_num(kl, '{:.3f}')}"
-            for arm, ce, kl, setting in costs) + ".")
-    if _has(row, "top_component"):
-        parts.append(f"Top patched component {row['top_component']} (recovery {_num(row.get('top_recovery'))}).")
-    if _has(row, "selection_warning"):   # a fallback selection above the KL filter (summary.fallback_warnings)
-        parts.append(" ".join(f"**{w[0].upper()}{w[1:]}.**" for w in str(row["selection_warning"]).splitlines()))
+    ordered = sorted(enumerate(r for _, r in readers()),
+                     key=lambda ir: (ir[1].order if ir[1].headline_order is None else ir[1].headline_order, ir[0]))
+    parts += [text for _, r in ordered if (text := r.headline(row, rule))]
     return " ".join(parts)
 
 

@@ -232,6 +232,10 @@ def _no_report(ctx):
     return []
 
 
+def _no_headline(row, rule):
+    return None
+
+
 @dataclass(frozen=True)
 class Reader:
     """A stage's read side, `READER` in its read module (pandas / numpy / matplotlib only, no torch).
@@ -255,6 +259,8 @@ class Reader:
       pooled over seeds under `ctx.judge`'s labels; `ctx.arms`), computed once per context.
     - `files`: {file name: fn(ctx) -> DataFrame | bytes | None} files `write_summary` writes into the store
       (a DataFrame as Parquet; None: nothing), e.g. capability's `capability_cost.parquet`.
+    - `headline(row, rule) -> str | None`: its sentence in the report's headline paragraph of one model
+      (`row`: the model's summary row), after the verdicts, in `headline_order` (default: `order`).
     """
 
     summary: Callable = _no_columns
@@ -265,6 +271,8 @@ class Reader:
     tables: tuple[str, ...] = ()
     provides: Mapping[str, Callable] = field(default_factory=dict)
     files: Mapping[str, Callable] = field(default_factory=dict)
+    headline: Callable = _no_headline
+    headline_order: int | None = None
 
 
 class Tables(Mapping):

@@ -20,7 +20,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import not_run, plt, png, text_table
+from refusal_ray.core.render import has, not_run, num, plt, png, text_table
 from refusal_ray.stages.base import Reader
 from refusal_ray.store import Store
 
@@ -239,6 +239,20 @@ def _cost_csv(ctx):
     return None if table.empty else cost_table(table).to_csv(index=False).encode()
 
 
+def headline(row, rule=None) -> str | None:
+    """The model's headline sentence on capability cost: each measured operator's (and weight arm's) CE
+    change and first-token KL at the setting the summary reads, or None."""
+    from refusal_ray.ops import OPS
+
+    costs = [(arm, row.get(f"cost_ce[{arm}]"), row.get(f"cost_kl[{arm}]"), row.get(f"cost_setting[{arm}]"))
+             for op in OPS.by_apply_order() for arm in (op.name, op.weight_arm)
+             if arm and has(row, f"cost_ce[{arm}]")]
+    if not costs:
+        return None
+    return "Capability cost: " + "; ".join(f"{arm} ({setting}) {num(ce, '{:+.3f}')} nats CE, KL {num(kl, '{:.3f}')}"
+                                           for arm, ce, kl, setting in costs) + "."
+
+
 READER = Reader(summary=summary, display=display, report=report, order=40, title=TITLE, tables=("capability",),
                 provides={"cost": store_cost},
-                files={"capability_cost.parquet": _cost_file, "capability_cost.csv": _cost_csv})
+                files={"capability_cost.parquet": _cost_file, "capability_cost.csv": _cost_csv}, headline=headline)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import grid, markdown_table, plt, png
+from refusal_ray.core.render import grid, has, markdown_table, num, plt, png
 from refusal_ray.stages.base import Reader
 from refusal_ray.stats import cosine_matrix
 
@@ -101,4 +101,12 @@ def report(ctx) -> list[str]:
     return lines
 
 
-READER = Reader(summary=summary, display=display, report=report, order=10, title=TITLE, tables=("directions",))
+def headline(row, rule=None) -> str | None:
+    """The model's headline sentence on its directions: where separation peaks (None without directions)."""
+    if not has(row, "separation"):
+        return None
+    return f"Separation peaks at layer {num(row['best_layer'], '{:.0f}')} (Cohen's d {num(row['separation'])})."
+
+
+READER = Reader(summary=summary, display=display, report=report, order=10, title=TITLE, tables=("directions",),
+                headline=headline)

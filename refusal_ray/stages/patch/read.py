@@ -152,4 +152,4 @@ def _report(ctx) -> list[str]:
 
 
 READER = Reader(summary=_summary, display=_display, report=_report, order=60, title=TITLE, tables=("patching",),
-                provides={"site_recovery": _sites})
+                provides={"site_recovery": _sites}, headline=headline)

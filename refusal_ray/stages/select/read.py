@@ -155,4 +155,5 @@ def _report(ctx) -> list[str]:
                     *ctx.figure("selection.png", plot_selection(selection))]
 
 
-READER = Reader(summary=_summary, display=_display, report=_report, order=20, title=TITLE, tables=("selection",))
+READER = Reader(summary=_summary, display=_display, report=_report, order=20, title=TITLE, tables=("selection",),
+                headline=headline, headline_order=90)   # its fallback warnings close the paragraph

@@ -335,5 +335,12 @@ def report(ctx) -> list[str]:
     return lines + operator_sections(pooled, stages)
 
 
+def headline(row, rule: dict) -> str | None:
+    """The model's headline sentences on steering: each operator's (`Operator.headline`), or None."""
+    from refusal_ray.ops import OPS
+
+    return " ".join(text for op in OPS.by_report_order() if (text := op.headline(row, rule))) or None
+
+
 READER = Reader(summary=summary, display=display, report=report, order=30, title=TITLE,
-                tables=("steering", "completions"), provides={"pooled_arms": arms})
+                tables=("steering", "completions"), provides={"pooled_arms": arms}, headline=headline)
