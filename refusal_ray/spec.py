@@ -26,7 +26,7 @@ from refusal_ray.stages import STAGES
 
 
 class ModelResources(Strict):
-    """Per-model override of the placement rule (refusal_ray/cluster/placement.py)."""
+    """Per-model override of the placement rule (refusal_ray/pipeline/placement.py)."""
 
     num_cpus: float | None = Field(None, gt=0, description="CPUs for this model's worker.")
     num_gpus: float | None = Field(None, ge=0, description="GPUs (fractions share one GPU; 0: CPU only).")

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from refusal_ray import load_model
-from refusal_ray.analysis.cost import capability_cost
+from refusal_ray.stages.capability.read import capability_cost
 from refusal_ray.capability.harness import result_rows, run_tasks, ship_tasks
 from refusal_ray.capability.measures import (cross_entropy, first_token_kl, load_texts, next_token_logprobs,
                                              text_tokens)
@@ -468,7 +468,7 @@ COST_KEYS = ["model", "arm", "control", "coefficient", "alpha", "direction", "me
 
 def cost_by_hand(cap: pd.DataFrame) -> pd.DataFrame:
     """The capability cost recomputed with plain pandas from the capability rows, by its definition
-    (refusal_ray/analysis/cost.py): per (model, seed, metric) an arm's value minus the baseline arm's
+    (refusal_ray/stages/capability/read.py): per (model, seed, metric) an arm's value minus the baseline arm's
     (first_token_kl: the value itself, already against the baseline), averaged over the seeds the arm
     was measured on, then over its control draws; `baseline` is the baseline's mean over the same
     seeds. Indexed by COST_KEYS, columns value, baseline, cost, seeds, draws."""
@@ -659,7 +659,7 @@ def test_default_arms_leave_orthogonalized_out_for_a_device_map_on_cpu(tmp_path)
 
 
 def test_summary_costs_read_the_rules_setting():
-    from refusal_ray.analysis.cost import summary_columns
+    from refusal_ray.stages.capability.read import summary_columns
 
     rows = [{"model": "m", "seed": 0, "arm": arm, "control": False, "coefficient": c, "alpha": a, "direction": "d",
              "metric": "ce_loss", "value": v}

@@ -207,7 +207,7 @@ def test_k_draws_in_one_batch_equal_each_draw_alone(toy_lm):
 
 # -- statistics over draws ---------------------------------------------------------------------------
 def test_capability_cost_draw_statistics_against_numpy():
-    from refusal_ray.analysis.cost import capability_cost, summary_columns
+    from refusal_ray.stages.capability.read import capability_cost, summary_columns
 
     rng = np.random.default_rng(3)
     rows = []

@@ -539,6 +539,8 @@ def test_end_to_end_through_the_steer_stage(tmp_path):
     ({"thetas": [90]}, "stages.steer", "stages.steer.angular.direction_layer 'selected' needs a stages.select block"),
     ({"layers": [9], "direction_layer": "best"}, "stages.steer.angular.layers", "layer 9 out of range"),
     ({"direction_layer": 7}, "stages.steer.angular.direction_layer", "layer 7 out of range"),
+    ({"pca_component": 50, "direction_layer": "best"}, "stages.steer.angular.pca_component",
+     "50 is out of range: the PCA of model"),
 ])
 def test_bad_angular_block_is_a_spec_error_naming_the_field(tmp_path, tiny_qwen_path, block, field, words):
     import yaml

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refusal_ray.cluster.placement import GPU_SHARE, PlacementError, place
+from refusal_ray.pipeline.placement import GPU_SHARE, PlacementError, place
 from refusal_ray.spec import ModelSpec, Resources
 
 GiB = 2**30
@@ -48,7 +48,7 @@ def test_infeasible_placement_fails_fast():
 
 def test_replicas_fill_spare_slots_for_the_busiest_model():
     from refusal_ray.cluster.driver import replica_counts
-    from refusal_ray.cluster.placement import Placement
+    from refusal_ray.pipeline.placement import Placement
 
     cpu = Placement(num_cpus=1, num_gpus=0.0)
     # one model, two CPUs: two replicas; but never fewer than two batches per replica

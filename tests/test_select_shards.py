@@ -117,7 +117,7 @@ def test_stage_shards_then_merge_give_the_unsharded_selection_rows(toy):
 
 def test_replica_counts_give_a_splittable_task_the_idle_slot():
     from refusal_ray.cluster.driver import replica_counts
-    from refusal_ray.cluster.placement import Placement
+    from refusal_ray.pipeline.placement import Placement
 
     cpu = Placement(num_cpus=1, num_gpus=0)
     # one model, one seed: directions + select are 2 tasks, too few for a second replica by the batch rule

@@ -1,3 +1,4 @@
 """Reading a store back: the scale-trend summary and its decision rules (summary), judge agreement
-(judgements), capability cost (cost), the circuit stages' summaries (circuits), and the compiled report
-with its figures (report, report_stages, report_select, report_circuits). Nothing here loads a model."""
+(judgements) and the compiled report (report, report_stages), over each stage's read side
+(`refusal_ray.stages.<name>.read`: its summary columns, report section and figures). Nothing here
+loads a model or torch."""

@@ -39,7 +39,7 @@ capability cost (stage capability; not part of either verdict): `cost_ce[arm]` i
   minus the baseline's (nats/token, mean over seeds) and `cost_kl[arm]` its first-token KL against
   the baseline, at the setting control_margin reads (ablation_alpha, addition_coefficient) when it was
   measured, else the arm's first (`cost_setting[arm]` names it; `[arm-ctl]`: its random control); the full
-  table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.analysis.cost`).
+  table, every metric and setting, is `capability_cost.parquet` (`refusal_ray.stages.capability.read`).
 """
 
 from __future__ import annotations

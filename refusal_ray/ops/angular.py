@@ -314,6 +314,14 @@ class Angular(Operator):
         check_layers(plan, "stages.steer.angular.layers", block.layers)
         if isinstance(block.direction_layer, int):
             check_layers(plan, "stages.steer.angular.direction_layer", [block.direction_layer])
+        if plan.models:   # PCA over a model's L per-layer directions has at most L components (fewer nonzero)
+            from refusal_ray.errors import SpecError
+
+            shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
+            if block.pca_component >= shallow.n_layers:
+                raise SpecError(plan.spec_file, "stages.steer.angular.pca_component",
+                                f"{block.pca_component} is out of range: the PCA of model {shallow.name!r}'s "
+                                f"{shallow.n_layers} per-layer directions has components 0..{shallow.n_layers - 1}")
 
     # run time
     def inputs(self, settings, d) -> dict:

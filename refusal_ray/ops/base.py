@@ -49,7 +49,7 @@ The contract (class attributes, then methods; every method has a default unless 
   capability's generation), e.g. to gate rows on the prompt (CAST); the result is
   `chunk.prefill[name]` in `edits`. Default: nothing (None), and no extra pass is made. Capability's
   CE / KL passes give an operator with a prefill its prefill per batch (one row per text, gated on its
-  own tokens: `stages/capability.py: GatedEdits`); every other operator gets broadcast edits (`edits` of
+  own tokens: `stages/capability/run.py: GatedEdits`); every other operator gets broadcast edits (`edits` of
   one row, chunk.n == 1). lm-eval batches its own requests under one set of hooks, so arms of an
   operator with a prefill get no lm-eval metrics (the plan line says so).
 - `completion_columns(prefill, i) -> dict` / `group_columns(rows) -> dict`: per-completion columns from
