@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from refusal_ray.analysis.judgements import agreement, judge_labels, steering_under
-from refusal_ray.analysis.summary import (arms_by_judge, judge_tables, render_judges, summarize, verdict_judge_error,
+from refusal_ray.analysis.summary import (arms_by_judge, read_context, judge_tables, render_judges, summarize, verdict_judge_error,
                                           write_summary)
 from refusal_ray.judges.config import QUESTIONS, REFUSED, SAFE, JudgeSpec, question
 from refusal_ray.store import Store
@@ -172,9 +172,7 @@ def test_written_tables_and_rendering(tmp_path, synthetic):
     lines = [ln for ln in text.splitlines() if "~ guard:" in ln and "substring" in ln.split("~")[0]]
     assert lines and all(" harmful " in ln for ln in lines)
     assert any("harmless (safe) guard ~ guard2" in ln for ln in text.splitlines())
-    arms = arms_by_judge({"steering": Store(out).read("steering"), "completions": Store(out).read("completions"),
-                          "labels": judge_labels(Store(out).read("completions"), Store(out).read("judgements"))},
-                         ["guard"])
+    arms = arms_by_judge(read_context(Store(out)), ["guard"])
     assert set(arms["prompt_set"]) == {"harmful"}
 
 
