@@ -133,13 +133,10 @@ CONTROLS_HELP = ("Norm-matched random-direction controls per arm: true (one draw
 def n_draws(controls: bool | int) -> int:
     """Random control draws per arm of a `controls` value: 0, 1 or K."""
     return int(controls) if not isinstance(controls, bool) else int(controls)
+from refusal_ray.core.cells import layer_list  # noqa: E402,F401 - operators' layer fields ('all' or a list)
+
 # sites that write the residual stream, where ablation-like operators edit (Arditi et al. 2024, Sec. 2.4)
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
-
-
-def layer_list(layers, n_layers: int) -> list[int]:
-    """'all' -> 0..n_layers-1, else the list as given."""
-    return list(range(n_layers)) if layers == "all" else list(layers)
 
 
 def check_layers(plan, field_: str, layers) -> None:

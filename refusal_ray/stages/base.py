@@ -191,17 +191,8 @@ def draw_test_pairs(plan, stage: str) -> None:
             raise SpecError(plan.spec_file, f"stages.{stage}.n_pairs", str(e)) from None
 
 
-def check_layers(plan, field: str, layers) -> None:
-    """Every listed layer exists in every model ('all' always does). Raises SpecError naming `field`."""
-    from refusal_ray.errors import SpecError
-
-    if not plan.models:   # validate offline, no model reachable
-        return
-    shallow = min(plan.models.values(), key=lambda mp: mp.n_layers)
-    for layer in ([] if layers == "all" else layers):
-        if not 0 <= layer < shallow.n_layers:
-            raise SpecError(plan.spec_file, field, f"layer {layer} out of range: model {shallow.name!r} has "
-                                                   f"{shallow.n_layers} layers (0..{shallow.n_layers - 1})")
+# Every listed layer exists in every model (SpecError naming the field): the operators' check, one for all.
+from refusal_ray.ops.base import check_layers  # noqa: E402,F401
 
 
 
