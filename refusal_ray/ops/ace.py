@@ -170,12 +170,9 @@ class Ace(Operator):
     def validate(self, spec, block) -> None:
         if block is None:
             return
-        if block.direction_position is not None and not isinstance(block.direction_layer, int):
-            raise ValueError("stages.steer.ace.direction_position needs an integer direction_layer "
-                             "(the selected and best directions come with their own position)")
-        if block.direction_layer == "selected" and spec.stages.select is None:
-            raise ValueError("stages.steer.ace.direction_layer 'selected' needs a stages.select block "
-                             "(or direction_layer: best / a layer)")
+        from refusal_ray.ops.base import check_direction_fields
+
+        check_direction_fields(spec, block, "ace")
 
     def check(self, plan, block) -> None:
         if block is None:

@@ -304,9 +304,10 @@ class Angular(Operator):
                 f"second axis pca{block.pca_component}"]
 
     def validate(self, spec, block) -> None:
-        if block is not None and block.direction_layer == "selected" and spec.stages.select is None:
-            raise ValueError("stages.steer.angular.direction_layer 'selected' needs a stages.select block "
-                             "(or direction_layer: best / a layer)")
+        if block is not None:   # (its own model validator already checks direction_position)
+            from refusal_ray.ops.base import check_direction_fields
+
+            check_direction_fields(spec, block, "angular")
 
     def check(self, plan, block) -> None:
         if block is None:

@@ -135,6 +135,18 @@ def n_draws(controls: bool | int) -> int:
     return int(controls) if not isinstance(controls, bool) else int(controls)
 from refusal_ray.core.cells import layer_list  # noqa: E402,F401 - operators' layer fields ('all' or a list)
 
+def check_direction_fields(spec, block, name: str) -> None:
+    """The cross-field checks of an operator block with `direction_layer` (and `direction_position`):
+    an explicit position needs an integer layer, and 'selected' needs a stages.select block. Raises
+    ValueError naming `stages.steer.<name>.<field>`."""
+    if getattr(block, "direction_position", None) is not None and not isinstance(block.direction_layer, int):
+        raise ValueError(f"stages.steer.{name}.direction_position needs an integer direction_layer "
+                         "(the selected and best directions come with their own position)")
+    if block.direction_layer == "selected" and spec.stages.select is None:
+        raise ValueError(f"stages.steer.{name}.direction_layer 'selected' needs a stages.select block "
+                         "(or direction_layer: best / a layer)")
+
+
 # sites that write the residual stream, where ablation-like operators edit (Arditi et al. 2024, Sec. 2.4)
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 
