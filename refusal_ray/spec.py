@@ -159,6 +159,18 @@ class DecisionRule(Strict):
                                            "`judge:` block) or the name of one of `judges`.")
 
 
+class TrackingSpec(Strict):
+    """Optional experiment tracking (refusal_ray/tracking.py): after a run, the spec, the decision rule's hash,
+    the summary metrics per model and arm, and the figures are logged. Nothing is imported without it."""
+
+    mlflow: str | None = Field(None, description="MLflow tracking URI: a local file store ('file:./mlruns', "
+                                                 "'./mlruns'), a sqlite URI or a tracking server "
+                                                 "('http://127.0.0.1:5000'). Needs `pip install mlflow-skinny`.")
+    experiment: str | None = Field(None, description="MLflow experiment name (None: the sweep's name).")
+    wandb: str | None = Field(None, description="Weights & Biases project. Needs `pip install wandb`; "
+                                                "WANDB_MODE=offline keeps the run on this machine.")
+
+
 class Resources(Strict):
     num_cpus: float = Field(1, gt=0, description="CPUs per model worker.")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per worker; 'auto': 1 when the cluster has GPUs.")
@@ -186,6 +198,8 @@ class Spec(Strict):
                                                     "guard, openai.")
     decision_rule: DecisionRule
     resources: Resources = Field(default_factory=Resources)
+    tracking: TrackingSpec | None = Field(None, description="Log the run to MLflow and/or Weights & Biases "
+                                                            "(None: no tracking, nothing imported).")
 
     @model_validator(mode="before")
     @classmethod
@@ -248,7 +262,17 @@ class Spec(Strict):
         return _hash(rule.model_dump(mode="json", exclude={"judge"} if rule.judge == INLINE else None))
 
     def spec_hash(self) -> str:
-        return _hash(self.model_dump(mode="json"))
+        """Hash of the spec's dump; fields added later are absent at their default (`_LATER_FIELDS`), so the
+        specs written before them keep their hash (and Ray submission id)."""
+        dump = self.model_dump(mode="json")
+        for key, default in _LATER_FIELDS.items():
+            if dump.get(key, default) == default:
+                dump.pop(key, None)
+        return _hash(dump)
+
+
+# Top-level spec fields added after specs were hashed: {field: default}; absent from the hashed dump at the default.
+_LATER_FIELDS = {"tracking": None}
 
 
 def _hash(obj) -> str:
