@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_ray.data import SPLITS, files_fingerprint, load_prompts, prompt_fingerprint, split_prompts
+from refusal_ray.data import (SPLITS, SourceUnreachable, data_fingerprint, load_source, prompt_fingerprint,
+                              split_prompts)
+from refusal_ray.data.sources import UNCHECKED_DATA
 from refusal_ray.errors import SpecError
 from refusal_ray.grid import Cell, expand
 from refusal_ray.models.loading import bnb_4bit_cpu_problem, read_config, safetensors_problem
@@ -46,12 +48,13 @@ class Plan:
     spec: Spec
     spec_file: str
     models: dict[str, ModelPlan]
-    frames: dict[str, tuple[pd.DataFrame, object]]   # class -> (rows, PromptFile)
+    frames: dict[str, tuple[pd.DataFrame, object]]   # class -> (rows, PromptFile or the canonical form's Columns)
     data_fingerprint: str
     prompts: dict = field(default_factory=dict)       # seed -> split -> class -> PromptSet (drawn once)
     cells: list[Cell] = field(default_factory=list)
     fingerprints: dict = field(default_factory=dict)  # model -> seed -> prompt fingerprint (files + rendered ids)
     unchecked: list[str] = field(default_factory=list)  # what an offline validate could not check
+    data_sources: dict = field(default_factory=dict)  # class -> where its prompts came from (the manifest's record)
 
     def submission_id(self) -> str:
         """A stable Ray job submission id: the same spec gives the same id, so Ray refuses a double submit."""
@@ -247,10 +250,17 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
         if unknown:
             raise SpecError("--models", "", f"unknown model {unknown[0]!r}; the spec has "
                                             f"{', '.join(m.name for m in spec.models)}")
-    frames = {}
+    loaded, unchecked = {}, []
     for cls in ("harmful", "harmless"):
-        pf = getattr(spec.data, cls)
-        frames[cls] = (load_prompts(pf, f"data.{cls}", spec_file), pf)
+        try:
+            loaded[cls] = load_source(getattr(spec.data, cls), f"data.{cls}", spec_file)
+        except SourceUnreachable as e:
+            if not offline_ok:
+                raise
+            unchecked.append(f"{e.field} ({e.problem.split(':')[0]}): {UNCHECKED_DATA}")
+    if unchecked:   # a hub dataset offline (validate): check the models and judges, draw nothing
+        return _undrawn(spec, spec_file, offline_ok, unchecked)
+    frames = {cls: (x.frame, x.columns) for cls, x in loaded.items()}
     drawn: dict = {}
     for cls, (df, pf) in frames.items():
         for seed in spec.seeds:
@@ -260,7 +270,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
                 raise SpecError(spec_file, f"data.{cls}", str(e)) from None
     prompts = {seed: {split: {cls: drawn[(cls, seed)][split] for cls in frames} for split in SPLITS}
                for seed in spec.seeds}
-    models, unchecked = {}, []
+    models = {}
     for i, m in enumerate(spec.models):
         try:
             models[m.name] = _model_plan(spec, spec_file, i)
@@ -271,8 +281,9 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
     check_judges(spec.judges, spec_file)
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
-    fp = files_fingerprint(pf.path for _, pf in frames.values())
-    plan = Plan(spec, spec_file, models, frames, fp, prompts, unchecked=unchecked)
+    fp = data_fingerprint(x.fingerprint for x in loaded.values())   # two single files: as before
+    plan = Plan(spec, spec_file, models, frames, fp, prompts, unchecked=unchecked,
+                data_sources={cls: x.provenance for cls, x in loaded.items()})
     tokenizers = {m.name: _chat(plan, i, models[m.name], instructions) for i, m in enumerate(spec.models)
                   if m.name in models}
     for stage in STAGES:
@@ -287,6 +298,21 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
     cells = expand(spec, models, plan.fingerprints) if models else []
     plan.cells = [c for c in cells if not only_models or c.model in only_models]
     return plan
+
+
+def _undrawn(spec: Spec, spec_file: str, offline_ok: bool, unchecked: list[str]) -> Plan:
+    """The plan of a validate whose prompt sets include a hub dataset it cannot reach: the models (those it
+    can read) and judges checked, no prompts drawn, no cells."""
+    models = {}
+    for i, m in enumerate(spec.models):
+        try:
+            models[m.name] = _model_plan(spec, spec_file, i)
+        except HubUnreachable:
+            if not offline_ok:
+                raise
+            unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
+    check_judges(spec.judges, spec_file)
+    return Plan(spec, spec_file, models, {}, "", unchecked=unchecked)
 
 
 def settings_payload(plan: Plan) -> dict:

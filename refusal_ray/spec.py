@@ -8,10 +8,11 @@ ranges) live in `refusal_ray.validate`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from refusal_ray import ops
 from refusal_ray.errors import SpecError
@@ -70,7 +71,7 @@ class ModelSpec(Strict):
 
 
 class PromptFile(Strict):
-    """A prompt set file: JSONL, CSV or Parquet (by extension)."""
+    """A prompt set file: JSONL, JSON array, CSV or Parquet (by extension)."""
 
     path: str = Field(description="File path (relative paths: against the working directory).")
     instruction_column: str = Field("instruction", description="Column holding the user instruction.")
@@ -79,11 +80,149 @@ class PromptFile(Strict):
     reference_column: str | None = Field(None, description="Correct answer column (harmless tasks), for exact-match accuracy.")
     pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin "
                                                       "(needed by stage `patch`: clean and corrupted inputs).")
+    category_column: str | None = Field(None, description="Column with each row's category (e.g. the paper's "
+                                                          "`category`), carried into the completions table. Absent "
+                                                          "from the spec's dump and hash when None.")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        out = handler(self)
+        if self.category_column is None:   # specs written before the field keep their dump and hash
+            out.pop("category_column", None)
+        return out
+
+
+_HF_DATASET = ("A Hugging Face `datasets` source (needs `pip install 'refusal-ray[datasets]'`): a folder written by "
+               "`save_to_disk`, a local data file or folder (.parquet, .arrow, .csv, .json/.jsonl), a builder name "
+               "with `data_files` (e.g. `parquet`), or a hub dataset name (read when the hub is reachable).")
+
+
+class _SplitColumns(Strict):
+    """The columns of one split's source (its split is the key it is given under: no split column)."""
+
+    instruction_column: str = Field("instruction", description="Column holding the user instruction.")
+    id_column: str | None = Field(None, description="Row id column (None: the row number in the canonical merged "
+                                                    "form, train then val then test rows).")
+    reference_column: str | None = Field(None, description="Correct answer column (harmless tasks).")
+    pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
+    category_column: str | None = Field(None, description="Column with each row's category, carried into the "
+                                                          "completions table.")
+    split_column: str | None = Field(None, exclude=True, description="Not allowed: the split is the key.")
+
+    @field_validator("split_column")
+    @classmethod
+    def _no_split_column(cls, v):
+        if v is not None:
+            raise ValueError("a per-split source takes its split from its key (train/val/test); drop split_column, "
+                             "or give one file with a split column as data.<class>: {path: ..., split_column: ...}")
+        return v
+
+
+class SplitFile(_SplitColumns):
+    """One split of a per-split prompt set, as a file (JSONL, JSON array, CSV or Parquet, by extension)."""
+
+    path: str = Field(description="File path (relative paths: against the working directory).")
+
+
+class _DatasetFields(Strict):
+    dataset: str = Field(description=_HF_DATASET)
+    config: str | None = Field(None, description="Dataset configuration (hub datasets; `name` in load_dataset).")
+    split: str | None = Field(None, description="The dataset's own split to read (None: its only split, else "
+                                                "'train'). Not the prompt set's train/val/test split.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); the resolved commit is "
+                                                   "stored in the manifest.")
+    data_files: str | list[str] | None = Field(None, description="Local data files for a builder name such as "
+                                                                 "`parquet` (load_dataset's data_files).")
+
+
+class SplitDataset(_SplitColumns, _DatasetFields):
+    """One split of a per-split prompt set, as a Hugging Face `datasets` source."""
+
+
+class DatasetSource(_DatasetFields):
+    """A whole prompt set (all splits) as one Hugging Face `datasets` source."""
+
+    instruction_column: str = Field("instruction", description="Column holding the user instruction.")
+    id_column: str | None = Field(None, description="Row id column (None: row number).")
+    split_column: str | None = Field(None, description="Column with train/val/test; None: split at random per seed.")
+    reference_column: str | None = Field(None, description="Correct answer column (harmless tasks).")
+    pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
+    category_column: str | None = Field(None, description="Column with each row's category.")
+
+
+def _split_kind(v) -> str:
+    if isinstance(v, dict):
+        return "dataset" if "dataset" in v else "file"
+    return "dataset" if isinstance(v, SplitDataset) else "file"
+
+
+SplitSource = Annotated[Union[Annotated[SplitFile, Tag("file")], Annotated[SplitDataset, Tag("dataset")]],
+                        Discriminator(_split_kind)]
+
+
+class SplitSources(Strict):
+    """A prompt set given per split, each split its own source with its own columns (Arditi et al.'s
+    `dataset/splits/harmful_{train,val,test}.json`). A plain string is a file path. Its rows, fingerprint
+    and row ids are those of its canonical merged form (`refusal_ray.data.sources`), so the merged file
+    (`refusal-ray prompts merge`) used as one file gives the same draws and cell ids."""
+
+    train: SplitSource
+    val: SplitSource
+    test: SplitSource
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths(cls, data):
+        if isinstance(data, dict):
+            return {k: {"path": v} if isinstance(v, str) else v for k, v in data.items()}
+        return data
+
+    # the columns of the canonical merged form (what the stages' cross-field checks read, as of a PromptFile)
+    def _has(self, key: str) -> bool:
+        return any(getattr(getattr(self, s), key) is not None for s in SPLIT_KEYS)
+
+    @property
+    def instruction_column(self) -> str:
+        return "instruction"
+
+    @property
+    def split_column(self) -> str:
+        return "split"
+
+    @property
+    def id_column(self) -> str | None:
+        return "id" if self._has("id_column") else None
+
+    @property
+    def reference_column(self) -> str | None:
+        return "reference" if self._has("reference_column") else None
+
+    @property
+    def pair_column(self) -> str | None:
+        return "pair" if self._has("pair_column") else None
+
+    @property
+    def category_column(self) -> str | None:
+        return "category" if self._has("category_column") else None
+
+
+def _source_kind(v) -> str:
+    if isinstance(v, dict):
+        return "splits" if any(k in v for k in SPLIT_KEYS) else "dataset" if "dataset" in v else "file"
+    return {SplitSources: "splits", DatasetSource: "dataset"}.get(type(v), "file")
+
+
+SPLIT_KEYS = ("train", "val", "test")
+SOURCE_TAGS = ("file", "dataset", "splits")
+PromptSource = Annotated[Union[Annotated[PromptFile, Tag("file")], Annotated[DatasetSource, Tag("dataset")],
+                               Annotated[SplitSources, Tag("splits")]], Discriminator(_source_kind)]
 
 
 class DataSpec(Strict):
-    harmful: PromptFile
-    harmless: PromptFile
+    harmful: PromptSource = Field(description="The harmful prompt set: one file (`path`, with a split column or "
+                                              "split at random), a `datasets` source (`dataset`), or one source "
+                                              "per split (`train`, `val`, `test`).")
+    harmless: PromptSource = Field(description="The harmless prompt set, in any of the harmful set's forms.")
     n_train: int = Field(64, ge=2, description="Prompts per class sampled for fitting directions, per seed.")
     n_val: int = Field(32, ge=2, description="Prompts per class for separation (Cohen's d), per seed.")
     n_test: int = Field(32, ge=1, description="Prompts per class for steering evaluation, per seed.")
@@ -283,9 +422,11 @@ JUDGE_KINDS = ("substring", "chat", "classifier", "guard", "openai")
 
 
 def _loc(loc: tuple) -> str:
-    """A pydantic error location as a dotted field path (union branches and judge kind tags dropped)."""
+    """A pydantic error location as a dotted field path (union branches, judge kind and prompt source tags
+    dropped)."""
     parts = [p for i, p in enumerate(loc) if not str(p).startswith(("function-after", "literal["))
-             and not (p in JUDGE_KINDS and i > 0 and isinstance(loc[i - 1], int))]
+             and not (p in JUDGE_KINDS and i > 0 and isinstance(loc[i - 1], int))
+             and not (p in SOURCE_TAGS and i > 0 and loc[i - 1] in ("harmful", "harmless", *SPLIT_KEYS))]
     return ".".join(str(p) for p in parts)
 
 

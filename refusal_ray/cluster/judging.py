@@ -60,23 +60,21 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
     comps = store.read("completions")
     if comps.empty or ("prompt" in comps.columns and comps["prompt"].notna().all()):
         return comps
-    from refusal_ray.data import load_prompts
+    from refusal_ray.data import data_fingerprint, load_source, row_ids
     from refusal_ray.spec import DataSpec
 
     manifest = store.read_json("manifest.json") or {}
     data = DataSpec.model_validate((manifest.get("spec") or {}).get("data"))
-    from refusal_ray.data import files_fingerprint, row_ids
-
-    now = files_fingerprint(getattr(data, c).path for c in ("harmful", "harmless")
-                            if os.path.isfile(getattr(data, c).path))
+    where = f"{store}/manifest.json"
+    loaded = {cls: load_source(getattr(data, cls), f"spec.data.{cls}", where) for cls in ("harmful", "harmless")}
+    now = data_fingerprint(x.fingerprint for x in loaded.values())
     if manifest.get("data_fingerprint") not in (None, now):
         raise SpecError(f"{store}/manifest.json", "spec.data", "the prompt files changed since the completions were "
                         "generated (data fingerprint differs); the completions do not store their prompts, so "
                         "they cannot be judged against these files")
     texts = {}
     for cls in ("harmful", "harmless"):
-        pf = getattr(data, cls)
-        df = load_prompts(pf, f"spec.data.{cls}", f"{store}/manifest.json")
+        df, pf = loaded[cls].frame, loaded[cls].columns
         ids = row_ids(df, pf)
         texts[cls] = dict(zip(ids, df[pf.instruction_column].astype(str)))
     have = comps["prompt"] if "prompt" in comps.columns else pd.Series(None, index=comps.index, dtype=object)

@@ -140,7 +140,7 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
     Returns:
         (steering rows: one per (cell, prompt set) with the arm's columns (`ops.base.arm_columns`: the
          common ones and its operator's own), mode, n, refusals, rate, Wilson interval, task accuracy;
-         completion rows: one per (cell, prompt)).
+         completion rows: one per (cell, prompt), with its `category`: None without a category column).
     """
     judge = judge or SubstringJudge()
     layers = layer_list(ablation_layers, lm.sites.n_layers)
@@ -157,7 +157,8 @@ def run_steer(lm: LoadedModel, cells: list[Cell], prompts: dict[str, PromptSet],
         groups[(r.cell.id, r.prompt_set)].append(i)
         comp_rows.append({"cell_id": r.cell.id, "seed": r.cell.seed, "prompt_set": r.prompt_set,
                           "prompt_id": prompts[r.prompt_set].ids[r.index],
-                          "prompt": prompts[r.prompt_set].instructions[r.index], "completion": completions[i],
+                          "prompt": prompts[r.prompt_set].instructions[r.index],
+                          "category": prompts[r.prompt_set].categories[r.index], "completion": completions[i],
                           "refusal": refusals[i], "correct": correct[i], **draw_column(r.cell), **extras[i]})
     by_id = {c.id: c for c in cells}
     arm_rows = []

@@ -1,5 +1,8 @@
 """Prompt sets: reading JSONL / CSV / Parquet, per-seed splits, and the chat template.
 
+Reading one file: `refusal_ray.data.files`; per-split and Hugging Face `datasets` sources and their
+canonical merged form: `refusal_ray.data.sources` (names re-exported here).
+
 A new seed resamples the instructions of every split (and so refits the directions), as in the
 pre-registered replication protocol.
 """
@@ -9,41 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from refusal_ray.errors import SpecError
+from refusal_ray.data.files import fingerprint, load_file, read_table  # noqa: F401 - the old import paths
+from refusal_ray.data.sources import (Columns, Loaded, SourceUnreachable, data_fingerprint,  # noqa: F401
+                                      load_source, write_merged)
 
 if TYPE_CHECKING:   # annotations only: the spec (above the stages) imports the stages, which import this module
     from refusal_ray.spec import DataSpec, PromptFile
 
 SPLITS = ("train", "val", "test")
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a prompt file by extension (.jsonl, .json, .csv, .parquet); the index is the row number."""
-    return _read_table(Path(path)).reset_index(drop=True)
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix == ".json":
-        return pd.read_json(path, dtype=False)
-    if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    raise ValueError(f"unsupported prompt file type {suffix!r} (use .jsonl, .csv or .parquet)")
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits); part of every cell id."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -53,28 +34,20 @@ class PromptSet:
     ids: list[str]
     instructions: list[str]
     references: list[str | None]
+    categories: list[str | None] | None = None   # each row's category (None: the source names no category column)
+
+    def __post_init__(self):
+        if self.categories is None:
+            object.__setattr__(self, "categories", [None] * len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def load_prompts(pf: PromptFile, field: str, spec_file: str = "<spec>") -> pd.DataFrame:
-    """Read and check one prompt file. Raises SpecError naming the spec field."""
-    path = Path(pf.path)
-    if not path.is_file():
-        raise SpecError(spec_file, f"{field}.path", f"file not found: {pf.path}")
-    try:
-        df = read_table(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is bad input
-        raise SpecError(spec_file, f"{field}.path", f"cannot read {pf.path}: {e}".splitlines()[0]) from None
-    if df.empty:
-        raise SpecError(spec_file, f"{field}.path", f"prompt file is empty: {pf.path}")
-    for key in ("instruction_column", "id_column", "split_column", "reference_column"):
-        col = getattr(pf, key)
-        if col is not None and col not in df.columns:
-            raise SpecError(spec_file, f"{field}.{key}", f"column {col!r} not in {pf.path} "
-                                                         f"(columns: {', '.join(map(str, df.columns))})")
-    return df
+    """Read and check one prompt set's rows (`load_source(...).frame`: a single file as read, a per-split
+    or `datasets` set's canonical merged form). Raises SpecError naming the spec field."""
+    return load_source(pf, field, spec_file).frame
 
 
 def row_ids(df: pd.DataFrame, pf: PromptFile) -> pd.Series:
@@ -83,8 +56,12 @@ def row_ids(df: pd.DataFrame, pf: PromptFile) -> pd.Series:
 
 
 def files_fingerprint(paths) -> str:
-    """One hash over the prompt files (the manifest's `data_fingerprint`)."""
-    return hashlib.sha256("".join(fingerprint(p) for p in paths).encode()).hexdigest()[:16]
+    """One hash over the prompt files (the manifest's `data_fingerprint` for single-file sets)."""
+    return data_fingerprint(fingerprint(p) for p in paths)
+
+
+def _text(v) -> str | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
 
 
 def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -> dict[str, PromptSet]:
@@ -109,8 +86,11 @@ def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -
             raise ValueError(f"{pf.path}: split {split!r} has {len(pool)} rows, n_{split} asks for {want[split]}")
         rows = np.sort(rng.choice(pool, size=want[split], replace=False))
         refs = (df[pf.reference_column].iloc[rows].tolist() if pf.reference_column else [None] * len(rows))
+        cat = getattr(pf, "category_column", None)
+        cats = [_text(c) for c in df[cat].iloc[rows]] if cat else None
         out[split] = PromptSet(ids.iloc[rows].tolist(), df[pf.instruction_column].iloc[rows].astype(str).tolist(),
-                               [None if (r is None or (isinstance(r, float) and np.isnan(r))) else str(r) for r in refs])
+                               [None if (r is None or (isinstance(r, float) and np.isnan(r))) else str(r) for r in refs],
+                               cats)
     return out
 
 

@@ -1,0 +1,261 @@
+"""Prompt sources as published: one file, one source per split, or a Hugging Face `datasets` source, and
+their canonical merged form.
+
+A prompt set (`data.harmful` / `data.harmless`) is read into one frame that the draws work on:
+
+- a single file (`PromptFile`, `path:`): the file as read, its own columns; fingerprint: its bytes.
+- per split (`{train: SRC, val: SRC, test: SRC}`, Arditi et al. 2024's `dataset/splits/harmful_train.json`
+  etc., or JailbreakBench's `dataset/processed/jailbreakbench.json` as the test split), or a `datasets`
+  source (`dataset:`): the rows of its *canonical merged form*.
+
+The canonical merged form is one JSONL serialisation: one object per row, keys in the order instruction,
+split (when the set has splits), then id, category, reference, pair (each when a source of the set names
+that column; a split without a category or reference has null there), rows in train, val, test order
+(a whole-set `datasets` source: its own row order); `json.dumps(row, ensure_ascii=False)` per line, UTF-8.
+The set's fingerprint is the sha256 of those bytes (first 16 hex digits), its rows are those bytes read
+back as a JSONL file, and a row's id is its id column or else its row number in the merged form. So the
+merged file (`write_merged`) used as a single file has the same bytes, rows, ids, draws and cell ids.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refusal_ray.data.files import check_columns, fingerprint, load_file
+from refusal_ray.errors import SpecError
+
+SPLITS = ("train", "val", "test")
+OPTIONAL = (("id", "id_column"), ("category", "category_column"), ("reference", "reference_column"),
+            ("pair", "pair_column"))
+INSTALL = "pip install 'refusal-ray[datasets]'"
+# what an offline validate cannot check for a hub dataset it cannot read
+UNCHECKED_DATA = "rows, columns and draws, and so the prompt fingerprints, tokenizers' chat rendering and cell ids"
+
+
+class SourceUnreachable(SpecError):
+    """A hub dataset could not be read: no network, or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns of a canonical merged frame, read as a PromptFile's (what the draws read)."""
+
+    path: str
+    instruction_column: str = "instruction"
+    id_column: str | None = None
+    split_column: str | None = None
+    reference_column: str | None = None
+    pair_column: str | None = None
+    category_column: str | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A prompt set as read: its rows, the columns the draws read, its fingerprint (sha256 of the file's
+    bytes or of the canonical merged bytes, 16 hex digits), what the manifest records of where it came
+    from, and the canonical bytes (None for a single file)."""
+
+    frame: pd.DataFrame
+    columns: object
+    fingerprint: str
+    provenance: dict = field(default_factory=dict)
+    canonical: bytes | None = None
+
+
+def kind(src) -> str:
+    """'splits' (one source per split), 'dataset' (a `datasets` source) or 'file'."""
+    if all(hasattr(src, s) for s in SPLITS):
+        return "splits"
+    return "dataset" if hasattr(src, "dataset") else "file"
+
+
+def load_source(src, field_: str, spec_file: str = "<spec>") -> Loaded:
+    """Read one prompt set (`src`: a PromptFile, DatasetSource or SplitSources of the spec) named `field_`
+    (e.g. "data.harmful"). Raises SpecError naming the spec field (`data.harmful.test.path: file not
+    found: ...`), SourceUnreachable for a hub dataset that cannot be reached."""
+    k = kind(src)
+    if k == "file":
+        df = load_file(src, field_, spec_file)
+        fp = fingerprint(src.path)
+        return Loaded(df, src, fp, {"kind": "file", "path": src.path, "fingerprint": fp})
+    if k == "dataset":
+        df, prov = _dataset_frame(src, field_, spec_file)
+        parts = [(None, df, src, field_)]
+    else:
+        parts, prov = [], {"kind": "splits", "splits": {}}
+        for split in SPLITS:
+            s = getattr(src, split)
+            where = f"{field_}.{split}"
+            if kind(s) == "dataset":
+                df, p = _dataset_frame(s, where, spec_file)
+            else:
+                df = load_file(s, where, spec_file)
+                p = {"kind": "file", "path": s.path, "fingerprint": fingerprint(s.path)}
+            parts.append((split, df, s, where))
+            prov["splits"][split] = p
+    data, cols = canonical(parts, spec_file)
+    fp = hashlib.sha256(data).hexdigest()[:16]
+    frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)   # as the merged file reads
+    return Loaded(frame, Columns(f"<canonical form of {field_}>", **cols), fp, {**prov, "fingerprint": fp}, data)
+
+
+def canonical(parts: list, spec_file: str = "<spec>") -> tuple[bytes, dict]:
+    """The canonical merged bytes of `parts` ([(split or None, rows, source, field)]: the split the rows
+    are, or None to take it from the source's split_column) and its column fields ({instruction_column,
+    split_column, id_column, ...}). An id or pair column must be given on every part or on none: raises
+    SpecError naming the first part without it."""
+    has = {name: any(getattr(s, key, None) for _, _, s, _ in parts) for name, key in OPTIONAL}
+    for name, key in (("id", "id_column"), ("pair", "pair_column")):
+        if has[name]:
+            for _, _, s, where in parts:
+                if getattr(s, key, None) is None:
+                    raise SpecError(spec_file, f"{where}.{key}", f"missing: another split names a {name} column; "
+                                    f"give {key} on every split or on none")
+    with_split = any(split is not None or getattr(s, "split_column", None) for split, _, s, _ in parts)
+    lines = []
+    for split, df, s, _ in parts:
+        n = len(df)
+        cols = {"instruction": df[s.instruction_column].astype(str).tolist()}
+        if with_split:
+            cols["split"] = [split] * n if split is not None else df[s.split_column].astype(str).tolist()
+        for name, key in OPTIONAL:
+            if has[name]:
+                col = getattr(s, key, None)
+                cols[name] = [_text(v) for v in df[col]] if col is not None else [None] * n
+        names = list(cols)
+        lines += [json.dumps(dict(zip(names, row)), ensure_ascii=False) + "\n" for row in zip(*cols.values())]
+    fields = {"split_column": "split" if with_split else None,
+              **{key: name if has[name] else None for name, key in OPTIONAL}}
+    return "".join(lines).encode("utf-8"), fields
+
+
+def _text(v) -> str | None:
+    """A cell as text; None / NaN as None."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return str(v)
+
+
+def data_fingerprint(fingerprints) -> str:
+    """One hash over the prompt sets' fingerprints, harmful then harmless (the manifest's `data_fingerprint`;
+    for two single files, the hash of their byte fingerprints as before per-split sources existed)."""
+    return hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:16]
+
+
+def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict]:
+    """A `datasets` source's rows as a frame, and its provenance (kind, name, split, the dataset's own
+    fingerprint; for a hub dataset the resolved commit). `datasets` is imported here only. Raises
+    SpecError naming `<field_>.dataset` / `.split` / `.data_files` / a column key."""
+    try:
+        import datasets
+    except ImportError:
+        raise SpecError(spec_file, f"{field_}.dataset", f"a `datasets` source needs the datasets package: "
+                                                        f"{INSTALL}") from None
+    path = Path(src.dataset)
+    prov = {"dataset": src.dataset, "config": src.config, "split": src.split}
+    try:
+        if src.data_files is None and path.is_dir() and any(
+                (path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[_pick_split(list(ds), src, field_, spec_file)]
+            prov["kind"] = "load_from_disk"
+        elif src.data_files is not None or path.exists():
+            files = [src.data_files] if isinstance(src.data_files, str) else list(src.data_files or [])
+            for f in files:
+                if not glob.glob(f):
+                    raise SpecError(spec_file, f"{field_}.data_files", f"file not found: {f}")
+            builder, data_files = src.dataset, src.data_files
+            if path.is_file():
+                builder, data_files = BUILDERS.get(path.suffix.lower()), str(path)
+                if builder is None:
+                    raise SpecError(spec_file, f"{field_}.dataset", f"unsupported data file type {path.suffix!r} "
+                                    f"(use {', '.join(BUILDERS)}, or a save_to_disk folder)")
+            all_splits = datasets.load_dataset(builder, name=src.config, data_files=data_files)
+            ds = all_splits[_pick_split(list(all_splits), src, field_, spec_file)]
+            prov["kind"] = "local"
+            prov["data_files"] = src.data_files
+        else:
+            ds, prov["revision"] = _hub(datasets, src, field_, spec_file)
+            prov["kind"] = "hub"
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is bad input
+        raise SpecError(spec_file, f"{field_}.dataset", f"cannot read {src.dataset}: {e}".splitlines()[0]) from None
+    prov["fingerprint"] = getattr(ds, "_fingerprint", None)
+    df = ds.to_pandas()
+    if df.empty:
+        raise SpecError(spec_file, f"{field_}.dataset", f"dataset is empty: {src.dataset}")
+    check_columns(df, src, field_, spec_file, src.dataset)
+    return df.reset_index(drop=True), prov
+
+
+BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def _pick_split(names: list[str], src, field_: str, spec_file: str) -> str:
+    """The dataset's split to read: `src.split`, else its only split, else 'train'."""
+    want = src.split or (names[0] if len(names) == 1 else "train")
+    if want not in names:
+        raise SpecError(spec_file, f"{field_}.split", f"split {want!r} not in {src.dataset} "
+                                                      f"(splits: {', '.join(names)})")
+    return want
+
+
+def _hub(datasets, src, field_: str, spec_file: str):
+    """A hub dataset's split and its resolved commit. Raises SourceUnreachable offline."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline:
+        raise SourceUnreachable(spec_file, f"{field_}.dataset", f"hub dataset {src.dataset!r}: the hub is offline")
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(src.dataset, revision=src.revision).sha
+        ds = datasets.load_dataset(src.dataset, name=src.config, split=src.split or "train", revision=sha)
+    except Exception as e:  # noqa: BLE001
+        text = f"{type(e).__name__}: {e}".lower()
+        if any(k in text for k in ("couldn't connect", "offline", "connection", "name or service not known",
+                                   "cached files", "localentrynotfound", "timed out", "max retries")):
+            raise SourceUnreachable(spec_file, f"{field_}.dataset", f"hub dataset {src.dataset!r}: cannot reach "
+                                    f"the hub") from None
+        raise SpecError(spec_file, f"{field_}.dataset", f"cannot read {src.dataset}: {e}".splitlines()[0]) from None
+    return ds, sha
+
+
+def write_merged(data, out_dir: str | Path, spec_file: str = "<spec>") -> str:
+    """Write the spec's prompt sets (`data`: the spec's DataSpec) as single files in `out_dir`: a per-split or
+    `datasets` set as its canonical merged form `harmful.jsonl` / `harmless.jsonl`; a single file copied as
+    it is (same bytes and suffix). Returns the equivalent `data:` block as YAML text, whose sets give the
+    same draws, fingerprints and cell ids as `data`'s. Raises SpecError as `load_source`."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    block: dict = {}
+    for cls in ("harmful", "harmless"):
+        src = getattr(data, cls)
+        loaded = load_source(src, f"data.{cls}", spec_file)
+        if loaded.canonical is None:
+            target = out / f"{cls}{Path(src.path).suffix}"
+            target.write_bytes(Path(src.path).read_bytes())
+            block[cls] = {**src.model_dump(mode="json"), "path": str(target)}
+        else:
+            target = out / f"{cls}.jsonl"
+            target.write_bytes(loaded.canonical)
+            c = loaded.columns
+            block[cls] = {"path": str(target), "instruction_column": c.instruction_column, "id_column": c.id_column,
+                          "split_column": c.split_column, "reference_column": c.reference_column,
+                          "pair_column": c.pair_column,
+                          **({"category_column": c.category_column} if c.category_column else {})}
+    block |= {k: getattr(data, k) for k in ("n_train", "n_val", "n_test")}
+    return yaml.safe_dump({"data": block}, sort_keys=False)
