@@ -1,0 +1,280 @@
+"""Prompt sets as published (issue 22): Arditi et al.'s per-split layout, CSV sets with their own column
+names, Hugging Face `datasets` sources, the category column, and their errors.
+
+The per-split layout is built from the toy prompts (mild) in the paper's file names, fields and JSON-array
+format; a sweep on it gets the same cell ids as on its canonical merged form used as a single file, and the
+same stored direction rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TOY_MODELS, TOY_PROMPTS
+
+RULE = {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                           "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+        "steering_labels": {"strong": 0.5, "weak": 0.2}}
+N = {"n_train": 6, "n_val": 4, "n_test": 3}
+
+
+def _toy(cls: str) -> pd.DataFrame:
+    return pd.read_json(TOY_PROMPTS / f"{cls}.jsonl", lines=True, dtype=False)
+
+
+def paper_layout(root, per_split: int = 10):
+    """`dataset/splits/{harmful,harmless}_{train,val,test}.json` (JSON arrays of {instruction, category}) and
+    `dataset/processed/jailbreakbench.json` ({goal-like instruction, category, source}), from toy rows."""
+    (root / "dataset" / "splits").mkdir(parents=True)
+    (root / "dataset" / "processed").mkdir(parents=True)
+    for cls in ("harmful", "harmless"):
+        df = _toy(cls)
+        for split in ("train", "val", "test"):
+            rows = df[df["split"] == split].head(per_split)
+            recs = [{"instruction": r.instruction, "category": getattr(r, "category", None) or "none"}
+                    for r in rows.itertuples()]
+            (root / "dataset" / "splits" / f"{cls}_{split}.json").write_text(json.dumps(recs, indent=4))
+    test = _toy("harmful")
+    test = test[test["split"] == "test"].iloc[per_split: 2 * per_split]
+    (root / "dataset" / "processed" / "jailbreakbench.json").write_text(json.dumps(
+        [{"instruction": r.instruction, "category": r.category, "source": "toy"} for r in test.itertuples()],
+        indent=4))
+    return root
+
+
+def _data(root) -> dict:
+    s = root / "dataset" / "splits"
+    return {"harmful": {"train": {"path": str(s / "harmful_train.json"), "category_column": "category"},
+                        "val": {"path": str(s / "harmful_val.json"), "category_column": "category"},
+                        "test": {"path": str(root / "dataset" / "processed" / "jailbreakbench.json"),
+                                 "category_column": "category"}},
+            "harmless": {"train": str(s / "harmless_train.json"), "val": str(s / "harmless_val.json"),
+                         "test": str(s / "harmless_test.json")}, **N}
+
+
+def _spec(tmp_path, data: dict, name="spec", steer=False) -> str:
+    stages = {"directions": {"sites": ["resid_pre"]}}
+    if steer:
+        stages["steer"] = {"addition": {"layers": [1], "coefficients": [1.0]}, "ablation": None, "controls": False}
+    spec = {"name": "sources", "models": [{"name": "qwen-xs", "path": str(TOY_MODELS / "toy-qwen-xs")}],
+            "data": data, "seeds": [0, 1], "stages": stages, "generation": {"max_new_tokens": 4},
+            "decision_rule": RULE}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _merged_spec(tmp_path, spec_file: str, steer=False) -> str:
+    """Write the spec's prompt sets in their canonical merged form; the spec with the printed data block."""
+    from refusal_ray.data import write_merged
+    from refusal_ray.spec import load_spec
+
+    text = write_merged(load_spec(spec_file).data, tmp_path / "merged", spec_file)
+    return _spec(tmp_path, yaml.safe_load(text)["data"], "merged", steer)
+
+
+def test_the_papers_layout_unmerged_and_merged_give_the_same_cells_and_directions(tmp_path):
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    paper_layout(tmp_path)
+    unmerged = _spec(tmp_path, _data(tmp_path), steer=True)
+    merged = _merged_spec(tmp_path, unmerged, steer=True)
+    block = yaml.safe_load(open(merged))["data"]["harmful"]
+    assert block["split_column"] == "split" and block["id_column"] is None and block["category_column"] == "category"
+    a, b = make_plan(unmerged), make_plan(merged)
+    assert [c.id for c in a.cells] == [c.id for c in b.cells] and len(a.cells) > 0
+    assert a.data_fingerprint == b.data_fingerprint and a.fingerprints == b.fingerprints
+    for seed in a.prompts:
+        for split in ("train", "val", "test"):
+            for cls in ("harmful", "harmless"):
+                assert a.prompts[seed][split][cls] == b.prompts[seed][split][cls]
+    # the test split is JailbreakBench's file, train its own, with its categories
+    jbb = json.loads((tmp_path / "dataset" / "processed" / "jailbreakbench.json").read_text())
+    test = a.prompts[0]["test"]["harmful"]
+    by_text = {r["instruction"]: r["category"] for r in jbb}
+    assert set(test.instructions) <= set(by_text) and test.categories == [by_text[t] for t in test.instructions]
+    assert not set(a.prompts[0]["train"]["harmful"].instructions) & set(by_text)
+    # row ids: the row number in the canonical form (train 0-9, val 10-19, test 20-29)
+    assert all(20 <= int(i) < 30 for i in test.ids)
+    # the merged file is the canonical bytes, so its byte fingerprint is the set's
+    assert a.data_sources["harmful"]["fingerprint"] == b.data_sources["harmful"]["fingerprint"]
+
+    ta, tb = run_local(a, log=lambda *x: None), run_local(b, log=lambda *x: None)
+    assert all(r["status"] == "done" for r in ta["cells"] + tb["cells"])
+
+    def directions(t, cell_id):
+        return sorted(((r["layer"], r["position"], np.asarray(r["vector"]).tolist()) for r in t["directions"]
+                       if r["cell_id"] == cell_id), key=lambda x: x[:2])
+
+    one = next(c.id for c in a.cells if c.stage == "directions")
+    assert directions(ta, one) and directions(ta, one) == directions(tb, one)
+    # the category lands in the completions table: the source's category for harmful rows, None for harmless
+    comps = pd.DataFrame(ta["completions"])
+    harm = comps[comps["prompt_set"] == "harmful"]
+    assert harm["category"].tolist() == [by_text[p] for p in harm["prompt"]]
+    harmless = comps[comps["prompt_set"] == "harmless"]
+    assert harmless["category"].isna().all() and len(harmless) > 0
+
+
+def test_single_file_form_is_unchanged_and_category_column_is_out_of_the_dump(tmp_path):
+    from refusal_ray.data import files_fingerprint
+    from refusal_ray.plan import make_plan
+    from refusal_ray.spec import load_spec
+
+    data = {"harmful": {"path": str(TOY_PROMPTS / "harmful.jsonl")},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    plain = _spec(tmp_path, data, "plain")
+    spec = load_spec(plain)
+    assert "category_column" not in spec.model_dump(mode="json")["data"]["harmful"]
+    plan = make_plan(plain)
+    assert plan.data_fingerprint == files_fingerprint([TOY_PROMPTS / "harmful.jsonl", TOY_PROMPTS / "harmless.jsonl"])
+    assert plan.prompts[0]["test"]["harmful"].categories == [None] * N["n_test"]
+    with_cat = _spec(tmp_path, {**data, "harmful": {**data["harmful"], "category_column": "category"}}, "cat")
+    cat_plan = make_plan(with_cat)
+    assert [c.id for c in cat_plan.cells] == [c.id for c in plan.cells]   # the category is not in the id
+    toy = _toy("harmful").set_index("id")["category"]
+    ps = cat_plan.prompts[0]["test"]["harmful"]
+    assert ps.categories == [toy[i] for i in ps.ids]
+
+
+def test_csv_sets_with_their_own_column_names(tmp_path):
+    """AdvBench `goal`, HarmBench `Behavior` (with its category), StrongREJECT `forbidden_prompt`."""
+    from refusal_ray.plan import make_plan
+
+    harm, harmless = _toy("harmful"), _toy("harmless")
+    cols = {"train": ("advbench.csv", "goal", None), "val": ("harmbench.csv", "Behavior", "SemanticCategory"),
+            "test": ("strongreject.csv", "forbidden_prompt", "category")}
+    data = {"harmful": {}, "harmless": {}, **N}
+    for split, (name, col, cat) in cols.items():
+        rows = harm[harm["split"] == split].head(8)
+        df = pd.DataFrame({col: rows["instruction"], "target": "x"})
+        if cat:
+            df[cat] = rows["category"].tolist()
+        df.to_csv(tmp_path / name, index=False)
+        data["harmful"][split] = {"path": str(tmp_path / name), "instruction_column": col,
+                                  **({"category_column": cat} if cat else {})}
+        h = harmless[harmless["split"] == split].head(8)
+        h[["instruction"]].to_csv(tmp_path / f"harmless_{split}.csv", index=False)
+        data["harmless"][split] = str(tmp_path / f"harmless_{split}.csv")
+    plan = make_plan(_spec(tmp_path, data))
+    for split in ("train", "val", "test"):
+        want = set(harm[harm["split"] == split].head(8)["instruction"])
+        assert set(plan.prompts[0][split]["harmful"].instructions) <= want
+    assert plan.prompts[0]["train"]["harmful"].categories == [None] * N["n_train"]
+    cats = dict(zip(harm["instruction"], harm["category"]))
+    val = plan.prompts[0]["val"]["harmful"]
+    assert val.categories == [cats[t] for t in val.instructions]
+    merged = make_plan(_merged_spec(tmp_path, _spec(tmp_path, data)))
+    assert [c.id for c in merged.cells] == [c.id for c in plan.cells]
+
+
+def test_datasets_sources_load_from_disk_and_local_parquet(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from refusal_ray.plan import make_plan
+
+    harm, harmless = _toy("harmful"), _toy("harmless")
+    disk = tmp_path / "harmful_ds"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"prompt": harm[harm["split"] == s]["instruction"].head(8).tolist(),
+         "category": harm[harm["split"] == s]["category"].head(8).tolist()}) for s in ("train", "val", "test")}
+    ).save_to_disk(str(disk))
+    parquet = tmp_path / "harmless.parquet"
+    h = harmless.groupby("split").head(8)
+    datasets.Dataset.from_dict({"text": h["instruction"].tolist(), "part": h["split"].tolist()}).to_parquet(str(parquet))
+    data = {"harmful": {s: {"dataset": str(disk), "split": s, "instruction_column": "prompt",
+                            "category_column": "category"} for s in ("train", "val", "test")},
+            "harmless": {"dataset": "parquet", "data_files": str(parquet), "instruction_column": "text",
+                         "split_column": "part"}, **N}
+    spec_file = _spec(tmp_path, data)
+    plan = make_plan(spec_file)
+    for split in ("train", "val", "test"):
+        assert set(plan.prompts[0][split]["harmful"].instructions) <= set(harm[harm["split"] == split]["instruction"])
+        assert set(plan.prompts[0][split]["harmless"].instructions) <= set(h[h["split"] == split]["instruction"])
+    assert plan.data_sources["harmful"]["splits"]["test"]["kind"] == "load_from_disk"
+    assert plan.data_sources["harmless"]["kind"] == "local" and plan.data_sources["harmless"]["fingerprint"]
+    # a local parquet file named directly, and the merged form, give the same cells
+    direct = _spec(tmp_path, {**data, "harmless": {**data["harmless"], "dataset": str(parquet),
+                                                   "data_files": None}}, "direct")
+    assert [c.id for c in make_plan(direct).cells] == [c.id for c in plan.cells]
+    assert [c.id for c in make_plan(_merged_spec(tmp_path, spec_file)).cells] == [c.id for c in plan.cells]
+
+
+def test_a_datasets_source_without_the_package_names_the_field_and_the_extra(tmp_path, monkeypatch):
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan
+
+    monkeypatch.setitem(sys.modules, "datasets", None)   # import datasets -> ImportError
+    data = {"harmful": {"dataset": str(tmp_path / "x")}, "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}}
+    f = _spec(tmp_path, {**data, **N})
+    with pytest.raises(SpecError) as e:
+        make_plan(f)
+    assert str(e.value) == (f"{f}: data.harmful.dataset: a `datasets` source needs the datasets package: "
+                            "pip install 'refusal-ray[datasets]'")
+
+
+def test_a_hub_dataset_offline_is_listed_by_validate(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    from refusal_ray.plan import make_plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = {"harmful": {"dataset": "someone/some-prompts", "split": "train", "split_column": "split"},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    plan = make_plan(_spec(tmp_path, data), offline_ok=True)
+    assert plan.cells == [] and plan.unchecked == [
+        "data.harmful.dataset (hub dataset 'someone/some-prompts'): rows, columns and draws, and so the prompt "
+        "fingerprints, tokenizers' chat rendering and cell ids"]
+
+
+def _validate(spec_file: str) -> tuple[int, str]:
+    from refusal_ray.cli import app
+
+    r = CliRunner().invoke(app, ["validate", spec_file])
+    return r.exit_code, r.output.strip()
+
+
+def test_bad_prompt_sources_are_one_line_errors(tmp_path):
+    paper_layout(tmp_path)
+    good = _data(tmp_path)
+    s = tmp_path / "dataset" / "splits"
+    (tmp_path / "empty.json").write_text("[]")
+    harmful = good["harmful"]
+    cases = [
+        ({**harmful, "test": {"path": str(tmp_path / "nope.json")}},
+         "data.harmful.test.path", f"file not found: {tmp_path / 'nope.json'}"),
+        ({"train": harmful["train"], "val": harmful["val"]}, "data.harmful.test", "Field required"),
+        ({**harmful, "test": {**harmful["test"], "split_column": "split"}}, "data.harmful.test.split_column",
+         "a per-split source takes its split from its key (train/val/test); drop split_column, or give one file "
+         "with a split column as data.<class>: {path: ..., split_column: ...}"),
+        ({**harmful, "val": {"path": str(s / "harmful_val.json"), "instruction_column": "goal"}},
+         "data.harmful.val.instruction_column",
+         f"column 'goal' not in {s / 'harmful_val.json'} (columns: instruction, category)"),
+        ({**harmful, "train": {"path": str(tmp_path / "empty.json")}}, "data.harmful.train.path",
+         f"prompt file is empty: {tmp_path / 'empty.json'}"),
+        ({**harmful, "test": {**harmful["test"], "colour": "red"}}, "data.harmful.test.colour", "unknown key"),
+        ({**harmful, "train": {**harmful["train"], "id_column": "category"}}, "data.harmful.val.id_column",
+         "missing: another split names a id column; give id_column on every split or on none"),
+    ]
+    for i, (src, field, msg) in enumerate(cases):
+        f = _spec(tmp_path, {**good, "harmful": src}, f"bad{i}")
+        assert _validate(f) == (2, f"error: {f}: {field}: {msg}")
+    # too few rows in a split
+    f = _spec(tmp_path, {**good, "n_test": 11}, "few")
+    code, out = _validate(f)
+    assert code == 2 and out.startswith(f"error: {f}: data.harmful: ") and "split 'test' has 10 rows" in out
+
+
+def test_the_golden_ids_test_still_passes():
+    """tests/test_golden_ids.py unchanged (the single-file quickstart's cell ids), run as its own process."""
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_golden_ids.py"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:]
