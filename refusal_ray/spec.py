@@ -83,12 +83,17 @@ class PromptFile(Strict):
     category_column: str | None = Field(None, description="Column with each row's category (e.g. the paper's "
                                                           "`category`), carried into the completions table. Absent "
                                                           "from the spec's dump and hash when None.")
+    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (as text), e.g. XSTest's "
+                                                                      "{label: unsafe}. Absent from the dump when "
+                                                                      "None.")
 
     @model_serializer(mode="wrap")
     def _absent_when_unset(self, handler):
         out = handler(self)
-        if self.category_column is None:   # specs written before the field keep their dump and hash
-            out.pop("category_column", None)
+        for key in ("category_column", "where"):   # specs written before the fields keep their dump and hash
+            if getattr(self, key) is None:
+                out.pop(key, None)
         return out
 
 
@@ -107,6 +112,9 @@ class _SplitColumns(Strict):
     pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
     category_column: str | None = Field(None, description="Column with each row's category, carried into the "
                                                           "completions table.")
+    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (as text), e.g. XSTest's "
+                                                                      "{label: unsafe}.")
     split_column: str | None = Field(None, exclude=True, description="Not allowed: the split is the key.")
 
     @field_validator("split_column")
@@ -148,6 +156,9 @@ class DatasetSource(_DatasetFields):
     reference_column: str | None = Field(None, description="Correct answer column (harmless tasks).")
     pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
     category_column: str | None = Field(None, description="Column with each row's category.")
+    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (as text), e.g. XSTest's "
+                                                                      "{label: unsafe}.")
 
 
 def _split_kind(v) -> str:

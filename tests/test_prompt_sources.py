@@ -176,6 +176,30 @@ def test_csv_sets_with_their_own_column_names(tmp_path):
     assert [c.id for c in merged.cells] == [c.id for c in plan.cells]
 
 
+def test_xstest_one_csv_split_into_harmful_and_harmless_by_its_label(tmp_path):
+    """XSTest's `prompt` + `label` (safe/unsafe) in one CSV: `where` picks each class's rows; ids stay the
+    file's row numbers; the plan without `where` fields dumps as before (absent at None)."""
+    from refusal_ray.plan import make_plan
+    from refusal_ray.spec import load_spec
+
+    harm, harmless = _toy("harmful").head(15), _toy("harmless").head(15)
+    rows = pd.concat([pd.DataFrame({"prompt": harm["instruction"], "label": "unsafe", "type": harm["category"]}),
+                      pd.DataFrame({"prompt": harmless["instruction"], "label": "safe", "type": "none"})])
+    rows = rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    rows.to_csv(tmp_path / "xstest.csv", index=False)
+    src = {"path": str(tmp_path / "xstest.csv"), "instruction_column": "prompt", "id_column": None,
+           "split_column": None, "category_column": "type"}
+    f = _spec(tmp_path, {"harmful": {**src, "where": {"label": "unsafe"}},
+                         "harmless": {**src, "where": {"label": ["safe"]}}, **N})
+    plan = make_plan(f)
+    for split in ("train", "val", "test"):
+        for cls, label in (("harmful", "unsafe"), ("harmless", "safe")):
+            ps = plan.prompts[0][split][cls]
+            assert [rows.loc[int(i), "label"] for i in ps.ids] == [label] * len(ps)
+            assert ps.instructions == [rows.loc[int(i), "prompt"] for i in ps.ids]
+    assert load_spec(f).model_dump(mode="json")["data"]["harmful"]["where"] == {"label": "unsafe"}
+
+
 def test_datasets_sources_load_from_disk_and_local_parquet(tmp_path):
     datasets = pytest.importorskip("datasets")
     from refusal_ray.plan import make_plan
@@ -261,6 +285,10 @@ def test_bad_prompt_sources_are_one_line_errors(tmp_path):
         ({**harmful, "test": {**harmful["test"], "colour": "red"}}, "data.harmful.test.colour", "unknown key"),
         ({**harmful, "train": {**harmful["train"], "id_column": "category"}}, "data.harmful.val.id_column",
          "missing: another split names a id column; give id_column on every split or on none"),
+        ({**harmful, "val": {**harmful["val"], "where": {"label": "unsafe"}}}, "data.harmful.val.where",
+         f"column 'label' not in {s / 'harmful_val.json'} (columns: instruction, category)"),
+        ({**harmful, "val": {**harmful["val"], "where": {"category": "no-such"}}}, "data.harmful.val.where",
+         f"no row of {s / 'harmful_val.json'} matches {{'category': 'no-such'}}"),
     ]
     for i, (src, field, msg) in enumerate(cases):
         f = _spec(tmp_path, {**good, "harmful": src}, f"bad{i}")

@@ -46,9 +46,28 @@ def check_columns(df: pd.DataFrame, src, field: str, spec_file: str, what: str) 
                                                          f"(columns: {', '.join(map(str, df.columns))})")
 
 
+def apply_where(df: pd.DataFrame, src, field: str, spec_file: str, what: str) -> pd.DataFrame:
+    """The rows whose `src.where` columns hold one of the listed values (compared as text; XSTest's
+    `{label: unsafe}`); the index (row number in the source) is kept. Raises SpecError naming
+    `<field>.where` for a column the source lacks or when no row is left."""
+    where = getattr(src, "where", None)
+    if not where:
+        return df
+    keep = pd.Series(True, index=df.index)
+    for col, values in where.items():
+        if col not in df.columns:
+            raise SpecError(spec_file, f"{field}.where", f"column {col!r} not in {what} "
+                                                         f"(columns: {', '.join(map(str, df.columns))})")
+        keep &= df[col].astype(str).isin([values] if isinstance(values, str) else list(values))
+    if not keep.any():
+        raise SpecError(spec_file, f"{field}.where", f"no row of {what} matches {dict(where)}")
+    return df[keep]
+
+
 def load_file(pf, field: str, spec_file: str = "<spec>") -> pd.DataFrame:
-    """Read and check one prompt file (`pf`: a PromptFile or SplitFile). Raises SpecError naming the spec
-    field: `<field>.path` (not found, unreadable, empty) or `<field>.<column key>` (a column it lacks)."""
+    """Read and check one prompt file (`pf`: a PromptFile or SplitFile), keeping the rows its `where`
+    selects. Raises SpecError naming the spec field: `<field>.path` (not found, unreadable, empty),
+    `<field>.<column key>` (a column it lacks) or `<field>.where`."""
     path = Path(pf.path)
     if not path.is_file():
         raise SpecError(spec_file, f"{field}.path", f"file not found: {pf.path}")
@@ -59,4 +78,4 @@ def load_file(pf, field: str, spec_file: str = "<spec>") -> pd.DataFrame:
     if df.empty:
         raise SpecError(spec_file, f"{field}.path", f"prompt file is empty: {pf.path}")
     check_columns(df, pf, field, spec_file, pf.path)
-    return df
+    return apply_where(df, pf, field, spec_file, pf.path)

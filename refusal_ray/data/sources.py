@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_ray.data.files import check_columns, fingerprint, load_file
+from refusal_ray.data.files import apply_where, check_columns, fingerprint, load_file
 from refusal_ray.errors import SpecError
 
 SPLITS = ("train", "val", "test")
@@ -196,7 +196,7 @@ def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict
     if df.empty:
         raise SpecError(spec_file, f"{field_}.dataset", f"dataset is empty: {src.dataset}")
     check_columns(df, src, field_, spec_file, src.dataset)
-    return df.reset_index(drop=True), prov
+    return apply_where(df.reset_index(drop=True), src, field_, spec_file, src.dataset), prov
 
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
