@@ -212,7 +212,8 @@ def test_datasets_sources_load_from_disk_and_local_parquet(tmp_path):
     ).save_to_disk(str(disk))
     parquet = tmp_path / "harmless.parquet"
     h = harmless.groupby("split").head(8)
-    datasets.Dataset.from_dict({"text": h["instruction"].tolist(), "part": h["split"].tolist()}).to_parquet(str(parquet))
+    datasets.Dataset.from_dict({"text": h["instruction"].tolist(), "part": h["split"].tolist()}).to_parquet(
+        str(parquet))
     data = {"harmful": {s: {"dataset": str(disk), "split": s, "instruction_column": "prompt",
                             "category_column": "category"} for s in ("train", "val", "test")},
             "harmless": {"dataset": "parquet", "data_files": str(parquet), "instruction_column": "text",
@@ -223,7 +224,16 @@ def test_datasets_sources_load_from_disk_and_local_parquet(tmp_path):
         assert set(plan.prompts[0][split]["harmful"].instructions) <= set(harm[harm["split"] == split]["instruction"])
         assert set(plan.prompts[0][split]["harmless"].instructions) <= set(h[h["split"] == split]["instruction"])
     assert plan.data_sources["harmful"]["splits"]["test"]["kind"] == "load_from_disk"
-    assert plan.data_sources["harmless"]["kind"] == "local" and plan.data_sources["harmless"]["fingerprint"]
+    assert plan.data_sources["harmless"]["kind"] == "local" and plan.data_sources["harmless"]["dataset_fingerprint"]
+    # stage patch / scrub draw pairs from the frames with the spec's blocks (stages/base.py)
+    from refusal_ray.data import draw_pairs
+    from refusal_ray.spec import load_spec
+
+    data_spec = load_spec(spec_file).data
+    pairs = draw_pairs(plan.frames["harmful"][0], plan.frames["harmless"][0], data_spec.harmful, data_spec.harmless,
+                       3, 0)
+    assert set(pairs.harmful.instructions) <= set(harm[harm["split"] == "test"]["instruction"])
+    assert set(pairs.harmless.instructions) <= set(h[h["split"] == "test"]["instruction"])
     # a local parquet file named directly, and the merged form, give the same cells
     direct = _spec(tmp_path, {**data, "harmless": {**data["harmless"], "dataset": str(parquet),
                                                    "data_files": None}}, "direct")

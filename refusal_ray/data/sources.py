@@ -5,8 +5,10 @@ A prompt set (`data.harmful` / `data.harmless`) is read into one frame that the 
 
 - a single file (`PromptFile`, `path:`): the file as read, its own columns; fingerprint: its bytes.
 - per split (`{train: SRC, val: SRC, test: SRC}`, Arditi et al. 2024's `dataset/splits/harmful_train.json`
-  etc., or JailbreakBench's `dataset/processed/jailbreakbench.json` as the test split), or a `datasets`
-  source (`dataset:`): the rows of its *canonical merged form*.
+  etc., or JailbreakBench's `dataset/processed/jailbreakbench.json` as the test split): the rows of its
+  *canonical merged form*; fingerprint: the sha256 of that form.
+- a whole-set `datasets` source (`dataset:`): its own rows and columns (after `where`, numbered from 0:
+  row for row those of its canonical form); fingerprint: the sha256 of its canonical form.
 
 The canonical merged form is one JSONL serialisation: one object per row, keys in the order instruction,
 split (when the set has splits), then id, category, reference, pair (each when a source of the set names
@@ -60,7 +62,8 @@ class Columns:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A prompt set as read: its rows, the columns the draws read, its fingerprint (sha256 of the file's
+    """A prompt set as read: its rows (a per-split set's: its canonical form read back), the columns the
+    draws read (a per-split set's: `Columns` of its canonical form), its fingerprint (sha256 of the file's
     bytes or of the canonical merged bytes, 16 hex digits), what the manifest records of where it came
     from, and the canonical bytes (None for a single file)."""
 
@@ -69,6 +72,7 @@ class Loaded:
     fingerprint: str
     provenance: dict = field(default_factory=dict)
     canonical: bytes | None = None
+    merged: Columns | None = None   # the canonical form's columns (None for a single file)
 
 
 def kind(src) -> str:
@@ -87,25 +91,28 @@ def load_source(src, field_: str, spec_file: str = "<spec>") -> Loaded:
         df = load_file(src, field_, spec_file)
         fp = fingerprint(src.path)
         return Loaded(df, src, fp, {"kind": "file", "path": src.path, "fingerprint": fp})
-    if k == "dataset":
-        df, prov = _dataset_frame(src, field_, spec_file)
-        parts = [(None, df, src, field_)]
-    else:
-        parts, prov = [], {"kind": "splits", "splits": {}}
-        for split in SPLITS:
-            s = getattr(src, split)
-            where = f"{field_}.{split}"
-            if kind(s) == "dataset":
-                df, p = _dataset_frame(s, where, spec_file)
-            else:
-                df = load_file(s, where, spec_file)
-                p = {"kind": "file", "path": s.path, "fingerprint": fingerprint(s.path)}
-            parts.append((split, df, s, where))
-            prov["splits"][split] = p
+    if k == "dataset":   # its own rows and columns (the spec's block names them, as stage checks read it);
+        df, prov = _dataset_frame(src, field_, spec_file)   # row for row its canonical form's, numbered alike
+        data, cols = canonical([(None, df, src, field_)], spec_file)
+        fp = hashlib.sha256(data).hexdigest()[:16]
+        return Loaded(df.reset_index(drop=True), src, fp, {**prov, "fingerprint": fp}, data,
+                      Columns(f"<canonical form of {field_}>", **cols))
+    parts, prov = [], {"kind": "splits", "splits": {}}
+    for split in SPLITS:
+        s = getattr(src, split)
+        where = f"{field_}.{split}"
+        if kind(s) == "dataset":
+            df, p = _dataset_frame(s, where, spec_file)
+        else:
+            df = load_file(s, where, spec_file)
+            p = {"kind": "file", "path": s.path, "fingerprint": fingerprint(s.path)}
+        parts.append((split, df, s, where))
+        prov["splits"][split] = p
     data, cols = canonical(parts, spec_file)
     fp = hashlib.sha256(data).hexdigest()[:16]
     frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)   # as the merged file reads
-    return Loaded(frame, Columns(f"<canonical form of {field_}>", **cols), fp, {**prov, "fingerprint": fp}, data)
+    merged = Columns(f"<canonical form of {field_}>", **cols)
+    return Loaded(frame, merged, fp, {**prov, "fingerprint": fp}, data, merged)
 
 
 def canonical(parts: list, spec_file: str = "<spec>") -> tuple[bytes, dict]:
@@ -191,7 +198,7 @@ def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is bad input
         raise SpecError(spec_file, f"{field_}.dataset", f"cannot read {src.dataset}: {e}".splitlines()[0]) from None
-    prov["fingerprint"] = getattr(ds, "_fingerprint", None)
+    prov["dataset_fingerprint"] = getattr(ds, "_fingerprint", None)   # the datasets library's own
     df = ds.to_pandas()
     if df.empty:
         raise SpecError(spec_file, f"{field_}.dataset", f"dataset is empty: {src.dataset}")
@@ -232,13 +239,14 @@ def _hub(datasets, src, field_: str, spec_file: str):
     return ds, sha
 
 
-def write_merged(data, out_dir: str | Path, spec_file: str = "<spec>") -> str:
-    """Write the spec's prompt sets (`data`: the spec's DataSpec) as single files in `out_dir`: a per-split or
-    `datasets` set as its canonical merged form `harmful.jsonl` / `harmless.jsonl`; a single file copied as
+def write_merged(spec, out_dir: str | Path, spec_file: str = "<spec>") -> str:
+    """Write the spec's prompt sets (`spec`: a loaded Spec, or its DataSpec) as single files in `out_dir`: a
+    per-split or `datasets` set as its canonical merged form `harmful.jsonl` / `harmless.jsonl`; a single file copied as
     it is (same bytes and suffix). Returns the equivalent `data:` block as YAML text, whose sets give the
     same draws, fingerprints and cell ids as `data`'s. Raises SpecError as `load_source`."""
     import yaml
 
+    data = getattr(spec, "data", spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     block: dict = {}
@@ -252,7 +260,7 @@ def write_merged(data, out_dir: str | Path, spec_file: str = "<spec>") -> str:
         else:
             target = out / f"{cls}.jsonl"
             target.write_bytes(loaded.canonical)
-            c = loaded.columns
+            c = loaded.merged
             block[cls] = {"path": str(target), "instruction_column": c.instruction_column, "id_column": c.id_column,
                           "split_column": c.split_column, "reference_column": c.reference_column,
                           "pair_column": c.pair_column,
