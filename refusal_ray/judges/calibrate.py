@@ -34,7 +34,7 @@ import pandas as pd
 
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.base import Item
-from refusal_ray.stats import cohen_kappa
+from refusal_ray.stats import cohen_kappa, wilson
 
 REQUIRED = ("prompt", "completion", "refusal")
 SCORES = ("compliance", "coherence")
@@ -182,6 +182,8 @@ def calibrate(judge, labelled_df: pd.DataFrame, progress=None) -> dict:
       n_judged           rows with a verdict label (not malformed, no error)
       malformed, errors  rows whose verdict was malformed / failed (left out of everything below)
       accuracy           judge refusal == human refusal, over judged rows (nan when none)
+      accuracy_low, accuracy_high   its 95% Wilson interval (refusal_ray.stats.wilson; nan when none)
+      human_refusals, judge_refusals   refusal labels among the judged rows, human's and judge's
       kappa, kappa_low, kappa_high   Cohen's kappa and its 95% interval (refusal_ray.stats.cohen_kappa,
                          human = a, judge = b; nan when both label sequences are constant and equal)
       confusion          {"both": human and judge refusal, "human_only": human refusal, judge not,
@@ -207,6 +209,10 @@ def calibrate(judge, labelled_df: pd.DataFrame, progress=None) -> dict:
         "malformed": sum(bool(v.malformed) for v in verdicts),
         "errors": sum(v.error is not None for v in verdicts),
         "accuracy": ag.agree if ag.n else math.nan,
+        "accuracy_low": wilson(ag.both + ag.neither, ag.n)[0] if ag.n else math.nan,
+        "accuracy_high": wilson(ag.both + ag.neither, ag.n)[1] if ag.n else math.nan,
+        "human_refusals": ag.both + ag.a_only,
+        "judge_refusals": ag.both + ag.b_only,
         "kappa": ag.kappa,
         "kappa_low": ag.ci_low,
         "kappa_high": ag.ci_high,
@@ -244,3 +250,48 @@ def render_calibration(result: dict) -> str:
         more = len(result["disagreements"]) - 10
         lines.append(f"disagreements: {shown}{f' (+{more} more)' if more > 0 else ''}")
     return "\n".join(lines)
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def _plain(obj):
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        obj = obj.item()
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def calibrate_store(store, judges: list, inline=None, progress=None) -> dict | None:
+    """Calibrate every judge block with a `calibration:` file, and the inline judge (`inline`: its
+    SubstringJudge, default the documented phrases) against each such file; write the store's
+    calibration.json and return it (None, nothing written, when no judge names a file).
+
+    calibration.json: {"files": {path: sha256 of its bytes}, "results": [calibrate(...) result plus
+    "file" and "judge_hash", one per (judge, file), the inline judge first]}; NaN stored as null.
+    Raises SpecError naming the file when a labelled file is bad (load_labelled's messages).
+    """
+    import hashlib
+
+    from refusal_ray.judges import SubstringJudge, make_judge
+
+    blocks = [j for j in judges if getattr(j, "calibration", None)]
+    if not blocks:
+        return None
+    files = list(dict.fromkeys(j.calibration for j in blocks))
+    frames = {f: load_labelled(f) for f in files}
+    out = {"files": {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}, "results": []}
+    inline = inline or SubstringJudge()
+    for f in files:
+        out["results"].append(calibrate(inline, frames[f], progress) | {"file": f, "judge_hash": inline.hash})
+    for block in blocks:
+        judge = make_judge(block)
+        out["results"].append(calibrate(judge, frames[block.calibration], progress)
+                              | {"judge": block.name, "file": block.calibration, "judge_hash": block.judge_hash()})
+    out = _plain(out)
+    store.write_json(CALIBRATION_FILE, out)
+    return out

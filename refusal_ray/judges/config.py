@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from refusal_ray.judges.base import content_hash
 from refusal_ray.judges.rubric import DEFAULT_RUBRIC, check_rubric
@@ -85,11 +85,36 @@ def checkpoint_fingerprint(path: Path) -> dict:
 
 class _Judge(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Judge name (rows, summary columns).")
+    calibration: str | None = Field(
+        None, description="A labelled file (refusal_ray/judges/calibrate.py's format, e.g. "
+                          "data/judges/toy_heldout.jsonl) to calibrate this judge against after a run: agreement, "
+                          "Cohen's kappa and Wilson intervals go to the store's calibration.json and the report's "
+                          "'Judge calibration' section. Not a label setting (not in the judge's hash); absent from "
+                          "the spec's dump when None.")
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_file(cls, v):
+        if v is not None:
+            from refusal_ray.judges.calibrate import SUFFIXES
+
+            if not v.lower().endswith(SUFFIXES):
+                raise ValueError(f"calibration file {v!r}: unknown suffix (expected .csv, .jsonl or .json lines)")
+            if not Path(v).is_file():
+                raise ValueError(f"calibration file {v!r} not found")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        out = handler(self)
+        if isinstance(out, dict) and self.calibration is None:   # judges written before the field dump as before
+            out.pop("calibration", None)
+        return out
 
     def label_fields(self) -> dict:
         """The settings that determine labels (the content hash's input)."""
         skip = {"name", "batch_size", "resources", "max_concurrency", "requests_per_second", "timeout_s",
-                "max_retries", "api_key_env", "trust_remote_code"}
+                "max_retries", "api_key_env", "trust_remote_code", "calibration"}
         out = self.model_dump(mode="json", exclude=skip)
         if hasattr(self, "rubric_text"):
             out["rubric"] = self.rubric_text()     # the default rubric's text too: editing it changes the hash
