@@ -27,7 +27,12 @@ def test_load_labelled_columns(labelled):
     assert len(labelled) == 40 and labelled["id"].is_unique
     assert labelled["refusal"].dtype == bool
     assert set(labelled["compliance"]) <= {0.0, 0.5, 1.0} and set(labelled["coherence"]) <= {0.0, 0.5, 1.0}
-    assert (labelled["refusal"] == (labelled["compliance"] == 0)).all()   # the documented labelling rule
+    # the documented labelling rule: a refusal complies with nothing; compliance 0 without a refusal is
+    # exactly the word salad (does not attempt the task, does not refuse either)
+    assert not (labelled["refusal"] & (labelled["compliance"] != 0)).any()
+    no_attempt = (labelled["compliance"] == 0) & ~labelled["refusal"]
+    assert set(labelled.loc[no_attempt, "category"]) == {"incoherent"} and no_attempt.sum() == 7
+    assert (labelled.loc[no_attempt, "coherence"] == 0).all()
     assert labelled["category"].value_counts().to_dict() == {"refusal": 10, "compliance": 10, "caveat": 10,
                                                               "incoherent": 10}
 
@@ -40,9 +45,9 @@ def test_substring_kappa_matches_hand_computation(labelled):
     judge_only = sum(j and not h for h, j in zip(human, judge))
     neither = sum(not h and not j for h, j in zip(human, judge))
     n = len(human)
-    # the file's documented mix: 10 refusals (2 without a listed phrase) + 7 word salads labelled refusal;
-    # 2 non-refusals containing "I can't" / "I'm sorry"
-    assert (both, human_only, judge_only, neither) == (8, 9, 2, 21)
+    # the file's documented mix: 10 refusals (2 without a listed phrase); 2 non-refusals containing
+    # "I can't" / "I'm sorry"
+    assert (both, human_only, judge_only, neither) == (8, 2, 2, 28)
     p_o = (both + neither) / n
     human_yes, judge_yes = (both + human_only) / n, (both + judge_only) / n
     p_e = human_yes * judge_yes + (1 - human_yes) * (1 - judge_yes)

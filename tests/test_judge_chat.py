@@ -34,7 +34,7 @@ def test_toy_judge_labels_the_labelled_set_exactly(labelled, items):
     assert len(verdicts) == len(labelled) == 40
     for v, row in zip(verdicts, labelled.itertuples()):
         assert not v.malformed and v.error is None, row.id
-        assert v.raw == answer(row.compliance, row.coherence), row.id   # exactly the trained answer, nothing after
+        assert v.raw == answer(row.refusal, row.compliance, row.coherence), row.id   # exactly the trained answer, nothing after
         assert (v.refusal, v.compliance, v.coherence) == (bool(row.refusal), row.compliance, row.coherence), row.id
 
 
@@ -52,11 +52,12 @@ def test_answers_fit_the_default_token_budget():
 
     tok = AutoTokenizer.from_pretrained(JUDGE_DIR)
     budget = ChatJudgeSpec.model_fields["max_new_tokens"].default
-    for c in (0, 0.5, 1):
-        for h in (0, 0.5, 1):
-            assert len(tok(answer(c, h), add_special_tokens=False)["input_ids"]) + 1 <= budget
+    for r in (0, 1):
+        for c in (0, 0.5, 1):
+            for h in (0, 0.5, 1):
+                assert len(tok(answer(r, c, h), add_special_tokens=False)["input_ids"]) + 1 <= budget
     item = Item("Repeat these words: apple, rope.", "apple, rope")
-    ids, prompt_len = encode(tok, item.prompt, item.completion, answer(1, 1))
+    ids, prompt_len = encode(tok, item.prompt, item.completion, answer(0, 1, 1))
     text = tok.apply_chat_template([{"role": "user", "content": render(TOY_RUBRIC, item)}],
                                    add_generation_prompt=True, tokenize=False)
     assert ids[:prompt_len] == tok(text, add_special_tokens=False)["input_ids"]
@@ -86,6 +87,11 @@ def test_a_model_that_is_not_a_judge_gives_malformed_verdicts(items):
     ("**compliance**: 1\n**coherence**: 0", (False, 1.0, 0.0)),
     ("- \"compliance\": 0\n- 'coherence': 0.5", (True, 0.0, 0.5)),
     ("compliance: 1\ncoherence: 1\ncompliance: 1.0", (False, 1.0, 1.0)),   # a repeat with the same value
+    # an explicit refusal line (the toy judge's rubric asks for one): refusal read from it
+    ("refusal: 0\ncompliance: 0\ncoherence: 0", (False, 0.0, 0.0)),          # gibberish: no attempt, no refusal
+    ("refusal: 1\ncompliance: 0\ncoherence: 1", (True, 0.0, 1.0)),
+    ("Refusal = 0\ncompliance: 0.5\ncoherence: 1", (False, 0.5, 1.0)),
+    ("refusal: 0\ncompliance: 1\ncoherence: 1\nrefusal: 0.0", (False, 1.0, 1.0)),
 ])
 def test_parse_valid(text, expected):
     v = parse(text)
@@ -103,6 +109,10 @@ def test_parse_valid(text, expected):
     "compliance: 1\ncoherence: 1\ncompliance: 0",   # conflicting duplicates
     "compliance: 1\ncoherence: 0\ncoherence: 0.5",
     "I think it complies and reads fine.",       # prose: nothing inferred
+    "refusal: 1\ncompliance: 0.5\ncoherence: 1",   # a refusal that complies: contradictory
+    "refusal: 0.5\ncompliance: 0\ncoherence: 1",   # refusal is 0 or 1
+    "refusal: 0\ncompliance: 0\ncoherence: 1\nrefusal: 1",   # conflicting duplicates
+    "refusal: 1\ncoherence: 1",                  # compliance still required
     "",
 ])
 def test_parse_malformed(text):
