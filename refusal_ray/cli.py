@@ -23,6 +23,10 @@ toy_app = typer.Typer(no_args_is_help=True, help="The toy model family (the embe
 app.add_typer(toy_app, name="toy")
 
 
+WIDE_HELP = ("Print the summary as one wide table of every column (short headers, no legend) instead of the "
+             "headline and detail tables.")
+
+
 def _bad_input(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
@@ -89,8 +93,10 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         address: Annotated[str | None, typer.Option(help="Ray address ('auto' joins a running cluster); "
                                                          "default: RAY_ADDRESS, else a local Ray.")] = None,
         models: Annotated[str | None, typer.Option(help="Comma-separated subset of model names.")] = None,
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True):
-    """Run a sweep, resuming by default; prints the summary table at the end."""
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False):
+    """Run a sweep, resuming by default; prints the summary at the end (a headline table within 120
+    characters and the detail tables, each with a legend; `--wide`: one table of every column)."""
     from refusal_ray.cluster.security import check_address
     from refusal_ray.plan import make_plan
     from refusal_ray.runner import run as run_plan
@@ -105,7 +111,7 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
                           log=lambda m: typer.echo(m, err=True))
     except SpecError as e:
         _bad_input(e)
-    _print_summary(out)
+    _print_summary(out, wide=wide)
     if failed:
         typer.echo(f"{failed} cell(s) failed or completion(s) unjudged; see the cells table (status == 'failed') and "
                    f"the judgements table (error is not null)", err=True)
@@ -199,13 +205,13 @@ def _calibrate(path: Path, judges: list | None) -> None:
         typer.echo(render_calibration(calibrate(j, labelled)))
 
 
-def _print_summary(out: str, verdict_judge: str | None = None) -> None:
+def _print_summary(out: str, verdict_judge: str | None = None, wide: bool = False) -> None:
     from refusal_ray.analysis.report import write_report
     from refusal_ray.store import read
     from refusal_ray.analysis.summary import render
 
     report = write_report(out, verdict_judge)  # also writes summary.parquet and the per-judge tables
-    typer.echo(render(read(out, "summary")))
+    typer.echo(render(read(out, "summary"), wide=wide))
     _print_extras(out)
     typer.echo(f"store: {out}  report: {report}")
 
@@ -223,8 +229,10 @@ def _print_extras(out: str) -> None:
 def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
               verdict_judge: Annotated[str | None, typer.Option("--verdict-judge", help="The judge whose labels the "
                                                                 "verdicts read (default: the last chosen, else the "
-                                                                "decision rule's).")] = None):
-    """Print the scale-trend table of a store (and rewrite summary.parquet / summary.csv)."""
+                                                                "decision rule's).")] = None,
+              wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False):
+    """Print the scale-trend summary of a store (and rewrite summary.parquet / summary.csv): a headline
+    table within 120 characters and the detail tables, each with a legend (`--wide`: one table)."""
     from refusal_ray.store import Store
     from refusal_ray.analysis.summary import check_verdict_judge, known_judges, render, write_summary
 
@@ -238,7 +246,7 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
             check_verdict_judge(manifest, verdict_judge)
         except SpecError as e:
             _bad_input(e)
-    typer.echo(render(write_summary(out, verdict_judge)))
+    typer.echo(render(write_summary(out, verdict_judge), wide=wide))
     _print_extras(out)
 
 

@@ -294,9 +294,11 @@ def test_summary_and_report_warn_about_a_fallback_above_kl_max(tmp_path):
                "(the direction may wreck the model)")
     row = summarize(out).iloc[0]
     assert row["selection_warning"] == warning and row["selected_by"] == "bypass, fallback:bypass"
+    wide = render(write_summary(out), wide=True).splitlines()
+    table_end = next(i for i, line in enumerate(wide) if line.startswith("decision rule hash"))
+    assert wide[table_end - 1] == warning and wide[table_end - 2].startswith("m ")   # right under the table
     text = render(write_summary(out)).splitlines()
-    table_end = next(i for i, line in enumerate(text) if line.startswith("decision rule hash"))
-    assert text[table_end - 1] == warning and text[table_end - 2].startswith("m ")   # right under the table
+    assert text.count(warning) == 1 and text[text.index(warning) - 1].startswith("m ")   # under the headline table
     write_report(out)
     report = (out / "report.md").read_text()
     assert report.count(warning) == 2                       # the summary block and the selection section

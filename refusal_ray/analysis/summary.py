@@ -45,13 +45,15 @@ capability cost (stage capability; not part of either verdict): `cost_ce[arm]` i
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pandas as pd
 
 from refusal_ray.analysis.judgements import (agreement, judge_labels, judges_in, kind_of, render_agreement,
                                              steering_under)
-from refusal_ray.core.render import text_table
+from refusal_ray.core.render import DIRECTIONS, HEADLINE, WIDTH, Column, column, fit_table, legend_lines, \
+    short_count, text_table
 from refusal_ray.errors import SpecError
 from refusal_ray.judges.config import INLINE, QUESTION_TEXT, REFUSED, question
 from refusal_ray.store import Store
@@ -438,24 +440,66 @@ def write_summary(out_dir, judge: str | None = None) -> pd.DataFrame:
     return df
 
 
-DISPLAY_HEAD = [("model", "model", "{}"), ("params", "params", "{:,.0f}"), ("layers", "L", "{:.0f}")]
-RULE_DISPLAY = [("ablation_direction", "ablated", "{}"), ("addition_layer", "add L", "{:.0f}"),
-                ("label_layer", "label L", "{:.0f}"), ("baseline_harmful_refusal", "base", "{:.2f}"),
-                ("ablation_suppression", "abl-base", "{:+.2f}"),
-                ("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}"),
-                ("addition_induction", "add-base", "{:+.2f}"),
-                ("addition_induction_vs_control", "add-ctl", "{:+.2f}")]   # the decision rule's columns
-VERDICT_DISPLAY = [("verdict_control_margin", "control_margin", "{}"),
-                   ("verdict_steering_labels", "steering_labels", "{}")]
+DISPLAY_HEAD = [
+    Column("model", "model", "{}", HEADLINE, legend="the model's name in the spec"),
+    Column("params", "params", "{:,.0f}", HEADLINE, legend="parameter count (k = thousand, M = million, B = billion)",
+           text=short_count),
+    Column("layers", "L", "{:.0f}", HEADLINE, "layers", "number of transformer layers")]
+_OF_SEEDS = re.compile(r" \((\d+) of (\d+) seeds\)$")
+
+
+def _direction_text(name: str) -> str:
+    """"L3/p-2 (2 of 2 seeds)" -> "L3/p-2"; "L3/p-2 (1 of 2 seeds)" -> "L3/p-2 (1 of 2)" (the headline's)."""
+    m = _OF_SEEDS.search(name)
+    if m is None:
+        return name
+    return name[:m.start()] + ("" if m.group(1) == m.group(2) else f" ({m.group(1)} of {m.group(2)})")
+
+
+RULE_DISPLAY = [   # the decision rule's columns
+    Column("ablation_direction", "ablated", "{}", HEADLINE, "direction",
+           "the direction the rule ablates: layer L, position p (tokens before the end of the template), the one "
+           "most seeds selected; \"(k of n)\" when only k of the n seeds did", _direction_text),
+    Column("addition_layer", "add L", "{:.0f}", DIRECTIONS, "addition layer",
+           "the layer whose addition arm control_margin reads (the best layer when steered, else the nearest "
+           "steered layer)"),
+    Column("label_layer", "label L", "{:.0f}", DIRECTIONS, "labels layer",
+           "the layer whose addition curve steering_labels reads (chosen as the addition layer)"),
+    Column("baseline_harmful_refusal", "base", "{:.2f}", HEADLINE, "baseline refusal",
+           "harmful refusal rate without intervention (test prompts, pooled over seeds; rates are in [0, 1])"),
+    Column("ablation_suppression", "abl-base", "{:+.2f}", HEADLINE, "ablation drop",
+           "baseline harmful refusal minus harmful refusal with the direction ablated (alpha = ablation_alpha)"),
+    Column("ablation_suppression_vs_control", "abl-ctl", "{:+.2f}", HEADLINE, "drop vs control",
+           "ablation minus its random control: the random direction's harmful refusal minus the ablated direction's"),
+    Column("addition_induction", "add-base", "{:+.2f}", HEADLINE, "addition rise",
+           "harmless refusal with the direction added (c = addition_coefficient, at the addition layer) minus "
+           "baseline harmless refusal"),
+    Column("addition_induction_vs_control", "add-ctl", "{:+.2f}", HEADLINE, "rise vs control",
+           "addition minus its random control: harmless refusal with the direction added minus with a random one")]
+VERDICT_DISPLAY = [
+    Column("verdict_control_margin", "control_margin", "{}", HEADLINE,
+           legend="SUPPORTED when the ablation drop and the addition rise each reach baseline_margin, and their "
+                  "values vs control reach control_margin; else NOT-SUPPORTED naming the arm(s) short "
+                  "(NO-BASELINE-REFUSAL: baseline refusal below baseline_min; INCOMPLETE: an arm not measured)"),
+    Column("verdict_steering_labels", "steering_labels", "{}", HEADLINE,
+           legend="from the addition curve at the labels layer, the best rise of harmless refusal (c > 0) and drop "
+                  "of harmful refusal (c < 0): works-fully (both >= strong), amplify-only (rise >= weak, drop < "
+                  "weak), works-partially (either >= weak), fails (neither)")]
+
+
+def _parts() -> list[list[Column]]:
+    """The columns after DISPLAY_HEAD, in groups in reader `order` (ties: block order), the decision rule's
+    at RULE_ORDER and the verdicts at VERDICT_ORDER; a reader's column without a table goes to its `title`'s."""
+    parts = [(RULE_ORDER, -1, RULE_DISPLAY), (VERDICT_ORDER, -1, VERDICT_DISPLAY)]
+    parts += [(r.order, i, [column(c, r.title) for c in r.display()]) for i, (_, r) in enumerate(readers())]
+    return [cols for _, _, cols in sorted(parts, key=lambda p: (p[0], p[1]))]
 
 
 def display() -> list[tuple[str, str, str]]:
-    """The summary table's columns: model, params, layers, then each stage reader's `display()` in reader
-    `order` (ties: block order), with the decision rule's columns at RULE_ORDER and the verdicts at
-    VERDICT_ORDER."""
-    parts = [(RULE_ORDER, -1, RULE_DISPLAY), (VERDICT_ORDER, -1, VERDICT_DISPLAY)]
-    parts += [(r.order, i, list(r.display())) for i, (_, r) in enumerate(readers())]
-    return [*DISPLAY_HEAD, *(c for _, _, cols in sorted(parts, key=lambda p: (p[0], p[1])) for c in cols)]
+    """The summary table's columns (the `--wide` table): model, params, layers, then each stage reader's
+    `display()` in reader `order` (ties: block order), with the decision rule's columns at RULE_ORDER and the
+    verdicts at VERDICT_ORDER. Each is a `Column`: a (column, header, fmt) tuple."""
+    return [*DISPLAY_HEAD, *(c for cols in _parts() for c in cols)]
 
 
 DISPLAY = display()   # as of import; render() calls display()
@@ -471,20 +515,73 @@ def warning_lines(df: pd.DataFrame) -> list[str]:
     return [line for w in df["selection_warning"] if isinstance(w, str) for line in w.splitlines()]
 
 
-def render(df: pd.DataFrame) -> str:
-    """The summary as a fixed-width text table (also used in the Markdown report)."""
+def _footer(df: pd.DataFrame, warnings: bool = True) -> list[str]:
+    lines = warning_lines(df) if warnings else []
+    if "rule_hash" in df.columns:
+        lines.append(f"decision rule hash: {df['rule_hash'].iloc[0]}")
+    if "judge" in df.columns:
+        lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
+    return lines
+
+
+def render_wide(df: pd.DataFrame) -> str:
+    """The summary as one fixed-width table of every display column (`refusal-ray run/summarize --wide`;
+    the single table printed before the compact layout)."""
     if df.empty:
         return "(no results)"
     cols = [(k, h, f) for k, h, f in display() if k in df.columns]
     cols += [(k, k.replace("faithfulness", "faith"), "{:.2f}") for k in df.columns if k.startswith("faithfulness[")]
     cols += [(k, k, "{}") for k in df.columns if k.startswith("verdict[")]
-    lines = _table(df, cols)
-    lines += warning_lines(df)
-    if "rule_hash" in df.columns:
-        lines.append(f"decision rule hash: {df['rule_hash'].iloc[0]}")
-    if "judge" in df.columns:
-        lines.append(f"verdicts under judge: {df['judge'].iloc[0]}")
-    return "\n".join(lines)
+    return "\n".join(_table(df, cols) + _footer(df))
+
+
+def _expand(c: Column, df: pd.DataFrame) -> list[Column]:
+    """Column `c` for the columns of `df` it names: itself, or for a pattern such as "faithfulness[*]" every
+    column it matches (label: the column's name), in the summary's order."""
+    if not c[0].endswith("[*]"):
+        return [c] if c[0] in df.columns else []
+    stem = c[0][:-2]
+    return [Column(k, k, c[2], c.table, k, c.legend, c.text) for k in df.columns if k.startswith(stem + "[")]
+
+
+def tables(df: pd.DataFrame) -> dict[str, list[Column]]:
+    """{table title: its Columns present in `df`} of the compact layout: HEADLINE first, then each detail
+    table in the order of its first column; every detail table starts with the model column."""
+    out: dict[str, list[Column]] = {HEADLINE: []}
+    for c in (*DISPLAY_HEAD, *(c for cols in _parts() for c in cols)):
+        for x in _expand(c, df):
+            out.setdefault(x.table or HEADLINE, []).append(x)
+    return {t: cols if t == HEADLINE else [DISPLAY_HEAD[0], *cols] for t, cols in out.items() if cols}
+
+
+def legend(cols: list[Column]) -> list[tuple[str, str]]:
+    """[(label, meaning)] of `cols`, each label once; a column without a legend: its summary.csv name."""
+    seen: dict[str, str] = {}
+    for c in cols:
+        seen.setdefault(c.label, c.legend or f"column `{c[0]}` of summary.csv")
+    return list(seen.items())
+
+
+def render(df: pd.DataFrame, wide: bool = False, width: int = WIDTH) -> str:
+    """The summary as text (also the Markdown report's): with `wide`, `render_wide`; else the headline
+    table (model, params, layers, direction, baseline refusal, the rule's four differences, verdicts) and
+    one detail table per `Column.table` (directions and layers, other operators, capability cost, ...),
+    each fitted to `width` characters (`fit_table`) with a legend explaining its headers once (the warning
+    lines right under the headline table), then the decision rule hash and the verdict judge."""
+    if wide:
+        return render_wide(df)
+    if df.empty:
+        return "(no results)"
+    lines: list[str] = []
+    for title, cols in tables(df).items():
+        if lines:
+            lines.append("")
+        lines.append(f"{title}:" if title != HEADLINE else "headline (refusal rates in [0, 1], pooled over seeds):")
+        lines += fit_table(df, cols, width)
+        lines += warning_lines(df) if title == HEADLINE else []   # right under the headline table
+        lines += legend_lines([item for item in legend(cols) if title == HEADLINE or item[0] != "model"], width)
+    footer = _footer(df, warnings=False)
+    return "\n".join(lines + [""] * bool(footer) + footer)
 
 
 JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_harmful_refusal", "base", "{:.2f}"),

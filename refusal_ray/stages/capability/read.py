@@ -20,7 +20,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import has, not_run, num, plt, png, text_table
+from refusal_ray.core.render import Column, column, has, not_run, num, plt, png, text_table
 from refusal_ray.stages.base import Reader
 from refusal_ray.store import Store
 
@@ -211,11 +211,27 @@ def summary(ctx, model: str, row: dict) -> dict:
     return summary_columns(ctx.provided("cost"), model, ctx.rule) if "best_layer" in row else {}
 
 
-def display() -> list[tuple[str, str, str]]:
+COST = "capability cost (arm minus baseline, mean over seeds; not part of the verdicts)"   # its compact table
+_COST = {"ce": ("CE", "{arm}'s CE loss on the held-out text minus the baseline's (nats/token)"),
+         "kl": ("KL", "{arm}'s first-token KL against the baseline on the harmless test prompts (nats)")}
+
+
+def cost_column(entry) -> Column:
+    """An operator's `cost_display` entry as a Column of the COST table: `cost_ce[arm]` -> "arm CE",
+    `cost_kl[arm]` -> "arm KL", with their legends."""
+    key = entry[0]
+    metric, _, arm = key.removeprefix("cost_").partition("[")
+    if metric in _COST and arm.endswith("]"):
+        label, legend = _COST[metric]
+        return column(entry, COST).replace(label=f"{arm[:-1]} {label}", legend=legend.format(arm=arm[:-1]))
+    return column(entry, COST)
+
+
+def display() -> list[Column]:
     """Each operator's `cost_display` columns, in apply order (ablation, orthogonalized, ..., addition)."""
     from refusal_ray.ops import OPS
 
-    return [c for op in OPS.by_apply_order() for c in op.cost_display]
+    return [cost_column(c) for op in OPS.by_apply_order() for c in op.cost_display]
 
 
 def report(ctx) -> list[str]:

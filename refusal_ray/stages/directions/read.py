@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import grid, has, markdown_table, num, plt, png
+from refusal_ray.core.render import DIRECTIONS, Column, grid, has, markdown_table, num, plt, png
 from refusal_ray.stages.base import Reader
 from refusal_ray.stats import cosine_matrix
 
@@ -30,8 +30,12 @@ def summary(ctx, model: str, row: dict) -> dict:
     return {"best_layer": best, "separation": float(sep[best]), "seeds": int(d["seed"].nunique())}
 
 
-def display() -> list[tuple[str, str, str]]:
-    return [("best_layer", "best", "{:.0f}"), ("separation", "sep(d)", "{:.2f}")]
+def display() -> list[Column]:
+    """The best layer and its separation, in the compact layout's directions table."""
+    return [Column("best_layer", "best", "{:.0f}", DIRECTIONS, "best layer",
+                   "the layer whose direction separates harmful from harmless prompts most (mean over seeds)"),
+            Column("separation", "sep(d)", "{:.2f}", DIRECTIONS, "separation",
+                   "Cohen's d of the val prompts' projections on the best layer's direction, harmful vs harmless")]
 
 
 def directions_diagnostics(dirs: pd.DataFrame) -> list[str]:

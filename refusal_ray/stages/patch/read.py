@@ -15,13 +15,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import has, not_run, num, plt, png
+from refusal_ray.core.render import Column, has, not_run, num, plt, png
 from refusal_ray.stages.base import Reader
 
 SITE_KEYS = ["model", "site", "kind", "layer", "head"]
 COMPONENTS = ("attn_out", "mlp_out", "z")   # what a component writes (not the residual stream)
 KIND_ORDER = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 TITLE = "Activation patching: top components"
+PATCHING = "activation patching (not part of the verdicts)"   # its compact table
 
 
 def _tinterval(x: np.ndarray) -> tuple[float, float]:
@@ -135,9 +136,14 @@ def _summary(ctx, model: str, row: dict) -> dict:
     return patch_columns(model, ctx.provided("site_recovery"))
 
 
-def _display() -> list[tuple[str, str, str]]:
-    return [("top_component", "top component", "{}"), ("top_recovery", "recovery", "{:.2f}"),
-            ("attribution_spearman", "AtP rho", "{:.2f}")]
+def _display() -> list[Column]:
+    """The top component, its recovery and the screen's rank correlation, in the compact layout's patching table."""
+    return [Column("top_component", "top component", "{}", PATCHING,
+                   legend="the component (attention or MLP output, or a head) with the highest mean recovery"),
+            Column("top_recovery", "recovery", "{:.2f}", PATCHING,
+                   legend="its mean recovery over pairs (pooled over seeds) under exact activation patching"),
+            Column("attribution_spearman", "AtP rho", "{:.2f}", PATCHING, "attribution rho",
+                   legend="Spearman rank correlation of the attribution-patching screen with the exact recovery")]
 
 
 def _report(ctx) -> list[str]:

@@ -12,10 +12,11 @@ import json
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import not_run, plt, png
+from refusal_ray.core.render import Column, not_run, plt, png
 from refusal_ray.stages.base import Reader
 
 TITLE = "Causal scrubbing (resample ablation of each hypothesis' complement)"
+SCRUBBING = "causal scrubbing per hypothesis (not part of the verdicts)"   # its compact table
 VERDICT_COLUMNS = ["model", "hypothesis", "protected", "seeds", "examples", "mean_kl", "faithfulness", "max_kl",
                    "corrupted_faithfulness", "threshold", "verdict"]
 
@@ -77,9 +78,12 @@ def _summary(ctx, model: str, row: dict) -> dict:
     return scrub_columns(model, ctx.provided("scrub_verdicts"))
 
 
-def _display() -> list[tuple[str, str, str]]:
+def _display() -> list[Column]:
     """The per-hypothesis columns, as patterns (`[*]`: every hypothesis the summary has, in its column order)."""
-    return [("faithfulness[*]", "faith[*]", "{:.2f}"), ("verdict[*]", "verdict[*]", "{}")]
+    return [Column("faithfulness[*]", "faith[*]", "{:.2f}", SCRUBBING,
+                   legend="exp(-mean KL(full || scrubbed)) of the hypothesis, over every example of every seed"),
+            Column("verdict[*]", "verdict[*]", "{}", SCRUBBING,
+                   legend="FAITHFUL when its faithfulness reaches the stage's threshold")]
 
 
 def _report(ctx) -> list[str]:

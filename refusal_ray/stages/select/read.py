@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from refusal_ray.core.render import has, not_run, plt, png
+from refusal_ray.core.render import DIRECTIONS, Column, has, not_run, plt, png
 from refusal_ray.stages.base import Reader
 
 TITLE = "Direction selection (Arditi et al. 2024, Sec. 2.3 and App. C)"
@@ -140,8 +140,10 @@ def _summary(ctx, model: str, row: dict) -> dict:
     return out
 
 
-def _display() -> list[tuple[str, str, str]]:
-    return [("selected", "selected", "{}")]
+def _display() -> list[Column]:
+    return [Column("selected", "selected", "{}", DIRECTIONS, "selected per seed",
+                   "stage select's choice for each seed s0, s1, ...: layer L / position p; NONE: nothing passed "
+                   "its filters")]
 
 
 def _report(ctx) -> list[str]:

@@ -18,7 +18,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from refusal_ray.core.render import integral, markdown_table, not_run, plt, png
+from refusal_ray.core.render import Column, column, integral, markdown_table, not_run, plt, png
 from refusal_ray.stages.base import Reader
 from refusal_ray.stats import prompt_pooled_rate, wilson
 
@@ -284,11 +284,37 @@ def summary(ctx, model: str, row: dict) -> dict:
     return operator_columns(a, ctx.rule, steer_spec)
 
 
-def display() -> list[tuple[str, str, str]]:
-    """Each operator's `display` columns, in report order."""
+OPERATORS = "other operators (not part of the verdicts)"   # the compact layout's table of their columns
+_EFFECTS = {   # column suffix -> (label suffix, legend); `{op}` the operator's label
+    "_suppression_vs_control": ("drop vs control", "{op} minus its random control: the control's harmful refusal "
+                                                   "minus its own"),
+    "_suppression": ("drop", "baseline harmful refusal minus harmful refusal under {op}"),
+    "_induction_vs_control": ("rise vs control", "{op} minus its random control: its harmless refusal minus the "
+                                                 "control's"),
+    "_induction": ("rise", "harmless refusal under {op} minus baseline harmless refusal"),
+}
+
+
+def operator_column(op, entry) -> Column:
+    """An operator's `display` entry (column, header, fmt) as a Column of the OPERATORS table, spelled out
+    from its column name: `<op>_suppression` -> "<op> drop" (and "drop vs control", "rise", "rise vs
+    control"); the operator's own arm name (`subspace`) -> the arm the columns beside it read."""
+    key, header, fmt = entry
+    what = op.label or op.name
+    if key == op.name:
+        return column(entry, OPERATORS).replace(label=op.name, legend=f"the {what} arm the columns beside it read, "
+                                                                      f"and how many seeds ran it")
+    for suffix, (label, legend) in _EFFECTS.items():
+        if key == op.name + suffix:
+            return column(entry, OPERATORS).replace(label=f"{op.name} {label}", legend=legend.format(op=what))
+    return column(entry, OPERATORS)
+
+
+def display() -> list[Column]:
+    """Each operator's `display` columns, in report order (`operator_column`)."""
     from refusal_ray.ops import OPS
 
-    return [c for op in OPS.by_report_order() for c in op.display]
+    return [operator_column(op, c) for op in OPS.by_report_order() for c in op.display]
 
 
 def operator_sections(pooled: pd.DataFrame, stages: dict) -> list[str]:
