@@ -3,8 +3,8 @@ its held-out file, the `calibration:` field of a judge block, and the report's "
 
 from __future__ import annotations
 
-import json
 import math
+import re
 
 import pytest
 import yaml
@@ -16,6 +16,7 @@ from refusal_ray.judges.calibrate import calibrate, calibrate_store, load_labell
 from refusal_ray.judges.config import ChatJudgeSpec
 from refusal_ray.stats import cohen_kappa, wilson
 from refusal_ray.store import Store
+from refusal_ray.toy.dataset import FRAMES, SPLIT_OF_FRAME
 from refusal_ray.toy.judge import (DEFAULT_HELDOUT, DEFAULT_LABELLED, N_HELDOUT, TOY_RUBRIC, synthetic_rows,
                                    write_heldout)
 
@@ -43,9 +44,11 @@ def test_heldout_file_is_generated_and_distinct_from_training(tmp_path, heldout)
     write_heldout(again)
     assert again.read_bytes() == DEFAULT_HELDOUT.read_bytes()
     assert len(heldout) == N_HELDOUT and heldout["id"].is_unique
-    test_prompts = {json.loads(line)["instruction"] for f in ("harmful.jsonl", "harmless.jsonl")
-                    for line in (TOY_PROMPTS / f).read_text().splitlines() if json.loads(line)["split"] == "test"}
-    assert set(heldout["prompt"]) <= test_prompts
+    def frames(prompt):   # the sentence frames (refusal_ray/toy/dataset.py FRAMES) a prompt fits
+        return {f for f in FRAMES if re.fullmatch(re.escape(f).replace(r"\{act\}", ".+").replace(r"\{task\}", ".+"),
+                                                  prompt)}
+    test_frames = {f for f, split in zip(FRAMES, SPLIT_OF_FRAME) if split == "test"}
+    assert all(frames(p) and frames(p) <= test_frames for p in heldout["prompt"])
     train = synthetic_rows(0, "train", 1600)
     labelled = load_labelled(DEFAULT_LABELLED)
     train_prompts = {r["prompt"] for r in train} | set(labelled["prompt"])
