@@ -23,6 +23,7 @@ killed at once, which is the only reliable way to free its memory for the next m
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -394,6 +395,25 @@ class Driver:
         self.log(f"FAILED {len(task.cells)} {task.stage} cell(s) of {st.name} seed {task.seed}: {result.get('error')}")
 
 
+# Ray >= 2.59 logs this warning on every local `ray.init()` whose RAY_AUTH_MODE is unset
+# (ray/_private/authentication/authentication_token_setup.py, `_warn_token_auth_enabled`): the new
+# local cluster gets token authentication, Ray's default, which is what we want, so the notice is noise.
+# Only this one record is dropped; "Token authentication is disabled ..." and every other warning stay.
+TOKEN_AUTH_BANNER = "Token authentication is enabled for this Ray cluster."
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_auth_banner(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(TOKEN_AUTH_BANNER)
+
+
+def quiet_token_auth_banner() -> None:
+    """Keep Ray's token-authentication banner (TOKEN_AUTH_BANNER) off the terminal; idempotent."""
+    logger = logging.getLogger(_AUTH_LOGGER)
+    if _drop_token_auth_banner not in logger.filters:
+        logger.addFilter(_drop_token_auth_banner)
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join `address` (or RAY_ADDRESS); otherwise start a local Ray. Returns True if we started it.
 
@@ -405,6 +425,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
+    quiet_token_auth_banner()
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
