@@ -130,7 +130,10 @@ def test_a_throwaway_stage_runs_stores_summarises_and_reports(echo_stage, tmp_pa
     assert sorted(store.read(TABLE)["value"]) == [0.5, 1.5]
     summary = summarize(tmp_path / "out")
     assert summary.loc[0, "echo_total"] == 2.0
-    assert "echo" in render(summary).splitlines()[0]
+    assert "echo" in render(summary, wide=True).splitlines()[0]
+    # compact layout: a plain (column, header, fmt) entry goes to a detail table under its reader's title,
+    # its legend naming the summary column
+    assert "  echo: column `echo_total` of summary.csv" in render(summary).splitlines()
     report = (tmp_path / "out" / "report.md").read_text() if write_report(tmp_path / "out") else ""
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert sections.index("## Echo") == sections.index("## Activation patching: top components") + 1   # order 65
