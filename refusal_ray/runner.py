@@ -82,8 +82,18 @@ def freeze_manifest(plan: Plan, store: Store) -> None:
 
 def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool = True, log=print) -> int:
     """Run the plan's missing cells, then its judges over every stored completion not yet judged
-    (`refusal_ray.cluster.judging`). Returns the number of failed cells plus completions that could
-    not be judged."""
+    (`refusal_ray.cluster.judging`), then, with a `tracking:` block only, log the store to MLflow
+    (`refusal_ray.tracking`; without the block nothing is imported, and a tracking failure is one
+    warning line). Returns the number of failed cells plus completions that could not be judged."""
+    failed = _run(plan, out, address, progress, log)
+    if plan.spec.tracking is not None:
+        from refusal_ray.tracking import log_run
+
+        log_run(plan, out, log=log)
+    return failed
+
+
+def _run(plan: Plan, out: str | Path, address: str | None, progress: bool, log) -> int:
     from refusal_ray.cluster.driver import Driver, connect, placements
     from refusal_ray.cluster.judging import judge_store, record_judges
     from refusal_ray.pipeline.placement import PlacementError

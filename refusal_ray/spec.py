@@ -320,6 +320,28 @@ class TrackingSpec(Strict):
     wandb: str | None = Field(None, description="Weights & Biases project. Needs `pip install wandb`; "
                                                 "WANDB_MODE=offline keeps the run on this machine.")
 
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_uri(cls, v: str | None) -> str | None:
+        import importlib.util
+        from urllib.parse import urlsplit
+
+        if v is not None and urlsplit(v).password is not None:
+            raise ValueError("credentials in the URI would be stored in the manifest; set "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        if v is not None and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("mlflow is not installed: pip install mlflow-skinny (or 'refusal-ray[tracking]')")
+        return v
+
+    @field_validator("wandb")
+    @classmethod
+    def _wandb_installed(cls, v: str | None) -> str | None:
+        import importlib.util
+
+        if v is not None and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed: pip install wandb (WANDB_MODE=offline keeps runs local)")
+        return v
+
 
 class Resources(Strict):
     num_cpus: float = Field(1, gt=0, description="CPUs per model worker.")

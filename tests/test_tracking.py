@@ -1,0 +1,134 @@
+"""Experiment tracking (refusal_ray/tracking.py): a toy sweep logged to a local MLflow file store and read
+back; a failing tracker does not fail the run; without the block mlflow is never imported."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from test_bad_input import base_spec
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN_XS = REPO / "data" / "models" / "toy-qwen-xs"
+
+
+def _run(tmp_path, tracking: dict | None) -> tuple[object, Path, list[str]]:
+    """run_local fills a store, then runner.run finds every cell done (no Ray) and tracks."""
+    from refusal_ray import runner
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+    from refusal_ray.store import Store
+
+    spec = base_spec(QWEN_XS)
+    if tracking is not None:
+        spec["tracking"] = tracking
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    plan = make_plan(str(f))
+    out = tmp_path / "out"
+    run_local(plan, Store(out), log=lambda m: None)
+    lines: list[str] = []
+    failed = runner.run(plan, out, progress=False, log=lines.append)
+    assert failed == 0
+    return plan, out, lines
+
+
+def test_mlflow_run_holds_the_summary_metrics(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    plan, out, lines = _run(tmp_path, {"mlflow": uri, "experiment": "toy"})
+    assert any(line.startswith("tracking: MLflow run ") for line in lines), lines
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # reading back (tracking sets it for its call only)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("toy")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    summary = pd.read_parquet(out / "summary.parquet")
+    checked = 0
+    for row in summary.to_dict("records"):
+        for col in ("baseline_harmful_refusal", "ablation_suppression_vs_control", "addition_induction_vs_control",
+                    "separation"):
+            if isinstance(row.get(col), float) and math.isfinite(row[col]):
+                assert run.data.metrics[f"{row['model']}.{col}"] == row[col], sorted(run.data.metrics)[:20]
+                checked += 1
+        assert run.data.tags[f"{row['model']}.verdict_control_margin"] == row["verdict_control_margin"]
+    assert checked >= 2
+    p = run.data.params
+    assert p["spec_hash"] == plan.spec.spec_hash() and p["rule_hash"] == plan.spec.rule_hash()
+    assert p["sweep"] == "broken" and p["models"] == "tiny" and p["seeds"] == "0"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "manifest.json", "report.md", "summary.csv", "figures"} <= names
+    figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figs and all(f.endswith(".png") for f in figs)
+
+
+def test_tracking_failure_warns_one_line_and_keeps_the_run(tmp_path):
+    # a file where the store's directory should be: MLflow cannot create its experiment there
+    (tmp_path / "blocked").write_text("not a directory")
+    _, out, lines = _run(tmp_path, {"mlflow": (tmp_path / "blocked" / "mlruns").as_uri()})
+    warned = [line for line in lines if line.startswith("tracking: WARNING: MLflow logging")]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert (out / "summary.parquet").exists()
+
+
+def test_credentials_in_the_uri_are_bad_input(tmp_path):
+    from refusal_ray.errors import SpecError
+    from refusal_ray.spec import load_spec
+
+    spec = base_spec(QWEN_XS)
+    spec["tracking"] = {"mlflow": "https://user:secret@mlflow.example:5000"}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=r"tracking\.mlflow: credentials in the URI"):
+        load_spec(f)
+
+
+def test_wandb_missing_is_one_line_naming_the_field(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    from refusal_ray.errors import SpecError
+    from refusal_ray.spec import load_spec
+
+    spec = base_spec(QWEN_XS)
+    spec["tracking"] = {"wandb": "proj"}
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=r"tracking\.wandb: wandb is not installed: pip install wandb"):
+        load_spec(f)
+
+
+def test_without_the_block_mlflow_is_not_imported(tmp_path):
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from pathlib import Path; "
+            "import test_tracking as t; t._run(Path(sys.argv[1]), None); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'wandb')))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_token_auth_banner_is_filtered_only_it():
+    import logging
+
+    from refusal_ray.cluster.driver import TOKEN_AUTH_BANNER, _AUTH_LOGGER, quiet_token_auth_banner
+
+    quiet_token_auth_banner()
+    quiet_token_auth_banner()
+    logger = logging.getLogger(_AUTH_LOGGER)
+    assert len(logger.filters) == 1
+    banner = logger.makeRecord(_AUTH_LOGGER, logging.WARNING, __file__, 0,
+                               TOKEN_AUTH_BANNER + " Set RAY_AUTH_MODE=disabled to opt out.", (), None)
+    other = logger.makeRecord(_AUTH_LOGGER, logging.WARNING, __file__, 0,
+                              "Token authentication is disabled for this Ray cluster.", (), None)
+    assert not logger.filter(banner) and logger.filter(other)
