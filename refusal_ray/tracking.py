@@ -1,4 +1,4 @@
-"""Experiment tracking: one MLflow run per `refusal-ray run` of a spec with a `tracking:` block.
+"""Experiment tracking: one MLflow (and/or W&B) run per `refusal-ray run` of a spec with a `tracking:` block.
 
 Logged (read from the store, after the run): params (sweep, spec hash, decision rule hash, models,
 seeds, package version, git sha, data fingerprint, verdict judge), summary metrics per model as
@@ -6,7 +6,7 @@ seeds, package version, git sha, data fingerprint, verdict judge), summary metri
 `cost_ce[addition]` becomes `cost_ce.addition`), the summary's text columns (verdicts, selected
 direction) as tags, and the spec file, manifest.json, summary.csv, report.md and figures/*.png as artifacts.
 
-mlflow is imported here only, lazily: a run without the block imports nothing. A tracking failure
+mlflow and wandb are imported here only, lazily: a run without the block imports nothing. A tracking failure
 (server down, bad URI) never fails the finished run: `log_run` returns an error line, the caller warns.
 No environment (tokens, passwords) is logged; the spec refuses credentials inside the URI.
 """
@@ -142,10 +142,38 @@ def log_mlflow(tracking, store: Store, spec_file: str | None = None) -> str:
     return rid
 
 
+def log_wandb(tracking, store: Store, spec_file: str | None = None) -> str:
+    """Log the store as one Weights & Biases run in project `tracking.wandb`: the params as config, the
+    metrics and tags as the run summary, the files as one artifact, the figures as images. WANDB_MODE=offline
+    keeps the run in ./wandb on this machine (`wandb sync` uploads it later). Returns the run id."""
+    import wandb
+
+    manifest = store.read_json("manifest.json") or {}
+    data = store.read_file("summary.parquet")
+    summary = pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame({"model": []})
+    metrics, tags = summary_metrics(summary)
+    run = wandb.init(project=tracking.wandb, name=manifest.get("sweep"), config=run_params(manifest, summary),
+                     job_type="refusal-ray-run")
+    try:
+        run.summary.update({**metrics, **tags})
+        with tempfile.TemporaryDirectory() as tmp:
+            files = _artifacts(store, spec_file, Path(tmp))
+            art = wandb.Artifact(f"{manifest.get('sweep') or 'refusal-ray'}-store", type="refusal-ray-store")
+            for path, where in files:
+                art.add_file(str(path), name=f"{where}/{path.name}" if where else path.name)
+            run.log_artifact(art)
+            run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p, where in files if where == "figures"})
+            run.finish()
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    return run.id
+
+
 def log_run(plan, out, log=print) -> list[str]:
     """After a run: rewrite the summary/report (so the logged numbers are this run's) and log the store
-    to each configured tracker. Never raises: a failure is one warning line through `log`. Returns the
-    MLflow run ids logged."""
+    to each configured tracker (MLflow, then W&B). Never raises: a failure is one warning line through
+    `log`. Returns the run ids logged."""
     tracking = plan.spec.tracking
     if tracking is None:
         return []
@@ -164,5 +192,12 @@ def log_run(plan, out, log=print) -> list[str]:
             log(f"tracking: MLflow run {ids[-1]} at {tracking.mlflow}")
         except Exception as e:  # noqa: BLE001 - server down, bad URI: warn, keep the run's exit status
             log(f"tracking: WARNING: MLflow logging to {tracking.mlflow} failed, the run itself is complete: "
+                f"{type(e).__name__}: {e}".splitlines()[0])
+    if tracking.wandb:
+        try:
+            ids.append(log_wandb(tracking, store, plan.spec_file))
+            log(f"tracking: W&B run {ids[-1]} in project {tracking.wandb}")
+        except Exception as e:  # noqa: BLE001 - as for MLflow
+            log(f"tracking: WARNING: W&B logging to project {tracking.wandb} failed, the run itself is complete: "
                 f"{type(e).__name__}: {e}".splitlines()[0])
     return ids

@@ -132,3 +132,49 @@ def test_token_auth_banner_is_filtered_only_it():
     other = logger.makeRecord(_AUTH_LOGGER, logging.WARNING, __file__, 0,
                               "Token authentication is disabled for this Ray cluster.", (), None)
     assert not logger.filter(banner) and logger.filter(other)
+
+
+def test_wandb_run_gets_the_same_metrics(tmp_path, monkeypatch):
+    """W&B (not installed here): a stand-in `wandb` module records what log_wandb hands it."""
+    import types
+
+    from refusal_ray import tracking
+    from refusal_ray.store import Store
+
+    _, out, _ = _run(tmp_path, None)
+    from refusal_ray.analysis.report import write_report
+
+    write_report(str(out))
+    seen = {}
+
+    class Run:
+        id = "w1"
+        summary: dict = {}
+
+        def log_artifact(self, art):
+            seen["files"] = art.files
+
+        def log(self, d):
+            seen["images"] = sorted(d)
+
+        def finish(self, exit_code=0):
+            seen["exit"] = exit_code
+
+    class Artifact:
+        def __init__(self, name, type):
+            self.files = []
+
+        def add_file(self, path, name):
+            self.files.append(name)
+
+    def init(**kw):
+        seen["init"] = kw
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Artifact=Artifact, Image=str))
+    rid = tracking.log_wandb(types.SimpleNamespace(wandb="proj"), Store(out))
+    assert rid == "w1" and seen["exit"] == 0 and seen["init"]["project"] == "proj"
+    metrics, _ = tracking.summary_metrics(pd.read_parquet(out / "summary.parquet"))
+    assert {k: Run.summary[k] for k in metrics} == metrics
+    assert {"manifest.json", "report.md", "summary.csv"} <= set(seen["files"])
+    assert seen["images"] and all(i.startswith("figures/") for i in seen["images"])
