@@ -178,3 +178,17 @@ def test_wandb_run_gets_the_same_metrics(tmp_path, monkeypatch):
     assert {k: Run.summary[k] for k in metrics} == metrics
     assert {"manifest.json", "report.md", "summary.csv"} <= set(seen["files"])
     assert seen["images"] and all(i.startswith("figures/") for i in seen["images"])
+
+
+def test_local_ray_start_prints_no_token_auth_banner(tmp_path):
+    """A real local Ray start through driver.connect (RAY_AUTH_MODE unset, as for a new user)."""
+    import os
+
+    from refusal_ray.cluster.driver import TOKEN_AUTH_BANNER
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    code = ("import ray; from refusal_ray.cluster.driver import connect; "
+            "assert connect(None, 1); ray.shutdown()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert TOKEN_AUTH_BANNER not in r.stderr
