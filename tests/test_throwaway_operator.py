@@ -162,5 +162,8 @@ def test_throwaway_operator_runs_stores_summarises_and_reports(scale_op, tmp_pat
     assert table[0].startswith("| model | scale |") and len(table) == 2 + 8      # its 8 pooled arms
     assert "Direction rescaling (scale=0) lowers harmful refusal by" in text   # its headline sentence
     assert f"{row['scale_suppression']:.2f}" in text.split("## Summary")[0]
-    assert "scl-ctl" in render(summarize(out))              # its summary table columns
+    summary = summarize(out)
+    assert "scl-ctl" in render(summary, wide=True)          # its summary table columns (--wide)
+    assert "  scale drop vs control: direction rescaling minus its random control: the control's harmful refusal " \
+        "minus its own" in render(summary)                  # spelled out in the other operators' table
     assert _repo_listing() == before   # the operator lives in this test only: the run wrote nothing into the repo
