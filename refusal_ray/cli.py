@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "activation addition, directional ablation) on Ray.")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy model family (the embedded default).")
 app.add_typer(toy_app, name="toy")
+prompts_app = typer.Typer(no_args_is_help=True, help="Prompt sets: per-split files and datasets as single files.")
+app.add_typer(prompts_app, name="prompts")
 
 
 WIDE_HELP = ("Print the summary as one wide table of every column (short headers, no legend) instead of the "
@@ -46,7 +48,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
         plan = make_plan(spec, offline_ok=True)
     except SpecError as e:
         _bad_input(e)
-    offline = [line for line in plan.unchecked if line.startswith("models.")]
+    offline = [line for line in plan.unchecked if line.startswith(("models.", "data."))]
     if not offline:
         typer.echo(f"{spec}: ok ({len(plan.cells)} cells)")
     else:
@@ -55,7 +57,8 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")]):
     for line in plan.unchecked:
         typer.echo(f"{'could not check offline' if line in offline else 'not checked before the run'}: {line}")
     if offline:
-        typer.echo("(a hub model's config could not be fetched: `refusal-ray plan` with the hub reachable checks it)")
+        typer.echo("(a hub model's config or a hub dataset could not be fetched: `refusal-ray plan` with the hub "
+                   "reachable checks it)")
 
 
 @app.command()
@@ -257,6 +260,22 @@ def report(out: Annotated[str, typer.Argument(help="Store (path or URI).")]):
 
     _require_store(out)
     typer.echo(write_report(out))
+
+
+@prompts_app.command("merge")
+def prompts_merge(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
+                  out: Annotated[Path, typer.Option(help="Folder for harmful.jsonl / harmless.jsonl.")]):
+    """Write the spec's prompt sets as single files (a per-split or `datasets` set as its canonical merged
+    JSONL; a single file copied as it is) and print the equivalent `data:` block: a spec with that block
+    gets the same draws and the same cell ids (README: "Prompt sets")."""
+    from refusal_ray.data import write_merged
+    from refusal_ray.spec import load_spec
+
+    try:
+        block = write_merged(load_spec(spec), out, str(spec))
+    except SpecError as e:
+        _bad_input(e)
+    typer.echo(block, nl=False)
 
 
 @toy_app.command("build")

@@ -42,7 +42,7 @@ def manifest(plan: Plan) -> dict:
         "sweep": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash(),
         "spec_file": plan.spec_file,
         "decision_rule": spec.decision_rule.model_dump(mode="json"), "rule_hash": spec.rule_hash(),
-        "data_fingerprint": plan.data_fingerprint,
+        "data_fingerprint": plan.data_fingerprint, "data_sources": plan.data_sources,
         "models": {n: {"params": mp.params, "n_layers": mp.n_layers, "d_model": mp.d_model, "family": mp.family,
                        "estimate_bytes": mp.estimate_bytes, "positions": mp.positions,
                        "prompt_fingerprint": plan.fingerprints.get(n), **mp.chat,

@@ -309,10 +309,37 @@ def test_bad_prompt_sources_are_one_line_errors(tmp_path):
     assert code == 2 and out.startswith(f"error: {f}: data.harmful: ") and "split 'test' has 10 rows" in out
 
 
-def test_the_golden_ids_test_still_passes():
-    """tests/test_golden_ids.py unchanged (the single-file quickstart's cell ids), run as its own process."""
-    from conftest import REPO
+def test_prompts_merge_cli_writes_the_files_and_a_block_with_the_same_cell_ids(tmp_path):
+    from refusal_ray.cli import app
+    from refusal_ray.plan import make_plan
 
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_golden_ids.py"],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:]
+    paper_layout(tmp_path)
+    spec_file = _spec(tmp_path, _data(tmp_path))
+    r = CliRunner().invoke(app, ["prompts", "merge", spec_file, "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    block = yaml.safe_load(r.output)["data"]
+    assert block["harmful"]["path"] == str(tmp_path / "cli" / "harmful.jsonl")
+    assert block["harmful"]["category_column"] == "category" and "category_column" not in block["harmless"]
+    merged = _spec(tmp_path, block, "cli_merged")
+    assert [c.id for c in make_plan(merged).cells] == [c.id for c in make_plan(spec_file).cells]
+
+
+def test_prompts_merge_cli_bad_input_writes_nothing(tmp_path):
+    from refusal_ray.cli import app
+
+    paper_layout(tmp_path)
+    good = _data(tmp_path)
+    bad = _spec(tmp_path, {**good, "harmless": {**good["harmless"], "test": str(tmp_path / "nope.json")}}, "bad")
+    r = CliRunner().invoke(app, ["prompts", "merge", bad, "--out", str(tmp_path / "cli")])
+    assert (r.exit_code, r.output.strip()) == (2, f"error: {bad}: data.harmless.test.path: file not found: "
+                                                  f"{tmp_path / 'nope.json'}")
+    assert not (tmp_path / "cli").exists()
+
+
+def test_validate_lists_an_offline_hub_dataset_as_could_not_check_offline(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = {"harmful": {"dataset": "someone/some-prompts", "split": "train", "split_column": "split"},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    code, out = _validate(_spec(tmp_path, data))
+    assert code == 0 and "could not check offline: data.harmful.dataset (hub dataset 'someone/some-prompts')" in out

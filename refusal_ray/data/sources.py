@@ -248,11 +248,12 @@ def write_merged(spec, out_dir: str | Path, spec_file: str = "<spec>") -> str:
 
     data = getattr(spec, "data", spec)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     block: dict = {}
-    for cls in ("harmful", "harmless"):
-        src = getattr(data, cls)
-        loaded = load_source(src, f"data.{cls}", spec_file)
+    # both sets are read (and checked) before anything is written: a bad set leaves the folder untouched
+    sets = {cls: (getattr(data, cls), load_source(getattr(data, cls), f"data.{cls}", spec_file))
+            for cls in ("harmful", "harmless")}
+    out.mkdir(parents=True, exist_ok=True)
+    for cls, (src, loaded) in sets.items():
         if loaded.canonical is None:
             target = out / f"{cls}{Path(src.path).suffix}"
             target.write_bytes(Path(src.path).read_bytes())
