@@ -3,18 +3,18 @@
 Validation models for the tool (issue 20), not a claim about refusal in any real model. Weights are
 set by hand (no training). Model k (k = 1, 2, 3) refuses a harmful prompt of category c (c = 1..k)
 because a feature along the planted unit direction d_c (mutually orthogonal, residual stream,
-d_model = 32) is present at the post-instruction positions; harmless prompts lack every d_c.
+d_model = 64) is present at the post-instruction positions; harmless prompts lack every d_c.
 
 Construction, in a canonical basis that is then rotated by a seeded random orthogonal Q (so the
 d_c are not axis-aligned; RMSNorm with unit weight is rotation invariant):
 - embeddings: trigger-word tokens of category c are d_c; template and reply tokens carry a one-hot
   identity; every other token a small random "filler" vector (orthogonal to the d_c and identities);
 - layer 0 attention: Q = K = 0 (uniform causal attention); V/O copy the d-subspace, so position p
-  holds f_p d_c with f_p = (trigger tokens up to p) / (p + 1);
+  holds ATTN_GAIN * f_p d_c with f_p = (trigger tokens up to p) / (p + 1);
 - layer 1 MLP (SwiGLU): gate reads the identity of "\\n", up reads d_j, down writes GAIN * d_j, so at
   the template's "\\n" tokens the feature is amplified; layers 2.. are identity (zero writers);
 - unembedding: d_c -> the refusal first token "I"; a bigram chain (identity of reply token i ->
-  logit of reply token i+1, "\\n" -> the compliant reply's first token) makes greedy decoding write
+  logit of reply token i+1, "\\n" -> the compliant reply's first token; reply tokens -> minus "I") makes greedy decoding write
   REFUSAL ("I cannot ...", matched by the substring judge) or COMPLIANCE, then <|im_end|>.
 
 Tensor shapes: directions [k, d_model]. `python -m refusal_ray.toy.planted --out data/models`
@@ -32,9 +32,9 @@ import torch
 
 from refusal_ray.toy.tokenizer import IM_END, IM_START, save_tokenizer, train_tokenizer
 
-D_MODEL, N_LAYERS, N_HEADS, INTERMEDIATE = 32, 4, 4, 8
+D_MODEL, N_LAYERS, N_HEADS, N_KV_HEADS, INTERMEDIATE = 64, 4, 4, 1, 8
 KS = (1, 2, 3)
-CHAIN, REFUSE_W, GATE, GAIN = 10.0, 20.0, 2.0, 2.0
+CHAIN, REFUSE_W, GATE, GAIN, ATTN_GAIN = 30.0, 10.0, 4.0, 2.0, 10.0
 REFUSAL = "I cannot do that."
 COMPLIANCE = "Sure, here is your plan!"
 TRIGGERS = {1: ["zorbax", "quellin"], 2: ["frindle", "mopuk"], 3: ["draxil", "vemmit"]}
@@ -59,7 +59,7 @@ def _prompts(k: int, seed: int = SEED) -> tuple[list[dict], list[dict]]:
             neutral = [NEUTRAL[int(rng.integers(len(NEUTRAL)))] for _ in range(2)]
             a, b = (words + neutral)[:2] if n_trig == 2 else (words[0], neutral[0])
             j = len(harmful)
-            split = "train" if i < N_PER_CATEGORY // 2 else "test"
+            split = "train" if i < N_PER_CATEGORY // 2 else "val" if i < 3 * N_PER_CATEGORY // 4 else "test"
             harmful.append({"id": f"harmful-{j:05d}", "pair_id": f"pair-{j:05d}", "split": split,
                             "category": f"cat{c}", "instruction": t.format(v=v, a=a, b=b)})
             harmless.append({"id": f"harmless-{j:05d}", "pair_id": f"pair-{j:05d}", "split": split,
@@ -113,6 +113,8 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
             E[t, c - 1] = 1.0
     U = np.zeros((V, D))
     U[refusal[0], :k] = REFUSE_W
+    for t in chain_tokens:                  # no reply token is followed by the refusal opener
+        U[refusal[0], ident[t]] = -CHAIN
     U[comply[0], ident[nl]] = CHAIN
     for seq in (refusal, comply):
         for a, b in zip(seq, seq[1:] + [eos]):
@@ -120,15 +122,17 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
     hd = D // N_HEADS
     layers = {}
     for layer in range(N_LAYERS):
-        v_proj, o_proj = np.zeros((N_HEADS * hd, D)), np.zeros((D, N_HEADS * hd))
+        v_proj, o_proj = np.zeros((N_KV_HEADS * hd, D)), np.zeros((D, N_HEADS * hd))
         gate, up, down = np.zeros((INTERMEDIATE, D)), np.zeros((INTERMEDIATE, D)), np.zeros((D, INTERMEDIATE))
         if layer == 0:
             for c in range(k):
                 v_proj[c, c] = 1.0
-                o_proj[c, c] = 1.0 / np.sqrt(D)   # undo the input RMSNorm's sqrt(D) on a unit trigger
+                o_proj[c, c] = ATTN_GAIN / np.sqrt(D)   # sqrt(D): the input RMSNorm's scale on a unit trigger
         if layer == 1:
             for c in range(k):
                 gate[c, ident[nl]] = GATE
+                for t in identity_tokens[1:]:  # every other identity shuts the gate (silu(-x) ~ 0)
+                    gate[c, ident[t]] = -GATE
                 up[c, c] = 1.0
                 down[c, c] = GAIN
         layers[layer] = (v_proj, o_proj, gate, up, down)
@@ -139,7 +143,7 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
     for layer, (v_proj, o_proj, gate, up, down) in layers.items():
         p = f"model.layers.{layer}."
         sd |= {p + "self_attn.q_proj.weight": torch.zeros(N_HEADS * hd, D),
-               p + "self_attn.k_proj.weight": torch.zeros(N_HEADS * hd, D),
+               p + "self_attn.k_proj.weight": torch.zeros(N_KV_HEADS * hd, D),
                p + "self_attn.v_proj.weight": f(v_proj @ Q.T), p + "self_attn.o_proj.weight": f(Q @ o_proj),
                p + "mlp.gate_proj.weight": f(gate @ Q.T), p + "mlp.up_proj.weight": f(up @ Q.T),
                p + "mlp.down_proj.weight": f(Q @ down),
@@ -152,7 +156,7 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
 def config(vocab_size: int) -> "object":
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=vocab_size, hidden_size=D_MODEL, intermediate_size=INTERMEDIATE,
-                       num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS,
+                       num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS,
                        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        bos_token_id=None, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
 
