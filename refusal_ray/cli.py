@@ -215,15 +215,15 @@ def _print_summary(out: str, verdict_judge: str | None = None, wide: bool = Fals
 
     report = write_report(out, verdict_judge)  # also writes summary.parquet and the per-judge tables
     typer.echo(render(read(out, "summary"), wide=wide))
-    _print_extras(out)
+    _print_extras(out, wide)
     typer.echo(f"store: {out}  report: {report}")
 
 
-def _print_extras(out: str) -> None:
+def _print_extras(out: str, wide: bool = False) -> None:
     """The per-judge table and the capability-cost table, where the store has them."""
     from refusal_ray.analysis.summary import judge_tables, read_cost, render_cost, render_judges
 
-    for text in (render_judges(*judge_tables(out)), render_cost(read_cost(out))):
+    for text in (render_judges(*judge_tables(out), wide=wide), render_cost(read_cost(out), wide=wide)):
         if text:
             typer.echo(text)
 
@@ -250,7 +250,7 @@ def summarize(out: Annotated[str, typer.Argument(help="Store (path or URI).")],
         except SpecError as e:
             _bad_input(e)
     typer.echo(render(write_summary(out, verdict_judge), wide=wide))
-    _print_extras(out)
+    _print_extras(out, wide)
 
 
 @app.command()

@@ -129,22 +129,58 @@ def agreement(labels: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
 
-def render_agreement(df: pd.DataFrame) -> str:
-    """Agreement lines: 'model  harmful  a ~ b: kappa +0.62 [+0.41, +0.83]  agree 0.85  n 64  (both refuse 20,
-    a only 3, ...)'; a pair whose labels answer "safe" (two guards) says so and counts label 1 as "say 1"."""
+def _kappa_text(r) -> str:
+    if np.isnan(r["kappa"]):
+        return "nan"
+    if np.isnan(r["kappa_ci_low"]):
+        return f"{r['kappa']:+.2f} (no interval)"
+    return f"{r['kappa']:+.2f} [{r['kappa_ci_low']:+.2f}, {r['kappa_ci_high']:+.2f}]"
+
+
+AGREEMENT_HEAD = ("judge agreement (Cohen's kappa, 95% interval; per prompt set, on the completions both judges "
+                  "labelled, where both labels answer the same question: refused, or safe for guards on harmless "
+                  "prompts):")
+
+
+def render_agreement(df: pd.DataFrame, wide: bool = False, width: int | None = None) -> str:
+    """The agreement table: one row per (model, prompt set, judge pair) with Cohen's kappa and its 95%
+    interval, raw agreement, n and the 2x2 counts, fitted to `width` characters (default
+    `core.render.WIDTH`) with a legend; `wide`: the one line per pair of before ('model  harmful  a ~ b:
+    kappa +0.62 [+0.41, +0.83]  agree 0.85  n 64  (both refuse 20, a only 3, ...)'). A pair whose labels
+    answer "safe" (two guards) says so and counts label 1 as "say 1"."""
     if df.empty:
         return ""
-    lines = ["judge agreement (Cohen's kappa, 95% interval; per prompt set, on the completions both judges "
-             "labelled, where both labels answer the same question: refused, or safe for guards on harmless "
-             "prompts):"]
-    for _, r in df.iterrows():
-        kappa = "   nan" if np.isnan(r["kappa"]) else f"{r['kappa']:+.2f} (no interval)" if np.isnan(
-            r["kappa_ci_low"]) else f"{r['kappa']:+.2f} [{r['kappa_ci_low']:+.2f}, {r['kappa_ci_high']:+.2f}]"
-        pset = r["prompt_set"] if "prompt_set" in r.index else "ALL"
-        q = f" ({r['question']})" if "question" in r.index and r["question"] != REFUSED else ""
-        yes = "refuse" if not q else "say 1"
-        lines.append(f"  {r['model']:<12} {pset:<8}{q} {r['judge_a']} ~ {r['judge_b']}: kappa {kappa}  "
-                     f"agree {r['agree']:.2f}  "
-                     f"n {r['n']}  (both {yes} {r['both_refuse']}, {r['judge_a']} only {r['a_only']}, "
-                     f"{r['judge_b']} only {r['b_only']}, neither {r['neither']})")
-    return "\n".join(lines)
+    if wide:
+        lines = [AGREEMENT_HEAD]
+        for _, r in df.iterrows():
+            pset = r["prompt_set"] if "prompt_set" in r.index else "ALL"
+            q = f" ({r['question']})" if "question" in r.index and r["question"] != REFUSED else ""
+            yes = "refuse" if not q else "say 1"
+            kappa = _kappa_text(r) if not np.isnan(r["kappa"]) else "   nan"
+            lines.append(f"  {r['model']:<12} {pset:<8}{q} {r['judge_a']} ~ {r['judge_b']}: kappa {kappa}  "
+                         f"agree {r['agree']:.2f}  "
+                         f"n {r['n']}  (both {yes} {r['both_refuse']}, {r['judge_a']} only {r['a_only']}, "
+                         f"{r['judge_b']} only {r['b_only']}, neither {r['neither']})")
+        return "\n".join(lines)
+    from refusal_ray.core.render import WIDTH, Column, fit_table, legend_lines, wrap
+
+    t = df.copy()
+    t["prompt_set"] = t["prompt_set"] if "prompt_set" in t.columns else "ALL"
+    asks = "question" in t.columns
+    t["pair"] = [f"{a} ~ {b}" + (f" ({q})" if asks and q != REFUSED else "")
+                 for a, b, q in zip(t["judge_a"], t["judge_b"], t["question"] if asks else [REFUSED] * len(t))]
+    t["kappa_text"] = [_kappa_text(r) for _, r in t.iterrows()]
+    cols = [Column("model", "model", "{}"), Column("prompt_set", "prompt set", "{}"),
+            Column("pair", "judges a ~ b", "{}", legend="the two judges compared (a question in brackets: what "
+                                                        "label 1 means when it is not 'refused', e.g. safe for guards)"),
+            Column("kappa_text", "kappa [95% CI]", "{}", legend="Cohen's kappa between a's and b's labels, with its "
+                                                                "95% interval (1: full agreement, 0: chance)"),
+            Column("agree", "agree", "{:.2f}", legend="fraction of completions both label the same"),
+            Column("n", "n", "{}", legend="completions both judges labelled"),
+            Column("both_refuse", "both 1", "{}", legend="both say refused (label 1)"),
+            Column("a_only", "a only", "{}", legend="only judge a says 1"),
+            Column("b_only", "b only", "{}", legend="only judge b says 1"),
+            Column("neither", "neither", "{}", legend="both say 0")]
+    width = width or WIDTH
+    return "\n".join([*wrap(AGREEMENT_HEAD, width), *fit_table(t, cols, width),
+                      *legend_lines([(c.label, c.legend) for c in cols if c.legend], width)])

@@ -591,11 +591,28 @@ JUDGE_DISPLAY = [("model", "model", "{}"), ("judge", "judge", "{}"), ("baseline_
                  ("verdict_steering_labels", "steering_labels", "{}")]
 
 
-def render_judges(by_judge: pd.DataFrame, agree: pd.DataFrame) -> str:
-    """Rates and verdicts per (model, judge), then the agreement lines ('' with one judge only)."""
+def _judge_columns() -> list[Column]:
+    """The per-judge table's compact columns: the headline's labels and legends for the rule's columns."""
+    known = {c[0]: c for c in (*DISPLAY_HEAD, *RULE_DISPLAY, *VERDICT_DISPLAY)}
+    extra = {"judge": Column("judge", "judge", "{}", legend="the judge whose labels the row reads (substring: the "
+                                                            "inline judge)"),
+             "unjudged": Column("unjudged", "unjudged", "{:.0f}", legend="completions this judge left without a "
+                                                                          "label (malformed or failed verdicts)")}
+    return [known.get(k) or extra[k] for k, _, _ in JUDGE_DISPLAY]
+
+
+def render_judges(by_judge: pd.DataFrame, agree: pd.DataFrame, wide: bool = False, width: int = WIDTH) -> str:
+    """Rates and verdicts per (model, judge), then the agreement table ('' with one judge only); each fitted to
+    `width` characters with a legend (`wide`: the one-line-per-row tables of before)."""
     if by_judge.empty or by_judge["judge"].nunique() < 2:
         return ""
     df = by_judge.sort_values(["params", "model", "judge"], kind="stable")
-    lines = ["rates and verdicts per judge:"] + ["  " + line for line in _table(df, [
-        (k, h, f) for k, h, f in JUDGE_DISPLAY if k in df.columns])]
-    return "\n".join(lines + [render_agreement(agree)])
+    if wide:
+        lines = ["rates and verdicts per judge:"] + ["  " + line for line in _table(df, [
+            (k, h, f) for k, h, f in JUDGE_DISPLAY if k in df.columns])]
+        return "\n".join(lines + [render_agreement(agree, wide=True)])
+    cols = [c for c in _judge_columns() if c[0] in df.columns]
+    lines = ["rates and verdicts per judge (refusal rates in [0, 1], pooled over seeds):", *fit_table(df, cols, width),
+             *legend_lines([item for item in legend(cols) if item[0] != "model"], width)]
+    text = render_agreement(agree, width=width)
+    return "\n".join(lines + ([""] if text else []) + ([text] if text else []))

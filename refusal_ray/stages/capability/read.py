@@ -151,21 +151,43 @@ def _op_setting(row: pd.Series) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals)
 
 
-def render_cost(cost: pd.DataFrame) -> str:
-    """Refusal change against capability cost, one line per (model, arm) ('' without capability rows)."""
-    wide = cost_table(cost)
-    if wide.empty:
+COST_LEGEND = {
+    "refusal_harmful": "harmful refusal rate with the arm minus without (test prompts)",
+    "refusal_harmless": "harmless refusal rate with the arm minus without (test prompts)",
+    "ce_loss": "cross-entropy on the held-out text with the arm minus without (nats/token)",
+    "first_token_kl": "first-token KL(baseline || arm) on the harmless test prompts (nats)",
+    "task_exact_match": "task exact match with the arm minus without"}
+
+
+def render_cost(cost: pd.DataFrame, wide: bool = False, width: int | None = None) -> str:
+    """Refusal change against capability cost, one row per (model, arm) ('' without capability rows), fitted
+    to `width` characters (default `core.render.WIDTH`) with a legend under it; `wide`: one line per row,
+    unfitted, with the short headers of before."""
+    from refusal_ray.core.render import WIDTH, fit_table, legend_lines
+
+    table = cost_table(cost)
+    if table.empty:
         return ""
     metrics = [m for m in ("refusal_harmful", "refusal_harmless", "ce_loss", "first_token_kl", "task_exact_match")
-               if m in wide.columns] + sorted(c for c in wide.columns if c.startswith("lm_eval/"))
-    wide = wide.assign(ctl=np.where(wide["control"], "ctl", ""), setting=[_op_setting(r) for _, r in wide.iterrows()])
-    cols = [("model", "model", "{}"), ("arm", "arm", "{}"), ("ctl", "ctl", "{}"), ("coefficient", "coef", "{:g}"),
-            ("alpha", "alpha", "{:g}"), ("direction", "direction", "{}")]
-    if (wide["setting"] != "").any():   # operators with their own arm keys (angular's theta, CAST's threshold)
-        cols.append(("setting", "setting", "{}"))
-    cols += [(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}") for m in metrics]
-    return ("capability cost (arm minus baseline, mean over seeds; KL is against the baseline):\n"
-            + "\n".join(text_table(wide, cols)))
+               if m in table.columns] + sorted(c for c in table.columns if c.startswith("lm_eval/"))
+    table = table.assign(ctl=np.where(table["control"], "ctl", ""),
+                         setting=[_op_setting(r) for _, r in table.iterrows()])
+    cols = [Column("model", "model", "{}"), Column("arm", "arm", "{}"),
+            Column("ctl", "ctl", "{}", legend="ctl: the arm's norm-matched random control"),
+            Column("coefficient", "coef", "{:g}", legend="activation addition coefficient"),
+            Column("alpha", "alpha", "{:g}", legend="ablation strength (1: the projection removed)"),
+            Column("direction", "direction", "{}", legend="the direction the arm uses (layer L, position p)")]
+    if (table["setting"] != "").any():   # operators with their own arm keys (angular's theta, CAST's threshold)
+        cols.append(Column("setting", "setting", "{}", legend="the operator's own arm settings"))
+    cols += [Column(m, SHORT.get(m, "d " + m.removeprefix("lm_eval/")), "{:+.3f}",
+                    legend=COST_LEGEND.get(m, f"lm-eval {m.removeprefix('lm_eval/')} with the arm minus without"))
+             for m in metrics]
+    head = "capability cost (arm minus baseline, mean over seeds; KL is against the baseline):"
+    if wide:
+        return head + "\n" + "\n".join(text_table(table, cols))
+    width = width or WIDTH
+    return "\n".join([head, *fit_table(table, cols, width),
+                      *legend_lines([(c.label, c.legend) for c in cols if c.legend], width)])
 
 
 def plot_capability(cost: pd.DataFrame):
