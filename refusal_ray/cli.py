@@ -283,8 +283,11 @@ def toy_build(out: Annotated[Path, typer.Option(help="Models directory.")] = Pat
               seed: Annotated[int, typer.Option(help="Seed for data and training (>= 0).")] = 0,
               sizes: Annotated[str | None, typer.Option(help="Comma-separated sizes (default: all).")] = None,
               steps: Annotated[int | None, typer.Option(help="Override training steps (for quick checks).")] = None,
-              data_dir: Annotated[Path | None, typer.Option(help="Prompt directory (default <out>/../prompts/toy).")] = None):
-    """Regenerate the toy data set and models from a seed."""
+              data_dir: Annotated[Path | None, typer.Option(help="Prompt directory (default <out>/../prompts/toy).")] = None,
+              judge: Annotated[bool, typer.Option("--judge", help="Also rebuild the toy chat judge (<out>/toy-judge) "
+                                                  "and its held-out labelled file (<out>/../judges/toy_heldout.jsonl), "
+                                                  "from <out>/../judges/toy_labelled.jsonl; ~10 min on 2 cores.")] = False):
+    """Regenerate the toy data set and models from a seed (`--judge`: and the toy judge)."""
     from refusal_ray.toy.train import SIZES
 
     if seed < 0:
@@ -302,6 +305,12 @@ def toy_build(out: Annotated[Path, typer.Option(help="Models directory.")] = Pat
     from refusal_ray.toy.build import build
 
     build(out, seed, names, steps, data_dir, log=lambda m: typer.echo(m, err=True))
+    if judge:
+        from refusal_ray.toy.judge import build_all
+
+        judges = out.parent / "judges"
+        build_all(out / "toy-judge", judges / "toy_heldout.jsonl", seed=seed, steps=steps,
+                  labelled_path=judges / "toy_labelled.jsonl", log=lambda m: typer.echo(m, err=True))
 
 
 def _require_store(out: str) -> None:

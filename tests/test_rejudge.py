@@ -4,6 +4,7 @@ idempotent, reports agreement between judges, and judges through an OpenAI-compa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -248,3 +249,29 @@ def test_judgements_table_is_known_before_any_judge_ran(stored):
     assert read(stored, "judgements").empty
     with pytest.raises(ValueError, match="unknown table 'judgement'"):
         read(stored, "judgement")
+
+
+def test_a_judge_with_a_calibration_file_is_calibrated_once_and_reported(store_copy, tmp_path):
+    """`calibration:` on a judge block: `refusal-ray judge` stores calibration.json (the judge and the inline
+    substring judge against the labelled file, figures recomputed here), report.md gets the section after
+    Judges, and a second call recalibrates nothing."""
+    from refusal_ray.judges.calibrate import load_labelled
+
+    labelled = REPO / "data" / "judges" / "toy_heldout.jsonl"
+    block = {**STRICT, "calibration": str(labelled)}
+    result = cli("judge", str(store_copy), "--judges", str(judges_file(tmp_path, block)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    stored = json.loads((store_copy / "calibration.json").read_text())
+    assert [(r["judge"], r["file"]) for r in stored["results"]] == [("substring", str(labelled)),
+                                                                    ("strict", str(labelled))]
+    rows = load_labelled(labelled)
+    strict = next(r for r in stored["results"] if r["judge"] == "strict")
+    said = rows["completion"].str.lower().str.contains("i cannot")
+    assert strict["n"] == len(rows) and strict["accuracy"] == pytest.approx((said == rows["refusal"]).mean())
+    report = (store_copy / "report.md").read_text()
+    assert report.index("## Judges") < report.index("## Judge calibration")
+    assert "| strict | `" in report
+    mtime = (store_copy / "calibration.json").stat().st_mtime_ns
+    again = cli("judge", str(store_copy), "--judges", str(judges_file(tmp_path, block)))
+    assert again.returncode == 0 and "calibrating" not in again.stderr
+    assert (store_copy / "calibration.json").stat().st_mtime_ns == mtime

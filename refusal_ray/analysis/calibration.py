@@ -75,13 +75,14 @@ def section(out_dir, manifest: dict | None = None) -> list[str]:
         if not named:
             return []
         return [TITLE, "", f"Not stored: judge(s) {', '.join(named)} name a calibration file, but the store has no "
-                           f"{CALIBRATION_FILE}. `refusal-ray judge --calibrate FILE --judges JUDGES.yaml` prints it.",
+                           f"{CALIBRATION_FILE}. `refusal-ray judge {out_dir}` stores it (and `refusal-ray report` "
+                           f"then shows it).",
                 ""]
     header = ["judge", "labelled file", "rows", "judged", "unjudged", "agreement [95% Wilson]",
               "Cohen's kappa [95%]", "refusals human / judge", "compliance exact (n)", "coherence exact (n)"]
     lines = [TITLE, "",
-             "Each judge against human (here: synthetic, hand-written or generated) labels it was not trained on, "
-             "where a judge names a labelled file (`calibration:` in its block). Agreement is on the binary refusal "
+             "Each judge against the labels of the file its block names (`calibration:`; the toy judge's is "
+             "synthetic and held out from its training), beside the inline substring judge on the same file. Agreement is on the binary refusal "
              "label; unjudged rows (malformed or failed verdicts) are left out of every figure, never guessed.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(calibration)]

@@ -42,8 +42,10 @@ def write_report(out_dir, judge: str | None = None) -> str:
     filter, repeated in the selection section) and the scale trend, then each stage reader's section
     (`Reader.report`, in reader `order`: directions, selection, steering with controls and one section
     per other operator, capability cost, activation patching, causal scrubbing), each saying so when its
-    stage did not run, with the Judges section at VERDICT_ORDER. Stage sections read the inline judge's
+    stage did not run, with the Judges section at VERDICT_ORDER and, where a judge names a labelled file,
+    the Judge calibration section after it (`analysis.calibration.section`). Stage sections read the inline judge's
     labels (their steering figure always did); the verdicts in the summary read `judge`'s."""
+    from refusal_ray.analysis import calibration
     from refusal_ray.analysis import report_stages as st
     from refusal_ray.analysis.summary import VERDICT_ORDER, read_context, readers
     from refusal_ray.judges.config import INLINE
@@ -65,6 +67,7 @@ def write_report(out_dir, judge: str | None = None) -> str:
     lines += ["", "## Summary", "", "```", render(summary), "```", "", *scale]
     sections = [(r.order, i, r.report) for i, (_, r) in enumerate(readers())]
     sections.append((VERDICT_ORDER, -1, lambda ctx: judges_section(out_dir)))
+    sections.append((VERDICT_ORDER + 0.5, -1, lambda ctx: calibration.section(out_dir, manifest)))   # after Judges
     for _, _, section in sorted(sections, key=lambda s: (s[0], s[1])):
         lines += section(ctx)
     return store.write_file("report.md", ("\n".join(lines) + "\n").encode())

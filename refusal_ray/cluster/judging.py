@@ -243,6 +243,41 @@ def _judge_on_ray(cfg, rows: pd.DataFrame, write: _Writer, chunk: int, cluster: 
 
 def judge_store(store: Store, judges: list, *, source: str, use_ray: bool | None = None, address: str | None = None,
                 progress: bool = True, log=print) -> JudgeRun:
+    """Judge every stored completion that `judges` have not judged yet (`judge_completions`), then calibrate
+    the judges that name a `calibration:` file (`calibrate`). Same arguments, return and errors as
+    `judge_completions`."""
+    run = judge_completions(store, judges, source=source, use_ray=use_ray, address=address, progress=progress,
+                            log=log)
+    calibrate(store, judges, log=log)
+    return run
+
+
+def calibrate(store: Store, judges: list, log=print) -> dict | None:
+    """Each judge block with a `calibration:` file (and the inline substring judge) against that labelled file:
+    the `refusal-ray judge --calibrate` figures, into the store's calibration.json (the report's "Judge
+    calibration" section). Skipped when calibration.json already holds these files' bytes and judges'
+    hashes. Runs in this process (a chat judge loads here; the labelled files are small). Returns the
+    stored calibration (None: no judge names a file)."""
+    from refusal_ray.judges.calibrate import CALIBRATION_FILE, calibrate_store
+
+    blocks = [j for j in judges if getattr(j, "calibration", None)]
+    if not blocks:
+        return None
+    import hashlib
+    from pathlib import Path
+
+    stored = store.read_json(CALIBRATION_FILE) if store.exists(CALIBRATION_FILE) else None
+    files = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in dict.fromkeys(j.calibration for j in blocks)}
+    want = {(j.name, j.calibration, j.judge_hash()) for j in blocks}
+    have = {(r["judge"], r["file"], r.get("judge_hash")) for r in (stored or {}).get("results", [])}
+    if stored is not None and stored.get("files") == files and want <= have:
+        return stored
+    log(f"judges: calibrating {', '.join(j.name for j in blocks)} against {', '.join(files)}")
+    return calibrate_store(store, blocks)
+
+
+def judge_completions(store: Store, judges: list, *, source: str, use_ray: bool | None = None,
+                      address: str | None = None, progress: bool = True, log=print) -> JudgeRun:
     """Judge every stored completion that `judges` have not judged yet; write `judgements` rows.
 
     Args:
