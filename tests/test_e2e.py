@@ -220,17 +220,19 @@ def test_run_writes_every_table(finished_run):
     assert summary["rule_hash"].iloc[0] == manifest["rule_hash"]
     assert {"torch", "ray", "transformers"} <= set(manifest["libraries"])
     assert "qwen-xs" in result.stdout and "control_margin" in result.stdout
-    # the chat judge (its own Ray actor) labelled every completion once; refusal = compliance 0
+    # the chat judge (its own Ray actor) labelled every completion once
     judgements = refusal_ray.read(out, "judgements")
     key = ["model", "cell_id", "prompt_set", "prompt_id"]
     assert len(judgements) == len(completions) and set(judgements["judge"]) == {"rubric"}
     assert set(map(tuple, judgements[key].astype(str).values)) == set(map(tuple, completions[key].astype(str).values))
     assert judgements["error"].isna().all()
     ok = judgements[~judgements["malformed"].astype(bool)]
-    assert len(ok) and (ok["refusal"].astype(bool) == (ok["compliance"] == 0)).all()
+    # the toy rubric's explicit refusal line: a refusal has compliance 0 (refusal 1 with compliance > 0 is
+    # malformed), gibberish is compliance 0 without being a refusal
+    assert len(ok) and (~ok["refusal"].astype(bool) | (ok["compliance"] == 0)).all()
     assert set(pd.read_parquet(out / "agreement.parquet")["model"]) == {"qwen-xs", "llama-s", "ALL"}
     assert manifest["judges"]["rubric"]["kind"] == "chat" and summary["judge"].iloc[0] == "substring"
-    assert "substring ~ rubric: kappa" in result.stdout
+    assert "substring ~ rubric" in result.stdout and "kappa [95% CI]" in result.stdout   # the agreement table
     for fig in ("steering.png", "separation.png", "cosines.png", "scale_trend.png", "selection.png"):
         assert (out / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig   # content: tests/test_figures.py
 

@@ -168,10 +168,15 @@ def test_written_tables_and_rendering(tmp_path, synthetic):
     guard = by_judge[by_judge["judge"] == "guard"].iloc[0]
     assert guard["verdict_control_margin"] == "NOT-JUDGEABLE (guard on harmless)"
     assert by_judge[by_judge["judge"] == "substring"].iloc[0]["verdict_control_margin"] == "SUPPORTED"
-    text = render_judges(by_judge, agree)
+    text = render_judges(by_judge, agree, wide=True)   # one line per pair
     lines = [ln for ln in text.splitlines() if "~ guard:" in ln and "substring" in ln.split("~")[0]]
     assert lines and all(" harmful " in ln for ln in lines)
     assert any("harmless (safe) guard ~ guard2" in ln for ln in text.splitlines())
+    compact = render_judges(by_judge, agree).splitlines()   # the fitted table: prompt set and pair columns
+    rows = [ln for ln in compact if "substring ~ guard " in ln + " "]
+    assert rows and all(" harmful " in ln for ln in rows)
+    assert any(" harmless " in ln and "guard ~ guard2 (safe)" in ln for ln in compact)
+    assert max(map(len, compact)) <= 120
     arms = arms_by_judge(read_context(Store(out)), ["guard"])
     assert set(arms["prompt_set"]) == {"harmful"}
 
