@@ -17,7 +17,9 @@ from refusal_ray.toy.train import SIZES, encode_example, train
 from conftest import TOY_MODELS, TOY_PROMPTS
 
 MODELS = sorted(p for p in TOY_MODELS.glob("toy-*") if (p / "config.json").is_file()
-                and p.name != "toy-judge")   # the toy judge is not a member of the family (tests/test_judge_chat.py)
+                and p.name != "toy-judge" and not p.name.startswith("toy-planted-"))
+# not members of the family: the toy judge (tests/test_judge_chat.py) and the hand-set planted-rank oracle models
+# (tests/test_planted_oracle.py)
 # documented weaker bound for the short trainer run (README, "The toy family")
 SHORT_RUN_STEPS, SHORT_RUN_BOUND = 300, {"harmful_refusal": 0.9, "harmless_refusal": 0.1}
 
