@@ -244,7 +244,16 @@ class DataSpec(Strict):
 # has its block (its defaults when the spec omits it); every other block defaults to None (the stage is off).
 # (No docstring: the JSON schema of `Stages` stays as it was.)
 class Stages(Strict):
-    pass
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        # a stage newer than the stored specs (not in BLOCK_ORDER) is absent from the dump when off, so the
+        # spec hashes of before stay
+        from refusal_ray.stages import BLOCK_ORDER
+
+        out = handler(self)
+        for name in [n for n, v in out.items() if v is None and n not in BLOCK_ORDER]:
+            out.pop(name)
+        return out
 
 
 class Generation(Strict):

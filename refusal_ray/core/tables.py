@@ -8,7 +8,8 @@ table is one more name below.
 from __future__ import annotations
 
 STAGE_TABLES: tuple[str, ...] = ("directions", "selection", "steering", "completions", "capability", "patching",
-                                 "scrubbing")
+                                 "scrubbing",
+                                 "rank", "rank_bases")   # stage rank
 TABLES: tuple[str, ...] = ("cells", *STAGE_TABLES, "judgements")   # every table a store can hold (and summary)
 
 

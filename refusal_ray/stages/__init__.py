@@ -19,6 +19,8 @@ from refusal_ray.stages.base import Stage
 from refusal_ray.stages.capability import STAGE as CAPABILITY
 from refusal_ray.stages.directions import STAGE as DIRECTIONS
 from refusal_ray.stages.patch import STAGE as PATCH
+from refusal_ray.stages.rank import STAGE as RANK
+from refusal_ray.stages.rank import needing_optimise
 from refusal_ray.stages.scrub import STAGE as SCRUB
 from refusal_ray.stages.select import STAGE as SELECT
 from refusal_ray.stages.steer import STAGE as STEER
@@ -79,7 +81,9 @@ class StageList(Sequence):
             fn()
 
 
-STAGES: StageList = StageList((DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB))
+STAGES: StageList = StageList((DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB,
+                               RANK))   # rank: after select (and optimise) whose rows it reads
+needing_optimise(STAGES)   # stage rank also needs stage optimise when that is registered
 STAGE_BY_NAME: dict[str, Stage] = {}
 TABLES: tuple[str, ...] = ()
 
