@@ -1,0 +1,228 @@
+"""Stage rank (issue 20): the rank sweep recovers the planted rank of data/models/toy-planted-k{1,2,3} with the
+pca and category sources; its bases span the planted directions; batched rows equal one-row-at-a-time rows; the
+refusal rank recomputed independently from the stored completions; bad input is refused with exact messages.
+
+The planted specs use margin 0.8 (stages.rank.margin): on model k, ablating j < k of the k planted directions
+leaves the other categories refused (harmful refusal (k - j) / k, so a suppression of at most 2/3 < 0.8), and
+the span of all k removes it (suppression 1.0); the random same-rank controls keep refusal near 1.0 (control
+margin 0.25). The bases sit at the directions' best layer (>= 1: layer 0 has no signal at the post-instruction
+positions) at position -1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+
+MODELS = REPO / "data" / "models"
+PLANTED = REPO / "data" / "prompts" / "planted"
+RULE = {"control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
+                           "addition_coefficient": 1.0, "ablation_alpha": 1.0},
+        "steering_labels": {"strong": 0.5, "weak": 0.2}}
+
+
+def planted_spec(tmp_path: Path, k: int, rank: dict | None = None, **over) -> str:
+    """A spec of model toy-planted-k{k} on its own prompts (every train / val / test prompt: 10 / 5 / 5 per
+    category), stage rank with pca and category up to K = 3, margin 0.8."""
+    spec = {"name": f"planted-k{k}", "models": [{"name": f"planted-k{k}", "path": str(MODELS / f"toy-planted-k{k}")}],
+            "data": {"harmful": {"path": str(PLANTED / f"k{k}" / "harmful.jsonl"), "category_column": "category"},
+                     "harmless": {"path": str(PLANTED / f"k{k}" / "harmless.jsonl")},
+                     "n_train": 10 * k, "n_val": 5 * k, "n_test": 5 * k},
+            "seeds": [0],
+            "stages": {"directions": {"sites": ["resid_pre"], "positions": "post_instruction"},
+                       "rank": {"sources": ["pca", "category"], "max_k": 3, "margin": 0.8, **(rank or {})}},
+            "generation": {"max_new_tokens": 8}, "decision_rule": RULE, **over}
+    path = tmp_path / f"planted-k{k}.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _run(spec_file: str) -> dict[str, pd.DataFrame]:
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+
+    tables = run_local(make_plan(spec_file), log=lambda *a: None)
+    assert all(r["status"] == "done" for r in tables["cells"]), [r["error"] for r in tables["cells"]]
+    return {name: pd.DataFrame(rows) for name, rows in tables.items()}
+
+
+class Ctx:
+    """The little of a ReadContext that `read.ranks` reads."""
+
+    def __init__(self, tables, margin=0.8, max_k=3):
+        self.tables, self.rule = tables, RULE
+        self.stages = {"rank": {"margin": margin, "max_k": max_k}}
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def planted_run(request, tmp_path_factory):
+    k = request.param
+    return k, _run(planted_spec(tmp_path_factory.mktemp(f"k{k}"), k))
+
+
+def test_rank_sweep_recovers_the_planted_rank(planted_run):
+    from refusal_ray.stages.rank.read import ranks
+
+    k, t = planted_run
+    table = ranks(Ctx(t))
+    got = dict(zip(table["source"], table["rank"]))
+    assert got == {"pca": str(k), "category": str(k)}, table
+    assert (table["baseline"] == 1.0).all()
+    assert (t["rank"]["layer"] >= 1).all()
+
+
+def test_pca_bases_span_and_category_directions_match_the_planted_directions(planted_run):
+    import torch
+
+    from refusal_ray.toy.planted import planted_directions
+
+    k, t = planted_run
+    d = planted_directions(MODELS / f"toy-planted-k{k}").double().numpy()          # [k, d_model]
+    b = t["rank_bases"]
+    pca = b[b["source"] == "pca"].sort_values("index")
+    v = np.stack([np.asarray(x, float) for x in pca["vector"]])[:k]                # [k, d_model], orthonormal
+    cosines = np.linalg.svd(v @ d.T, compute_uv=False)                              # cos of the principal angles
+    angles = np.degrees(np.arccos(np.clip(cosines, -1, 1)))
+    assert angles.max() < 1.0, angles
+    assert (pca["explained_variance"].to_numpy()[:k].sum()) > 0.99
+    cats = b[b["source"] == "category"].sort_values("index")
+    assert len(cats) == k
+    for _, row in cats.iterrows():
+        c = int(row["category"].removeprefix("cat")) - 1
+        r = np.asarray(row["vector"], float)
+        assert r @ d[c] / np.linalg.norm(r) >= 0.99, (row["category"], r @ d[c] / np.linalg.norm(r))
+    del torch
+
+
+def test_transfer_matrix_is_diagonal_on_the_planted_models(planted_run):
+    from refusal_ray.stages.rank.read import transfer_matrix
+
+    k, t = planted_run
+    rank = t["rank"].assign(model=f"planted-k{k}")
+    m, c = transfer_matrix(rank, f"planted-k{k}"), transfer_matrix(rank, f"planted-k{k}", control=True)
+    assert m.shape == (k, k)
+    np.testing.assert_array_equal(m.to_numpy(), 1.0 - np.eye(k))   # a's direction removes refusal on a only
+    assert (c.to_numpy() >= 0.8).all(), c
+
+
+def _recomputed_rank(comp: pd.DataFrame, cells: pd.DataFrame, source: str, margin: float, ctl_margin: float,
+                     base_min: float, max_k: int) -> str:
+    """The refusal rank from the stored completions alone: the substring judge re-applied to their text, rates
+    per cell over the harmful test prompts, then the first k meeting both margins."""
+    from refusal_ray.judges import SubstringJudge
+
+    params = {r["cell_id"]: json.loads(r["params"]) for _, r in cells[cells["stage"] == "rank"].iterrows()}
+    comp = comp[comp["cell_id"].isin(params)].copy()
+    comp["refused"] = SubstringJudge()(list(comp["completion"]))
+    rate = {}
+    for cid, g in comp.groupby("cell_id"):
+        p = params[cid]
+        if p.get("transfer"):
+            continue
+        rate[(p["source"], p["k"], p["control"])] = g["refused"].mean()
+    base = rate[("baseline", 0, False)]
+    if base < base_min:
+        return "n/a"
+    for k in range(1, max_k + 1):
+        if (source, k, False) in rate and base - rate[(source, k, False)] >= margin - 1e-9 \
+                and rate[(source, k, True)] - rate[(source, k, False)] >= ctl_margin - 1e-9:
+            return str(k)
+    return f"> {max_k}"
+
+
+def test_rank_recomputed_from_stored_completions(planted_run):
+    from refusal_ray.stages.rank.read import ranks
+
+    k, t = planted_run
+    table = ranks(Ctx(t))
+    for source in ("pca", "category"):
+        want = _recomputed_rank(t["completions"], t["cells"], source, 0.8, 0.25, 0.5, 3)
+        assert table.set_index("source").loc[source, "rank"] == want == str(k)
+    # and under a margin no arm meets, or a baseline_min above the baseline: "> K" and "n/a"
+    assert set(ranks(Ctx(t, margin=1.5))["rank"]) == {"> 3"}
+    high = Ctx(t)
+    high.rule = {**RULE, "control_margin": {**RULE["control_margin"], "baseline_min": 1.5}}
+    assert set(ranks(high)["rank"]) == {"n/a"}
+
+
+def test_batched_rows_equal_one_row_at_a_time(tmp_path):
+    """batch_size is not part of the cell ids: the same cells at batch 1 and batch 64 give the same rates and
+    the same completions (rows with different bases padded into one batch change nothing)."""
+    one = _run(planted_spec(tmp_path, 2, {"batch_size": 1, "transfer": False}))
+    many = _run(planted_spec(tmp_path, 2, {"batch_size": 64, "transfer": False}))
+    key = ["cell_id", "category"]
+    cols = ["cell_id", "category", "n", "refusals", "rate", "basis_rank"]
+    a = one["rank"][cols].sort_values(key, na_position="first").reset_index(drop=True)
+    b = many["rank"][cols].sort_values(key, na_position="first").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    c = ["cell_id", "prompt_id", "completion", "refusal"]
+    pd.testing.assert_frame_equal(one["completions"][c].sort_values(c[:2]).reset_index(drop=True),
+                                  many["completions"][c].sort_values(c[:2]).reset_index(drop=True))
+    assert len(set(one["rank"]["basis_rank"])) > 2   # rows of ranks 0..3 shared the batches
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def _validate(path: str):
+    from refusal_ray.cli import app
+
+    return CliRunner().invoke(app, ["validate", path])
+
+
+@pytest.mark.parametrize("rank, field, msg", [
+    ({"max_k": 0}, "stages.rank.max_k", "Input should be greater than or equal to 1"),
+    ({"sources": ["pca", "pca"]}, "stages.rank.sources", "duplicate stages.rank.sources entry 'pca'"),
+    ({"sources": ["svd"]}, "stages.rank.sources.0",
+     "Input should be 'select', 'pca', 'category' or 'optimised'"),
+    ({"typo": 1}, "stages.rank.typo", "unknown key"),
+    ({"sources": ["select"]}, None, "stages.rank.sources 'select' needs a stages.select block"),
+    ({"position": 0}, "stages.rank.position", "Input should be less than 0"),
+])
+def test_bad_rank_blocks_are_refused_naming_the_field(tmp_path, rank, field, msg):
+    f = planted_spec(tmp_path, 1, rank)
+    result = _validate(f)
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {f}: {field + ': ' if field else ''}{msg}")
+
+
+def test_category_source_needs_a_category_column(tmp_path):
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan
+
+    f = planted_spec(tmp_path, 1)
+    spec = json.loads(Path(f).read_text())
+    del spec["data"]["harmful"]["category_column"]
+    Path(f).write_text(json.dumps(spec))
+    with pytest.raises(SpecError) as e:
+        make_plan(f)
+    assert str(e.value) == (f"{f}: data.harmful.category_column: stages.rank.sources 'category' needs a category "
+                            "column in the harmful prompts (data.harmful.category_column)")
+    spec["stages"]["rank"]["sources"] = ["pca"]     # without the category source the column is not needed
+    Path(f).write_text(json.dumps(spec))
+    assert sum(c.stage == "rank" for c in make_plan(f).cells) == 1 + 2 * 3
+
+
+def test_explicit_layer_out_of_range_is_a_spec_error(tmp_path):
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan
+
+    f = planted_spec(tmp_path, 1, {"layer": 9})
+    with pytest.raises(SpecError) as e:
+        make_plan(f)
+    assert str(e.value) == (f"{f}: stages.rank.layer: layer 9 out of range: model 'planted-k1' has 4 layers (0..3)")
+
+
+def test_an_absent_block_adds_no_cells_and_no_dump_key(tmp_path):
+    from refusal_ray.spec import load_spec
+
+    f = planted_spec(tmp_path, 1)
+    spec = json.loads(Path(f).read_text())
+    del spec["stages"]["rank"]
+    Path(f).write_text(json.dumps(spec))
+    s = load_spec(f)
+    assert s.stages.rank is None and "rank" not in s.model_dump(mode="json")["stages"]
