@@ -294,7 +294,7 @@ def test_bad_prompt_sources_are_one_line_errors(tmp_path):
          f"prompt file is empty: {tmp_path / 'empty.json'}"),
         ({**harmful, "test": {**harmful["test"], "colour": "red"}}, "data.harmful.test.colour", "unknown key"),
         ({**harmful, "train": {**harmful["train"], "id_column": "category"}}, "data.harmful.val.id_column",
-         "missing: another split names a id column; give id_column on every split or on none"),
+         "missing: another split names an id column; give id_column on every split or on none"),
         ({**harmful, "val": {**harmful["val"], "where": {"label": "unsafe"}}}, "data.harmful.val.where",
          f"column 'label' not in {s / 'harmful_val.json'} (columns: instruction, category)"),
         ({**harmful, "val": {**harmful["val"], "where": {"category": "no-such"}}}, "data.harmful.val.where",
@@ -343,3 +343,224 @@ def test_validate_lists_an_offline_hub_dataset_as_could_not_check_offline(tmp_pa
             "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
     code, out = _validate(_spec(tmp_path, data))
     assert code == 0 and "could not check offline: data.harmful.dataset (hub dataset 'someone/some-prompts')" in out
+
+
+# -- review fixes (issue 22) -----------------------------------------------------------------------------
+def _no_network(monkeypatch):
+    """Any hub request fails the test: huggingface_hub.HfApi and datasets.load_dataset of a hub name."""
+    import huggingface_hub
+
+    datasets = pytest.importorskip("datasets")
+
+    class NoHub:
+        def __init__(self, *a, **k):
+            raise AssertionError("a hub request was made")
+
+    real = datasets.load_dataset
+
+    def load_dataset(path, *a, **k):
+        if path not in ("parquet", "json", "csv", "arrow"):
+            raise AssertionError(f"a hub load_dataset({path!r}) was made")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoHub)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+
+def test_a_mistyped_local_dataset_path_is_file_not_found_with_no_hub_request(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    harmless = {"path": str(TOY_PROMPTS / "harmless.jsonl")}
+    for i, typo in enumerate(["./prompts/harmful.parquet", "prompts/harmful.parquet", "/no/such/dir",
+                              "~/no-such-prompts", "harmful.jsonl", "data/prompts/harmful", ".hidden"]):
+        f = _spec(tmp_path, {"harmful": {"dataset": typo}, "harmless": harmless, **N}, f"typo{i}")
+        assert _validate(f) == (2, f"error: {f}: data.harmful.dataset: file not found: {typo} (a hub dataset is "
+                                   f"named owner/name, without a file suffix)")
+    # per split too, naming that split's field
+    f = _spec(tmp_path, {"harmful": {s: {"dataset": f"./{s}.arrow"} for s in ("train", "val", "test")},
+                         "harmless": harmless, **N}, "typo_split")
+    assert _validate(f) == (2, f"error: {f}: data.harmful.train.dataset: file not found: ./train.arrow (a hub "
+                               f"dataset is named owner/name, without a file suffix)")
+    from refusal_ray.data.sources import is_hub_name
+
+    assert is_hub_name("someone/some-prompts") and is_hub_name("squad") and not is_hub_name("here")
+    assert not any(map(is_hub_name, ["./a", "/a", "~/a", "a.parquet", "a/b/c", "a/b.jsonl", ".a", "a b"]))
+
+
+class _FakeHub:
+    """huggingface_hub.HfApi and datasets.load_dataset stand-ins: the hub's head is commit HEAD_SHA, any other
+    revision asked for resolves to itself; what was asked is recorded in `asked`."""
+
+    HEAD_SHA = "1" * 40
+
+    def __init__(self, monkeypatch, rows: dict):
+        import huggingface_hub
+        from types import SimpleNamespace
+
+        datasets = pytest.importorskip("datasets")
+        self.asked: list = []
+        hub = self
+
+        class Api:
+            def dataset_info(self, name, revision=None):
+                hub.asked.append(("dataset_info", name, revision))
+                return SimpleNamespace(sha=revision if revision and len(revision) == 40 else hub.HEAD_SHA)
+
+        def load_dataset(path, *, revision=None, **k):
+            hub.asked.append(("load_dataset", path, revision))
+            return datasets.Dataset.from_dict(rows)
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+
+def _hub_rows() -> dict:
+    harm = _toy("harmful")
+    return {"goal": harm["instruction"].tolist(), "part": harm["split"].tolist()}
+
+
+def test_a_hub_dataset_records_its_resolved_commit_in_the_manifest(tmp_path, monkeypatch):
+    from refusal_ray.plan import make_plan
+    from refusal_ray.runner import manifest
+
+    hub = _FakeHub(monkeypatch, _hub_rows())
+    data = {"harmful": {"dataset": "someone/some-prompts", "instruction_column": "goal", "split_column": "part",
+                        "revision": "main"},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    plan = make_plan(_spec(tmp_path, data))
+    rec = manifest(plan)["data_sources"]["harmful"]
+    assert (rec["kind"], rec["dataset"], rec["revision"]) == ("hub", "someone/some-prompts", _FakeHub.HEAD_SHA)
+    # the branch is resolved once, and the rows are read at that commit, not at the branch
+    assert hub.asked == [("dataset_info", "someone/some-prompts", "main"),
+                         ("load_dataset", "someone/some-prompts", _FakeHub.HEAD_SHA)]
+
+
+def test_rejudge_reads_a_hub_dataset_at_the_commit_the_run_recorded(tmp_path, monkeypatch):
+    """The stored completions lack their prompt text (a store written before the column): the re-judge reads
+    the prompts from the manifest's spec, pinned to the manifest's recorded commit, not the branch's head."""
+    from refusal_ray.cluster.judging import completions_with_prompts
+    from refusal_ray.spec import load_spec
+
+    hub = _FakeHub(monkeypatch, _hub_rows())
+    data = {"harmful": {"dataset": "someone/some-prompts", "instruction_column": "goal", "split_column": "part"},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    spec = load_spec(_spec(tmp_path, data))
+    recorded = "2" * 40
+
+    class Stored:   # what completions_with_prompts reads of a store
+        def read(self, name):
+            return pd.DataFrame({"prompt_set": ["harmful"], "prompt_id": ["0"], "completion": ["x"]})
+
+        def read_json(self, name):
+            return {"spec": spec.model_dump(mode="json"), "data_fingerprint": None,
+                    "data_sources": {"harmful": {"kind": "hub", "dataset": "someone/some-prompts",
+                                                 "revision": recorded}, "harmless": {"kind": "file"}}}
+
+    comps = completions_with_prompts(Stored())
+    assert comps["prompt"].tolist() == [_hub_rows()["goal"][0]]
+    assert hub.asked == [("dataset_info", "someone/some-prompts", recorded),
+                         ("load_dataset", "someone/some-prompts", recorded)]
+
+
+def test_loading_a_datasets_source_turns_off_its_progress_bars(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from refusal_ray.data import load_source
+    from refusal_ray.spec import DatasetSource
+
+    parquet = tmp_path / "h.parquet"
+    datasets.Dataset.from_dict({"instruction": ["a", "b"]}).to_parquet(str(parquet))
+    datasets.enable_progress_bars()
+    try:
+        load_source(DatasetSource(dataset=str(parquet)), "data.harmful")
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _paired_frames():
+    """Toy rows with a pair column `twin` (each harmful row's harmless twin: same value), split in `part`."""
+    harm, harmless = _toy("harmful"), _toy("harmless")
+    n = {s: min((harm["split"] == s).sum(), (harmless["split"] == s).sum(), 8) for s in ("train", "val", "test")}
+    out = {}
+    for cls, df in (("harmful", harm), ("harmless", harmless)):
+        parts = [df[df["split"] == s].head(n[s]).assign(twin=[f"{s}{i}" for i in range(n[s])]) for s in n]
+        out[cls] = pd.concat(parts)[["instruction", "split", "twin"]].rename(columns={"split": "part"})
+    return out
+
+
+def _circuit_spec(tmp_path, data: dict, name: str) -> str:
+    path = _spec(tmp_path, data, name)
+    spec = yaml.safe_load(open(path))
+    spec["stages"] |= {"patch": {"sites": ["resid_pre"], "layers": [0, 1], "positions": [-1], "n_pairs": 2},
+                       "scrub": {"scrubbed": ["blocks.*.hook_mlp_out"], "n_pairs": 2, "resamples": 1,
+                                 "hypotheses": [{"name": "all-mlp", "protected": ["blocks.*.hook_mlp_out"]}]}}
+    open(path, "w").write(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_patch_and_scrub_cell_ids_are_the_same_per_split_as_a_dataset_and_merged(tmp_path):
+    """A pair column named `twin` in the sources is `pair` in the merged file: stages patch and scrub hash
+    the canonical name, so a per-split source, a whole-set `datasets` source and the merged file give the
+    same patch and scrub cell ids (and a single file keeps its own column's name: the golden ids)."""
+    datasets = pytest.importorskip("datasets")
+    from refusal_ray.plan import make_plan
+
+    frames = _paired_frames()
+    cols = {"instruction_column": "instruction", "pair_column": "twin"}
+    per_split, whole = {}, {}
+    for cls, df in frames.items():
+        per_split[cls] = {}
+        for s in ("train", "val", "test"):
+            f = tmp_path / f"{cls}_{s}.json"
+            f.write_text(df[df["part"] == s][["instruction", "twin"]].to_json(orient="records"))
+            per_split[cls][s] = {"path": str(f), **cols}
+        pq = tmp_path / f"{cls}.parquet"
+        datasets.Dataset.from_pandas(df, preserve_index=False).to_parquet(str(pq))
+        whole[cls] = {"dataset": str(pq), "split_column": "part", **cols}
+    ids = {}
+    for name, data in (("per_split", per_split), ("dataset", whole)):
+        spec_file = _circuit_spec(tmp_path, {**data, **N}, name)
+        merged = yaml.safe_load(open(_merged_spec(tmp_path, spec_file)))["data"]
+        assert merged["harmful"]["pair_column"] == "pair"
+        for form, f in ((name, spec_file), (f"{name} merged", _circuit_spec(tmp_path, merged, f"{name}_merged"))):
+            cells = make_plan(f).cells
+            ids[form] = sorted(c.id for c in cells if c.stage in ("patch", "scrub"))
+            assert {c.stage for c in cells} >= {"patch", "scrub"}
+    assert ids["per_split"] == ids["per_split merged"] and ids["dataset"] == ids["dataset merged"]
+    assert ids["dataset"] == ids["per_split"] and len(ids["dataset"]) == 4   # 2 seeds x (patch, scrub)
+
+
+def test_where_takes_numbers_and_booleans(tmp_path):
+    from refusal_ray.data.files import apply_where
+    from refusal_ray.errors import SpecError
+    from types import SimpleNamespace as NS
+
+    df = pd.DataFrame({"flag": [True, False, True], "level": [1, 2, 3], "score": [1.0, 2.0, 2.5],
+                       "text": ["True", "false", "x"]})
+    keep = lambda where: apply_where(df, NS(where=where), "data.harmful", "s.yaml", "f.csv").index.tolist()  # noqa: E731
+    assert keep({"flag": True}) == [0, 2] and keep({"flag": False}) == [1]
+    assert keep({"level": [1, 3]}) == [0, 2] and keep({"level": "2"}) == [1]
+    assert keep({"score": 2}) == [1] and keep({"score": [2.5]}) == [2] and keep({"score": "1.0"}) == [0]
+    assert keep({"text": True}) == [0] and keep({"text": "false"}) == [1]
+    with pytest.raises(SpecError) as e:
+        keep({"level": [{"a": 1}]})
+    assert str(e.value) == "s.yaml: data.harmful.where: level: {'a': 1} is not a text, number or boolean"
+
+
+def test_validate_offline_still_runs_the_stage_checks(tmp_path, monkeypatch):
+    """A hub dataset it cannot read leaves the draws unchecked, not the stages' checks against the models."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = {"harmful": {"dataset": "someone/some-prompts", "split": "train", "split_column": "split"},
+            "harmless": {"path": str(TOY_PROMPTS / "harmless.jsonl")}, **N}
+    path = _spec(tmp_path, data, steer=True)
+    spec = yaml.safe_load(open(path))
+    spec["stages"]["steer"]["addition"]["layers"] = [99]
+    open(path, "w").write(yaml.safe_dump(spec, sort_keys=False))
+    code, out = _validate(path)
+    assert code == 2 and out.startswith(f"error: {path}: stages.steer.addition.layers: "), out

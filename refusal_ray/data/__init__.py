@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_ray.data.files import fingerprint, load_file, read_table  # noqa: F401 - the old import paths
+from refusal_ray.data.files import text_or_none
 from refusal_ray.data.sources import (Columns, Loaded, SourceUnreachable, data_fingerprint,  # noqa: F401
                                       load_source, write_merged)
 
@@ -60,10 +61,6 @@ def files_fingerprint(paths) -> str:
     return data_fingerprint(fingerprint(p) for p in paths)
 
 
-def _text(v) -> str | None:
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-
-
 def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -> dict[str, PromptSet]:
     """Draw n_train / n_val / n_test disjoint rows for `seed`.
 
@@ -87,7 +84,7 @@ def split_prompts(df: pd.DataFrame, pf: PromptFile, data: DataSpec, seed: int) -
         rows = np.sort(rng.choice(pool, size=want[split], replace=False))
         refs = (df[pf.reference_column].iloc[rows].tolist() if pf.reference_column else [None] * len(rows))
         cat = getattr(pf, "category_column", None)
-        cats = [_text(c) for c in df[cat].iloc[rows]] if cat else None
+        cats = [text_or_none(c) for c in df[cat].iloc[rows]] if cat else None
         out[split] = PromptSet(ids.iloc[rows].tolist(), df[pf.instruction_column].iloc[rows].astype(str).tolist(),
                                [None if (r is None or (isinstance(r, float) and np.isnan(r))) else str(r) for r in refs],
                                cats)

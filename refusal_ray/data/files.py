@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -46,10 +47,29 @@ def check_columns(df: pd.DataFrame, src, field: str, spec_file: str, what: str) 
                                                          f"(columns: {', '.join(map(str, df.columns))})")
 
 
+def text_or_none(v) -> str | None:
+    """A cell as text; None / NaN as None."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def where_text(v) -> str:
+    """A `where` value or a cell, as the text they are compared by: booleans as 'true' / 'false' (a YAML
+    `true`, a JSON `true`, a CSV 'True' alike), whole floats as integers (a Parquet 1.0 matches a YAML 1),
+    anything else as `str`."""
+    if isinstance(v, str):
+        return v.lower() if v.lower() in ("true", "false") else v
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def apply_where(df: pd.DataFrame, src, field: str, spec_file: str, what: str) -> pd.DataFrame:
-    """The rows whose `src.where` columns hold one of the listed values (compared as text; XSTest's
-    `{label: unsafe}`); the index (row number in the source) is kept. Raises SpecError naming
-    `<field>.where` for a column the source lacks or when no row is left."""
+    """The rows whose `src.where` columns hold one of the listed values (compared as text, `where_text`:
+    XSTest's `{label: unsafe}`, a flag column's `{harmful: true}`, `{level: [1, 2]}`); the index (row number
+    in the source) is kept. Raises SpecError naming `<field>.where` for a column the source lacks, a value
+    that is not text, a number or a boolean, or when no row is left."""
     where = getattr(src, "where", None)
     if not where:
         return df
@@ -58,7 +78,12 @@ def apply_where(df: pd.DataFrame, src, field: str, spec_file: str, what: str) ->
         if col not in df.columns:
             raise SpecError(spec_file, f"{field}.where", f"column {col!r} not in {what} "
                                                          f"(columns: {', '.join(map(str, df.columns))})")
-        keep &= df[col].astype(str).isin([values] if isinstance(values, str) else list(values))
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        bad = [v for v in values if not isinstance(v, (str, int, float, bool))]
+        if bad:
+            raise SpecError(spec_file, f"{field}.where", f"{col}: {bad[0]!r} is not a text, number or boolean")
+        as_before = df[col].astype(str).isin([v for v in values if isinstance(v, str)])   # text against str(cell)
+        keep &= as_before | df[col].map(where_text).isin([where_text(v) for v in values])
     if not keep.any():
         raise SpecError(spec_file, f"{field}.where", f"no row of {what} matches {dict(where)}")
     return df[keep]

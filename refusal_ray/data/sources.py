@@ -26,13 +26,13 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from refusal_ray.data.files import apply_where, check_columns, fingerprint, load_file
+from refusal_ray.data.files import apply_where, check_columns, fingerprint, load_file, text_or_none
 from refusal_ray.errors import SpecError
 
 SPLITS = ("train", "val", "test")
@@ -115,6 +115,23 @@ def load_source(src, field_: str, spec_file: str = "<spec>") -> Loaded:
     return Loaded(frame, merged, fp, {**prov, "fingerprint": fp}, data, merged)
 
 
+def canonical_column(src, key: str) -> str | None:
+    """The name a prompt source's column `key` (e.g. "pair_column") has in the form its rows are read in: a
+    single file's own column; a per-split or `datasets` source's canonical name ("pair", "id", ...: what its
+    merged file calls it), or None when it names no such column. What cell ids hash, so a source and its
+    merged file get the same ids."""
+    if kind(src) == "file":
+        return getattr(src, key, None)
+    name = {k: n for n, k in OPTIONAL}.get(key)
+    return name if name is not None and getattr(src, key, None) is not None else getattr(src, key, None)
+
+
+def pair_columns(data) -> list[str | None]:
+    """[harmful's, harmless's] pair column by its canonical name (`canonical_column`): what stages patch and
+    scrub put in their cells' id key (`data`: the spec's DataSpec)."""
+    return [canonical_column(data.harmful, "pair_column"), canonical_column(data.harmless, "pair_column")]
+
+
 def canonical(parts: list, spec_file: str = "<spec>") -> tuple[bytes, dict]:
     """The canonical merged bytes of `parts` ([(split or None, rows, source, field)]: the split the rows
     are, or None to take it from the source's split_column) and its column fields ({instruction_column,
@@ -125,8 +142,9 @@ def canonical(parts: list, spec_file: str = "<spec>") -> tuple[bytes, dict]:
         if has[name]:
             for _, _, s, where in parts:
                 if getattr(s, key, None) is None:
-                    raise SpecError(spec_file, f"{where}.{key}", f"missing: another split names a {name} column; "
-                                    f"give {key} on every split or on none")
+                    article = "an" if name == "id" else "a"
+                    raise SpecError(spec_file, f"{where}.{key}", f"missing: another split names {article} {name} "
+                                    f"column; give {key} on every split or on none")
     with_split = any(split is not None or getattr(s, "split_column", None) for split, _, s, _ in parts)
     lines = []
     for split, df, s, _ in parts:
@@ -137,19 +155,12 @@ def canonical(parts: list, spec_file: str = "<spec>") -> tuple[bytes, dict]:
         for name, key in OPTIONAL:
             if has[name]:
                 col = getattr(s, key, None)
-                cols[name] = [_text(v) for v in df[col]] if col is not None else [None] * n
+                cols[name] = [text_or_none(v) for v in df[col]] if col is not None else [None] * n
         names = list(cols)
         lines += [json.dumps(dict(zip(names, row)), ensure_ascii=False) + "\n" for row in zip(*cols.values())]
     fields = {"split_column": "split" if with_split else None,
               **{key: name if has[name] else None for name, key in OPTIONAL}}
     return "".join(lines).encode("utf-8"), fields
-
-
-def _text(v) -> str | None:
-    """A cell as text; None / NaN as None."""
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return None
-    return str(v)
 
 
 def data_fingerprint(fingerprints) -> str:
@@ -167,7 +178,8 @@ def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict
     except ImportError:
         raise SpecError(spec_file, f"{field_}.dataset", f"a `datasets` source needs the datasets package: "
                                                         f"{INSTALL}") from None
-    path = Path(src.dataset)
+    datasets.disable_progress_bars()   # no download / map bars on the user's terminal
+    path = Path(src.dataset).expanduser()
     prov = {"dataset": src.dataset, "config": src.config, "split": src.split}
     try:
         if src.data_files is None and path.is_dir() and any(
@@ -191,6 +203,9 @@ def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict
             ds = all_splits[_pick_split(list(all_splits), src, field_, spec_file)]
             prov["kind"] = "local"
             prov["data_files"] = src.data_files
+        elif not is_hub_name(src.dataset):   # a mistyped local path: never a hub request
+            raise SpecError(spec_file, f"{field_}.dataset", f"file not found: {src.dataset} (a hub dataset is "
+                                                            f"named owner/name, without a file suffix)")
         else:
             ds, prov["revision"] = _hub(datasets, src, field_, spec_file)
             prov["kind"] = "hub"
@@ -207,6 +222,37 @@ def _dataset_frame(src, field_: str, spec_file: str) -> tuple[pd.DataFrame, dict
 
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# file suffixes that make a `dataset:` value a local path (never a hub name)
+DATA_SUFFIXES = (*BUILDERS, ".ndjson", ".pq", ".txt", ".tsv", ".zip", ".gz")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether a `dataset:` value names a hub dataset: `owner/name` (or a bare `name`) of letters, digits,
+    '_', '.', '-', at most one '/', not starting with '.', '/' or '~', not ending in a data file suffix
+    (`DATA_SUFFIXES`), and no such local path exists. Anything else is a local path (not found: bad input)."""
+    return (_HUB_NAME.fullmatch(name) is not None and not name.lower().endswith(DATA_SUFFIXES)
+            and not Path(name).expanduser().exists())
+
+
+def pin_revisions(data, sources: dict | None):
+    """`data` (a DataSpec) with each hub `datasets` source pinned to the commit a run recorded for it
+    (`sources`: the manifest's `data_sources`), so a re-judge reads the rows the run drew, not the branch's
+    head. Sources without a recorded hub revision are left as they are."""
+    def pinned(src, prov):
+        rev = (prov or {}).get("revision")
+        return src.model_copy(update={"revision": rev}) if (prov or {}).get("kind") == "hub" and rev else src
+
+    update = {}
+    for cls in ("harmful", "harmless"):
+        src, prov = getattr(data, cls), (sources or {}).get(cls) or {}
+        if kind(src) == "dataset":
+            update[cls] = pinned(src, prov)
+        elif kind(src) == "splits":
+            splits = prov.get("splits") or {}
+            update[cls] = src.model_copy(update={s: pinned(getattr(src, s), splits.get(s)) if kind(getattr(src, s))
+                                                 == "dataset" else getattr(src, s) for s in SPLITS})
+    return data.model_copy(update=update)
 
 
 def _pick_split(names: list[str], src, field_: str, spec_file: str) -> str:

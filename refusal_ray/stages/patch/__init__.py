@@ -66,9 +66,11 @@ def _check(plan) -> None:
 
 
 def _id_key(spec) -> dict:   # the judge's phrases define the refusal score's tokens
+    from refusal_ray.data.sources import pair_columns   # canonical names: a source and its merged file alike
+
     return {"patch": spec.stages.patch.model_dump(mode="json", exclude={"batch_size", "screen_batch_size"}),
             "judge": spec.judge.model_dump(mode="json"),
-            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
+            "pairs": pair_columns(spec.data)}
 
 
 def _describe(plan) -> list[str]:

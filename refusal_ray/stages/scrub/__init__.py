@@ -124,8 +124,10 @@ def _group(cells, spec):   # the hypotheses of a seed share forward passes
 
 
 def _id_key(spec) -> dict:
+    from refusal_ray.data.sources import pair_columns   # canonical names: a source and its merged file alike
+
     return {"scrub": spec.stages.scrub.model_dump(mode="json", exclude={"batch_size", "hypotheses"}),
-            "pairs": [spec.data.harmful.pair_column, spec.data.harmless.pair_column]}
+            "pairs": pair_columns(spec.data)}
 
 
 def _cells(spec, mp) -> list[dict]:
