@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pandas as pd
 
@@ -237,6 +239,57 @@ def check_judges(judges: list, source: str, where: str = "judges") -> None:
                                 f"mapped (its labels: {', '.join(id2label.values())})")
 
 
+# query keys that carry a secret (MLflow behind a proxy, signed URLs): `token`, `api_key`, `sig`, `X-Amz-Signature`
+_SECRET_KEY = re.compile(r"token|secret|passw|pwd|key|sig|auth|credential", re.IGNORECASE)
+
+
+def uri_credentials(uri: str) -> str | None:
+    """What in a tracking URI is a credential: its userinfo ('user@', 'user:pass@') or a query key that
+    carries a secret (`_SECRET_KEY`: token, key, api_key, secret, password, access_token, sig, ...); None
+    when it holds none."""
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        return "user@ before the host"
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_KEY.search(k)]
+    return f"query key {keys[0]!r}" if keys else None
+
+
+def check_tracking(spec: Spec, spec_file: str) -> None:
+    """The tracking URI holds no credential (it is logged, and stored in the manifest's spec). Raises
+    SpecError naming `tracking.mlflow`."""
+    uri = spec.tracking.mlflow if spec.tracking is not None else None
+    what = uri_credentials(uri) if uri else None
+    if what:
+        raise SpecError(spec_file, "tracking.mlflow", f"credentials in the URI ({what}) would be stored in the "
+                        f"manifest; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                        f"MLFLOW_TRACKING_TOKEN) instead")
+
+
+def check_calibration(judges: list, source: str, where: str = "judges") -> None:
+    """Each judge's `calibration:` file exists (from the driver's working directory, where the run calibrates;
+    workers never read it). Raises SpecError naming `<where>.N.calibration`."""
+    for i, j in enumerate(judges):
+        path = getattr(j, "calibration", None)
+        if path is not None and not Path(path).is_file():
+            raise SpecError(source, f"{where}.{i}.calibration", f"calibration file not found: {path}")
+
+
+def _model_plans(spec: Spec, spec_file: str, offline_ok: bool, unchecked: list[str]) -> dict[str, ModelPlan]:
+    """Every model's plan (config, layers, parameters), then the judges' checks. offline_ok: a hub model
+    whose config cannot be fetched is left out and listed in `unchecked` instead of failing."""
+    models = {}
+    for i, m in enumerate(spec.models):
+        try:
+            models[m.name] = _model_plan(spec, spec_file, i)
+        except HubUnreachable:
+            if not offline_ok:
+                raise
+            unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
+    check_judges(spec.judges, spec_file)
+    check_calibration(spec.judges, spec_file)
+    return models
+
+
 def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offline_ok: bool = False) -> Plan:
     """Load, check and expand a spec. Raises SpecError (exit 2) on any bad input.
 
@@ -245,6 +298,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
     ("models.N (hub id): ..."); the plan then holds the cells of the other models only."""
     spec_file = str(spec_file)
     spec = load_spec(spec_file)
+    check_tracking(spec, spec_file)
     if only_models:
         unknown = [n for n in only_models if n not in {m.name for m in spec.models}]
         if unknown:
@@ -270,15 +324,7 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
                 raise SpecError(spec_file, f"data.{cls}", str(e)) from None
     prompts = {seed: {split: {cls: drawn[(cls, seed)][split] for cls in frames} for split in SPLITS}
                for seed in spec.seeds}
-    models = {}
-    for i, m in enumerate(spec.models):
-        try:
-            models[m.name] = _model_plan(spec, spec_file, i)
-        except HubUnreachable:
-            if not offline_ok:
-                raise
-            unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
-    check_judges(spec.judges, spec_file)
+    models = _model_plans(spec, spec_file, offline_ok, unchecked)
     instructions = sorted({x for seed in prompts.values() for split in seed.values() for ps in split.values()
                            for x in ps.instructions})
     fp = data_fingerprint(x.fingerprint for x in loaded.values())   # two single files: as before
@@ -301,18 +347,16 @@ def make_plan(spec_file: str | Path, only_models: list[str] | None = None, offli
 
 
 def _undrawn(spec: Spec, spec_file: str, offline_ok: bool, unchecked: list[str]) -> Plan:
-    """The plan of a validate whose prompt sets include a hub dataset it cannot reach: the models (those it
-    can read) and judges checked, no prompts drawn, no cells."""
-    models = {}
-    for i, m in enumerate(spec.models):
-        try:
-            models[m.name] = _model_plan(spec, spec_file, i)
-        except HubUnreachable:
-            if not offline_ok:
-                raise
-            unchecked.append(f"models.{i} ({m.hub_id}): {UNCHECKED_MODEL}")
-    check_judges(spec.judges, spec_file)
-    return Plan(spec, spec_file, models, {}, "", unchecked=unchecked)
+    """The plan of a validate whose prompt sets include a hub dataset it cannot reach: no prompts drawn, no
+    cells; the models (those it can read) and judges checked, and each enabled stage's `check` (layers,
+    operator blocks: what needs the models, not the prompts). The draws (`prepare`) and the tokenizer
+    checks need the rows: listed in `unchecked`."""
+    models = _model_plans(spec, spec_file, offline_ok, unchecked)
+    plan = Plan(spec, spec_file, models, {}, "", unchecked=unchecked)
+    for stage in STAGES:
+        if stage.enabled(spec):
+            stage.check(plan)
+    return plan
 
 
 def settings_payload(plan: Plan) -> dict:

@@ -8,7 +8,8 @@ direction) as tags, and the spec file, manifest.json, summary.csv, report.md and
 
 mlflow and wandb are imported here only, lazily: a run without the block imports nothing. A tracking failure
 (server down, bad URI) never fails the finished run: `log_run` returns an error line, the caller warns.
-No environment (tokens, passwords) is logged; the spec refuses credentials inside the URI.
+No environment (tokens, passwords) is logged; plan refuses credentials inside the tracking URI (userinfo,
+token-like query keys: `plan.check_tracking`), and the store's address is logged without its userinfo.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -63,6 +65,14 @@ def run_params(manifest: dict, summary: pd.DataFrame) -> dict[str, str]:
          "data_fingerprint": manifest.get("data_fingerprint"),
          "judge": str(summary["judge"].iloc[0]) if "judge" in summary.columns and len(summary) else None}
     return {k: str(v) for k, v in p.items() if v not in (None, "")}
+
+
+def without_userinfo(uri: str) -> str:
+    """`uri` with any 'user:pass@' before its host removed (what is logged of a store's address)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _is_file_store(uri: str) -> bool:
@@ -117,7 +127,7 @@ def log_mlflow(tracking, store: Store, spec_file: str | None = None) -> str:
     summary = pd.read_parquet(io.BytesIO(data)) if data is not None else pd.DataFrame({"model": []})
     metrics, tags = summary_metrics(summary)
     params = run_params(manifest, summary)
-    tags = {"refusal_ray.store": store.uri, **tags}
+    tags = {"refusal_ray.store": without_userinfo(store.uri), **tags}
     name = tracking.experiment or manifest.get("sweep") or "refusal-ray"
     with _env_defaults(tracking.mlflow):
         client = MlflowClient(tracking_uri=tracking.mlflow)

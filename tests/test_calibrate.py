@@ -162,3 +162,53 @@ def test_csv_and_json_lines_forms(tmp_path):
     js = _jsonl(tmp_path / "l.json", [{"prompt": "p", "completion": "", "refusal": True, "id": 7}])
     df = load_labelled(js)
     assert list(df["id"]) == ["7"] and list(df["refusal"]) == [True] and df["completion"][0] == ""
+
+
+def test_a_calibration_file_is_checked_at_plan_time_not_when_a_block_is_read(tmp_path):
+    """A judge block names its file wherever it is read (a Ray worker, a re-judge from another directory);
+    only the plan, on the driver, checks that the file exists."""
+    import yaml
+    from pydantic import TypeAdapter
+
+    from refusal_ray.judges.config import JudgeSpec
+    from refusal_ray.plan import make_plan
+    from test_bad_input import base_spec
+
+    block = {"name": "sub", "kind": "substring", "calibration": "no/such/labels.jsonl"}
+    assert TypeAdapter(JudgeSpec).validate_python(block).calibration == "no/such/labels.jsonl"
+    spec = base_spec(TOY_MODELS / "toy-qwen-xs")
+    spec["judges"] = [block]
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as e:
+        make_plan(str(f))
+    assert str(e.value) == f"{f}: judges.0.calibration: calibration file not found: no/such/labels.jsonl"
+
+
+def test_the_judge_worker_payload_holds_no_calibration_path(monkeypatch):
+    """The calibration file is the driver's: the payload a JudgeWorker actor validates leaves it out."""
+    import pandas as pd
+
+    from refusal_ray.cluster import judge_worker, judging
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Fake:
+        @staticmethod
+        def options(**k):
+            return Fake
+
+        @staticmethod
+        def remote(cfg, threads):
+            seen.append(cfg)
+            raise Stop
+
+    monkeypatch.setattr(judge_worker, "JudgeWorker", Fake)
+    cfg = ChatJudgeSpec(name="toy-judge", kind="chat", path=str(TOY_MODELS / "toy-judge"), rubric=TOY_RUBRIC,
+                        calibration="data/judges/toy_heldout.jsonl")
+    with pytest.raises(Stop):
+        judging._judge_on_ray(cfg, pd.DataFrame(), None, 8, {"CPU": 4, "GPU": 0})
+    assert "calibration" not in seen[0] and seen[0]["name"] == "toy-judge"

@@ -275,3 +275,29 @@ def test_a_judge_with_a_calibration_file_is_calibrated_once_and_reported(store_c
     again = cli("judge", str(store_copy), "--judges", str(judges_file(tmp_path, block)))
     assert again.returncode == 0 and "calibrating" not in again.stderr
     assert (store_copy / "calibration.json").stat().st_mtime_ns == mtime
+
+
+def test_a_failing_calibration_warns_one_line_and_keeps_the_judgements(store_copy, tmp_path):
+    """A judge whose calibration raises (its labelled file missing, as from another working directory, or
+    unreadable) is one warning line naming the judge; its judgements and the other judge's calibration are
+    stored, and the command succeeds. The file is not checked when the judge block is read (only at plan time)."""
+    labelled = REPO / "data" / "judges" / "toy_heldout.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "prompt": "p", "completion": "c", "refusal": "maybe"}) + "\n")
+    blocks = [{**STRICT, "calibration": "no/such/labels.jsonl"}, {**STRICT, "name": "loose", "calibration": str(bad)},
+              {**STRICT, "name": "fine", "calibration": str(labelled)}]
+    result = cli("judge", str(store_copy), "--judges", str(judges_file(tmp_path, *blocks)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert warnings[0] == ("judges: WARNING: calibration of judge strict against no/such/labels.jsonl failed (its "
+                           "judgements are stored): SpecError: no/such/labels.jsonl: file not found")
+    assert warnings[1].startswith(f"judges: WARNING: calibration of judge loose against {bad} failed (its "
+                                  f"judgements are stored): SpecError: {bad}") and len(warnings) == 2
+    judged = read(store_copy, "judgements")
+    comps = pd.read_parquet(store_copy / "completions")
+    assert {n: (judged["judge"] == n).sum() for n in ("strict", "loose", "fine")} == dict.fromkeys(
+        ("strict", "loose", "fine"), len(comps))
+    stored = json.loads((store_copy / "calibration.json").read_text())
+    assert [(r["judge"], r["file"]) for r in stored["results"]] == [("substring", str(labelled)),
+                                                                    ("fine", str(labelled))]
+    assert list(stored["files"]) == [str(labelled)]

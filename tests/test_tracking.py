@@ -80,16 +80,57 @@ def test_tracking_failure_warns_one_line_and_keeps_the_run(tmp_path):
     assert (out / "summary.parquet").exists()
 
 
+def _tracking_spec(tmp_path, tracking: dict, name: str = "spec") -> Path:
+    spec = base_spec(QWEN_XS)
+    spec["tracking"] = tracking
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
 def test_credentials_in_the_uri_are_bad_input(tmp_path):
     from refusal_ray.errors import SpecError
     from refusal_ray.spec import load_spec
 
-    spec = base_spec(QWEN_XS)
-    spec["tracking"] = {"mlflow": "https://user:secret@mlflow.example:5000"}
-    f = tmp_path / "spec.yaml"
-    f.write_text(yaml.safe_dump(spec))
+    f = _tracking_spec(tmp_path, {"mlflow": "https://user:secret@mlflow.example:5000"})
     with pytest.raises(SpecError, match=r"tracking\.mlflow: credentials in the URI"):
         load_spec(f)
+
+
+def test_any_userinfo_or_token_in_the_uri_is_refused_at_plan_time(tmp_path):
+    """Not only a password: a user name (a token as user), and secret-bearing query keys; one line naming
+    tracking.mlflow, before anything runs."""
+    from refusal_ray.errors import SpecError
+    from refusal_ray.plan import make_plan, uri_credentials
+
+    cases = [("https://someone@mlflow.example:5000", "user@ before the host"),
+             ("https://ghp_abc123@mlflow.example", "user@ before the host"),
+             ("https://mlflow.example/?token=abc", "query key 'token'"),
+             ("https://mlflow.example/?experiment=1&api_key=abc", "query key 'api_key'"),
+             ("https://mlflow.example/?access_token=abc", "query key 'access_token'"),
+             ("https://mlflow.example/?X-Amz-Signature=abc", "query key 'X-Amz-Signature'"),
+             ("https://mlflow.example/?sig=abc", "query key 'sig'"),
+             ("https://mlflow.example/?secret=abc", "query key 'secret'"),
+             ("https://mlflow.example/?password=", "query key 'password'"),
+             ("https://mlflow.example/?key=abc", "query key 'key'")]
+    for i, (uri, what) in enumerate(cases):
+        f = _tracking_spec(tmp_path, {"mlflow": uri}, f"cred{i}")
+        with pytest.raises(SpecError) as e:
+            make_plan(str(f))
+        assert str(e.value) == (f"{f}: tracking.mlflow: credentials in the URI ({what}) would be stored in the "
+                                "manifest; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                                "MLFLOW_TRACKING_TOKEN) instead")
+    for fine in ("file:./mlruns", "./mlruns", "sqlite:///mlflow.db", "http://127.0.0.1:5000",
+                 "https://mlflow.example/?experiment=3"):
+        assert uri_credentials(fine) is None, fine
+
+
+def test_the_store_tag_has_no_userinfo():
+    from refusal_ray.tracking import without_userinfo
+
+    assert without_userinfo("s3://AKIA:secret@bucket/runs/x") == "s3://bucket/runs/x"
+    assert without_userinfo("gs://me@bucket/x") == "gs://bucket/x"
+    assert without_userinfo("/local/out") == "/local/out" and without_userinfo("s3://bucket/x") == "s3://bucket/x"
 
 
 def test_wandb_missing_is_one_line_naming_the_field(tmp_path):
@@ -100,10 +141,7 @@ def test_wandb_missing_is_one_line_naming_the_field(tmp_path):
     from refusal_ray.errors import SpecError
     from refusal_ray.spec import load_spec
 
-    spec = base_spec(QWEN_XS)
-    spec["tracking"] = {"wandb": "proj"}
-    f = tmp_path / "spec.yaml"
-    f.write_text(yaml.safe_dump(spec))
+    f = _tracking_spec(tmp_path, {"wandb": "proj"})
     with pytest.raises(SpecError, match=r"tracking\.wandb: wandb is not installed: pip install wandb"):
         load_spec(f)
 
@@ -132,6 +170,22 @@ def test_token_auth_banner_is_filtered_only_it():
     other = logger.makeRecord(_AUTH_LOGGER, logging.WARNING, __file__, 0,
                               "Token authentication is disabled for this Ray cluster.", (), None)
     assert not logger.filter(banner) and logger.filter(other)
+
+
+def test_joining_a_cluster_filters_the_banner_too(monkeypatch):
+    """connect(address) installs the banner filter before ray.init(address=...), as for a local start."""
+    import logging
+
+    from refusal_ray.cluster import driver
+
+    logger = logging.getLogger(driver._AUTH_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])
+    seen = []
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "init", lambda **k: seen.append((k, list(logger.filters))))
+    assert driver.connect("ray://head.example:10001") is False
+    assert seen == [({"address": "ray://head.example:10001", "log_to_driver": False},
+                     [driver._drop_token_auth_banner])]
 
 
 def test_wandb_run_gets_the_same_metrics(tmp_path, monkeypatch):

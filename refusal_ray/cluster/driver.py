@@ -421,11 +421,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """
     if ray.is_initialized():
         return False
+    quiet_token_auth_banner()   # joining a cluster logs it too
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    quiet_token_auth_banner()
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True

@@ -61,10 +61,12 @@ def completions_with_prompts(store: Store) -> pd.DataFrame:
     if comps.empty or ("prompt" in comps.columns and comps["prompt"].notna().all()):
         return comps
     from refusal_ray.data import data_fingerprint, load_source, row_ids
+    from refusal_ray.data.sources import pin_revisions
     from refusal_ray.spec import DataSpec
 
     manifest = store.read_json("manifest.json") or {}
     data = DataSpec.model_validate((manifest.get("spec") or {}).get("data"))
+    data = pin_revisions(data, manifest.get("data_sources"))   # a hub dataset: the commit the run read
     where = f"{store}/manifest.json"
     loaded = {cls: load_source(getattr(data, cls), f"spec.data.{cls}", where) for cls in ("harmful", "harmless")}
     now = data_fingerprint(x.fingerprint for x in loaded.values())
@@ -220,8 +222,8 @@ def _judge_on_ray(cfg, rows: pd.DataFrame, write: _Writer, chunk: int, cluster: 
                                         f"the cluster has {cluster.get('CPU', 0):g} and {cluster.get('GPU', 0):g} "
                                         f"(judges.{cfg.name}.resources)")] * len(rows), 0.0)
         return
-    actor = JudgeWorker.options(num_cpus=r.num_cpus, num_gpus=gpus, max_restarts=0).remote(
-        cfg.model_dump(mode="json"), int(max(1, r.num_cpus)))
+    actor = JudgeWorker.options(num_cpus=r.num_cpus, num_gpus=gpus, max_restarts=0).remote(   # calibration: driver's
+        cfg.model_dump(mode="json", exclude={"calibration"}), int(max(1, r.num_cpus)))
     parts = list(_chunks(rows, chunk))
     in_flight: dict = {}
     try:
@@ -256,24 +258,54 @@ def calibrate(store: Store, judges: list, log=print) -> dict | None:
     """Each judge block with a `calibration:` file (and the inline substring judge) against that labelled file:
     the `refusal-ray judge --calibrate` figures, into the store's calibration.json (the report's "Judge
     calibration" section). Skipped when calibration.json already holds these files' bytes and judges'
-    hashes. Runs in this process (a chat judge loads here; the labelled files are small). Returns the
-    stored calibration (None: no judge names a file)."""
+    hashes. Runs in this process (a chat judge loads here; the labelled files are small). A judge whose
+    calibration fails (its file gone, the judge cannot load, ...) is one warning line through `log` naming the
+    judge and the error, and is left out of calibration.json; the judgements are already stored, so nothing
+    is lost and nothing is raised. Returns the stored calibration (None: no judge names a file, or none could
+    be calibrated)."""
+    import hashlib
+    from pathlib import Path
+
     from refusal_ray.judges.calibrate import CALIBRATION_FILE, calibrate_store
 
     blocks = [j for j in judges if getattr(j, "calibration", None)]
     if not blocks:
         return None
-    import hashlib
-    from pathlib import Path
-
     stored = store.read_json(CALIBRATION_FILE) if store.exists(CALIBRATION_FILE) else None
-    files = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in dict.fromkeys(j.calibration for j in blocks)}
+    files = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() if Path(f).is_file() else None
+             for f in dict.fromkeys(j.calibration for j in blocks)}
     want = {(j.name, j.calibration, j.judge_hash()) for j in blocks}
     have = {(r["judge"], r["file"], r.get("judge_hash")) for r in (stored or {}).get("results", [])}
     if stored is not None and stored.get("files") == files and want <= have:
         return stored
     log(f"judges: calibrating {', '.join(j.name for j in blocks)} against {', '.join(files)}")
-    return calibrate_store(store, blocks)
+    files_ok, inline, results = {}, {}, []
+    for block in blocks:   # one judge at a time, so one that fails leaves the others' figures
+        got = _Captured()
+        try:
+            calibrate_store(got, [block])
+        except Exception as e:  # noqa: BLE001 - calibration is a report section; it must not fail the run
+            log(f"judges: WARNING: calibration of judge {block.name} against {block.calibration} failed (its "
+                f"judgements are stored): {type(e).__name__}: {e}".splitlines()[0])
+            continue
+        files_ok |= got.data["files"]
+        *before, mine = got.data["results"]   # calibrate_store: the inline judge's rows, then this judge's
+        inline |= {r["file"]: r for r in before}
+        results.append(mine)
+    if not results:
+        return None
+    out = {"files": files_ok, "results": [*inline.values(), *results]}   # as calibrate_store: the inline judge first
+    store.write_json(CALIBRATION_FILE, out)
+    return out
+
+
+class _Captured:
+    """A stand-in store for `calibrate_store`: keeps what it writes (one judge's calibration)."""
+
+    data: dict
+
+    def write_json(self, name: str, obj: dict) -> None:
+        self.data = obj
 
 
 def judge_completions(store: Store, judges: list, *, source: str, use_ray: bool | None = None,

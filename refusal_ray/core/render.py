@@ -120,18 +120,31 @@ def short_count(n) -> str:
     return f"{n:.0f}"
 
 
-_BREAK = re.compile(r"(?<=[A-Za-z0-9)][-/,])")   # after a hyphen, slash or comma that follows a word
+_BREAK = re.compile(r"(?<=[A-Za-z0-9)][-/])")   # after a hyphen or slash that follows a word
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?%?")   # 2, -0.47, 0.5, 1e-3, 12%
+
+
+def _pieces(word: str) -> list[str]:
+    """`word` cut after its hyphens and slashes, but never so that a piece is a bare number: "p-2" and
+    "0.5-0.7" stay whole, "works-partially" and "Qwen2.5-1.5B" are cut."""
+    out: list[str] = []
+    for piece in (p for p in _BREAK.split(word) if p):
+        if out and (_NUMBER.fullmatch(out[-1][:-1]) or _NUMBER.fullmatch(piece.rstrip("-/"))):
+            out[-1] += piece
+        else:
+            out.append(piece)
+    return out or [""]
 
 
 def wrap(text: str, width: int) -> list[str]:
-    """`text` in lines of at most `width` characters where it can break: at spaces (dropped) and after a
-    hyphen, slash or comma inside a word (kept: "works-" / "partially"); a piece longer than `width` stays
-    whole (a line may then be longer). Never breaks a leading minus sign ("-0.47")."""
+    """`text` in lines of at most `width` characters where it can break: at spaces (dropped; so after a
+    comma only where a space follows it) and after a hyphen or slash inside a word (kept: "works-" /
+    "partially"), never inside a number ("p-2", "-0.47", "0.5,0.7" stay whole, `_pieces`); a piece longer
+    than `width` stays whole (a line may then be longer)."""
     lines: list[str] = []
     cur, sep = "", ""
     for word in text.split(" "):
-        parts = [p for p in _BREAK.split(word) if p] or [""]
-        for i, piece in enumerate(parts):
+        for piece in _pieces(word):
             joined = cur + sep + piece
             if cur and len(joined) > width:
                 lines.append(cur)
