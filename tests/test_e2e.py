@@ -220,6 +220,12 @@ def test_run_writes_every_table(finished_run):
     assert summary["rule_hash"].iloc[0] == manifest["rule_hash"]
     assert {"torch", "ray", "transformers"} <= set(manifest["libraries"])
     assert "qwen-xs" in result.stdout and "control_margin" in result.stdout
+    # the printed headline table (its title to the first blank line) fits a terminal of 120 columns
+    printed = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(printed) if line.startswith("headline ("))
+    headline = printed[start: next((i for i in range(start, len(printed)) if not printed[i].strip()), len(printed))]
+    assert len(headline) >= 4 and any("qwen-xs" in line for line in headline)
+    assert max(map(len, headline)) <= 120, "\n".join(headline)
     # the chat judge (its own Ray actor) labelled every completion once
     judgements = refusal_ray.read(out, "judgements")
     key = ["model", "cell_id", "prompt_set", "prompt_id"]
