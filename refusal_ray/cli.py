@@ -121,6 +121,42 @@ def run(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
         raise typer.Exit(1)
 
 
+
+@app.command()
+def search(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) with a stages.search block.")],
+           out: Annotated[str | None, typer.Option(help="Store directory (default outputs/<sweep name>).")] = None,
+           address: Annotated[str | None, typer.Option(help="Ray address ('auto' joins a running cluster); "
+                                                            "default: RAY_ADDRESS, else a local Ray.")] = None,
+           models: Annotated[str | None, typer.Option(help="Comma-separated subset of model names.")] = None,
+           progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True):
+    """Run the search studies of a spec (stages.search): its other stages first (the directions), then one Optuna
+    study per (model, seed) on the model's actors, resumed from its journal, then the held-out re-runs."""
+    from refusal_ray.cluster.search import run_search
+    from refusal_ray.cluster.security import check_address
+    from refusal_ray.plan import make_plan
+    from refusal_ray.runner import run as run_plan
+    from refusal_ray.store import Store
+
+    try:
+        check_address(address or os.environ.get("RAY_ADDRESS"))
+        p = make_plan(spec, [m for m in models.split(",") if m] if models else None)
+        if p.spec.stages.search is None:
+            raise SpecError(str(spec), "stages.search", "the spec has no search block")
+        out = out or _default_out(p.spec.name)
+        if "://" in out:
+            raise SpecError("--out", "", f"a search study needs a local store for its journal file, not {out}")
+        log = lambda m: typer.echo(m, err=True)  # noqa: E731
+        failed = run_plan(p, out, address=address, progress=progress, log=log)
+        if failed:
+            typer.echo(f"{failed} cell(s) failed before the search; see the cells table", err=True)
+            raise typer.Exit(1)
+        studies = run_search(p, Store(out), address=address, log=log)
+    except SpecError as e:
+        _bad_input(e)
+    for s in studies:
+        typer.echo(f"{s['study']}: {s['finished']} trials ({s['pruned']} pruned, {s['failed']} failed), "
+                   f"{s['pareto']} on the Pareto front, criterion {'met' if s['meets_criterion'] else 'not met'}")
+
 @app.command()
 def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) whose completions to judge.")] = None,
           judges: Annotated[Path | None, typer.Option("--judges", help="YAML file with a `judges:` list "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 STAGE_TABLES: tuple[str, ...] = ("directions", "selection", "steering", "completions", "capability", "patching",
                                  "scrubbing",
-                                 "rank", "rank_bases")   # stage rank
+                                 "rank", "rank_bases",   # stage rank
+                                 "trials", "pareto")   # stage search
 TABLES: tuple[str, ...] = ("cells", *STAGE_TABLES, "judgements")   # every table a store can hold (and summary)
 
 

@@ -22,6 +22,7 @@ from refusal_ray.stages.patch import STAGE as PATCH
 from refusal_ray.stages.rank import STAGE as RANK
 from refusal_ray.stages.rank import needing_optimise
 from refusal_ray.stages.scrub import STAGE as SCRUB
+from refusal_ray.stages.search import STAGE as SEARCH
 from refusal_ray.stages.select import STAGE as SELECT
 from refusal_ray.stages.steer import STAGE as STEER
 
@@ -82,7 +83,8 @@ class StageList(Sequence):
 
 
 STAGES: StageList = StageList((DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB,
-                               RANK))   # rank: after select (and optimise) whose rows it reads
+                               RANK,   # rank: after select (and optimise) whose rows it reads
+                               SEARCH))   # search: its studies read directions
 needing_optimise(STAGES)   # stage rank also needs stage optimise when that is registered
 STAGE_BY_NAME: dict[str, Stage] = {}
 TABLES: tuple[str, ...] = ()

@@ -1,0 +1,274 @@
+"""Stage search (issue 21): heretic's kernel against an independent recomputation, batched trials equal trials
+run alone, an interrupted study resumes with no trial number lost or repeated, the held-out rows, exact errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from refusal_ray.cli import app
+from refusal_ray.errors import SpecError
+from refusal_ray.spec import load_spec
+from refusal_ray.stages.search.space import bounds, interpolated, kernel_weights, layer_directions
+
+from conftest import REPO
+
+pytest.importorskip("optuna")
+
+TOY_SPEC = REPO / "sweeps" / "toy" / "search.yaml"
+
+
+# -- the search space --------------------------------------------------------------------------
+def _heretic_weight(layer, top, peak, low_frac, reach):
+    """heretic model.py's kernel, written out again: skip beyond reach, else linear from top to low."""
+    distance = abs(layer - peak)
+    if distance > reach:
+        return 0.0
+    low = low_frac * top
+    return top + (distance / reach) * (low - top)
+
+
+@pytest.mark.parametrize("peak,reach,low", [(2.3, 1.4, 0.5), (0.0, 1.0, 0.0), (9.7, 3.0, 1.0), (5.0, 0.6, 0.2)])
+def test_kernel_weights_match_heretic(peak, reach, low):
+    params = {"mlp_out.max_weight": 1.2, "mlp_out.max_weight_position": peak, "mlp_out.min_weight": low,
+              "mlp_out.min_weight_distance": reach}
+    got = kernel_weights(params, "mlp_out", 12)
+    want = [_heretic_weight(layer, 1.2, peak, low, reach) for layer in range(12)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert got[int(round(peak))] > 0 and all(got[layer] == 0 for layer in range(12) if abs(layer - peak) > reach)
+
+
+def test_interpolated_direction_is_the_normalised_lerp():
+    rng = np.random.default_rng(0)
+    dirs = {i: rng.standard_normal(16) * (i + 1) for i in range(5)}
+    u = {i: v / np.linalg.norm(v) for i, v in dirs.items()}
+    want = u[2] + 0.25 * (u[3] - u[2])
+    np.testing.assert_allclose(interpolated(dirs, 2.25), want / np.linalg.norm(want), atol=1e-12)
+    np.testing.assert_allclose(interpolated(dirs, 4.0), u[4], atol=1e-12)      # the top layer alone
+    per = layer_directions({"direction_scope": "per_layer"}, dirs, 5)
+    np.testing.assert_allclose(per, np.stack([u[i] for i in range(5)]), atol=1e-12)
+
+
+def test_bounds_are_heretics_ranges():
+    from refusal_ray.stages.search import SearchSpace
+
+    b = bounds(SearchSpace().model_dump(mode="json"), 11)         # last layer index 10
+    assert b["direction_index"] == pytest.approx((4.0, 9.0))
+    assert b["attn_out.max_weight"] == (0.8, 1.5)
+    assert b["mlp_out.max_weight_position"] == pytest.approx((6.0, 10.0))
+    assert b["mlp_out.min_weight"] == (0.0, 1.0)
+    assert b["attn_out.min_weight_distance"] == pytest.approx((1.0, 6.0))
+
+
+# -- the toy study (one model, few prompts, few trials) -------------------------------------------
+def _spec(tmp_path, **search) -> str:
+    spec = yaml.safe_load(TOY_SPEC.read_text())
+    spec["models"] = [{"name": "qwen-s", "path": str(REPO / "data/models/toy-qwen-s")}]
+    spec["data"].update({"n_train": 16, "n_val": 8, "n_test": 8})
+    for k in ("harmful", "harmless"):
+        spec["data"][k]["path"] = str(REPO / spec["data"][k]["path"])
+    spec["stages"]["search"].update({"n_trials": 6, "n_startup_trials": 2, "kl_bound": None, "held_out_max": 2,
+                                     "batch_size": 16} | search)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A plan, a store holding its directions, and one in-process session of toy-qwen-s."""
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan, model_payload, settings_payload
+    from refusal_ray.session import ModelSession
+    from refusal_ray.store import Store
+
+    tmp = tmp_path_factory.mktemp("search")
+    plan = make_plan(_spec(tmp))
+    store = Store(tmp / "out")
+    run_local(plan, store, log=lambda m: None)
+    session = ModelSession(model_payload(plan, "qwen-s"), plan.prompts, settings_payload(plan), 1)
+    return plan, store, session, tmp
+
+
+def _payload(plan, store, trials, **cfg):
+    from refusal_ray.stages.search.study import config, seed_directions
+
+    return {"kind": "trials", "seed": 0, "study": "t", "config": config(plan, "qwen-s") | cfg,
+            "directions": seed_directions(store, "qwen-s", 0), "trials": trials}
+
+
+def _params(plan, seed):
+    import optuna
+
+    from refusal_ray.stages.search.space import suggest
+    from refusal_ray.stages.search.study import config
+
+    trial = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    return suggest(trial, config(plan, "qwen-s")["space"], plan.models["qwen-s"].n_layers)
+
+
+def test_batched_trials_equal_trials_alone(toy):
+    from refusal_ray.stages.search.run import evaluate
+
+    plan, store, session, _ = toy
+    trials = [{"number": i, "params": _params(plan, i)} for i in range(3)]
+    together = evaluate(session, _payload(plan, store, trials, batch_size=7))   # chunks mix trials
+    alone = [evaluate(session, _payload(plan, store, [t]))[0] for t in trials]
+    for a, b in zip(together, alone):
+        assert a["number"] == b["number"]
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-6, abs=1e-9)
+        assert a["refusal"] == b["refusal"]
+    assert together[0]["trials_in_call"] == 3 and alone[0]["trials_in_call"] == 1
+
+
+def test_zero_weight_trial_is_the_baseline_and_kl_matches_capability(toy):
+    """A kernel whose weights are all 0 gives KL 0 and the baseline's refusals; a trial's KL equals capability's
+    first_token_kl recomputed with broadcast RowEdits of its weights."""
+    import torch
+
+    from refusal_ray.capability.measures import first_token_kl, next_token_logprobs
+    from refusal_ray.data import prompt_tokens
+    from refusal_ray.interventions import RowEdit
+    from refusal_ray.stages.search.run import evaluate
+    from refusal_ray.stages.search.study import seed_directions
+
+    plan, store, session, _ = toy
+    p = _params(plan, 7)
+    zero = {**p, "attn_out.max_weight": 0.0, "mlp_out.max_weight": 0.0}
+    got = evaluate(session, _payload(plan, store, [{"number": 0, "params": zero}, {"number": 1, "params": p}]))
+    assert got[0]["kl"] == pytest.approx(0.0, abs=1e-12)
+    harmless = session.prompts[0]["val"]["harmless"].instructions[:8]
+    seqs = prompt_tokens(session.lm.tokenizer, harmless, session.chat)
+    base = next_token_logprobs(session.lm, seqs, 4)
+    dirs = {int(k): np.asarray(v) for k, v in seed_directions(store, "qwen-s", 0).items()}
+    r = torch.as_tensor(layer_directions(p, dirs, 4)[0], dtype=torch.float32)[None]
+    edits = {(c, layer): RowEdit(ablate_dirs=r, ablate_alpha=torch.tensor([w]))
+             for c in ("attn_out", "mlp_out") for layer, w in enumerate(kernel_weights(p, c, 4)) if w}
+    want = float(first_token_kl(base, next_token_logprobs(session.lm, seqs, 4, edits)).mean())
+    assert got[1]["kl"] == pytest.approx(want, rel=1e-5)
+
+
+def test_kl_bound_prunes_without_counting_refusals(toy):
+    from refusal_ray.stages.search.run import evaluate
+
+    plan, store, session, _ = toy
+    trials = [{"number": i, "params": _params(plan, i)} for i in range(2)]
+    free = evaluate(session, _payload(plan, store, trials))
+    bound = (free[0]["kl"] + free[1]["kl"]) / 2 if free[0]["kl"] != free[1]["kl"] else None
+    assert bound is not None
+    got = evaluate(session, _payload(plan, store, trials, kl_bound=bound))
+    for f, g in zip(free, got):
+        assert g["pruned"] == (f["kl"] > bound)
+        assert g["refusal"] == (None if g["pruned"] else f["refusal"])
+
+
+class _Abandoning:
+    """A pool of one in-process session with 2 slots whose calls run at submit; `run_study(stop_after=1)` leaves the
+    second call's trials RUNNING, as a killed driver would."""
+
+    slots = 2
+
+    def __init__(self, session):
+        from refusal_ray.stages.search.study import LocalPool
+
+        self.inner = LocalPool(session)
+        self.submit, self.next, self.close = self.inner.submit, self.inner.next, self.inner.close
+
+
+def test_interrupted_study_resumes_without_losing_or_repeating_trials(toy):
+    from optuna.trial import TrialState
+
+    from refusal_ray.stages.search.study import LocalPool, journal_path, open_study, run_study, config
+
+    plan, store, session, _ = toy
+    first = run_study(plan, store, "qwen-s", 0, _Abandoning(session), log=lambda m: None, stop_after=1)
+    assert first["finished"] == 2                      # one call of 2 trials told, the other abandoned
+    study = open_study(journal_path(store, "qwen-s"), "qwen-s-seed0", config(plan, "qwen-s"), 0)
+    running = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert running == [2, 3]
+    again = run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    assert again["resumed"] == 2 and again["numbers"] == list(range(6))
+    study = open_study(journal_path(store, "qwen-s"), "qwen-s-seed0", config(plan, "qwen-s"), 0)
+    assert sorted(t.number for t in study.trials) == list(range(6))         # nothing asked twice
+    rows = store.read("trials")
+    rows = rows[rows["study"] == "qwen-s-seed0"]
+    assert sorted(rows["number"]) == list(range(6))                        # one row per trial
+    assert set(rows["state"]) <= {"complete", "pruned"}
+    # a rerun at the same n_trials adds nothing; the trials' params are the journal's
+    third = run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    assert third["numbers"] == list(range(6)) and third["resumed"] == 0
+    for t in study.trials:
+        assert rows.set_index("number").loc[t.number, "kl"] == pytest.approx(t.values[1])
+
+
+def test_held_out_rows(toy):
+    from refusal_ray.stages.search.study import LocalPool, held_out, run_study
+
+    plan, store, session, _ = toy
+    run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    rows = held_out(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    assert rows and all(r["held_out"] for r in rows[:2])
+    vals = [(r["val_refusal"], r["val_kl"]) for r in rows]
+    assert vals == sorted(vals)                                              # lowest refusal first
+    for a in vals:   # a Pareto front: no member dominates another
+        assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in vals)
+    r = rows[0]
+    n = r["trial_harmful_n"]
+    k = round(r["trial_harmful_rate"] * n)
+    from refusal_ray.stats import wilson
+
+    assert (r["trial_harmful_ci_low"], r["trial_harmful_ci_high"]) == pytest.approx(wilson(k, n))
+    assert r["meets_criterion"] == (r["trial_harmful_rate"] <= 0.1
+                                    and abs(r["control_harmful_rate"] - r["baseline_harmful_rate"]) <= 0.1
+                                    and r["trial_kl"] <= r["plain_kl"])
+    stored = store.read("pareto")
+    assert len(stored) == len(rows)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,message", [
+    ({"n_startup_trials": 70}, "stages.search.n_startup_trials 70 exceeds n_trials 64"),
+    ({"held_out": "lowest_refusal", "kl_bound": None}, "stages.search.held_out 'lowest_refusal' needs "
+                                                       "stages.search.kl_bound"),
+    ({"n_val": 33}, "stages.search.n_val 33 exceeds data.n_val 32"),
+    ({"space": {"max_weight": [1.5, 0.8]}}, "stages.search.space.max_weight: low 1.5 is above high 0.8"),
+    ({"space": {"direction_index": [0.4, 1.2]}}, "stages.search.space.direction_index: fractions of the last "
+                                                 "layer index must lie in [0, 1], got [0.4, 1.2]"),
+    ({"sampler": "cmaes"}, "stages.search.sampler"),
+])
+def test_bad_search_blocks_name_the_field(tmp_path, change, message):
+    spec = yaml.safe_load(TOY_SPEC.read_text())
+    spec["stages"]["search"].update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_cli_search_without_a_block_exits_2(tmp_path):
+    spec = yaml.safe_load(TOY_SPEC.read_text())
+    del spec["stages"]["search"]
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["search", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"error: {path}: stages.search: the spec has no search block" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_heretic_space_spec_validates_offline():
+    from refusal_ray.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["validate", str(REPO / "sweeps" / "search_heretic_space.yaml")])
+    assert result.exit_code == 0, result.output
+    s = load_spec(REPO / "sweeps" / "search_heretic_space.yaml").stages.search
+    assert (s.n_trials, s.n_startup_trials, s.sampler) == (200, 60, "tpe")
+    assert set(s.space.direction_scope) == {"global", "per_layer"}
+    assert s.space.max_weight == (0.8, 1.5) and s.space.min_weight_distance == (1.0, 0.6)
