@@ -272,3 +272,31 @@ def test_heretic_space_spec_validates_offline():
     assert (s.n_trials, s.n_startup_trials, s.sampler) == (200, 60, "tpe")
     assert set(s.space.direction_scope) == {"global", "per_layer"}
     assert s.space.max_weight == (0.8, 1.5) and s.space.min_weight_distance == (1.0, 0.6)
+
+
+def test_max_concurrent_counts_overlapping_calls():
+    from refusal_ray.stages.search.read import max_concurrent
+
+    assert max_concurrent(zip([0, 1, 2], [1, 2, 3])) == 1            # back to back: one at a time (an iterator)
+    assert max_concurrent([(0, 2), (1, 3), (1.5, 4), (3.5, 5)]) == 3
+    assert max_concurrent([]) == 0
+
+
+def test_report_section_and_figure(toy):
+    """The read side on the toy study's store: the studies table, the Pareto table and the figure."""
+    from refusal_ray.stages.base import ReadContext
+    from refusal_ray.stages.search.read import READER, studies
+    from refusal_ray.stages.search.study import LocalPool, held_out, run_study
+
+    plan, store, session, _ = toy
+    run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    held_out(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    s = studies(store.read("trials"), store.read("pareto"))
+    assert s.loc[0, "trials"] == 6 and s.loc[0, "max_concurrent"] == 1 and s.loc[0, "workers"] == 1
+    ctx = ReadContext(store=None, manifest={"spec": {"stages": {"search": {}}}}, rule={}, judge="substring",
+                      readers=(READER,))
+    ctx.tables = {"trials": store.read("trials"), "pareto": store.read("pareto")}
+    lines = READER.report(ctx)
+    assert lines[0].startswith("## Search") and any("Pareto front of qwen-s seed 0" in x for x in lines)
+    assert ctx.figures["search_pareto.png"][:4] == b"\x89PNG"
+    assert READER.summary(ctx, "qwen-s", {})["search_trials"] == 6

@@ -21,6 +21,7 @@ SEARCH = "search studies (val objectives; held-out re-run of the Pareto trials)"
 
 def max_concurrent(intervals) -> int:
     """The most intervals [start, end) open at one instant (an end at the same instant as a start closes first)."""
+    intervals = list(intervals)
     events = sorted([(float(s), 1) for s, _ in intervals] + [(float(e), -1) for _, e in intervals],
                     key=lambda ev: (ev[0], ev[1]))
     best = cur = 0
