@@ -10,6 +10,7 @@ from __future__ import annotations
 STAGE_TABLES: tuple[str, ...] = ("directions", "selection", "steering", "completions", "capability", "patching",
                                  "scrubbing",
                                  "rank", "rank_bases",   # stage rank
+                                 "optimised",   # stage optimise
                                  "trials", "pareto")   # stage search
 TABLES: tuple[str, ...] = ("cells", *STAGE_TABLES, "judgements")   # every table a store can hold (and summary)
 

@@ -18,6 +18,7 @@ from refusal_ray.core.tables import check_declared
 from refusal_ray.stages.base import Stage
 from refusal_ray.stages.capability import STAGE as CAPABILITY
 from refusal_ray.stages.directions import STAGE as DIRECTIONS
+from refusal_ray.stages.optimise import STAGE as OPTIMISE
 from refusal_ray.stages.patch import STAGE as PATCH
 from refusal_ray.stages.rank import STAGE as RANK
 from refusal_ray.stages.rank import needing_optimise
@@ -83,6 +84,7 @@ class StageList(Sequence):
 
 
 STAGES: StageList = StageList((DIRECTIONS, SELECT, STEER, CAPABILITY, PATCH, SCRUB,
+                               OPTIMISE,   # optimise: reads directions (and select)
                                RANK,   # rank: after select (and optimise) whose rows it reads
                                SEARCH))   # search: its studies read directions
 needing_optimise(STAGES)   # stage rank also needs stage optimise when that is registered
