@@ -226,3 +226,69 @@ def test_an_absent_block_adds_no_cells_and_no_dump_key(tmp_path):
     Path(f).write_text(json.dumps(spec))
     s = load_spec(f)
     assert s.stages.rank is None and "rank" not in s.model_dump(mode="json")["stages"]
+
+
+# -- the select and optimised sources' inputs (no model) -------------------------------------------
+def _inputs(candidates=None, optimised=None, d_model=8):
+    from refusal_ray.stages.rank.run import RankInputs
+
+    rng = np.random.default_rng(0)
+    rows = {(layer, -1): {"vector": rng.standard_normal(d_model).tolist()} for layer in range(4)}
+    return RankInputs(rows, 1, -1, candidates=candidates, n_candidates=4, optimised=optimised)
+
+
+def _cell(source, k, control=False):
+    from refusal_ray.core.cells import Cell
+
+    return Cell(f"{source}{k}{control}", "rank", "m", 0, {"source": source, "k": k, "control": control})
+
+
+def test_optimised_source_reads_the_cone_of_its_dimension_and_skips_without_one():
+    from refusal_ray.stages.rank.run import Bases, skip_reason
+
+    rng = np.random.default_rng(1)
+    cone = [{"dim": 2, "index": i, "vector": rng.standard_normal(8).tolist()} for i in (1, 0)] + \
+           [{"dim": 1, "index": 0, "vector": rng.standard_normal(8).tolist()}]
+    d = _inputs(optimised=cone)
+    assert skip_reason(_cell("optimised", 2), d) is None and skip_reason(_cell("optimised", 1), d) is None
+    assert skip_reason(_cell("optimised", 3), d) == ("stages.rank.sources 'optimised': stage optimise stored 0 "
+                                                     "directions of dimension 3 for this seed (table optimised, "
+                                                     "dim == 3)")
+    q = Bases(d).basis("optimised", 2)                                    # [2, d_model], orthonormal
+    np.testing.assert_allclose(q @ q.T, np.eye(2), atol=1e-6)
+    v = np.stack([np.asarray(r["vector"]) for r in sorted(cone[:2], key=lambda r: r["index"])])
+    assert np.linalg.matrix_rank(np.vstack([q, v]), tol=1e-5) == 2      # the same span
+    assert skip_reason(_cell("optimised", 1), _inputs()) == ("stages.rank.sources 'optimised': stage optimise did "
+                                                             "not run for this seed")
+
+
+def test_select_source_takes_the_top_k_passing_candidates():
+    from refusal_ray.stages.rank.run import Bases, skip_reason
+
+    passed = [{"layer": 2, "position": -1}, {"layer": 0, "position": -1}]
+    d = _inputs(candidates=passed)
+    q = Bases(d).basis("select", 1)
+    u = np.asarray(d.rows[(2, -1)]["vector"])
+    np.testing.assert_allclose(np.abs(q[0] @ u) / np.linalg.norm(u), 1.0, atol=1e-6)
+    assert skip_reason(_cell("select", 3), d) == ("stages.rank.sources 'select': k = 3 asks for more candidates "
+                                                  "than passed stage select's filters for this seed (2 of 4)")
+    assert skip_reason(_cell("select", 1), _inputs()) == ("stages.rank.sources 'select': stage select did not run "
+                                                          "for this seed")
+
+
+def test_pca_basis_is_the_uncentred_svd_and_pc1_the_difference_of_means_for_one_direction():
+    from refusal_ray.stages.rank.run import category_directions, pca_basis
+
+    rng = np.random.default_rng(2)
+    u = rng.standard_normal(16)
+    u /= np.linalg.norm(u)
+    harm = 3.0 * u[None] + 0.01 * rng.standard_normal((20, 16))
+    safe = 0.01 * rng.standard_normal((20, 16))
+    v, s, ev = pca_basis(harm, safe.mean(0), 3)
+    diff = harm - safe.mean(0)
+    np.testing.assert_allclose(s, np.linalg.svd(diff, compute_uv=False)[:3])
+    mean = diff.mean(0)
+    assert v[0] @ mean / np.linalg.norm(mean) > 0.999 and ev[0] > 0.99
+    cats = category_directions(harm, ["b"] * 8 + ["a"] * 8 + [None] * 4, safe.mean(0))
+    assert [(c, n) for c, n, _ in cats] == [("a", 8), ("b", 8)]              # size, then name; None left out
+    np.testing.assert_allclose(cats[0][2], harm[8:16].mean(0) - safe.mean(0))

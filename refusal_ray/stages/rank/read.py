@@ -171,9 +171,10 @@ def display() -> list[Column]:
     from refusal_ray.stages.rank import SOURCES
 
     rank = [Column(f"rank[{s}]", f"rank[{s}]", "{}", RANK_TABLE, f"rank {s}",
-                   legend=f"refusal rank with the {s} basis: the smallest k whose ablation meets the suppression "
-                          "margin from baseline and the control margin beyond a same-rank random subspace ('> K': "
-                          "none up to max_k; n/a: baseline refusal below baseline_min)") for s in SOURCES]
+                   legend=("the smallest k whose ablation lowers harmful refusal by the margin from baseline and by "
+                           "the control margin beyond a same-rank random subspace ('> K': none up to max_k; n/a: "
+                           "baseline below baseline_min), with the " if i == 0 else "the refusal rank with the ")
+                          + f"{s} basis") for i, s in enumerate(SOURCES)]
     supp = [Column(f"rank_supp1[{s}]", f"supp1[{s}]", "{:+.2f}", RANK_TABLE, f"k=1 {s}",
                    legend=f"baseline harmful refusal minus the rate with the {s} source's first direction ablated")
             for s in SOURCES]
