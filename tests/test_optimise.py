@@ -208,3 +208,36 @@ def test_absent_block_changes_nothing(tmp_path, monkeypatch):
     spec = load_spec("sweeps/quickstart.yaml")
     assert spec.stages.optimise is None
     assert spec.spec_hash() == "4c7dd46312cdedd8"
+
+
+def test_stage_end_to_end_on_planted_k1(tmp_path):
+    """Through the plan and run_local: directions -> optimise; one `optimised` row per vector with exactly the
+    columns stage rank reads; the set spans d_1 (angle <= 5 deg); the report section and summary read it."""
+    import pandas as pd
+
+    from refusal_ray.cluster.local import run_local
+    from refusal_ray.plan import make_plan
+    from refusal_ray.stages.base import ReadContext
+    from refusal_ray.stages.optimise import read
+    from refusal_ray.stages.optimise.run import ROW_COLUMNS
+
+    f = _spec(tmp_path, {"dims": [1, 2], "steps": 3, "layer": 1, "batch_size": 4})
+    plan = make_plan(f)
+    assert [c.params for c in plan.cells if c.stage == "optimise"] == [{"dim": 1, "kind": "subspace"},
+                                                                        {"dim": 2, "kind": "subspace"}]
+    tables = run_local(plan, log=lambda *a: None)
+    assert all(r["status"] == "done" for r in tables["cells"]), [r.get("error") for r in tables["cells"]]
+    rows = tables["optimised"]
+    assert [(r["dim"], r["index"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert set(rows[0]) == {"model", *ROW_COLUMNS}
+    assert all(r["layer"] == 1 and r["position"] == -1 and r["steps"] == 3 and r["stopped"] == "steps"
+               and len(r["vector"]) == 64 and len(r["losses"]) == 3 for r in rows)
+    d = planted_directions(MODELS / "toy-planted-k1").numpy()
+    assert principal_angles(np.asarray([rows[0]["vector"]]), d)[0] <= 5.0
+    frames = {name: pd.DataFrame(v) for name, v in tables.items()}
+    ctx = ReadContext(store=None, manifest={"spec": {"stages": {"optimise": {}}}}, rule={}, judge="substring",
+                      tables=frames)
+    lines = read.report(ctx)
+    assert lines[0] == "## Optimised directions" and sum(line.startswith("| k1 |") for line in lines) == 2
+    cols = read.summary(ctx, "k1", {})
+    assert cols["optimise_dim"] == 2 and cols["optimise_peak_mb"] > 0
