@@ -300,3 +300,57 @@ def test_report_section_and_figure(toy):
     assert lines[0].startswith("## Search") and any("Pareto front of qwen-s seed 0" in x for x in lines)
     assert ctx.figures["search_pareto.png"][:4] == b"\x89PNG"
     assert READER.summary(ctx, "qwen-s", {})["search_trials"] == 6
+
+
+DRIVER = """
+import sys
+from refusal_ray.plan import make_plan, model_payload, settings_payload
+from refusal_ray.session import ModelSession
+from refusal_ray.stages.search.study import LocalPool, run_study
+from refusal_ray.store import Store
+plan = make_plan(sys.argv[1])
+pool = LocalPool(ModelSession(model_payload(plan, "qwen-s"), plan.prompts, settings_payload(plan), 1))
+run_study(plan, Store(sys.argv[2]), "qwen-s", 0, pool)
+"""
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_losing_or_repeating_trials(toy, tmp_path):
+    """A driver process killed (SIGKILL) mid-study: the rerun finishes the study with trial numbers 0..n-1, each
+    once in the journal and once in the trials table."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from refusal_ray.stages.search.study import LocalPool, journal_path, open_study, run_study, config
+    from refusal_ray.store import Store
+
+    plan0, store0, session, tmp = toy
+    spec = _spec(tmp_path, n_trials=40, n_startup_trials=4)
+    shutil.copytree(store0.path + "/directions", tmp_path / "out" / "directions")
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, spec, str(tmp_path / "out")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "out" / "search" / "qwen-s.journal"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count('"state":1') >= 6:   # a few trials told
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the driver finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(tmp_path / "out")
+    from refusal_ray.plan import make_plan
+
+    plan = make_plan(spec)
+    killed = open_study(journal_path(store, "qwen-s"), "qwen-s-seed0", config(plan, "qwen-s"), 0)
+    assert 0 < len(killed.trials) < 40
+    done = run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    assert done["numbers"] == list(range(40))
+    study = open_study(journal_path(store, "qwen-s"), "qwen-s-seed0", config(plan, "qwen-s"), 0)
+    assert [t.number for t in study.trials] == list(range(40))
+    rows = store.read("trials")
+    assert sorted(rows["number"]) == list(range(40))

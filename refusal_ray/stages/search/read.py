@@ -75,6 +75,7 @@ def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame) -> bytes:
                            label="plain ablation (test)")
                 ax.axhline(float(h["baseline_harmful_rate"].iloc[0]), c="k", ls=":", lw=1, label="baseline (test)")
         ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlim(left=0)
         ax.set_xlabel("first-token KL on harmless (nats)")
         ax.set_ylabel("harmful refusal rate")
         ax.set_ylim(-0.05, 1.05)

@@ -11,7 +11,9 @@ Storage: one `JournalStorage(JournalFileBackend(<store>/search/<model>.journal))
 (`<model>-seed<seed>`), created with `load_if_exists`. A rerun (after a killed driver) first re-evaluates the
 trials left RUNNING, under their own numbers (their params are the trial's user attribute `params`), then asks new
 ones until `n_trials` trials are finished (complete or pruned): no number is lost or repeated, every finished trial
-is one row of `trials`.
+is one row of `trials`. A trial asked but killed before its params were recorded is suggested again on the same
+trial (Optuna keeps the values it had drawn and draws the rest). A killed driver leaves the journal's lock file
+behind; Optuna releases a stale lock itself after a grace period (a warning line), so a prompt rerun may wait.
 
 A pool (`LocalPool` here: one in-process `ModelSession`, one call at a time; `refusal_ray.cluster.search.RayPool`:
 the model's actors) has `slots`, `submit(payload) -> token`, `next() -> (token, result)` (a session's run result
@@ -138,11 +140,15 @@ def run_study(plan, store, model: str, seed: int, pool, log=print, stop_after: i
     study = open_study(journal_path(store, model), study_id, cfg, seed)
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    orphans = [(t.number, t.user_attrs["params"]) for t in trials
-               if t.state == TrialState.RUNNING and "params" in t.user_attrs]
-    for t in trials:   # asked but never given params (killed between ask and set): failed, never re-run
-        if t.state == TrialState.RUNNING and "params" not in t.user_attrs:
-            study.tell(t.number, state=TrialState.FAIL)
+    orphans = []
+    for t in trials:   # left RUNNING by a killed driver: re-run under their own numbers
+        if t.state != TrialState.RUNNING:
+            continue
+        if "params" not in t.user_attrs:   # killed between ask and the params' record: suggest again (Optuna
+            live = optuna.trial.Trial(study, t._trial_id)   # returns the values already drawn, draws the rest)
+            live.set_user_attr("params", suggest(live, cfg["space"], n_layers))
+            t = study.get_trials(deepcopy=False)[t.number]
+        orphans.append((t.number, t.user_attrs["params"]))
     resumed = len(orphans)
     if orphans:
         log(f"  {study_id}: resuming {len(orphans)} trial(s) left running: {[n for n, _ in orphans]}")
