@@ -140,16 +140,17 @@ def test_zero_weight_trial_is_the_baseline_and_kl_matches_capability(toy):
 
     plan, store, session, _ = toy
     p = _params(plan, 7)
-    zero = {**p, "attn_out.max_weight": 0.0, "mlp_out.max_weight": 0.0}
+    comps = ("attn_out", "mlp_out", "resid_pre")
+    zero = {**p, **{f"{c}.max_weight": 0.0 for c in comps}}
     got = evaluate(session, _payload(plan, store, [{"number": 0, "params": zero}, {"number": 1, "params": p}]))
     assert got[0]["kl"] == pytest.approx(0.0, abs=1e-12)
     harmless = session.prompts[0]["val"]["harmless"].instructions[:8]
     seqs = prompt_tokens(session.lm.tokenizer, harmless, session.chat)
     base = next_token_logprobs(session.lm, seqs, 4)
     dirs = {int(k): np.asarray(v) for k, v in seed_directions(store, "qwen-s", 0).items()}
-    r = torch.as_tensor(layer_directions(p, dirs, 4)[0], dtype=torch.float32)[None]
-    edits = {(c, layer): RowEdit(ablate_dirs=r, ablate_alpha=torch.tensor([w]))
-             for c in ("attn_out", "mlp_out") for layer, w in enumerate(kernel_weights(p, c, 4)) if w}
+    r = torch.as_tensor(layer_directions(p, dirs, 4), dtype=torch.float32)          # [n_layers, d_model]
+    edits = {(c, layer): RowEdit(ablate_dirs=r[layer][None], ablate_alpha=torch.tensor([w]))
+             for c in comps for layer, w in enumerate(kernel_weights(p, c, 4)) if w}
     want = float(first_token_kl(base, next_token_logprobs(session.lm, seqs, 4, edits)).mean())
     assert got[1]["kl"] == pytest.approx(want, rel=1e-5)
 
@@ -354,3 +355,24 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(toy, tmp_path)
     assert [t.number for t in study.trials] == list(range(40))
     rows = store.read("trials")
     assert sorted(rows["number"]) == list(range(40))
+
+
+def test_refusal_score_objective_matches_first_token_probabilities(toy, tmp_path):
+    """objective refusal_score: a harmful val prompt counts as refused when the refusal tokens' first-token mass
+    exceeds 1/2, recomputed here from capability's next_token_logprobs (an unedited trial: zero weights)."""
+    from refusal_ray.capability.measures import next_token_logprobs
+    from refusal_ray.data import prompt_tokens
+    from refusal_ray.plan import make_plan
+    from refusal_ray.stages.search.run import evaluate
+
+    _, store, session, _ = toy
+    plan = make_plan(_spec(tmp_path, objective="refusal_score"))
+    ids = plan.models["qwen-s"].refusal_tokens["ids"]
+    assert ids
+    p = _params(plan, 3)
+    zero = {**p, **{f"{c}.max_weight": 0.0 for c in ("attn_out", "mlp_out", "resid_pre")}}
+    got = evaluate(session, _payload(plan, store, [{"number": 0, "params": zero}]))[0]
+    harmful = session.prompts[0]["val"]["harmful"].instructions[:8]
+    lp = next_token_logprobs(session.lm, prompt_tokens(session.lm.tokenizer, harmful, session.chat), 4)
+    mass = lp[:, ids].exp().sum(-1)
+    assert got["refusal"] == pytest.approx(float((mass > 0.5).double().mean()))
