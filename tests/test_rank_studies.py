@@ -1,6 +1,7 @@
 """Stage rank's specs: sweeps/refusal_rank_scale.yaml (the study: a header naming what it extends, schema-valid,
 the user's own prompt files, hub models only, validates offline) and its toy twin sweeps/toy/dimensionality.yaml,
-which runs end to end through `refusal-ray run` and prints a refusal rank per model (slow: Ray, about a minute)."""
+which runs every source (select, pca, category, optimised) end to end through `refusal-ray run` and prints a
+refusal rank per model (slow: Ray and stage optimise, about two minutes)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_toy_dimensionality_runs_end_to_end_and_prints_a_rank_per_model(tmp_path
         assert cells[0] == m and len(cells) >= 3, rows[m]
     summary = pd.read_csv(out / "summary.csv")
     ok = {str(k) for k in range(1, 4)} | {"> 3", "n/a"}
-    for source in ("pca", "category"):
+    for source in ("pca", "category", "optimised"):   # every source of the spec but select (qwen-xs selects none)
         assert set(summary[f"rank[{source}]"].astype(str)) <= ok, summary[f"rank[{source}]"]
     report = (out / "report.md").read_text()
     assert "## Refusal rank" in report and (out / "figures" / "rank_curve.png").exists()
