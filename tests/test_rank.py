@@ -79,8 +79,6 @@ def test_rank_sweep_recovers_the_planted_rank(planted_run):
 
 
 def test_pca_bases_span_and_category_directions_match_the_planted_directions(planted_run):
-    import torch
-
     from refusal_ray.toy.planted import planted_directions
 
     k, t = planted_run
@@ -98,7 +96,6 @@ def test_pca_bases_span_and_category_directions_match_the_planted_directions(pla
         c = int(row["category"].removeprefix("cat")) - 1
         r = np.asarray(row["vector"], float)
         assert r @ d[c] / np.linalg.norm(r) >= 0.99, (row["category"], r @ d[c] / np.linalg.norm(r))
-    del torch
 
 
 def test_transfer_matrix_is_diagonal_on_the_planted_models(planted_run):
@@ -292,3 +289,33 @@ def test_pca_basis_is_the_uncentred_svd_and_pc1_the_difference_of_means_for_one_
     cats = category_directions(harm, ["b"] * 8 + ["a"] * 8 + [None] * 4, safe.mean(0))
     assert [(c, n) for c, n, _ in cats] == [("a", 8), ("b", 8)]              # size, then name; None left out
     np.testing.assert_allclose(cats[0][2], harm[8:16].mean(0) - safe.mean(0))
+
+
+def test_a_mixed_direction_suppresses_every_category_of_the_planted_models(tmp_path):
+    """What the rank sweep's optimised source finds on the planted models (measured: stage optimise's dim-1
+    direction on toy-planted-k2 gives refusal 0.0): ablating the single direction (d_1 + ... + d_k) / sqrt(k)
+    removes refusal on every category, because each category's feature keeps only sqrt(1 - 1/k) of its norm
+    and the planted refusal needs nearly all of it. So the planted rank k is the rank within the planted
+    directions' coordinates (the pca and category sources, which recover them), not the least number of
+    directions whose ablation suppresses refusal: over all directions that is 1."""
+    from refusal_ray.core.cells import Cell
+    from refusal_ray.data import PromptSet
+    from refusal_ray.judges import SubstringJudge
+    from refusal_ray.models.loading import load_model
+    from refusal_ray.stages.rank.run import Row, generate_rows
+    from refusal_ray.toy.planted import planted_directions
+
+    for k in (2, 3):
+        lm = load_model(str(MODELS / f"toy-planted-k{k}"))
+        d = planted_directions(MODELS / f"toy-planted-k{k}").numpy()
+        u = (d.sum(0) / np.sqrt(k)).astype(np.float32)[None]                       # [1, d_model]
+        rows = [json.loads(x) for x in (PLANTED / f"k{k}" / "harmful.jsonl").read_text().splitlines()]
+        test = PromptSet([r["id"] for r in rows], [r["instruction"] for r in rows], [None] * len(rows))
+        cell = Cell("mixed", "rank", "m", 0, {})
+        layers = list(range(lm.sites.n_layers))
+        refused = SubstringJudge()(generate_rows(lm, [Row(cell, i, u) for i in range(len(test))], test, layers,
+                                                 1.0, 8, 64))
+        assert sum(refused) == 0, (k, sum(refused))
+        kept = SubstringJudge()(generate_rows(lm, [Row(cell, i, None) for i in range(len(test))], test, layers,
+                                              1.0, 8, 64))
+        assert all(kept)
