@@ -376,3 +376,30 @@ def test_refusal_score_objective_matches_first_token_probabilities(toy, tmp_path
     lp = next_token_logprobs(session.lm, prompt_tokens(session.lm.tokenizer, harmful, session.chat), 4)
     mass = lp[:, ids].exp().sum(-1)
     assert got["refusal"] == pytest.approx(float((mass > 0.5).double().mean()))
+
+
+@pytest.mark.slow
+def test_ray_pool_spreads_trials_over_the_actors(toy, tmp_path):
+    """The study on Ray (`refusal_ray.cluster.search.run_search`): two actors of the model, every trial number once,
+    trials on both actors, and the held-out rows written."""
+    import shutil
+
+    import ray
+
+    from refusal_ray.cluster.search import run_search
+    from refusal_ray.plan import make_plan
+    from refusal_ray.store import Store
+
+    _, store0, _, _ = toy
+    shutil.copytree(store0.path + "/directions", tmp_path / "out" / "directions")
+    plan = make_plan(_spec(tmp_path, n_trials=8, n_startup_trials=2, trials_per_call=1))
+    store = Store(tmp_path / "out")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        (summary,) = run_search(plan, store, log=lambda m: None, replicas=2)
+    finally:
+        ray.shutdown()
+    assert summary["numbers"] == list(range(8)) and summary["max_in_flight"] == 2
+    rows = store.read("trials")
+    assert sorted(rows["number"]) == list(range(8)) and rows["worker"].nunique() == 2
+    assert len(store.read("pareto")) == summary["pareto"] > 0
