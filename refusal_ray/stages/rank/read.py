@@ -182,6 +182,13 @@ def display() -> list[Column]:
 
 
 # -- figures and the report -------------------------------------------------------------------------
+def _source_index(source: str) -> int:
+    """A source's fixed colour / marker index (its place in SOURCES), the same in every panel and figure."""
+    from refusal_ray.stages.rank import SOURCES
+
+    return SOURCES.index(source) if source in SOURCES else len(SOURCES)
+
+
 def plot_curve(curve: pd.DataFrame) -> bytes | None:
     """Refusal rate against k per (model, source) with Wilson intervals; controls dashed."""
     if curve.empty:
@@ -190,9 +197,10 @@ def plot_curve(curve: pd.DataFrame) -> bytes | None:
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         c = curve[curve["model"] == model]
-        for i, (source, g) in enumerate(c.groupby("source", sort=False)):
+        for source, g in c.groupby("source", sort=False):
+            i = _source_index(source)
             color = f"C{i}"
-            x = g["k"].to_numpy(float) + (i - 1) * 0.04
+            x = g["k"].to_numpy(float) + (i - 1.5) * 0.04
             ax.errorbar(x, g["rate"], yerr=[g["rate"] - g["ci_low"], g["ci_high"] - g["rate"]], color=color,
                         marker="o", ms=4, capsize=2, label=source)
             ax.errorbar(x, g["control_rate"], yerr=[g["control_rate"] - g["control_ci_low"],
@@ -203,7 +211,9 @@ def plot_curve(curve: pd.DataFrame) -> bytes | None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_xticks(sorted(set(c["k"])))
     axes[0][0].set_ylabel("harmful refusal (dashed: random control)")
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    axes[0][-1].legend([handles[k] for k in sorted(handles, key=_source_index)],
+                       sorted(handles, key=_source_index), fontsize=7)
     return png(fig)
 
 
@@ -220,7 +230,8 @@ def plot_scale(table: pd.DataFrame, params: dict, max_k: int) -> bytes | None:
     if t.empty:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for i, (source, g) in enumerate(t.groupby("source", sort=False)):
+    for source, g in t.groupby("source", sort=False):
+        i = _source_index(source)
         x = [params[m] for m in g["model"]]
         a.scatter(x, [_rank_number(r, max_k) for r in g["rank"]], color=f"C{i}", label=source, marker="os^D"[i % 4])
         b.scatter(x, g["suppression_k1"], color=f"C{i}", label=source, marker="os^D"[i % 4])
