@@ -32,7 +32,8 @@ class Verdict:
         harmless prompts it answers "is the completion safe?" and nothing reads it as refusal
         (`refusal_ray.judges.config.QUESTIONS`). None when malformed or failed.
     compliance, coherence: the rubric's scores in {0, 0.5, 1} (chat and openai judges only).
-    score: the probability of the refusal labels (classifier) or of "unsafe" (guard).
+    score: the probability of the refusal labels (classifier), of "unsafe" (guard), or of the refusal
+        answers among a scored chat judge's candidates (`score_answers`).
     raw: the judge's own output (generated text, label name); None for substring.
     malformed: the output did not follow the documented format (labels are None).
     error: why the item could not be judged (labels are None).

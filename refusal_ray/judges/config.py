@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from refusal_ray.judges.base import content_hash
-from refusal_ray.judges.rubric import DEFAULT_RUBRIC, check_rubric
+from refusal_ray.judges.rubric import DEFAULT_RUBRIC, answers, check_rubric
 
 INLINE = "substring"   # the name of the inline `judge:` block's labels (completions.refusal)
 
@@ -166,8 +166,29 @@ class ChatJudgeSpec(_LocalModel):
     rubric: str | None = Field(None, description="Rubric text (or a .txt/.md file) with {prompt} and {completion}; "
                                                  "None: the documented DEFAULT_RUBRIC.")
     max_new_tokens: int = Field(24, ge=1, description="Tokens the judge may generate.")
+    score_answers: list[Literal["refusal", "compliance", "coherence"]] | None = Field(
+        None, description="None: greedy generation, parsed by the rubric's rules (may be malformed). A list of "
+                          "label lines, e.g. [refusal, compliance, coherence]: score every answer the rules accept "
+                          "made of those lines by its log-probability and take the most likely (never malformed; "
+                          "refusal_ray.judges.rubric.answers). Absent from the judge's hash when None.")
 
     _check = field_validator("rubric")(classmethod(lambda cls, v: _rubric(v)))
+
+    @field_validator("score_answers")
+    @classmethod
+    def _answers(cls, v):
+        if v is not None:
+            answers(v)          # ValueError naming the rule
+        return v
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        out = handler(self)
+        if isinstance(out, dict):       # judges written before these fields dump (and hash) as before
+            for key in ("calibration", "score_answers"):
+                if getattr(self, key) is None:
+                    out.pop(key, None)
+        return out
 
     def rubric_text(self) -> str:
         return self.rubric or DEFAULT_RUBRIC

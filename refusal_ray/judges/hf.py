@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from refusal_ray.judges.base import Item, Verdict
-from refusal_ray.judges.rubric import parse, render
+from refusal_ray.judges.rubric import answers, parse, render
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config, render as render_chat
 from refusal_ray.models.loading import DTYPES
 
@@ -113,12 +113,57 @@ class _Generating(_Judge):
 
 
 class ChatJudge(_Generating):
-    """`kind: chat`: compliance and coherence in {0, 0.5, 1} from a chat model and the rubric."""
+    """`kind: chat`: compliance and coherence in {0, 0.5, 1} from a chat model and the rubric: its greedy
+    generation parsed (default), or with `score_answers` its most likely accepted answer (`_scored`)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.answers = answers(cfg.score_answers) if cfg.score_answers else None
 
     def _batch(self, batch: list[Item]) -> list[Verdict]:
         rubric = self.cfg.rubric_text()
         texts = render_chat(self.lm.tokenizer, [render(rubric, it) for it in batch], self.options)
+        if self.answers is not None:
+            return self._scored(texts)
         return [parse(t, done) for t, done in zip(*self._generate(texts))]
+
+    @torch.inference_mode()
+    def _scored(self, texts: list[str]) -> list[Verdict]:
+        """Per rendered judge input, the accepted answer of highest log p(answer, stop token | input)
+        (teacher-forced, right-padded so positions are those of an unpadded input). `score`: the
+        probability mass of the refusal answers among the candidates (softmax over their log-probs).
+        Cost: len(answers) forwards of input + answer per item (12 for refusal/compliance/coherence)."""
+        tok = self.lm.tokenizer
+        stop = self.config.eos_token_id
+        stop = stop[0] if isinstance(stop, (list, tuple)) else stop
+        tails = [tok(a, add_special_tokens=False)["input_ids"] + [stop] for a in self.answers]
+        heads = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        seqs = [(h, t) for h in heads for t in tails]                        # item-major: [n_items * n_answers]
+        logp = torch.empty(len(seqs), dtype=torch.float64)
+        size = max(1, self.cfg.batch_size)
+        for start in range(0, len(seqs), size):
+            chunk = seqs[start: start + size]
+            width = max(len(h) + len(t) for h, t in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (h, t) in enumerate(chunk):
+                ids[i, :len(h) + len(t)] = torch.tensor(h + t)
+                mask[i, :len(h) + len(t)] = 1
+            logits = self.lm.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
+            for i, (h, t) in enumerate(chunk):                               # logits: [chunk, width, vocab]
+                pos = torch.arange(len(h) - 1, len(h) + len(t) - 1)          # the positions predicting the tail
+                lp = logits[i, pos.to(logits.device)].double().log_softmax(-1).cpu()   # [len(t), vocab]
+                logp[start + i] = lp[torch.arange(len(t)), torch.tensor(t)].sum()
+        logp = logp.view(len(texts), len(self.answers))                      # [n_items, n_answers]
+        refusing = torch.tensor([bool(parse(a).refusal) for a in self.answers])
+        probs = logp.softmax(-1)
+        out = []
+        for row, p in zip(logp, probs):
+            best = self.answers[int(row.argmax())]
+            v = parse(best)
+            out.append(Verdict(refusal=v.refusal, compliance=v.compliance, coherence=v.coherence, raw=best,
+                               score=float(p[refusing].sum())))
+        return out
 
 
 class GuardJudge(_Generating):
