@@ -146,7 +146,8 @@ def test_every_built_in_stage_declares_its_block_checks_and_read_side():
     from refusal_ray.stages import STAGES
     from refusal_ray.stages.base import Reader, _no_validation
 
-    assert [s.name for s in STAGES] == ["directions", "select", "steer", "capability", "patch", "scrub"]
+    assert [s.name for s in STAGES] == ["directions", "select", "steer", "capability", "patch", "scrub", "optimise",
+                                       "rank", "search"]
     for stage in STAGES:
         assert stage.block is not None and stage.block.__module__ == f"refusal_ray.stages.{stage.name}", stage.name
         assert stage.validate is not _no_validation, stage.name
