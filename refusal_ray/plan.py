@@ -250,7 +250,7 @@ def uri_credentials(uri: str) -> str | None:
     parts = urlsplit(uri)
     if "@" in parts.netloc:
         return "user@ before the host"
-    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_KEY.search(k)]
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_KEY.match(k) or _SECRET_KEY.findall(k)]
     return f"query key {keys[0]!r}" if keys else None
 
 
