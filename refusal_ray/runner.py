@@ -94,9 +94,8 @@ def run(plan: Plan, out: str | Path, address: str | None = None, progress: bool 
 
 
 def _run(plan: Plan, out: str | Path, address: str | None, progress: bool, log) -> int:
-    from refusal_ray.cluster.driver import Driver, connect, placements
+    from refusal_ray.cluster.driver import Driver, cluster_placements, connect
     from refusal_ray.cluster.judging import judge_store, record_judges
-    from refusal_ray.pipeline.placement import PlacementError
 
     store = Store(out)
     check_frozen_rule(plan, store)
@@ -116,11 +115,7 @@ def _run(plan: Plan, out: str | Path, address: str | None, progress: bool, log) 
 
     started_here = connect(address)
     try:
-        cluster = ray.cluster_resources()
-        try:
-            where = placements(plan, cluster)
-        except PlacementError as e:
-            raise SpecError(plan.spec_file, "models", str(e)) from None
+        cluster, where = cluster_placements(plan)
         freeze_manifest(plan, store)  # after every check, before the first cell
         log(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, {len(todo)} to run")
         for name in sorted({c.model for c in todo}):

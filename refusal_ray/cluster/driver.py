@@ -88,6 +88,19 @@ def placements(plan: Plan, cluster: dict[str, float]) -> dict[str, Placement]:
                           res.highmem_params) for m in plan.spec.models}
 
 
+def cluster_placements(plan: Plan) -> tuple[dict[str, float], dict[str, Placement]]:
+    """(the connected cluster's resources, `placements` on them). Raises SpecError naming `models` for a
+    model the cluster cannot place."""
+    from refusal_ray.errors import SpecError
+    from refusal_ray.pipeline.placement import PlacementError
+
+    cluster = ray.cluster_resources()
+    try:
+        return cluster, placements(plan, cluster)
+    except PlacementError as e:
+        raise SpecError(plan.spec_file, "models", str(e)) from None
+
+
 def replica_counts(placement: dict[str, Placement], tasks: dict[str, int], cluster: dict[str, float],
                    shardable: dict[str, bool] | None = None) -> dict[str, int]:
     """Actors per model: one each, plus spare concurrent slots given to the models with the most

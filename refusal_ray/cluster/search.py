@@ -70,19 +70,14 @@ def run_search(plan: Plan, store, address: str | None = None, log=print, stop_af
                replicas: int | None = None) -> list[dict]:
     """Every study of the plan on Ray (the directions must be in `store` already). Returns the study summaries
     (`refusal_ray.stages.search.study.search`). Raises SpecError for a model the cluster cannot place."""
-    from refusal_ray.cluster.driver import connect, placements
-    from refusal_ray.pipeline.placement import PlacementError
+    from refusal_ray.cluster.driver import cluster_placements, connect
     from refusal_ray.stages.search.study import search
 
     if plan.spec.stages.search is None:
         raise SpecError(plan.spec_file, "stages.search", "the spec has no search block")
     started_here = connect(address)
     try:
-        cluster = ray.cluster_resources()
-        try:
-            where = placements(plan, cluster)
-        except PlacementError as e:
-            raise SpecError(plan.spec_file, "models", str(e)) from None
+        cluster, where = cluster_placements(plan)
         cap = plan.spec.stages.search.concurrency
         threads = plan.spec.resources.torch_threads or max(1, int(plan.spec.resources.num_cpus))
 
