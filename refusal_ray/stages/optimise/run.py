@@ -380,13 +380,7 @@ def prompt_ids(tokenizer, instructions: list[str], chat: ChatOptions | None = No
                      add_special_tokens=False)["input_ids"]
 
 
-def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Principal angles in degrees between span(rows of a) [k, d] and span(rows of b) [m, d], ascending
-    (min(k, m) of them; Bjorck & Golub 1973: arccos of the singular values of Qa^T Qb)."""
-    qa, _ = np.linalg.qr(np.asarray(a, np.float64).T)
-    qb, _ = np.linalg.qr(np.asarray(b, np.float64).T)
-    s = np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), -1.0, 1.0)
-    return np.sort(np.degrees(np.arccos(s)))
+from refusal_ray.stages.optimise.read import principal_angles  # noqa: E402,F401  (the read side's, numpy only)
 
 
 # -- the run side of the declaration (`STAGE.inputs`, `.skip`, `.run`) ---------------------------------
