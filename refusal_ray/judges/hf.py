@@ -130,31 +130,46 @@ class ChatJudge(_Generating):
     @torch.inference_mode()
     def _scored(self, texts: list[str]) -> list[Verdict]:
         """Per rendered judge input, the accepted answer of highest log p(answer, stop token | input)
-        (teacher-forced, right-padded so positions are those of an unpadded input). `score`: the
-        probability mass of the refusal answers among the candidates (softmax over their log-probs).
-        Cost: len(answers) forwards of input + answer per item (12 for refusal/compliance/coherence)."""
-        tok = self.lm.tokenizer
+        (teacher-forced). `score`: the probability mass of the refusal answers among the candidates
+        (softmax over their log-probs).
+
+        Cost: one prefill of the batch's inputs (right-padded, so positions are those of an unpadded
+        input), then per candidate answer one forward of its tokens alone on the prefill's KV cache, which
+        is cropped back after it: 1 long + len(answers) short forwards per batch (12 short ones for
+        refusal/compliance/coherence), instead of len(answers) forwards of input + answer."""
+        import copy
+
+        tok, model, dev = self.lm.tokenizer, self.lm.model, self.lm.device
         stop = self.config.eos_token_id
         stop = stop[0] if isinstance(stop, (list, tuple)) else stop
         tails = [tok(a, add_special_tokens=False)["input_ids"] + [stop] for a in self.answers]
         heads = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        seqs = [(h, t) for h in heads for t in tails]                        # item-major: [n_items * n_answers]
-        logp = torch.empty(len(seqs), dtype=torch.float64)
-        size = max(1, self.cfg.batch_size)
-        for start in range(0, len(seqs), size):
-            chunk = seqs[start: start + size]
-            width = max(len(h) + len(t) for h, t in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (h, t) in enumerate(chunk):
-                ids[i, :len(h) + len(t)] = torch.tensor(h + t)
-                mask[i, :len(h) + len(t)] = 1
-            logits = self.lm.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
-            for i, (h, t) in enumerate(chunk):                               # logits: [chunk, width, vocab]
-                pos = torch.arange(len(h) - 1, len(h) + len(t) - 1)          # the positions predicting the tail
-                lp = logits[i, pos.to(logits.device)].double().log_softmax(-1).cpu()   # [len(t), vocab]
-                logp[start + i] = lp[torch.arange(len(t)), torch.tensor(t)].sum()
-        logp = logp.view(len(texts), len(self.answers))                      # [n_items, n_answers]
+        n, width = len(heads), max(len(h) for h in heads)
+        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, h in enumerate(heads):
+            ids[i, :len(h)], mask[i, :len(h)] = torch.tensor(h), 1
+        lens = torch.tensor([len(h) for h in heads])
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+        cache = out.past_key_values
+        first = out.logits[torch.arange(n), (lens - 1).to(out.logits.device)]           # [n, vocab]: p(tail[0])
+        first = first.double().log_softmax(-1).cpu()
+        croppable = getattr(cache, "is_croppable", True)
+        logp = torch.empty(n, len(tails), dtype=torch.float64)              # [n_items, n_answers]
+        for a, t in enumerate(tails):
+            lp = first[:, t[0]].clone()
+            if len(t) > 1:
+                rest = len(t) - 1
+                kv = cache if croppable else copy.deepcopy(cache)
+                step = model(input_ids=torch.tensor(t[:-1]).expand(n, rest).to(dev),
+                             attention_mask=torch.cat([mask, torch.ones(n, rest, dtype=torch.long)], 1).to(dev),
+                             position_ids=(lens[:, None] + torch.arange(rest)).to(dev),   # [n, rest]
+                             past_key_values=kv, use_cache=True).logits        # [n, rest, vocab]
+                target = torch.tensor(t[1:]).expand(n, rest)[..., None].to(step.device)
+                lp += step.double().log_softmax(-1).gather(-1, target)[..., 0].sum(-1).cpu()
+                if croppable:
+                    cache.crop(-rest)
+            logp[:, a] = lp
         refusing = torch.tensor([bool(parse(a).refusal) for a in self.answers])
         probs = logp.softmax(-1)
         out = []
