@@ -70,6 +70,9 @@ class ModelSpec(Strict):
         return self.path if self.path is not None else self.hub_id
 
 
+_Where = str | bool | int | float   # a `where` value; refusal_ray.data.files.where_text compares them as text
+
+
 class PromptFile(Strict):
     """A prompt set file: JSONL, JSON array, CSV or Parquet (by extension)."""
 
@@ -83,8 +86,9 @@ class PromptFile(Strict):
     category_column: str | None = Field(None, description="Column with each row's category (e.g. the paper's "
                                                           "`category`), carried into the completions table. Absent "
                                                           "from the spec's dump and hash when None.")
-    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
-                                                                      "one of these values (as text), e.g. XSTest's "
+    where: dict[str, _Where | list[_Where]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (text, number or boolean, "
+                                                                      "compared as text), e.g. XSTest's "
                                                                       "{label: unsafe}. Absent from the dump when "
                                                                       "None.")
 
@@ -112,8 +116,9 @@ class _SplitColumns(Strict):
     pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
     category_column: str | None = Field(None, description="Column with each row's category, carried into the "
                                                           "completions table.")
-    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
-                                                                      "one of these values (as text), e.g. XSTest's "
+    where: dict[str, _Where | list[_Where]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (text, number or boolean, "
+                                                                      "compared as text), e.g. XSTest's "
                                                                       "{label: unsafe}.")
     split_column: str | None = Field(None, exclude=True, description="Not allowed: the split is the key.")
 
@@ -156,8 +161,9 @@ class DatasetSource(_DatasetFields):
     reference_column: str | None = Field(None, description="Correct answer column (harmless tasks).")
     pair_column: str | None = Field(None, description="Column pairing each harmful row with its harmless twin.")
     category_column: str | None = Field(None, description="Column with each row's category.")
-    where: dict[str, str | list[str]] | None = Field(None, description="Keep only the rows whose column holds "
-                                                                      "one of these values (as text), e.g. XSTest's "
+    where: dict[str, _Where | list[_Where]] | None = Field(None, description="Keep only the rows whose column holds "
+                                                                      "one of these values (text, number or boolean, "
+                                                                      "compared as text), e.g. XSTest's "
                                                                       "{label: unsafe}.")
 
 

@@ -552,6 +552,29 @@ def test_where_takes_numbers_and_booleans(tmp_path):
     assert str(e.value) == "s.yaml: data.harmful.where: level: {'a': 1} is not a text, number or boolean"
 
 
+def test_a_spec_where_with_numbers_and_booleans_plans_and_dumps_them(tmp_path):
+    """The spec types `where` values as text, numbers or booleans (a YAML `label: 1`, `harmful: true`):
+    they reach the plan's row selection as written and the dump keeps their type."""
+    from refusal_ray.plan import make_plan
+    from refusal_ray.spec import load_spec
+
+    harm, harmless = _toy("harmful").head(15), _toy("harmless").head(15)
+    rows = pd.concat([pd.DataFrame({"prompt": harm["instruction"], "label": 1, "harmful": True}),
+                      pd.DataFrame({"prompt": harmless["instruction"], "label": 0, "harmful": False})])
+    rows = rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    rows.to_csv(tmp_path / "flags.csv", index=False)
+    src = {"path": str(tmp_path / "flags.csv"), "instruction_column": "prompt", "id_column": None,
+           "split_column": None}
+    f = _spec(tmp_path, {"harmful": {**src, "where": {"label": 1, "harmful": True}},
+                         "harmless": {**src, "where": {"label": [0]}}, **N})
+    plan = make_plan(f)
+    for split in ("train", "val", "test"):
+        for cls, label in (("harmful", 1), ("harmless", 0)):
+            assert [int(rows.loc[int(i), "label"]) for i in plan.prompts[0][split][cls].ids] == \
+                [label] * len(plan.prompts[0][split][cls])
+    assert load_spec(f).model_dump(mode="json")["data"]["harmful"]["where"] == {"label": 1, "harmful": True}
+
+
 def test_validate_offline_still_runs_the_stage_checks(tmp_path, monkeypatch):
     """A hub dataset it cannot read leaves the draws unchecked, not the stages' checks against the models."""
     pytest.importorskip("datasets")

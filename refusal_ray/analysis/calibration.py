@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 
+from refusal_ray.judges.calibrate import CALIBRATION_FILE   # the file name only (no torch is imported)
 from refusal_ray.store import Store
 
-CALIBRATION_FILE = "calibration.json"   # as refusal_ray.judges.calibrate.CALIBRATION_FILE
 TITLE = "## Judge calibration"
 
 
