@@ -135,6 +135,22 @@ def test_compact_tables_hold_the_wide_tables_columns(store_dir):
     assert read_context(Store(store_dir)).judge == "substring"
 
 
+def test_pattern_columns_expand_to_every_matching_summary_column():
+    """A display pattern such as scrub's "faithfulness[*]" names every summary column of that stem, in the
+    summary's order, under its own name (and nothing of another stem): the compact layout's scrubbing table."""
+    import pandas as pd
+
+    from refusal_ray.analysis.summary import tables
+    from refusal_ray.stages.scrub.read import SCRUBBING
+
+    df = pd.DataFrame({"model": ["m"], "faithfulness[late-attn]": [0.9], "faithfulness[all]": [1.0],
+                       "faithfulness_mean": [0.5], "verdict[late-attn]": ["FAITHFUL"], "verdict[all]": ["-"]})
+    found = {c[0]: title for title, cols in tables(df).items() for c in cols}
+    assert [k for k in found if k.startswith(("faithfulness", "verdict"))] == [
+        "faithfulness[late-attn]", "faithfulness[all]", "verdict[late-attn]", "verdict[all]"]
+    assert found["faithfulness[all]"] == found["verdict[all]"] == SCRUBBING
+
+
 def test_wide_prints_todays_single_table_and_leaves_the_summary_files_alone(store_dir):
     from typer.testing import CliRunner
 

@@ -540,7 +540,7 @@ def _expand(c: Column, df: pd.DataFrame) -> list[Column]:
     column it matches (label: the column's name), in the summary's order."""
     if not c[0].endswith("[*]"):
         return [c] if c[0] in df.columns else []
-    stem = c[0][:-2]
+    stem = c[0][:-len("[*]")]
     return [Column(k, k, c[2], c.table, k, c.legend, c.text) for k in df.columns if k.startswith(stem + "[")]
 
 
