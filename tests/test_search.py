@@ -232,6 +232,75 @@ def test_held_out_rows(toy):
     assert len(stored) == len(rows)
 
 
+# -- warm start: plain ablation enqueued ----------------------------------------------------------
+@pytest.mark.parametrize("n_layers,space", [
+    (4, {"components": ["attn_out", "mlp_out", "resid_pre"], "direction_scope": ["global", "per_layer"],
+         "max_weight": [0.8, 2.0]}),
+    (28, {"components": ["resid_pre", "attn_out", "mlp_out"]}),
+    (2, {"components": ["attn_out", "mlp_out", "resid_pre"], "direction_index": [0.6, 0.8]}),   # no integer
+])
+def test_plain_ablation_point_is_arditis_ablation(n_layers, space):
+    """Each enqueued point, as the space's `suggest` returns it, is Arditi's directional ablation of its candidate
+    direction: weight 1 at every layer's resid_pre, attn_out and mlp_out, one direction everywhere (the ArmEdit
+    sites equal `ArmEdit.plain`'s)."""
+    from refusal_ray.stages.search import SearchSpace
+    from refusal_ray.stages.search.run import ArmEdit
+    from refusal_ray.stages.search.space import plain_ablation_points
+
+    sp = SearchSpace(**space).model_dump(mode="json")
+    points = plain_ablation_points(sp, n_layers)
+    lo, hi = bounds(sp, n_layers)["direction_index"]
+    assert [p["direction_index"] for _, p in points] == ([float(i) for i in range(math.ceil(lo), math.floor(hi) + 1)]
+                                                        or [(lo + hi) / 2])
+    rng = np.random.default_rng(1)
+    dirs = {i: rng.standard_normal(8) for i in range(n_layers)}
+    for fixed, params in points:
+        assert set(fixed) <= set(params) and all(params[k] == v for k, v in fixed.items())
+        got = ArmEdit.kernel(params, dirs, n_layers, sp["components"]).sites
+        want = ArmEdit.plain(interpolated(dirs, params["direction_index"]), n_layers).sites
+        assert set(got) == set(want)
+        for kind in want:
+            np.testing.assert_array_equal(got[kind][0], np.ones(n_layers))
+            np.testing.assert_allclose(got[kind][1], want[kind][1], rtol=0, atol=1e-12)
+
+
+def test_enqueued_plain_ablation_is_trial_0_and_a_resume_does_not_enqueue_again(toy, monkeypatch):
+    from optuna.trial import TrialState
+
+    import refusal_ray.stages.search.study as study_mod
+    from refusal_ray.stages.search.space import plain_ablation_points
+    from refusal_ray.stages.search.study import LocalPool, config, open_study, run_study
+
+    plan, store, session, tmp = toy
+    journal = tmp / "enqueue.journal"
+    monkeypatch.setattr(study_mod, "journal_path", lambda store, model: journal)
+    cfg = config(plan, "qwen-s")
+    assert cfg["enqueue"] == ["plain_ablation"]                       # the toy spec turns it on
+    [(fixed, params)] = plain_ablation_points(cfg["space"], 4)        # one candidate layer in [1.2, 2.7]: layer 2
+    first = run_study(plan, store, "qwen-s", 0, _Abandoning(session), log=lambda m: None, stop_after=1)
+    assert first["finished"] == 2
+    study = open_study(journal, "qwen-s-seed0", cfg, 0)
+    t0 = study.trials[0]
+    assert t0.state == TrialState.COMPLETE and t0.user_attrs["enqueued"] == "plain_ablation"
+    assert t0.params == fixed and t0.user_attrs["params"] == params
+    assert all("enqueued" not in t.user_attrs for t in study.trials[1:])
+    again = run_study(plan, store, "qwen-s", 0, LocalPool(session), log=lambda m: None)
+    assert again["numbers"] == list(range(6))
+    study = open_study(journal, "qwen-s-seed0", cfg, 0)
+    assert [t.number for t in study.trials if "enqueued" in t.user_attrs] == [0]   # not enqueued again
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
+def test_enqueue_stays_out_of_the_dump_when_unset():
+    """`enqueue` is newer than the stored search specs: absent from their dump (so their hash) when empty."""
+    from refusal_ray.stages.search import SearchBlock
+
+    assert "enqueue" not in SearchBlock().model_dump(mode="json")
+    assert SearchBlock(enqueue=["plain_ablation"]).model_dump(mode="json")["enqueue"] == ["plain_ablation"]
+    heretic = load_spec(REPO / "sweeps" / "search_heretic_space.yaml")
+    assert "enqueue" not in heretic.model_dump(mode="json")["stages"]["search"]
+
+
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change,message", [
     ({"n_startup_trials": 70}, "stages.search.n_startup_trials 70 exceeds n_trials 64"),
@@ -242,6 +311,16 @@ def test_held_out_rows(toy):
     ({"space": {"direction_index": [0.4, 1.2]}}, "stages.search.space.direction_index: fractions of the last "
                                                  "layer index must lie in [0, 1], got [0.4, 1.2]"),
     ({"sampler": "cmaes"}, "stages.search.sampler"),
+    ({"enqueue": ["plain_ablation"], "space": {"components": ["attn_out", "mlp_out"]}},
+     "stages.search.enqueue 'plain_ablation': space.components lacks resid_pre (plain ablation edits attn_out, "
+     "mlp_out and resid_pre)"),
+    ({"enqueue": ["plain_ablation"], "space": {"components": ["attn_out", "mlp_out", "resid_pre"],
+                                               "max_weight": [1.2, 2.0]}},
+     "stages.search.enqueue 'plain_ablation': space.max_weight [1.2, 2.0] does not contain weight 1"),
+    ({"enqueue": ["plain_ablation"], "space": {"components": ["attn_out", "mlp_out", "resid_pre"],
+                                               "min_weight_distance": [1.0, 0.4]}},
+     "stages.search.enqueue 'plain_ablation': no kernel of the space reaches every layer"),
+    ({"enqueue": ["heretic"]}, "stages.search.enqueue"),
 ])
 def test_bad_search_blocks_name_the_field(tmp_path, change, message):
     spec = yaml.safe_load(TOY_SPEC.read_text())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from refusal_ray.ops.base import Strict
 from refusal_ray.stages.base import Stage, lazy
@@ -87,6 +87,21 @@ class SearchBlock(Strict):
         "pareto", description="Trials re-run on the test split: the Pareto front (lowest val refusal first), or "
                               "the one lowest val refusal with KL <= kl_bound (ties: lowest KL).")
     held_out_max: int = Field(8, ge=1, description="At most this many Pareto trials re-run on the test split.")
+    enqueue: list[Literal["plain_ablation"]] = Field(
+        [], description="Known-good points evaluated first in a fresh study (Optuna `study.enqueue_trial`; a "
+                        "resumed study enqueues nothing): 'plain_ablation' is Arditi et al.'s directional ablation "
+                        "(weight 1 at every layer's resid_pre, attn_out and mlp_out, global scope) of each "
+                        "candidate direction, one trial per integer layer in direction_index's range. Needs all "
+                        "three components and a space that holds weight 1 on every layer. Off by default (heretic "
+                        "enqueues nothing; its space, without resid_pre, cannot express the point).")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        """`enqueue` came after stored search specs: absent from the dump (and the spec hash) when empty."""
+        out = handler(self)
+        if not out.get("enqueue", []):
+            out.pop("enqueue", None)
+        return out
 
 
 def validate(spec) -> None:
@@ -101,6 +116,12 @@ def validate(spec) -> None:
         raise ValueError("stages.search.held_out 'lowest_refusal' needs stages.search.kl_bound")
     if s.n_val is not None and s.n_val > spec.data.n_val:
         raise ValueError(f"stages.search.n_val {s.n_val} exceeds data.n_val {spec.data.n_val}")
+    if s.enqueue:
+        from refusal_ray.stages.search.space import plain_ablation_problem
+
+        problem = plain_ablation_problem(s.space.model_dump(mode="json"))
+        if problem:
+            raise ValueError(f"stages.search.enqueue 'plain_ablation': {problem}")
     if "resid_pre" not in spec.stages.directions.sites:
         raise ValueError("stages.search needs 'resid_pre' in stages.directions.sites (its directions)")
 

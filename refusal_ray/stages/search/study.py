@@ -15,6 +15,10 @@ is one row of `trials`. A trial asked but killed before its params were recorded
 trial (Optuna keeps the values it had drawn and draws the rest). A killed driver leaves the journal's lock file
 behind; Optuna releases a stale lock itself after a grace period (a warning line), so a prompt rerun may wait.
 
+Warm start (`enqueue`): a fresh study first evaluates the spec's known-good points (`study.enqueue_trial`, as
+Optuna documents for them; user attribute `enqueued` names the point, the `pareto` column `enqueued` too), so the
+front can never be worse on val than those points; a resumed study enqueues nothing again.
+
 A pool (`LocalPool` here: one in-process `ModelSession`, one call at a time; `refusal_ray.cluster.search.RayPool`:
 the model's actors) has `slots`, `submit(payload) -> token`, `next() -> (token, result)` (a session's run result
 with `node` / `worker`) and `close()`.
@@ -113,6 +117,19 @@ def config(plan, model: str) -> dict:
     return cfg
 
 
+def enqueued_points(cfg: dict, n_layers: int) -> list[tuple[str, dict]]:
+    """[(name, fixed params)] of the spec's `enqueue` list, in order (Optuna `study.enqueue_trial`: evaluated
+    before any sampled trial, and counted among TPE's start-up trials, as completed trials). 'plain_ablation':
+    `refusal_ray.stages.search.space.plain_ablation_points`, one per candidate direction."""
+    from refusal_ray.stages.search.space import plain_ablation_points
+
+    out = []
+    for name in cfg.get("enqueue", []):
+        if name == "plain_ablation":
+            out += [(name, fixed) for fixed, _ in plain_ablation_points(cfg["space"], n_layers)]
+    return out
+
+
 def _trial_row(study_id: str, seed: int, number: int, params: dict, state: str, res: dict | None, where: dict) -> dict:
     res = res or {}
     return {"cell_id": f"{study_id}#{number}", "study": study_id, "seed": seed, "number": number, "state": state,
@@ -139,6 +156,9 @@ def run_study(plan, store, model: str, seed: int, pool, log=print, stop_after: i
     directions = seed_directions(store, model, seed)
     study = open_study(journal_path(store, model), study_id, cfg, seed)
     trials = study.get_trials(deepcopy=False)
+    if not trials:   # a fresh study: the known-good points first (a resumed one has them already)
+        for name, fixed in enqueued_points(cfg, n_layers):
+            study.enqueue_trial(fixed, user_attrs={"enqueued": name})
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     orphans = []
     for t in trials:   # left RUNNING by a killed driver: re-run under their own numbers
@@ -264,6 +284,7 @@ def held_out(plan, store, model: str, seed: int, pool, log=print) -> list[dict]:
     for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1], t.number)):
         row = {"cell_id": study_id, "study": study_id, "seed": seed, "number": t.number, "val_refusal": t.values[0],
                "val_kl": t.values[1], "params": json.dumps(t.user_attrs.get("params", {}), sort_keys=True),
+               "enqueued": t.user_attrs.get("enqueued"),
                "held_out": t.number in picked and (t.number, "trial") in arms}
         if row["held_out"] and baseline is not None:
             for arm in ("trial", "control", "plain"):
