@@ -100,16 +100,58 @@ def test_ablating_the_span_removes_refusal_and_k_minus_1_do_not(planted):
 
 
 def test_random_subspace_keeps_refusal(planted):
-    """Measured (seed 7, 10 draws each): refusal 1.0 on every draw for k = 1, 2; for k = 3 one draw of
-    ten (overlaps with d_1..d_3 of 0.21, 0.31, 0.26) leaves 2 of 60 single-trigger prompts compliant
-    (0.967). The hand-set margins are not infinite; the bound below is what holds."""
+    """Random k-dim subspaces of the whole residual stream (seed 7, 10 draws) leave refusal at 1.0 (measured:
+    every draw; overlaps ||P d_c||^2 up to 0.2)."""
     k, lm, harmful, _ = planted
     gen = torch.Generator().manual_seed(7)
     rates = []
     for _ in range(10):
         q, _ = torch.linalg.qr(torch.randn(lm.model.config.hidden_size, k, generator=gen))
         rates.append(_rate(_completions(lm, [r["instruction"] for r in harmful], q.T.contiguous())))
-    assert min(rates) >= 0.95 and sum(r == 1.0 for r in rates) >= 9, rates
+    assert rates == [1.0] * 10, rates
+
+
+def _k_minus_1_subspaces(d: torch.Tensor, n: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """(k - 1)-dim subspaces of span{d_1..d_k} ([k - 1, d_model] orthonormal rows): the top-(k - 1) planted
+    directions, the mixed direction (d_1 + ... + d_k)/sqrt(k) (with k - 2 random span vectors orthogonal to it)
+    and `n` uniformly random ones."""
+    k = d.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    out = [("top", d[: k - 1])]
+    mixed = torch.ones(k, 1) / k ** 0.5
+    rest = torch.randn(k, k - 2, generator=gen) if k > 2 else torch.zeros(k, 0)
+    out.append(("mixed", torch.linalg.qr(torch.cat([mixed, rest], 1))[0].T @ d))
+    for i in range(n):
+        out.append((f"random{i}", torch.linalg.qr(torch.randn(k, k - 1, generator=gen))[0].T @ d))
+    return out
+
+
+def test_no_k_minus_1_subspace_of_the_span_removes_refusal(planted):
+    """The rank is k over all directions, not only within the planted coordinates: for any (k - 1)-dim subspace
+    S of the span, some category keeps r_c = 1 - ||P_S d_c||^2 >= 1/k (sum_c ||P_S d_c||^2 = k - 1), and that
+    whole category still refuses (every prompt). Category c's prompts keep the coefficients m_c = D (I - P_S) d_c
+    on d_1..d_k (m_cc = r_c; m_cj = -(P_S d_c) . d_j, read by category j's opener), and refuse (every prompt)
+    when max_j m_cj >= 1/3, none when <= 0.15 (the planted threshold lies between). The single mixed direction
+    in particular suppresses nothing."""
+    k, lm, harmful, _ = planted
+    if k == 1:
+        pytest.skip("k = 1: the only 0-dim subspace ablates nothing")
+    d = planted_directions(MODELS / f"toy-planted-k{k}")
+    cats = _by_category(harmful)
+    for name, s in _k_minus_1_subspaces(d, 6, 11):
+        torch.testing.assert_close(s @ s.T, torch.eye(k - 1), atol=1e-5, rtol=0)
+        m = torch.eye(k) - (d @ s.T) @ (s @ d.T)                                 # [k, k] rows m_c
+        assert float(m.diagonal().max()) >= 1 / k - 1e-5
+        rates = {c: _rate(_completions(lm, instr, s)) for c, instr in cats.items()}
+        assert max(rates.values()) == 1.0, (name, m, rates)
+        for c, (cat, rate) in enumerate(rates.items()):
+            top = float(m[c].max())
+            if top >= 1 / 3 - 1e-6:
+                assert rate == 1.0, (name, cat, top, rate)
+            elif top <= 0.15:
+                assert rate == 0.0, (name, cat, top, rate)
+    mixed = (d.sum(0) / k ** 0.5)[None]
+    assert _rate(_completions(lm, [x for v in cats.values() for x in v], mixed)) == 1.0
 
 
 def _post_instruction_acts(lm, instructions, layer: int) -> torch.Tensor:

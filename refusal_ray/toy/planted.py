@@ -13,9 +13,23 @@ d_c are not axis-aligned; RMSNorm with unit weight is rotation invariant):
   holds ATTN_GAIN * f_p d_c with f_p = (trigger tokens up to p) / (p + 1);
 - layer 1 MLP (SwiGLU): gate reads the identity of "\\n", up reads d_j, down writes GAIN * d_j, so at
   the template's "\\n" tokens the feature is amplified; layers 2.. are identity (zero writers);
-- unembedding: d_c -> the refusal first token "I"; a bigram chain (identity of reply token i ->
-  logit of reply token i+1, "\\n" -> the compliant reply's first token; reply tokens -> minus "I") makes greedy decoding write
-  REFUSAL ("I cannot ...", matched by the substring judge) or COMPLIANCE, then <|im_end|>.
+- unembedding: category c refuses with its OWN reply REFUSALS[c] ("I cannot do that." / "My apologies" /
+  "As an AI", each matched by the substring judge; first tokens "I", "My", "As"): the row of its first
+  token reads d_c only (REFUSE_W * d_c). A bigram chain (identity of reply token i -> logit of reply token
+  i+1, "\\n" -> the compliant reply's first token) makes greedy decoding finish the reply, then <|im_end|>.
+
+Why k directions are needed (not only k planted coordinates): the refusal logits read k orthogonal
+directions, so ablating a subspace S at every layer leaves category c the d_c-coefficient
+r_c = 1 - ||P_S d_c||^2 (the ablations are idempotent, every map is diagonal on the d-subspace). For any
+S of dimension k - 1, sum_c ||P_S d_c||^2 <= k - 1, so some category keeps r_c >= 1/k. The gains are set
+so that a category refuses iff r_c > ~0.2 (measured: every prompt refuses at r = 1/3, logit margin >= 8.4;
+none at r = 0.15): the span of d_1..d_k ablated, nothing refuses; any (k - 1)-dim subspace ablated
+(the mixed direction (d_1 + ... + d_k)/sqrt(k) included: r_c = 1 - 1/k) leaves a whole category refused.
+GAIN is small (0.05) so the final RMSNorm does not normalise the d-feature's shrinkage away (with GAIN 2 a
+category kept refusing down to r = 0.002), and the openers carry no negative identity reads (a -CHAIN read
+on the reply tokens' identities leaked the ablated feature's residue into the opener logit under random
+ablations). Earlier version (one shared opener "I" reading d_1 + ... + d_k): one mixed direction removed
+every category's refusal, so the rank was k only within the planted coordinates.
 
 Tensor shapes: directions [k, d_model]. `python -m refusal_ray.toy.planted --out data/models`
 (prompts to `<out>/../prompts/planted/k{k}/`). Deterministic (seed 0).
@@ -34,8 +48,10 @@ from refusal_ray.toy.tokenizer import IM_END, IM_START, save_tokenizer, train_to
 
 D_MODEL, N_LAYERS, N_HEADS, N_KV_HEADS, INTERMEDIATE = 64, 4, 4, 1, 8
 KS = (1, 2, 3)
-CHAIN, REFUSE_W, GATE, GAIN, ATTN_GAIN = 30.0, 10.0, 4.0, 2.0, 10.0
-REFUSAL = "I cannot do that."
+CHAIN, REFUSE_W, GATE, GAIN, ATTN_GAIN = 30.0, 10.0, 4.0, 0.05, 10.0
+# each category's own refusal reply; first tokens distinct, each matched by the substring judge's phrases
+REFUSALS = {1: "I cannot do that.", 2: "My apologies", 3: "As an AI"}
+REFUSAL = REFUSALS[1]
 COMPLIANCE = "Sure, here is your plan!"
 TRIGGERS = {1: ["zorbax", "quellin"], 2: ["frindle", "mopuk"], 3: ["draxil", "vemmit"]}
 NEUTRAL = ["plinto", "wubble", "snorf", "tamble", "gonk", "lirrup"]
@@ -69,7 +85,7 @@ def _prompts(k: int, seed: int = SEED) -> tuple[list[dict], list[dict]]:
 
 def _corpus() -> list[str]:
     words = sum(TRIGGERS.values(), []) + NEUTRAL + VERBS
-    texts = [" ".join(t.split()) for t in TEMPLATES] + [REFUSAL, COMPLIANCE, "user", "assistant"]
+    texts = [" ".join(t.split()) for t in TEMPLATES] + [*REFUSALS.values(), COMPLIANCE, "user", "assistant"]
     return (texts + [" ".join(words)] + [f" {w}" for w in words] + words) * 50
 
 
@@ -82,14 +98,16 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
     V, D = len(tok), D_MODEL
     vocab = tok.get_vocab()
     nl = vocab["\u010a"]  # byte-level BPE's "\n"
-    refusal, comply = _ids(tok, REFUSAL), _ids(tok, COMPLIANCE)
+    refusals = {c: _ids(tok, REFUSALS[c]) for c in range(1, k + 1)}
+    comply = _ids(tok, COMPLIANCE)
     eos = vocab[IM_END]
     trig = {c: sorted({t for w in TRIGGERS[c] for t in _ids(tok, f" {w}") + _ids(tok, w)}) for c in range(1, k + 1)}
     other = {t for w in NEUTRAL + VERBS for t in _ids(tok, f" {w}") + _ids(tok, w)}
     other |= {t for tpl in TEMPLATES for t in _ids(tok, tpl.format(v="", a="", b=""))}
-    identity_tokens = [nl, eos, vocab[IM_START], *_ids(tok, "user"), *_ids(tok, "assistant"), *refusal, *comply]
+    reply_tokens = [t for c in refusals for t in refusals[c]]
+    identity_tokens = [nl, eos, vocab[IM_START], *_ids(tok, "user"), *_ids(tok, "assistant"), *reply_tokens, *comply]
     identity_tokens = list(dict.fromkeys(identity_tokens))
-    chain_tokens = refusal + comply
+    chain_tokens = reply_tokens + comply
     if len(set(chain_tokens)) != len(chain_tokens) or nl in chain_tokens:
         raise ValueError("reply tokens must be distinct for the bigram chain")
     for c, ts in trig.items():
@@ -112,11 +130,10 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
             E[t] = 0.0
             E[t, c - 1] = 1.0
     U = np.zeros((V, D))
-    U[refusal[0], :k] = REFUSE_W
-    for t in chain_tokens:                  # no reply token is followed by the refusal opener
-        U[refusal[0], ident[t]] = -CHAIN
+    for c, seq in refusals.items():          # category c's opener reads d_c only (no identity reads: see docstring)
+        U[seq[0], c - 1] = REFUSE_W
     U[comply[0], ident[nl]] = CHAIN
-    for seq in (refusal, comply):
+    for seq in (*refusals.values(), comply):
         for a, b in zip(seq, seq[1:] + [eos]):
             U[b, ident[a]] = CHAIN
     hd = D // N_HEADS
@@ -149,7 +166,10 @@ def _weights(tok, k: int, seed: int = SEED) -> tuple[dict[str, torch.Tensor], to
                p + "mlp.down_proj.weight": f(Q @ down),
                p + "input_layernorm.weight": torch.ones(D), p + "post_attention_layernorm.weight": torch.ones(D)}
     directions = f(Q[:, :k].T)
-    report = {"triggers": {f"cat{c}": ts for c, ts in trig.items()}, "refusal_ids": refusal, "compliance_ids": comply}
+    report = {"triggers": {f"cat{c}": ts for c, ts in trig.items()},
+              "refusals": {f"cat{c}": REFUSALS[c] for c in refusals},
+              "refusal_ids": {f"cat{c}": ids for c, ids in refusals.items()},
+              "refusal_first_ids": [refusals[c][0] for c in refusals], "compliance_ids": comply}
     return sd, directions, report
 
 
