@@ -17,14 +17,16 @@ from refusal_ray.judges.config import ChatJudgeSpec
 from refusal_ray.stats import cohen_kappa, wilson
 from refusal_ray.store import Store
 from refusal_ray.toy.dataset import FRAMES, SPLIT_OF_FRAME
-from refusal_ray.toy.judge import (DEFAULT_HELDOUT, DEFAULT_LABELLED, N_HELDOUT, TOY_RUBRIC, synthetic_rows,
-                                   write_heldout)
+from refusal_ray.toy.judge import (DEFAULT_HELDOUT, DEFAULT_LABELLED, N_EXTRA, N_HELDOUT, SCORE_ANSWERS, TOY_RUBRIC,
+                                   synthetic_rows, write_heldout)
 
 JUDGE_DIR = TOY_MODELS / "toy-judge"
 
 
 def _spec(**kw) -> ChatJudgeSpec:
-    return ChatJudgeSpec(name="rubric", kind="chat", path=str(JUDGE_DIR), rubric=TOY_RUBRIC, **kw)
+    """The quickstart's toy judge block: scored answers (`score_answers`), never malformed."""
+    return ChatJudgeSpec(name="rubric", kind="chat", path=str(JUDGE_DIR), rubric=TOY_RUBRIC,
+                         score_answers=list(SCORE_ANSWERS), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_heldout_file_is_generated_and_distinct_from_training(tmp_path, heldout)
                                                   prompt)}
     test_frames = {f for f, split in zip(FRAMES, SPLIT_OF_FRAME) if split == "test"}
     assert all(frames(p) and frames(p) <= test_frames for p in heldout["prompt"])
-    train = synthetic_rows(0, "train", 1600)
+    train = synthetic_rows(0, "train", N_EXTRA)
     labelled = load_labelled(DEFAULT_LABELLED)
     train_prompts = {r["prompt"] for r in train} | set(labelled["prompt"])
     assert not set(heldout["prompt"]) & {r["prompt"] for r in train}
@@ -60,6 +62,23 @@ def test_heldout_file_is_generated_and_distinct_from_training(tmp_path, heldout)
     assert not (heldout["refusal"] & (heldout["compliance"] != 0)).any()
     assert set(heldout["category"]) == {"refusal", "refusal-degenerate", "compliance", "caveat", "garbled",
                                         "incoherent"}
+
+
+def test_generated_rows_follow_the_toy_labelling_rule():
+    """Every generated row's refusal label is the substring rule on its completion (a listed phrase anywhere
+    is a refusal, however the reply dissolves), a refusal complies with nothing, and the rows hold the
+    quickstart's steering shapes on both sides of the rule (issue 22)."""
+    rows = synthetic_rows(0, "train", N_EXTRA)
+    texts = [r["completion"] for r in rows]
+    assert [bool(r["refusal"]) for r in rows] == SubstringJudge()(texts)
+    assert all(r["compliance"] == 0 for r in rows if r["refusal"])
+    refused = [t for t, r in zip(texts, rows) if r["refusal"]]
+    kept = [t for t, r in zip(texts, rows) if not r["refusal"]]
+    assert any(re.fullmatch(r"(I cannot)+I{3,}.*", t) or re.search(r"I cannotI cannot", t) for t in refused)
+    assert any(re.fullmatch(r"(I'm sorry|As an AI|I cannot|I am unable to)[^.]*?( \w+)\2{3,}.*", t) for t in refused)
+    assert any(not re.match(r"(I'm sorry|As an AI|I cannot|I am unable to|I can't)", t) for t in refused)  # inside
+    assert any(t.startswith("I'm") for t in kept) and any(t.startswith("As an") for t in kept)   # near misses
+    assert len(refused) / len(rows) == pytest.approx(0.32, abs=0.05)
 
 
 def test_toy_judge_kappa_on_heldout_labels(judge, heldout):
@@ -121,9 +140,6 @@ def test_calibrate_store_and_report_section(tmp_path, heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 22 open: the toy judge reaches kappa +0.79 against the substring judge "
-                                       "on the quickstart's completions with 48 malformed (target >= 0.8, none); "
-                                       "the next retrain (more dissolving-refusal shapes) should make this pass")
 def test_toy_store_completions_all_judged_and_agree_with_substring(tmp_path):
     """A small toy sweep with steering far enough to make the models degenerate (addition at -3 / +3,
     ablation): the toy judge labels every stored completion (none unjudged) and agrees with the
@@ -142,7 +158,7 @@ def test_toy_store_completions_all_judged_and_agree_with_substring(tmp_path):
                              "ablation": {"alphas": [1.0], "direction_layer": "best"}, "batch_size": 64}},
         "generation": {"max_new_tokens": 24},
         "judges": [{"name": "rubric", "kind": "chat", "path": str(JUDGE_DIR), "rubric": TOY_RUBRIC,
-                    "batch_size": 64}],
+                    "score_answers": list(SCORE_ANSWERS), "batch_size": 64}],
         "decision_rule": {
             "control_margin": {"baseline_min": 0.5, "baseline_margin": 0.5, "control_margin": 0.25,
                                "addition_coefficient": 1.0, "ablation_alpha": 1.0},
