@@ -142,7 +142,8 @@ def test_zero_weight_trial_is_the_baseline_and_kl_matches_capability(toy):
     p = _params(plan, 7)
     comps = ("attn_out", "mlp_out", "resid_pre")
     zero = {**p, **{f"{c}.max_weight": 0.0 for c in comps}}
-    got = evaluate(session, _payload(plan, store, [{"number": 0, "params": zero}, {"number": 1, "params": p}]))
+    got = evaluate(session, _payload(plan, store, [{"number": 0, "params": zero}, {"number": 1, "params": p}],
+                                     kl_prompts="all"))                 # every harmless val prompt
     assert got[0]["kl"] == pytest.approx(0.0, abs=1e-12)
     harmless = session.prompts[0]["val"]["harmless"].instructions[:8]
     seqs = prompt_tokens(session.lm.tokenizer, harmless, session.chat)
@@ -153,6 +154,39 @@ def test_zero_weight_trial_is_the_baseline_and_kl_matches_capability(toy):
              for c in comps for layer, w in enumerate(kernel_weights(p, c, 4)) if w}
     want = float(first_token_kl(base, next_token_logprobs(session.lm, seqs, 4, edits)).mean())
     assert got[1]["kl"] == pytest.approx(want, rel=1e-5)
+
+
+def test_answered_kl_prompts_leave_out_the_harmless_prompts_the_model_refuses(toy):
+    """kl_prompts 'answered': the KL objective is the mean over the harmless val prompts whose unedited greedy
+    completion the judge does not call a refusal (recomputed here per prompt with broadcast RowEdits)."""
+    import torch
+
+    from refusal_ray.capability.measures import first_token_kl, next_token_logprobs
+    from refusal_ray.data import prompt_tokens
+    from refusal_ray.interventions import RowEdit
+    from refusal_ray.stages.search.run import ArmEdit, arm_completions, evaluate
+    from refusal_ray.stages.search.study import config, seed_directions
+
+    plan, store, session, _ = toy
+    p = _params(plan, 3)
+    cfg = config(plan, "qwen-s")
+    harmless = session.prompts[0]["val"]["harmless"].instructions[:8]
+    refused = session.judge(arm_completions(session, [ArmEdit({})], harmless, cfg["max_new_tokens"], 16)[0])
+    seqs = prompt_tokens(session.lm.tokenizer, harmless, session.chat)
+    dirs = {int(k): np.asarray(v) for k, v in seed_directions(store, "qwen-s", 0).items()}
+    r = torch.as_tensor(layer_directions(p, dirs, 4), dtype=torch.float32)
+    edits = {(c, layer): RowEdit(ablate_dirs=r[layer][None], ablate_alpha=torch.tensor([w]))
+             for c in cfg["components"] for layer, w in enumerate(kernel_weights(p, c, 4)) if w}
+    per_prompt = first_token_kl(next_token_logprobs(session.lm, seqs, 4),
+                                next_token_logprobs(session.lm, seqs, 4, edits)).numpy()
+    trial = [{"number": 0, "params": p}]
+    every = evaluate(session, _payload(plan, store, trial, kl_prompts="all"))[0]
+    kept = evaluate(session, _payload(plan, store, trial, kl_prompts="answered"))[0]
+    keep = [not x for x in refused]
+    assert (every["n_harmless"], kept["n_harmless"]) == (8, sum(keep))
+    assert every["kl"] == pytest.approx(float(per_prompt.mean()), rel=1e-5)
+    assert kept["kl"] == pytest.approx(float(per_prompt[keep].mean()), rel=1e-5)
+    assert kept["refusal"] == every["refusal"]                    # the refusal objective is untouched
 
 
 def test_kl_bound_prunes_without_counting_refusals(toy):

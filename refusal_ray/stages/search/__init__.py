@@ -87,6 +87,11 @@ class SearchBlock(Strict):
         "pareto", description="Trials re-run on the test split: the Pareto front (lowest val refusal first), or "
                               "the one lowest val refusal with KL <= kl_bound (ties: lowest KL).")
     held_out_max: int = Field(8, ge=1, description="At most this many Pareto trials re-run on the test split.")
+    kl_prompts: Literal["all", "answered"] = Field(
+        "all", description="Harmless val prompts of the KL objective: 'all' (heretic's, Arditi's), or 'answered': "
+                           "those the unedited model does not refuse (substring judge on its greedy completion), so "
+                           "a trial is not charged for undoing false refusals (a few refused harmless prompts, each "
+                           "~10 nats when the edit flips it to an answer, otherwise swamp the mean).")
     enqueue: list[Literal["plain_ablation"]] = Field(
         [], description="Known-good points evaluated first in a fresh study (Optuna `study.enqueue_trial`; a "
                         "resumed study enqueues nothing): 'plain_ablation' is Arditi et al.'s directional ablation "
@@ -97,11 +102,17 @@ class SearchBlock(Strict):
 
     @model_serializer(mode="wrap")
     def _absent_when_unset(self, handler):
-        """`enqueue` came after stored search specs: absent from the dump (and the spec hash) when empty."""
+        """Fields newer than the stored search specs (`LATER_FIELDS`): absent from the dump (and the spec hash) at
+        their default."""
         out = handler(self)
-        if not out.get("enqueue", []):
-            out.pop("enqueue", None)
+        for key, default in LATER_FIELDS.items():
+            if out.get(key, default) == default:
+                out.pop(key, None)
         return out
+
+
+# search fields added after search specs were stored: {field: default}; absent from the dump at the default
+LATER_FIELDS = {"enqueue": [], "kl_prompts": "all"}
 
 
 def validate(spec) -> None:

@@ -7,7 +7,8 @@ ablation, Arditi et al. 2024 Sec. 2.4). The arms of one call share batched forwa
 of a mixed batch equals that arm run alone.
 
 - objectives on val prompts (`evaluate`): first-token KL(P_base || P_arm) on harmless prompts (nats, mean over
-  prompts; Arditi et al. 2024 Sec. 4.2, heretic's KL) and the refusal rate on harmful prompts (greedy completions
+  prompts; Arditi et al. 2024 Sec. 4.2, heretic's KL; with `kl_prompts: answered` only over the harmless prompts
+  the unedited model answers, so undoing its false refusals is not counted as damage) and the refusal rate on harmful prompts (greedy completions
   under the substring judge, or the first-token refusal score: a prompt counts as refused when the probability
   mass of the refusal tokens exceeds 1/2, i.e. log p - log(1 - p) > 0). A trial whose KL exceeds `kl_bound` is
   pruned: its refusals are not counted (heretic #312).
@@ -133,6 +134,17 @@ def _base_logprobs(session, key, seqs, batch_size) -> torch.Tensor:
     return cache[key]
 
 
+def answered(session, instructions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The prompts among `instructions` that the unedited model answers (its greedy completion is not a refusal
+    under the session's judge), in order; cached per session."""
+    cache = session.__dict__.setdefault("_search_answered", {})
+    key = (tuple(instructions), max_new_tokens)
+    if key not in cache:
+        refused = session.judge(arm_completions(session, [ArmEdit({})], instructions, max_new_tokens, batch_size)[0])
+        cache[key] = [x for x, r in zip(instructions, refused) if not r]
+    return cache[key]
+
+
 def _refused(session, cfg, arms, harmful: list[str], batch_size: int, max_new_tokens: int) -> list[list[bool]]:
     """[n_arms][n_prompts] refusals under the study's objective (substring judge or first-token refusal score)."""
     if not arms:
@@ -158,8 +170,12 @@ def evaluate(session, payload: dict) -> list[dict]:
     n_layers, bs = lm.sites.n_layers, cfg["batch_size"]
     directions = {int(k): np.asarray(v) for k, v in payload["directions"].items()}
     arms = [ArmEdit.kernel(t["params"], directions, n_layers, cfg["components"]) for t in payload["trials"]]
+    if cfg.get("kl_prompts", "all") == "answered":   # not the harmless prompts the model wrongly refuses
+        harmless = answered(session, harmless, cfg["max_new_tokens"], bs)
+        if not harmless:
+            raise ValueError("stages.search.kl_prompts 'answered': the model refuses every harmless val prompt")
     seqs = prompt_tokens(lm.tokenizer, harmless, session.chat)
-    base = _base_logprobs(session, (payload["seed"], "val", len(seqs)), seqs, bs)
+    base = _base_logprobs(session, (payload["seed"], "val", tuple(harmless)), seqs, bs)
     kl = [float(first_token_kl(base, lp).mean()) for lp in arm_logprobs(lm, arms, seqs, bs)]
     bound = cfg.get("kl_bound")
     live = [i for i, v in enumerate(kl) if bound is None or v <= bound]
