@@ -291,13 +291,13 @@ def test_pca_basis_is_the_uncentred_svd_and_pc1_the_difference_of_means_for_one_
     np.testing.assert_allclose(cats[0][2], harm[8:16].mean(0) - safe.mean(0))
 
 
-def test_a_mixed_direction_suppresses_every_category_of_the_planted_models(tmp_path):
-    """What the rank sweep's optimised source finds on the planted models (measured: stage optimise's dim-1
-    direction on toy-planted-k2 gives refusal 0.0): ablating the single direction (d_1 + ... + d_k) / sqrt(k)
-    removes refusal on every category, because each category's feature keeps only sqrt(1 - 1/k) of its norm
-    and the planted refusal needs nearly all of it. So the planted rank k is the rank within the planted
-    directions' coordinates (the pca and category sources, which recover them), not the least number of
-    directions whose ablation suppresses refusal: over all directions that is 1."""
+def test_a_mixed_direction_does_not_suppress_the_planted_models(tmp_path):
+    """The planted rank is the least number of directions, not only the rank within the planted coordinates:
+    each category refuses with its own first token read from d_c alone (refusal_ray/toy/planted.py), so
+    ablating the single mixed direction (d_1 + ... + d_k) / sqrt(k) at every layer keeps 1 - 1/k >= 1/2 of
+    each category's coefficient, above the planted threshold (~0.2): every harmful prompt is still refused.
+    (Before the per-category openers one shared opener read d_1 + ... + d_k, and this ablation removed all
+    refusal.)"""
     from refusal_ray.core.cells import Cell
     from refusal_ray.data import PromptSet
     from refusal_ray.judges import SubstringJudge
@@ -315,7 +315,7 @@ def test_a_mixed_direction_suppresses_every_category_of_the_planted_models(tmp_p
         layers = list(range(lm.sites.n_layers))
         refused = SubstringJudge()(generate_rows(lm, [Row(cell, i, u) for i in range(len(test))], test, layers,
                                                  1.0, 8, 64))
-        assert sum(refused) == 0, (k, sum(refused))
+        assert all(refused), (k, sum(refused), len(refused))
         kept = SubstringJudge()(generate_rows(lm, [Row(cell, i, None) for i in range(len(test))], test, layers,
                                               1.0, 8, 64))
         assert all(kept)
