@@ -241,3 +241,19 @@ def test_stage_end_to_end_on_planted_k1(tmp_path):
     assert lines[0] == "## Optimised directions" and sum(line.startswith("| k1 |") for line in lines) == 2
     cols = read.summary(ctx, "k1", {})
     assert cols["optimise_dim"] == 2 and cols["optimise_peak_mb"] > 0
+
+
+def test_display_formats_a_float_dim_column_with_skipped_models():
+    """A summary frame where one model skipped stage optimise holds optimise_dim as float (2.0, NaN): the
+    display formats print '2' and '-' (was "{:d}": ValueError on 2.0)."""
+    import pandas as pd
+
+    from refusal_ray.core.render import column, text_table
+    from refusal_ray.stages.optimise import read
+
+    df = pd.DataFrame({"optimise_dim": [2, None], "optimise_loss_final": [0.5, None],
+                       "optimise_seconds": [3.0, None], "optimise_peak_mb": [120.0, None]})
+    assert df["optimise_dim"].dtype == float
+    lines = text_table(df, read.display())
+    assert lines[2].split() == ["2", "0.5", "3", "120"] and lines[3].split() == ["-", "-", "-", "-"]
+    assert [column(c).cell(v) for c, v in zip(read.display(), df.iloc[0])] == ["2", "0.5", "3", "120"]

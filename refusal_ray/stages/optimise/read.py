@@ -50,7 +50,8 @@ def summary(ctx, model, row) -> dict:
 
 
 def display():
-    return [("optimise_dim", "opt k", "{:d}"), ("optimise_loss_final", "opt loss", "{:.3g}"),
+    # "{:.0f}", not "{:d}": a column with a skipped model (NaN) is float in the summary frame (2.0)
+    return [("optimise_dim", "opt k", "{:.0f}"), ("optimise_loss_final", "opt loss", "{:.3g}"),
             ("optimise_seconds", "opt s", "{:.0f}"), ("optimise_peak_mb", "opt MB", "{:.0f}")]
 
 
