@@ -325,6 +325,27 @@ def test_enqueued_plain_ablation_is_trial_0_and_a_resume_does_not_enqueue_again(
     assert not [t for t in study.trials if t.state == TrialState.WAITING]
 
 
+def test_a_stale_journal_lock_left_by_a_killed_driver_is_released(tmp_path):
+    """A `<journal>.lock` file left behind (a SIGKILLed driver): opening the study and adding a trial completes
+    (Optuna's open lock removes it after LOCK_GRACE_S), and the lock is gone afterwards."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    from refusal_ray.stages.search.study import LOCK_GRACE_S, open_study
+
+    cfg = {"sampler": "random", "sampler_seed": 0, "n_startup_trials": 0}
+    path = tmp_path / "m.journal"
+    study = open_study(path, "m-seed0", cfg, 0)
+    study.tell(study.ask(), [0.5, 0.1])
+    lock = tmp_path / "m.journal.lock"
+    lock.write_text("")                                            # as a driver killed mid-append leaves it
+    again = open_study(path, "m-seed0", cfg, 0)
+    assert isinstance(again._storage._backend._lock, JournalFileOpenLock)
+    assert again._storage._backend._lock.grace_period == LOCK_GRACE_S < 30
+    again.tell(again.ask(), [0.4, 0.2])
+    assert [t.number for t in open_study(path, "m-seed0", cfg, 0).trials] == [0, 1]
+    assert not lock.exists()
+
+
 def test_enqueue_stays_out_of_the_dump_when_unset():
     """`enqueue` is newer than the stored search specs: absent from their dump (so their hash) when empty."""
     from refusal_ray.stages.search import SearchBlock
