@@ -220,3 +220,22 @@ def test_validate_and_plan_accept_a_spec(tmp_path, planted):
     assert result.exit_code == 0, result.output
     plan = make_plan(f)
     assert list(plan.models) == [f"planted-k{k}"]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_known_limit_one_off_span_direction_removes_refusal(k):
+    """Known limit (measured; what stage optimise's dim-1 sets find on k = 2, 3): directional ablation of
+    v = 0.5 e + sqrt(0.75) m, e the unit embedding of "\\n" (the constant identity at the last position, read by
+    layer 1's gate and by the compliant opener) and m = (d_1 + ... + d_k)/sqrt(k), removes every category's
+    refusal while harmless prompts still comply. x <- x - (x.v) v subtracts 0.5 * sqrt(0.75) * m at the "\\n"
+    positions (x.e = 1 there), a negative planted feature that cancels the trigger's (10 f_p ~ 0.5-1.7 before
+    the layer-1 amplification). So the planted rank k holds over subspaces of span{d_1..d_k}
+    (test_no_k_minus_1_subspace_of_the_span_removes_refusal) and for the sources that stay in it (pca,
+    category), not over every direction of the residual stream; and optimised sets need not span it."""
+    lm = load_model(str(MODELS / f"toy-planted-k{k}"))
+    d = planted_directions(MODELS / f"toy-planted-k{k}")
+    e = lm.model.model.embed_tokens.weight[lm.tokenizer.get_vocab()["\u010a"]].detach()
+    v = (0.5 * e / e.norm() + 0.75 ** 0.5 * d.sum(0) / k ** 0.5)[None]
+    assert _rate(_completions(lm, [r["instruction"] for r in _rows(k, "harmful")], v)) == 0.0
+    outs = _completions(lm, [r["instruction"] for r in _rows(k, "harmless")], v)
+    assert all(o == "Sure, here is your plan!" for o in outs), outs[:3]
