@@ -31,6 +31,11 @@ on the reply tokens' identities leaked the ablated feature's residue into the op
 ablations). Earlier version (one shared opener "I" reading d_1 + ... + d_k): one mixed direction removed
 every category's refusal, so the rank was k only within the planted coordinates.
 
+Known limit (tests/test_planted_oracle.py, test_known_limit_...): outside the span one direction suffices for
+k = 2, 3: ablating v = 0.5 e + sqrt(0.75) (d_1 + ... + d_k)/sqrt(k), e the unit embedding of "\\n", subtracts a
+planted feature at the "\\n" positions (x.e = 1 there; x <- x - (x.v) v) that cancels the triggers', so every
+category complies (harmless unchanged). The rank k is the least number of directions within span{d_1..d_k}.
+
 Tensor shapes: directions [k, d_model]. `python -m refusal_ray.toy.planted --out data/models`
 (prompts to `<out>/../prompts/planted/k{k}/`). Deterministic (seed 0).
 """
