@@ -257,3 +257,26 @@ def test_display_formats_a_float_dim_column_with_skipped_models():
     lines = text_table(df, read.display())
     assert lines[2].split() == ["2", "0.5", "3", "120"] and lines[3].split() == ["-", "-", "-", "-"]
     assert [column(c).cell(v) for c, v in zip(read.display(), df.iloc[0])] == ["2", "0.5", "3", "120"]
+
+
+@pytest.mark.xfail(strict=True, reason="known limit of the planted oracle (PLANTED.md): sets outside the span "
+                                      "also suppress refusal, so the optimised set need not span it")
+@pytest.mark.parametrize("k", [2, 3])
+def test_optimised_set_spans_the_planted_subspace(k):
+    """Issue 20's must-show (principal angles <= 5 deg on k = 2, 3), with every category's refusal opener in the
+    score (planted.json refusal_first_ids). Measured (120 steps, lr 0.01, init dim): the set removes all refusal
+    but its angles are k2 [36.8, 89.9], k3 [36.8, 48.0, 52.4] deg (a raw refusal-score ablation loss instead of
+    -log(1 - p), 600 steps: k2 [4.0, 17.9], k3 [0.3, 5.5, 17.5]); the loss reaches suppression through an
+    off-span direction (test_planted_oracle.test_known_limit_one_off_span_direction_removes_refusal)."""
+    lm = load_model(str(MODELS / f"toy-planted-k{k}"))
+    tokens = json.loads((MODELS / f"toy-planted-k{k}" / "planted.json").read_text())["refusal_first_ids"]
+    harmful, harmless = _train(k)
+    h, s = prompt_ids(lm.tokenizer, harmful), prompt_ids(lm.tokenizer, harmless)
+    from refusal_ray.stages.optimise.run import initial
+
+    dim = _dim(lm, h, s, LAYER)
+    res = optimise(lm, h, s, dim=k, layer=LAYER, alpha=float(np.linalg.norm(dim)), token_ids=tokens, steps=120,
+                   seed=0, init=initial({"init": "dim"}, dim, k, 0))
+    hr = [r["instruction"] for r in _rows(k, "harmful")]
+    assert _refusal_rate(lm, hr, torch.tensor(res.vectors)) == 0.0
+    assert principal_angles(res.vectors, planted_directions(MODELS / f"toy-planted-k{k}").numpy()).max() <= 5.0
