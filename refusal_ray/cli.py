@@ -200,10 +200,9 @@ def judge(out: Annotated[str | None, typer.Argument(help="Store (path or URI) wh
             except ValidationError as e:
                 err = e.errors()[0]
                 raise SpecError(source, "spec.judges", err["msg"].removeprefix("Value error, ")) from None
-        from refusal_ray.plan import check_calibration, check_judges
+        from refusal_ray.plan import check_judges
 
         check_judges(chosen, source)
-        check_calibration(chosen, source, "judges" if judges is not None else "spec.judges")   # before judging
         known = {"substring", *(manifest.get("judges") or {}), *(j.name for j in chosen)}
         if verdict_judge is not None and verdict_judge not in known:
             raise SpecError("--verdict-judge", "",

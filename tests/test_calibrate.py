@@ -212,27 +212,3 @@ def test_the_judge_worker_payload_holds_no_calibration_path(monkeypatch):
     with pytest.raises(Stop):
         judging._judge_on_ray(cfg, pd.DataFrame(), None, 8, {"CPU": 4, "GPU": 0})
     assert "calibration" not in seen[0] and seen[0]["name"] == "toy-judge"
-
-
-def test_judge_command_checks_calibration_files_before_judging(tmp_path):
-    """`refusal-ray judge STORE --judges FILE` with a calibration file that does not exist: exit 2 with the
-    one-line error naming the file and field, before any judge runs (the store is left as it was)."""
-    import json
-
-    import yaml
-    from typer.testing import CliRunner
-
-    from refusal_ray.cli import app
-
-    store = tmp_path / "store"
-    store.mkdir()
-    (store / "manifest.json").write_text(json.dumps({"spec": {"judges": []}, "judges": {}}))
-    before = sorted(p.name for p in store.iterdir())
-    f = tmp_path / "judges.yaml"
-    f.write_text(yaml.safe_dump({"judges": [{"name": "sub", "kind": "substring",
-                                             "calibration": "no/such/labels.jsonl"}]}))
-    result = CliRunner().invoke(app, ["judge", str(store), "--judges", str(f), "--no-progress"])
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == \
-        f"error: {f}: judges.0.calibration: calibration file not found: no/such/labels.jsonl"
-    assert sorted(p.name for p in store.iterdir()) == before
