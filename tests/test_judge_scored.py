@@ -76,3 +76,40 @@ def test_scored_toy_judge_reproduces_its_labelled_set(labelled):
     verdicts = _judge().judge([Item(p, c) for p, c in zip(labelled["prompt"], labelled["completion"])])
     for v, row in zip(verdicts, labelled.itertuples()):
         assert v.raw == answer(row.refusal, row.compliance, row.coherence), row.id
+
+
+def test_sliding_window_judges_take_the_full_forward_path_and_match_one_sequence_scoring(labelled):
+    """A judge whose layers are sliding-window (Gemma-style) cannot reuse a cropped right-padded cache: its
+    scores come from one full forward per candidate, equal to scoring each item alone (window 16 < inputs)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from refusal_ray.judges.hf import _LM, _full_attention_cache
+    from refusal_ray.judges.rubric import render
+    from refusal_ray.models.chat import render as render_chat
+
+    judge = _judge(batch_size=64)
+    items = [Item(p, c) for p, c in zip(labelled["prompt"][:5], labelled["completion"][:5])]
+    texts = render_chat(judge.lm.tokenizer, [render(judge.cfg.rubric_text(), it) for it in items], judge.options)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=judge.lm.model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=16, max_window_layers=0, layer_types=["sliding_attention"] * 2,
+                      max_position_embeddings=1024)
+    judge.lm = _LM(Qwen2ForCausalLM(cfg).eval(), judge.lm.tokenizer)
+    with torch.no_grad():
+        enc = judge.lm.tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
+        assert not _full_attention_cache(judge.lm.model(**enc, use_cache=True).past_key_values)
+    batched = judge._scored(texts)
+    single = [judge._scored([t])[0] for t in texts]
+    assert [v.raw for v in batched] == [v.raw for v in single]
+    assert [v.score for v in batched] == pytest.approx([v.score for v in single], abs=1e-6)
+
+
+def test_full_attention_toy_judge_uses_the_cached_path():
+    from refusal_ray.judges.hf import _full_attention_cache
+
+    judge = _judge()
+    with torch.no_grad():
+        enc = judge.lm.tokenizer(["a b c"], return_tensors="pt", add_special_tokens=False)
+        assert _full_attention_cache(judge.lm.model(**enc, use_cache=True).past_key_values)
+    assert not _full_attention_cache(None) and not _full_attention_cache(((torch.zeros(1),),))

@@ -259,7 +259,7 @@ def test_display_formats_a_float_dim_column_with_skipped_models():
     assert [column(c).cell(v) for c, v in zip(read.display(), df.iloc[0])] == ["2", "0.5", "3", "120"]
 
 
-@pytest.mark.xfail(strict=True, reason="known limit of the planted oracle (PLANTED.md): sets outside the span "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit of the planted oracle (PLANTED.md): sets outside the span "
                                       "also suppress refusal, so the optimised set need not span it")
 @pytest.mark.parametrize("k", [2, 3])
 def test_optimised_set_spans_the_planted_subspace(k):

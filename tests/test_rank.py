@@ -292,8 +292,8 @@ def test_pca_basis_is_the_uncentred_svd_and_pc1_the_difference_of_means_for_one_
 
 
 def test_a_mixed_direction_does_not_suppress_the_planted_models(tmp_path):
-    """The planted rank is the least number of directions, not only the rank within the planted coordinates:
-    each category refuses with its own first token read from d_c alone (refusal_ray/toy/planted.py), so
+    """Within span{d_1..d_k} the planted rank is the least number of directions (one direction off the span
+    still suppresses: test_planted_oracle's known limit): each category refuses with its own first token read from d_c alone (refusal_ray/toy/planted.py), so
     ablating the single mixed direction (d_1 + ... + d_k) / sqrt(k) at every layer keeps 1 - 1/k >= 1/2 of
     each category's coefficient, above the planted threshold (~0.2): every harmful prompt is still refused.
     (Before the per-category openers one shared opener read d_1 + ... + d_k, and this ablation removed all

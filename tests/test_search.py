@@ -537,3 +537,36 @@ def test_ray_pool_spreads_trials_over_the_actors(toy, tmp_path):
     rows = store.read("trials")
     assert sorted(rows["number"]) == list(range(8)) and rows["worker"].nunique() == 2
     assert len(store.read("pareto")) == summary["pareto"] > 0
+
+
+def test_a_trial_that_fails_every_time_stops_the_study_at_n_trials_failures(toy, monkeypatch, tmp_path):
+    """A pool whose every call fails (a model the objective cannot serve, e.g. kl_prompts 'answered' on a model
+    that refuses every harmless val prompt): the study stops after n_trials failed trials, naming the error,
+    instead of asking forever."""
+    import refusal_ray.stages.search.study as study_mod
+    from refusal_ray.stages.search.study import config, run_study
+
+    plan, store, session, tmp = toy
+    monkeypatch.setattr(study_mod, "journal_path", lambda store, model: tmp_path / "failing.journal")
+    error = "ValueError: the model refuses every harmless val prompt"
+
+    class Failing:
+        slots = 2
+
+        def __init__(self):
+            self.queue, self.calls = [], 0
+
+        def submit(self, payload):
+            self.calls += 1
+            self.queue.append(self.calls)
+            return self.calls
+
+        def next(self):
+            return self.queue.pop(0), {"ok": False, "error": error}
+
+    logs, pool = [], Failing()
+    out = run_study(plan, store, "qwen-s", 0, pool, log=logs.append, stop_after=50)
+    n = config(plan, "qwen-s")["n_trials"]
+    assert out["finished"] == 0 and n <= out["failed"] < n + 2 * pool.slots   # stops at the budget, not at 50
+    assert pool.calls < 50
+    assert any(f"failed trials, as many as n_trials: stopping the study; last error: {error}" in m for m in logs)

@@ -78,6 +78,16 @@ def _batches(items: list[Item], size: int, key):
         yield idx, [items[i] for i in idx]
 
 
+def _full_attention_cache(cache) -> bool:
+    """Whether `cache` is a DynamicCache of plain full-attention layers only: then a right-padded prefill can
+    be extended by a few tokens at explicit positions and cropped back exactly. Sliding-window layers
+    (their window counts cache slots, pads included), linear-attention or recurrent states (pads enter the
+    state) and legacy tuple caches cannot."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 class _Judge:
     def __init__(self, cfg):
         self.cfg, self.name, self.kind, self.hash = cfg, cfg.name, cfg.kind, cfg.judge_hash()
@@ -136,9 +146,8 @@ class ChatJudge(_Generating):
         Cost: one prefill of the batch's inputs (right-padded, so positions are those of an unpadded
         input), then per candidate answer one forward of its tokens alone on the prefill's KV cache, which
         is cropped back after it: 1 long + len(answers) short forwards per batch (12 short ones for
-        refusal/compliance/coherence), instead of len(answers) forwards of input + answer."""
-        import copy
-
+        refusal/compliance/coherence), instead of len(answers) forwards of input + answer. Only for caches
+        whose every layer is full attention (`_full_attention_cache`); others take `_scored_full`."""
         tok, model, dev = self.lm.tokenizer, self.lm.model, self.lm.device
         stop = self.config.eos_token_id
         stop = stop[0] if isinstance(stop, (list, tuple)) else stop
@@ -152,24 +161,52 @@ class ChatJudge(_Generating):
         lens = torch.tensor([len(h) for h in heads])
         out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
         cache = out.past_key_values
+        if not _full_attention_cache(cache):   # sliding-window / linear / recurrent layers: no cropped reuse
+            return self._verdicts(self._scored_full(heads, tails))
         first = out.logits[torch.arange(n), (lens - 1).to(out.logits.device)]           # [n, vocab]: p(tail[0])
         first = first.double().log_softmax(-1).cpu()
-        croppable = getattr(cache, "is_croppable", True)
         logp = torch.empty(n, len(tails), dtype=torch.float64)              # [n_items, n_answers]
         for a, t in enumerate(tails):
             lp = first[:, t[0]].clone()
             if len(t) > 1:
                 rest = len(t) - 1
-                kv = cache if croppable else copy.deepcopy(cache)
                 step = model(input_ids=torch.tensor(t[:-1]).expand(n, rest).to(dev),
                              attention_mask=torch.cat([mask, torch.ones(n, rest, dtype=torch.long)], 1).to(dev),
                              position_ids=(lens[:, None] + torch.arange(rest)).to(dev),   # [n, rest]
-                             past_key_values=kv, use_cache=True).logits        # [n, rest, vocab]
+                             past_key_values=cache, use_cache=True).logits     # [n, rest, vocab]
                 target = torch.tensor(t[1:]).expand(n, rest)[..., None].to(step.device)
                 lp += step.double().log_softmax(-1).gather(-1, target)[..., 0].sum(-1).cpu()
-                if croppable:
-                    cache.crop(-rest)
+                cache.crop(-rest)
             logp[:, a] = lp
+        return self._verdicts(logp)
+
+    @torch.inference_mode()
+    def _scored_full(self, heads: list[list[int]], tails: list[list[int]]) -> torch.Tensor:
+        """log p(tail | head) [n_items, n_answers] by one teacher-forced forward of head + tail per pair
+        (right-padded, so positions are those of an unpadded input): the path for caches that cannot be
+        cropped and reused (sliding-window, linear-attention or recurrent layers, legacy tuple caches)."""
+        tok = self.lm.tokenizer
+        seqs = [(h, t) for h in heads for t in tails]                        # item-major: [n_items * n_answers]
+        logp = torch.empty(len(seqs), dtype=torch.float64)
+        size = max(1, self.cfg.batch_size)
+        for start in range(0, len(seqs), size):
+            chunk = seqs[start: start + size]
+            width = max(len(h) + len(t) for h, t in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (h, t) in enumerate(chunk):
+                ids[i, :len(h) + len(t)] = torch.tensor(h + t)
+                mask[i, :len(h) + len(t)] = 1
+            logits = self.lm.model(input_ids=ids.to(self.lm.device),
+                                   attention_mask=mask.to(self.lm.device)).logits   # [chunk, width, vocab]
+            for i, (h, t) in enumerate(chunk):
+                pos = torch.arange(len(h) - 1, len(h) + len(t) - 1)          # the positions predicting the tail
+                lp = logits[i, pos.to(logits.device)].double().log_softmax(-1).cpu()   # [len(t), vocab]
+                logp[start + i] = lp[torch.arange(len(t)), torch.tensor(t)].sum()
+        return logp.view(len(heads), len(tails))
+
+    def _verdicts(self, logp: torch.Tensor) -> list[Verdict]:
+        """One Verdict per row of log-probabilities [n_items, n_answers]: the most likely answer, and `score`."""
         refusing = torch.tensor([bool(parse(a).refusal) for a in self.answers])
         probs = logp.softmax(-1)
         out = []
