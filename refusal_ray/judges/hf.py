@@ -88,6 +88,17 @@ def _full_attention_cache(cache) -> bool:
     return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def _right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(seqs), longest] of token lists padded on the right with `pad_id`, so
+    every real token keeps the position it has unpadded."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return ids, mask
+
+
 class _Judge:
     def __init__(self, cfg):
         self.cfg, self.name, self.kind, self.hash = cfg, cfg.name, cfg.kind, cfg.judge_hash()
@@ -148,16 +159,10 @@ class ChatJudge(_Generating):
         is cropped back after it: 1 long + len(answers) short forwards per batch (12 short ones for
         refusal/compliance/coherence), instead of len(answers) forwards of input + answer. Only for caches
         whose every layer is full attention (`_full_attention_cache`); others take `_scored_full`."""
-        tok, model, dev = self.lm.tokenizer, self.lm.model, self.lm.device
-        stop = self.config.eos_token_id
-        stop = stop[0] if isinstance(stop, (list, tuple)) else stop
-        tails = [tok(a, add_special_tokens=False)["input_ids"] + [stop] for a in self.answers]
+        tok, model, dev, tails = self.lm.tokenizer, self.lm.model, self.lm.device, self._tails()
         heads = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        n, width = len(heads), max(len(h) for h in heads)
-        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, h in enumerate(heads):
-            ids[i, :len(h)], mask[i, :len(h)] = torch.tensor(h), 1
+        n = len(heads)
+        ids, mask = _right_padded(heads, tok.pad_token_id)
         lens = torch.tensor([len(h) for h in heads])
         out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
         cache = out.past_key_values
@@ -191,12 +196,7 @@ class ChatJudge(_Generating):
         size = max(1, self.cfg.batch_size)
         for start in range(0, len(seqs), size):
             chunk = seqs[start: start + size]
-            width = max(len(h) + len(t) for h, t in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (h, t) in enumerate(chunk):
-                ids[i, :len(h) + len(t)] = torch.tensor(h + t)
-                mask[i, :len(h) + len(t)] = 1
+            ids, mask = _right_padded([h + t for h, t in chunk], tok.pad_token_id)
             logits = self.lm.model(input_ids=ids.to(self.lm.device),
                                    attention_mask=mask.to(self.lm.device)).logits   # [chunk, width, vocab]
             for i, (h, t) in enumerate(chunk):
@@ -204,6 +204,14 @@ class ChatJudge(_Generating):
                 lp = logits[i, pos.to(logits.device)].double().log_softmax(-1).cpu()   # [len(t), vocab]
                 logp[start + i] = lp[torch.arange(len(t)), torch.tensor(t)].sum()
         return logp.view(len(heads), len(tails))
+
+    def _tails(self) -> list[list[int]]:
+        """Each candidate answer's tokens then the judge's first stop token (tokenized once per judge)."""
+        if getattr(self, "_tail_ids", None) is None:
+            tok, stop = self.lm.tokenizer, self.config.eos_token_id
+            stop = stop[0] if isinstance(stop, (list, tuple)) else stop
+            self._tail_ids = [tok(a, add_special_tokens=False)["input_ids"] + [stop] for a in self.answers]
+        return self._tail_ids
 
     def _verdicts(self, logp: torch.Tensor) -> list[Verdict]:
         """One Verdict per row of log-probabilities [n_items, n_answers]: the most likely answer, and `score`."""

@@ -221,11 +221,6 @@ def run_study(plan, store, model: str, seed: int, pool, log=print, stop_after: i
                 rows.append(_trial_row(study_id, seed, t["number"], t["params"], "failed", None,
                                        where | {"error": result.get("error")}))
                 failed += 1
-            if failed >= target:   # a trial that fails every time (a model, not a sample, is wrong): stop asking
-                log(f"  {study_id}: {failed} failed trials, as many as n_trials: stopping the study; last error: "
-                    f"{result.get('error')}")
-                store.write("trials", model, rows)
-                break
         else:
             by_number = {r["number"]: r for r in result["tables"]["trials"]}
             for t in todo:
@@ -240,6 +235,10 @@ def run_study(plan, store, model: str, seed: int, pool, log=print, stop_after: i
                                        "pruned" if r["pruned"] else "complete", r, where))
         store.write("trials", model, rows)
         results += 1
+        if failed >= target:   # a trial that fails every time (a model, not a sample, is wrong): stop asking
+            log(f"  {study_id}: {failed} failed trials, as many as n_trials: stopping the study; last error: "
+                f"{result.get('error')}")
+            break
         if stop_after is not None and results >= stop_after:
             break
     numbers = sorted(t.number for t in study.get_trials(deepcopy=False)
