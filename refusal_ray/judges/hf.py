@@ -33,6 +33,7 @@ import torch
 from refusal_ray.judges.base import Item, Verdict
 from refusal_ray.judges.rubric import answers, parse, render
 from refusal_ray.models.chat import ChatOptions, generate, greedy_config, render as render_chat
+from refusal_ray.models.kv import returned_cache, with_cache
 from refusal_ray.models.loading import DTYPES
 
 
@@ -165,7 +166,7 @@ class ChatJudge(_Generating):
         ids, mask = _right_padded(heads, tok.pad_token_id)
         lens = torch.tensor([len(h) for h in heads])
         out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         if not _full_attention_cache(cache):   # sliding-window / linear / recurrent layers: no cropped reuse
             return self._verdicts(self._scored_full(heads, tails))
         first = out.logits[torch.arange(n), (lens - 1).to(out.logits.device)]           # [n, vocab]: p(tail[0])
@@ -178,7 +179,7 @@ class ChatJudge(_Generating):
                 step = model(input_ids=torch.tensor(t[:-1]).expand(n, rest).to(dev),
                              attention_mask=torch.cat([mask, torch.ones(n, rest, dtype=torch.long)], 1).to(dev),
                              position_ids=(lens[:, None] + torch.arange(rest)).to(dev),   # [n, rest]
-                             past_key_values=cache, use_cache=True).logits     # [n, rest, vocab]
+                             **with_cache(model, cache)).logits     # [n, rest, vocab]
                 target = torch.tensor(t[1:]).expand(n, rest)[..., None].to(step.device)
                 lp += step.double().log_softmax(-1).gather(-1, target)[..., 0].sum(-1).cpu()
                 cache.crop(-rest)

@@ -40,6 +40,7 @@ from torch import Tensor
 from refusal_ray.data import Pairs, encode
 from refusal_ray.core.cells import Cell, layer_list
 from refusal_ray.interventions import forward, hooks, position_ids
+from refusal_ray.models.kv import returned_cache, with_cache
 from refusal_ray.models.loading import LoadedModel
 from refusal_ray.models.refusal_tokens import first_tokens
 from refusal_ray.models.sites import SiteAdapter, site_name
@@ -174,15 +175,15 @@ def exact_patching(model, sites: SiteAdapter, input_ids: Tensor, attention_mask:
         base = torch.cat([torch.arange(p0, p0 + gg), torch.arange(n + p0, n + p0 + gg)]).to(device)  # [2gg]
         prefix = None
         if split > 0:  # the shared prefix: run once, reused by every patch row of these pairs
-            prefix = model(input_ids=ids[base, :split], attention_mask=mask[base, :split],
-                           position_ids=pos_ids[base, :split], use_cache=True, logits_to_keep=1).past_key_values
+            prefix = returned_cache(model(input_ids=ids[base, :split], attention_mask=mask[base, :split],
+                                          position_ids=pos_ids[base, :split], use_cache=True, logits_to_keep=1))
         for t0 in range(0, len(targets), per_chunk):
             chunk = targets[t0: t0 + per_chunk]
             corr = torch.arange(gg, 2 * gg)
             local = torch.cat([torch.arange(2 * gg), corr.repeat(len(chunk))])        # rows into `base`
             rows = base[local.to(device)]
             transforms = _copy_hooks(chunk, gg, pos)
-            kwargs = {"past_key_values": _select_cache(prefix, local.to(device)), "use_cache": True} if prefix is not None else \
+            kwargs = with_cache(model, _select_cache(prefix, local.to(device))) if prefix is not None else \
                      {"use_cache": False}
             with hooks(sites, transforms):
                 logits = model(input_ids=ids[rows, split:], attention_mask=mask[rows],
