@@ -319,3 +319,22 @@ def test_a_mixed_direction_does_not_suppress_the_planted_models(tmp_path):
         kept = SubstringJudge()(generate_rows(lm, [Row(cell, i, None) for i in range(len(test))], test, layers,
                                               1.0, 8, 64))
         assert all(kept)
+
+
+def test_site_activations_capture_one_layer_equal_to_the_all_layer_capture():
+    """rank.site_activations hooks only its layer; its rows equal the all-layer capture's slice (batch 3 vs 1)."""
+    from refusal_ray.data import PromptSet
+    from refusal_ray.models.loading import load_model
+    from refusal_ray.stages.directions.run import _activations
+    from refusal_ray.stages.rank.run import site_activations
+
+    lm = load_model(str(MODELS / "toy-planted-k2"))
+    rows = [json.loads(line) for line in (PLANTED / "k2" / "harmful.jsonl").read_text().splitlines()][:5]
+    prompts = PromptSet([r["id"] for r in rows], [r["instruction"] for r in rows], [None] * 5)
+    every = _activations(lm, prompts, ["resid_pre"], [-1], 1)                  # [5, n_layers, 1, d_model]
+    assert every.shape == (5, lm.sites.n_layers, 1, lm.sites.d_model)
+    for layer in range(lm.sites.n_layers):
+        one = site_activations(lm, prompts, layer, -1, 3)
+        assert one.shape == (5, lm.sites.d_model)
+        np.testing.assert_allclose(one, every[:, layer, 0], rtol=0, atol=1e-6)
+    assert not np.allclose(every[:, 1, 0], every[:, 2, 0])         # the layers differ: the slice is not vacuous

@@ -130,7 +130,7 @@ def site_activations(lm, prompts: PromptSet, layer: int, position: int, batch_si
     """resid_pre of `layer` at `position`, float64 [n_prompts, d_model] (`directions.run._activations`)."""
     from refusal_ray.stages.directions.run import _activations
 
-    return _activations(lm, prompts, ["resid_pre"], [position], batch_size, chat)[:, layer, 0]
+    return _activations(lm, prompts, ["resid_pre"], [position], batch_size, chat, layers=[layer])[:, 0, 0]
 
 
 def pca_basis(harm: np.ndarray, safe_mean: np.ndarray, k_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
