@@ -162,3 +162,12 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
     return u @ u.T
+
+
+def principal_angles(a, b) -> np.ndarray:
+    """Principal angles in degrees between span(rows of a) [k, d] and span(rows of b) [m, d], ascending
+    (min(k, m) of them; Bjorck & Golub 1973: arccos of the singular values of Qa^T Qb, Q from QR in float64)."""
+    qa, _ = np.linalg.qr(np.asarray(a, np.float64).T)
+    qb, _ = np.linalg.qr(np.asarray(b, np.float64).T)
+    s = np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), -1.0, 1.0)
+    return np.sort(np.degrees(np.arccos(s)))

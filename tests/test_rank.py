@@ -338,3 +338,30 @@ def test_site_activations_capture_one_layer_equal_to_the_all_layer_capture():
         assert one.shape == (5, lm.sites.d_model)
         np.testing.assert_allclose(one, every[:, layer, 0], rtol=0, atol=1e-6)
     assert not np.allclose(every[:, 1, 0], every[:, 2, 0])         # the layers differ: the slice is not vacuous
+
+
+def test_source_agreement_is_the_largest_principal_angle_per_k():
+    """rank.read.source_agreement on hand-made bases: category's first vector is pca's first turned 30 deg out of
+    pca's span; an optimised set (learned per k) is compared only at its own dimension; NaN beyond a source's
+    vectors; other models and seeds are ignored."""
+    from refusal_ray.stages.rank.read import source_agreement
+
+    eye = np.eye(6)
+    tilt = np.cos(np.radians(30)) * eye[0] + np.sin(np.radians(30)) * eye[4]
+
+    def rows(source, vectors, model="m", seed=0):
+        return [{"model": model, "seed": seed, "source": source, "index": j, "vector": list(v)}
+                for j, v in enumerate(vectors)]
+
+    bases = pd.DataFrame(rows("pca", eye[:3]) + rows("category", [2.0 * tilt, eye[1]])
+                         + rows("optimised", [eye[1], eye[0]]) + rows("pca", eye[3:6], seed=1)
+                         + rows("pca", eye[3:6], model="other"))
+    t = source_agreement(bases, "m")
+    assert list(t.index) == ["pca / category", "pca / optimised", "category / optimised"]
+    assert list(t.columns) == ["k=1", "k=2", "k=3"]
+    np.testing.assert_allclose(t.loc["pca / category"].to_numpy()[:2], [30.0, 30.0], atol=1e-6)
+    np.testing.assert_allclose(t.loc["pca / optimised", "k=2"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(t.loc["category / optimised", "k=2"], 30.0, atol=1e-6)
+    assert t.isna().to_numpy().tolist() == [[False, False, True], [True, False, True], [True, False, True]]
+    assert source_agreement(bases, "m", seed=1).empty                   # one source only: nothing to compare
+    assert source_agreement(bases.iloc[:0], "m").empty

@@ -183,6 +183,7 @@ def test_answered_kl_prompts_leave_out_the_harmless_prompts_the_model_refuses(to
     every = evaluate(session, _payload(plan, store, trial, kl_prompts="all"))[0]
     kept = evaluate(session, _payload(plan, store, trial, kl_prompts="answered"))[0]
     keep = [not x for x in refused]
+    assert 0 < sum(keep) < 8, refused          # the filter drops something and keeps something: not vacuous
     assert (every["n_harmless"], kept["n_harmless"]) == (8, sum(keep))
     assert every["kl"] == pytest.approx(float(per_prompt.mean()), rel=1e-5)
     assert kept["kl"] == pytest.approx(float(per_prompt[keep].mean()), rel=1e-5)

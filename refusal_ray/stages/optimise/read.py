@@ -11,15 +11,7 @@ import io
 import numpy as np
 
 from refusal_ray.stages.base import Reader
-
-
-def principal_angles(a, b) -> np.ndarray:
-    """Principal angles in degrees between span(rows of a) [k, d] and span(rows of b) [m, d], ascending
-    (min(k, m) of them; Bjorck & Golub 1973: arccos of the singular values of Qa^T Qb)."""
-    qa, _ = np.linalg.qr(np.asarray(a, np.float64).T)
-    qb, _ = np.linalg.qr(np.asarray(b, np.float64).T)
-    s = np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), -1.0, 1.0)
-    return np.sort(np.degrees(np.arccos(s)))
+from refusal_ray.stats import principal_angles
 
 
 def _rows(ctx, model: str | None = None):

@@ -380,7 +380,7 @@ def prompt_ids(tokenizer, instructions: list[str], chat: ChatOptions | None = No
                      add_special_tokens=False)["input_ids"]
 
 
-from refusal_ray.stages.optimise.read import principal_angles  # noqa: E402,F401  (the read side's, numpy only)
+from refusal_ray.stats import principal_angles  # noqa: E402,F401  (re-exported: the stage's own name for it)
 
 
 # -- the run side of the declaration (`STAGE.inputs`, `.skip`, `.run`) ---------------------------------

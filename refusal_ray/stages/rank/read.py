@@ -18,7 +18,7 @@ import pandas as pd
 
 from refusal_ray.core.render import Column, not_run, plt, png
 from refusal_ray.stages.base import Reader
-from refusal_ray.stats import wilson
+from refusal_ray.stats import principal_angles, wilson
 
 TITLE = "Refusal rank (subspace ablation of k = 1..K directions per source)"
 RANK_TABLE = "refusal rank per source"
@@ -133,6 +133,46 @@ def category_cosines(bases: pd.DataFrame, model: str, seed: int | None = None) -
     u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
     names = list(b["category"])
     return pd.DataFrame(u @ u.T, index=names, columns=names)
+
+
+def source_agreement(bases: pd.DataFrame, model: str, seed: int | None = None) -> pd.DataFrame:
+    """How far apart the sources' bases are: for each pair of sources (rows "a / b", in SOURCES order) and each
+    k (columns), the largest principal angle in degrees between the span of a's first k vectors and b's
+    (Bjorck & Golub 1973; `stats.principal_angles`), from the rank_bases rows of one seed (default: the first).
+    0 deg: the same subspace; 90 deg: some direction of one is orthogonal to the other. select, pca and
+    category bases are nested in k (their first k vectors); an optimised set is learned per k, so it has an
+    entry only at the dimension of its stored set. NaN where a source has fewer than k vectors."""
+    from refusal_ray.stages.rank import SOURCES
+
+    if bases.empty:
+        return pd.DataFrame()
+    b = bases[bases["model"] == model]
+    if b.empty:
+        return pd.DataFrame()
+    seed = int(b["seed"].min()) if seed is None else seed
+    b = b[b["seed"] == seed]
+    vecs = {src: np.stack([np.asarray(x, np.float64) for x in g.sort_values("index")["vector"]])
+            for src, g in b.groupby("source")}
+    names = [src for src in SOURCES if src in vecs] + sorted(set(vecs) - set(SOURCES))
+    if len(names) < 2:
+        return pd.DataFrame()
+    max_k = max(len(v) for v in vecs.values())
+
+    def span(src: str, k: int) -> np.ndarray | None:
+        v = vecs[src]
+        if src == "optimised":
+            return v if len(v) == k else None
+        return v[:k] if len(v) >= k else None
+
+    rows = {}
+    for i, a in enumerate(names):
+        for bn in names[i + 1:]:
+            row = []
+            for k in range(1, max_k + 1):
+                va, vb = span(a, k), span(bn, k)
+                row.append(np.nan if va is None or vb is None else float(principal_angles(va, vb).max()))
+            rows[f"{a} / {bn}"] = row
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"k={k}" for k in range(1, max_k + 1)])
 
 
 def transfer_matrix(rank: pd.DataFrame, model: str, control: bool = False) -> pd.DataFrame:
@@ -275,6 +315,11 @@ def report(ctx) -> list[str]:
             lines += [f"Category directions of {model} (cosines; difference of means per category against the "
                       "shared harmless mean, first seed):", "", "```", cos.to_string(float_format=lambda x: f"{x:+.3f}"),
                       "```", ""]
+        agree = source_agreement(bases, model)
+        if not agree.empty:
+            lines += [f"Agreement between the sources' bases of {model} (largest principal angle between the top-k "
+                      "bases, degrees; first seed):", "", "```",
+                      agree.to_string(float_format=lambda x: f"{x:.1f}", na_rep="-"), "```", ""]
         tr, tc = transfer_matrix(rank, model), transfer_matrix(rank, model, control=True)
         if not tr.empty:
             lines += [f"Transfer of {model}: harmful refusal on category b's test prompts (columns) with category "
