@@ -365,3 +365,25 @@ def test_source_agreement_is_the_largest_principal_angle_per_k():
     assert t.isna().to_numpy().tolist() == [[False, False, True], [True, False, True], [True, False, True]]
     assert source_agreement(bases, "m", seed=1).empty                   # one source only: nothing to compare
     assert source_agreement(bases.iloc[:0], "m").empty
+
+
+def test_source_agreement_on_rerun_nonfinite_and_dependent_bases():
+    """A re-run's rows (same seed, source and index, written later) replace the earlier ones; a basis whose first k
+    vectors are non-finite or dependent (rank < k) gives NaN at that k; max_k caps the columns."""
+    from refusal_ray.stages.rank.read import source_agreement
+
+    eye = np.eye(5)
+
+    def rows(source, vectors, cell="c1"):
+        return [{"model": "m", "seed": 0, "cell_id": cell, "source": source, "index": j, "vector": list(v)}
+                for j, v in enumerate(vectors)]
+
+    stale = rows("pca", [eye[3], eye[4]], cell="old")
+    bases = pd.DataFrame(stale + rows("pca", eye[:2]) + rows("select", [eye[0], 2.0 * eye[0], eye[1]])
+                         + rows("category", [eye[1], np.full(5, np.nan)]))
+    t = source_agreement(bases, "m", max_k=2)
+    assert list(t.columns) == ["k=1", "k=2"]
+    assert t.loc["select / pca", "k=1"] == pytest.approx(0.0, abs=1e-6)      # the re-run's pca, not the stale one
+    assert np.isnan(t.loc["select / pca", "k=2"])                             # select's first two are dependent
+    assert t.loc["pca / category", "k=1"] == pytest.approx(90.0, abs=1e-6)
+    assert np.isnan(t.loc["pca / category", "k=2"])                           # a NaN vector

@@ -25,7 +25,8 @@ def with_cache(model, cache) -> dict:
 
 
 def returned_cache(output):
-    """The KV cache a forward with use_cache=True returned (`output.cache`, or `past_key_values` before
-    the rename)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+    """The KV cache a forward returned: `output.cache` where the output class has that field (None when no
+    cache was asked for), else `output.past_key_values` (before the rename)."""
+    fields = getattr(output, "__dataclass_fields__", None)     # transformers' ModelOutput is a dataclass
+    has_cache = "cache" in fields if fields is not None else hasattr(output, "cache")
+    return output.cache if has_cache else output.past_key_values   # None too: the alias would log a warning

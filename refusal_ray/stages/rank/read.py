@@ -135,13 +135,16 @@ def category_cosines(bases: pd.DataFrame, model: str, seed: int | None = None) -
     return pd.DataFrame(u @ u.T, index=names, columns=names)
 
 
-def source_agreement(bases: pd.DataFrame, model: str, seed: int | None = None) -> pd.DataFrame:
+def source_agreement(bases: pd.DataFrame, model: str, seed: int | None = None, max_k: int | None = None) -> pd.DataFrame:
     """How far apart the sources' bases are: for each pair of sources (rows "a / b", in SOURCES order) and each
-    k (columns), the largest principal angle in degrees between the span of a's first k vectors and b's
-    (Bjorck & Golub 1973; `stats.principal_angles`), from the rank_bases rows of one seed (default: the first).
-    0 deg: the same subspace; 90 deg: some direction of one is orthogonal to the other. select, pca and
-    category bases are nested in k (their first k vectors); an optimised set is learned per k, so it has an
-    entry only at the dimension of its stored set. NaN where a source has fewer than k vectors."""
+    k = 1..max_k (columns), the largest principal angle in degrees between the span of a's first k vectors and
+    b's (Bjorck & Golub 1973; `stats.principal_angles`), from the rank_bases rows of one seed (default: the
+    first; where a re-run left several cells' rows, the last written per (source, index)). 0 deg: the same
+    subspace; 90 deg: some direction of one is orthogonal to the other. select, pca and category bases are
+    nested in k (their first k vectors); stage rank stores one optimised set per seed (the largest dimension
+    <= max_k that stage optimise learned), so optimised has an entry only at that set's dimension. NaN where
+    a source has fewer than k vectors, or its first k are non-finite or linearly dependent (rank < k: the
+    subspace arm would ablate fewer dimensions). max_k: default the most vectors any source has."""
     from refusal_ray.stages.rank import SOURCES
 
     if bases.empty:
@@ -150,19 +153,23 @@ def source_agreement(bases: pd.DataFrame, model: str, seed: int | None = None) -
     if b.empty:
         return pd.DataFrame()
     seed = int(b["seed"].min()) if seed is None else seed
-    b = b[b["seed"] == seed]
-    vecs = {src: np.stack([np.asarray(x, np.float64) for x in g.sort_values("index")["vector"]])
+    b = b[b["seed"] == seed].drop_duplicates(["source", "index"], keep="last")
+    vecs = {src: [np.asarray(x, np.float64) for x in g.sort_values("index")["vector"]]
             for src, g in b.groupby("source")}
     names = [src for src in SOURCES if src in vecs] + sorted(set(vecs) - set(SOURCES))
     if len(names) < 2:
         return pd.DataFrame()
-    max_k = max(len(v) for v in vecs.values())
+    max_k = max(len(v) for v in vecs.values()) if max_k is None else int(max_k)
 
     def span(src: str, k: int) -> np.ndarray | None:
         v = vecs[src]
-        if src == "optimised":
-            return v if len(v) == k else None
-        return v[:k] if len(v) >= k else None
+        if (len(v) != k) if src == "optimised" else (len(v) < k):
+            return None
+        v = v[:k]
+        if len({x.shape for x in v}) != 1 or not all(np.isfinite(x).all() for x in v):
+            return None
+        m = np.stack(v)
+        return m if np.linalg.matrix_rank(m) == k else None
 
     rows = {}
     for i, a in enumerate(names):
@@ -170,7 +177,8 @@ def source_agreement(bases: pd.DataFrame, model: str, seed: int | None = None) -
             row = []
             for k in range(1, max_k + 1):
                 va, vb = span(a, k), span(bn, k)
-                row.append(np.nan if va is None or vb is None else float(principal_angles(va, vb).max()))
+                row.append(np.nan if va is None or vb is None or va.shape[1] != vb.shape[1]
+                           else float(principal_angles(va, vb).max()))
             rows[f"{a} / {bn}"] = row
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"k={k}" for k in range(1, max_k + 1)])
 
@@ -315,7 +323,7 @@ def report(ctx) -> list[str]:
             lines += [f"Category directions of {model} (cosines; difference of means per category against the "
                       "shared harmless mean, first seed):", "", "```", cos.to_string(float_format=lambda x: f"{x:+.3f}"),
                       "```", ""]
-        agree = source_agreement(bases, model)
+        agree = source_agreement(bases, model, max_k=max_k)
         if not agree.empty:
             lines += [f"Agreement between the sources' bases of {model} (largest principal angle between the top-k "
                       "bases, degrees; first seed):", "", "```",
