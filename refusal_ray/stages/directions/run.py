@@ -38,9 +38,9 @@ class DirectionKey:
 
 def _activations(lm: LoadedModel, prompts: PromptSet, sites: list[str], positions: list[int],
                  batch_size: int, chat=None, layers: list[int] | None = None) -> np.ndarray:
-    """Activations at the given positions: float64 [n_prompts, n_sites*n_layers, n_pos, d_model], site-major
-    (index s * n_layers + i for the i-th of `layers`; every layer when None). Only the named layers are
-    captured, so one layer costs 1 / n_layers of the memory."""
+    """Activations at the given positions: float64 [n_prompts, n_sites * len(layers), n_pos, d_model],
+    site-major (index s * len(layers) + i for the i-th of `layers`; every layer when None). Only the named
+    layers are captured, so one layer costs 1 / n_layers of the memory."""
     layers = list(range(lm.sites.n_layers)) if layers is None else list(layers)
     names = [site_name(s, layer) for s in sites for layer in layers]
     pos = torch.tensor(positions)
